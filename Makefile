@@ -1,0 +1,30 @@
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc
+
+.PHONY: setup test bench lint clean
+
+setup:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+
+test:
+	$(VENV)/bin/ruff check csvfs coordinator scripts tests
+	$(PY) -m pytest -q
+
+bench:
+	$(PY) scripts/bench.py
+
+lint:
+	$(VENV)/bin/ruff check csvfs coordinator scripts tests
+
+clean:
+	rm -rf $(VENV) *.egg-info build
