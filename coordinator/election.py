@@ -1,0 +1,176 @@
+"""Election through the volume's lease region.
+
+The coordinator is whoever holds an unexpired lease. Reads and updates of
+the lease happen under a POSIX OFD lock on the lease bytes, which plays the
+part of VMFS's compare-and-write among processes. Each node also holds an
+OFD lock on its own node slot for as long as it lives: when another process
+can take that lock, the node is provably dead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+from csvfs import format as fmt
+from csvfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+_FLOCK = struct.Struct("@hhqqi4x")
+
+
+def _ofd(fd: int, command: int, lock_type: int, start: int, length: int) -> bytes:
+    request = _FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0)
+    return fcntl.fcntl(fd, command, request)
+
+
+def try_lock(fd: int, start: int, length: int) -> bool:
+    try:
+        _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, start, length)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def unlock(fd: int, start: int, length: int) -> None:
+    _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, start, length)
+
+
+def held_elsewhere(fd: int, start: int, length: int) -> bool:
+    """True when another open file description holds a lock on the range."""
+    reply = _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, start, length)
+    return _FLOCK.unpack(reply)[0] != fcntl.F_UNLCK
+
+
+@contextlib.contextmanager
+def locked(fd: int, start: int, length: int):
+    _ofd(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK, start, length)
+    try:
+        yield
+    finally:
+        unlock(fd, start, length)
+
+
+@dataclass
+class Lease:
+    owner_slot: int
+    owner_name: str
+    owner_pid: int
+    epoch: int
+    expiry_ns: int
+
+    @classmethod
+    def empty(cls) -> Lease:
+        return cls(-1, "", 0, 0, 0)
+
+
+def read_lease(volume: Volume) -> Lease:
+    raw = volume.read(volume.sb.lease.offset, fmt.LEASE_RECORD_SIZE)
+    if raw[:4] != fmt.LEASE_MAGIC:
+        return Lease.empty()
+    try:
+        return Lease(**fmt.unpack_block(raw, fmt.LEASE_MAGIC))
+    except (fmt.FormatError, TypeError):
+        log.warning("lease record is corrupt; treating the lease as free")
+        return Lease.empty()
+
+
+def read_slot(volume: Volume, slot: int) -> dict | None:
+    raw = volume.read(fmt.node_slot_offset(volume.sb, slot), fmt.NODE_SLOT_SIZE)
+    if raw[:4] != fmt.NODE_MAGIC:
+        return None
+    try:
+        record = fmt.unpack_block(raw, fmt.NODE_MAGIC)
+    except fmt.FormatError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def slot_alive(volume: Volume, slot: int) -> bool:
+    return held_elsewhere(volume.fd, fmt.node_slot_offset(volume.sb, slot), fmt.NODE_SLOT_SIZE)
+
+
+class Election:
+    """One node's view of the lease region."""
+
+    def __init__(self, volume: Volume, name: str, lease_seconds: float = 3.0):
+        self.volume = volume
+        self.name = name
+        self.lease_seconds = lease_seconds
+        self.slot = -1
+        self.epoch = 0
+
+    def claim_slot(self) -> int:
+        """Take the liveness lock of a free slot (a dead node's slot is free). Writes nothing."""
+        for slot in range(fmt.MAX_NODES):
+            if try_lock(self.volume.fd, fmt.node_slot_offset(self.volume.sb, slot),
+                        fmt.NODE_SLOT_SIZE):
+                self.slot = slot
+                return slot
+        raise OSError("all node slots of the volume are in use")
+
+    def lease_lock(self):
+        return locked(self.volume.fd, self.volume.sb.lease.offset, fmt.LEASE_RECORD_SIZE)
+
+    def live_owner(self, lease: Lease) -> bool:
+        """Is the lease held by a node that is still alive and within its lease?"""
+        if lease.owner_slot < 0 or lease.owner_slot == self.slot:
+            return False
+        if lease.expiry_ns <= time.time_ns():
+            return False
+        return slot_alive(self.volume, lease.owner_slot)
+
+    def take(self, lease: Lease, min_epoch: int) -> int:
+        """Become coordinator with a new epoch. Call under lease_lock()."""
+        self.epoch = max(lease.epoch, min_epoch) + 1
+        self._write_lease()
+        self.write_slot(mode="direct")
+        self.volume.sync()
+        return self.epoch
+
+    def renew(self) -> bool:
+        """Extend our lease; False if someone else holds it now (we must stop committing)."""
+        with self.lease_lock():
+            lease = read_lease(self.volume)
+            if lease.owner_slot != self.slot or lease.epoch != self.epoch:
+                return False
+            self._write_lease()
+        self.write_slot(mode="direct")
+        return True
+
+    def release(self) -> None:
+        """Give the lease up at a clean shutdown, keeping the epoch for the next owner."""
+        with self.lease_lock():
+            lease = read_lease(self.volume)
+            if lease.owner_slot == self.slot and lease.epoch == self.epoch:
+                self._write(Lease(-1, "", 0, self.epoch, 0))
+        self.volume.sync()
+
+    def write_slot(self, mode: str, address: str = "") -> None:
+        record = {
+            "slot": self.slot,
+            "name": self.name,
+            "pid": os.getpid(),
+            "address": address,
+            "heartbeat_ns": time.time_ns(),
+            "mode": mode,
+        }
+        offset = fmt.node_slot_offset(self.volume.sb, self.slot)
+        self.volume.write(offset, fmt.pack_block(fmt.NODE_MAGIC, record, fmt.NODE_SLOT_SIZE))
+
+    def _write_lease(self) -> None:
+        expiry = time.time_ns() + int(self.lease_seconds * 1e9)
+        self._write(Lease(self.slot, self.name, os.getpid(), self.epoch, expiry))
+
+    def _write(self, lease: Lease) -> None:
+        block = fmt.pack_block(fmt.LEASE_MAGIC, lease.__dict__, fmt.LEASE_RECORD_SIZE)
+        self.volume.write(self.volume.sb.lease.offset, block)

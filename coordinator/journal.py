@@ -1,0 +1,172 @@
+"""The metadata journal: group commit of checksummed records, and replay.
+
+Records are sector aligned and carry (epoch, seq, batch_first). A record
+commits when the fdatasync that follows its batch returns. Replay starts
+after the newest valid checkpoint and accepts only the next sequence
+number, so a torn or stale record ends it.
+
+A bad record followed by valid records of a *later* batch cannot be a torn
+write: later batches are only written after the earlier one was durable.
+That is corruption, and replay reports it instead of silently stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from csvfs import format as fmt
+from csvfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+SCAN_CHUNK = 1 << 20
+
+
+class JournalFull(Exception):
+    pass
+
+
+class JournalCorrupt(Exception):
+    def __init__(self, offset: int, seq: int, reason: str):
+        super().__init__(
+            f"journal record {seq} at offset {offset} is corrupt ({reason}) "
+            "but later records are intact"
+        )
+        self.offset = offset
+        self.seq = seq
+
+
+@dataclass
+class ReplayResult:
+    records: list[fmt.JournalRecord]
+    end_offset: int  # where the next record goes
+    stop_reason: str  # why replay ended ("end of journal", "torn record", ...)
+    corrupt: JournalCorrupt | None = None
+
+
+def scan(volume: Volume, after_seq: int, min_epoch: int) -> ReplayResult:
+    """Read the records that follow checkpoint seq `after_seq`, in order."""
+    region = volume.sb.journal
+    data = volume.read(region.offset, region.length)
+    records: list[fmt.JournalRecord] = []
+    offset, expected, epoch = 0, after_seq + 1, min_epoch
+    reason, stale = "end of journal", False
+    while offset < region.length:
+        try:
+            record, length = fmt.decode_journal_record(memoryview(data)[offset:])
+        except fmt.FormatError as exc:
+            reason = "end of journal" if _is_blank(data, offset) else f"torn record: {exc}"
+            break
+        if record.seq != expected:
+            stale = True  # a record from before the last checkpoint
+            break
+        if record.epoch < epoch:
+            reason = f"record {record.seq} is from stale epoch {record.epoch}"
+            break
+        records.append(record)
+        epoch = record.epoch
+        offset += length
+        expected += 1
+    result = ReplayResult(records, offset, reason)
+    if not stale:
+        result.corrupt = _find_later_batch(data, offset, expected)
+    return result
+
+
+def _is_blank(data: bytes, offset: int) -> bool:
+    return data[offset : offset + 4] == b"\0\0\0\0"
+
+
+def _find_later_batch(data: bytes, bad_offset: int, bad_seq: int) -> JournalCorrupt | None:
+    """Look past a bad record for a valid one from a batch that began after it."""
+    position = bad_offset + fmt.SECTOR
+    while True:
+        position = data.find(fmt.JOURNAL_MAGIC, position)
+        if position < 0:
+            return None
+        if position % fmt.SECTOR == 0:
+            try:
+                record, _ = fmt.decode_journal_record(memoryview(data)[position:])
+            except fmt.FormatError:
+                pass
+            else:
+                if record.seq > bad_seq and record.batch_first > bad_seq:
+                    return JournalCorrupt(bad_offset, bad_seq, "checksum mismatch")
+        position += 1
+
+
+class Journal:
+    """Appends records with group commit. Owned by the coordinator."""
+
+    def __init__(self, volume: Volume, epoch: int, next_seq: int, offset: int):
+        self.volume = volume
+        self.region = volume.sb.journal
+        self.epoch = epoch
+        self.next_seq = next_seq
+        self.offset = offset  # journal bytes already on disk
+        self.durable_seq = next_seq - 1
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._batch_first = next_seq
+        self._flushing = False
+        self._flushed = trio.Event()
+        self.broken: BaseException | None = None
+
+    @property
+    def used_fraction(self) -> float:
+        return (self.offset + self._pending_bytes) / self.region.length
+
+    def append(self, op: dict) -> int:
+        """Queue a record; returns its seq. Call `wait_durable(seq)` before exposing it."""
+        if self.broken is not None:
+            raise OSError(f"journal is unusable after an I/O error: {self.broken}")
+        if not self._pending:
+            self._batch_first = self.next_seq
+        record = fmt.JournalRecord(self.epoch, self.next_seq, self._batch_first, op)
+        blob = fmt.encode_journal_record(record)
+        if self.offset + self._pending_bytes + len(blob) > self.region.length:
+            raise JournalFull("journal is full")
+        self._pending.append(blob)
+        self._pending_bytes += len(blob)
+        self.next_seq += 1
+        return record.seq
+
+    def fits(self, extra: int) -> bool:
+        return self.offset + self._pending_bytes + extra <= self.region.length
+
+    async def wait_durable(self, seq: int | None = None) -> None:
+        target = self.next_seq - 1 if seq is None else seq
+        while self.durable_seq < target:
+            if self.broken is not None:
+                raise OSError(f"journal write failed: {self.broken}")
+            if self._flushing:
+                await self._flushed.wait()
+            else:
+                await self._flush()
+
+    async def _flush(self) -> None:
+        self._flushing = True
+        batch, last = b"".join(self._pending), self.next_seq - 1
+        self._pending, self._pending_bytes = [], 0
+        try:
+            self.volume.write(self.region.offset + self.offset, batch)
+            await trio.to_thread.run_sync(os.fdatasync, self.volume.fd)
+        except OSError as exc:
+            self.broken = exc
+            log.error("journal commit failed: %s", exc)
+        else:
+            self.offset += len(batch)
+            self.durable_seq = last
+        finally:
+            self._flushing = False
+            self._flushed.set()
+            self._flushed = trio.Event()
+
+    def restart_after_checkpoint(self) -> None:
+        """A checkpoint now covers every record: start writing at the head again."""
+        assert not self._pending and self.durable_seq == self.next_seq - 1
+        self.offset = 0

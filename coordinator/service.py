@@ -1,0 +1,632 @@
+"""The metadata service: the coordinator's authority over every metadata change.
+
+Each mutating request follows one path: validate against the current state,
+build a journal record that carries every decision, append it, apply it,
+and reply only once the record is durable. Readers wait for pending records
+to be durable too, so nobody sees a change before it commits.
+
+Nodes talk to the service through `call(session, method, args)`; the
+in-process node and (later) the RPC server are both just callers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import stat
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Protocol
+
+import trio
+
+from coordinator import recovery
+from coordinator.allocator import NoSpace
+from coordinator.events import EventLog
+from coordinator.journal import Journal, JournalFull
+from coordinator.model import ROOT_INO, Inode, MetadataState
+from csvfs.extents import to_runs
+from csvfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+CHECKPOINT_AT = 0.5  # fraction of the journal in use that triggers a checkpoint
+ALLOCATE_AHEAD_MAX = 64  # units
+PAUSE_TIMEOUT = 5.0
+
+FALLOC_KEEP_SIZE = 0x01
+FALLOC_PUNCH_HOLE = 0x02
+FALLOC_ZERO_RANGE = 0x10
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class MetaError(Exception):
+    """A request the coordinator refuses, with the errno the caller should see."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message or errno.errorcode.get(code, str(code)))
+        self.errno = code
+
+
+class NodeSession(Protocol):
+    """What the coordinator needs from a node that has files open."""
+
+    name: str
+
+    async def pause(self, ino: int) -> None:
+        """Stop new I/O on ino and return once in-flight I/O has drained."""
+
+    def update_map(self, ino: int, size: int, runs: list[list[int]], version: int) -> None:
+        """Replace the node's extent map and size for ino."""
+
+    def resume(self, ino: int) -> None:
+        """Let I/O on ino go on."""
+
+
+def attributes(inode: Inode, unit_size: int) -> dict:
+    return {
+        "ino": inode.ino,
+        "mode": inode.mode,
+        "nlink": inode.nlink,
+        "uid": inode.uid,
+        "gid": inode.gid,
+        "rdev": inode.rdev,
+        "size": inode.size,
+        "blocks": len(inode.units) * (unit_size // 512),
+        "atime_ns": inode.atime_ns,
+        "mtime_ns": inode.mtime_ns,
+        "ctime_ns": inode.ctime_ns,
+    }
+
+
+class MetadataService:
+    def __init__(self, volume: Volume, recovered: recovery.Recovered, epoch: int,
+                 events: EventLog):
+        self.volume = volume
+        self.unit = volume.sb.unit_size
+        self.state: MetadataState = recovered.state
+        self.epoch = epoch
+        self.events = events
+        self.journal = Journal(volume, epoch, recovered.last_seq + 1, recovered.replay.end_offset)
+        self._checkpoint_slot = recovered.next_checkpoint_slot
+        self._lock = trio.Lock()
+        self.sessions: dict[str, NodeSession] = {}
+        self.open_files: dict[int, Counter[str]] = {}
+        self.fenced = False
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    async def call(self, session: str, method: str, args: dict):
+        handler = getattr(self, f"op_{method}", None)
+        if handler is None:
+            raise MetaError(errno.ENOSYS, f"unknown method {method!r}")
+        if self.fenced:
+            raise MetaError(errno.EIO, "this coordinator lost its lease")
+        return await handler(session, **args)
+
+    def register(self, session: NodeSession) -> None:
+        self.sessions[session.name] = session
+
+    async def start(self) -> None:
+        """First member of the cluster: nobody can have an orphan open, so reclaim them."""
+        for ino in self.state.orphans():
+            await self._commit({"op": "reclaim", "ino": ino})
+            self.events.emit("reclaim", f"reclaimed orphaned inode {ino} left by a crash")
+
+    # -- commit machinery ------------------------------------------------------------------
+
+    def _append(self, op: dict) -> int:
+        if self.journal.used_fraction > CHECKPOINT_AT:
+            self.checkpoint()
+        try:
+            seq = self.journal.append(op)
+        except JournalFull:
+            raise MetaError(errno.ENOSPC, "metadata journal is full") from None
+        self.state.apply(op)
+        return seq
+
+    async def _commit(self, op: dict) -> None:
+        async with self._lock:
+            seq = self._append(op)
+        await self._durable(seq)
+
+    async def _durable(self, seq: int | None = None) -> None:
+        try:
+            await self.journal.wait_durable(seq)
+        except OSError as exc:
+            raise MetaError(errno.EIO, str(exc)) from None
+
+    def checkpoint(self) -> None:
+        """Write the whole state to the other slot, then restart the journal.
+
+        Called with the lock held and nothing pending, so the image is exactly
+        the state after journal record next_seq - 1.
+        """
+        if self.journal.durable_seq != self.journal.next_seq - 1:
+            raise AssertionError("checkpoint with records still pending")
+        seq = self.journal.next_seq - 1
+        recovery.write_checkpoint(self.volume, self._checkpoint_slot, self.epoch, seq, self.state)
+        self._checkpoint_slot = 1 - self._checkpoint_slot
+        self.journal.restart_after_checkpoint()
+
+    async def checkpoint_now(self) -> None:
+        async with self._lock:
+            await self._durable()
+            self.checkpoint()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.state.inodes.get(ino)
+        if inode is None:
+            raise MetaError(errno.ENOENT, f"no inode {ino}")
+        return inode
+
+    def _dir(self, ino: int) -> dict[bytes, int]:
+        inode = self._inode(ino)
+        if not inode.is_dir:
+            raise MetaError(errno.ENOTDIR)
+        names = self.state.entries.get(ino)
+        if names is None:
+            raise MetaError(errno.ENOENT, "directory was removed")
+        return names
+
+    def _attrs(self, inode: Inode) -> dict:
+        return attributes(inode, self.unit)
+
+    @staticmethod
+    def _now() -> int:
+        return time.time_ns()
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise MetaError(errno.ENAMETOOLONG)
+        if not name or b"/" in name or name in (b".", b".."):
+            raise MetaError(errno.EINVAL)
+
+    def _is_open(self, ino: int) -> bool:
+        return bool(self.open_files.get(ino))
+
+    # -- read-only requests -------------------------------------------------------------------
+
+    async def op_lookup(self, session: str, parent: int, name: bytes) -> dict:
+        await self._durable()
+        names = self._dir(parent)
+        if name == b".":
+            return self._attrs(self._inode(parent))
+        if name == b"..":
+            return self._attrs(self._inode(self.state.parents[parent]))
+        ino = names.get(name)
+        if ino is None:
+            raise MetaError(errno.ENOENT)
+        return self._attrs(self._inode(ino))
+
+    async def op_getattr(self, session: str, ino: int) -> dict:
+        await self._durable()
+        return self._attrs(self._inode(ino))
+
+    async def op_readdir(self, session: str, ino: int) -> list:
+        await self._durable()
+        names = self._dir(ino)
+        return [[name, self._attrs(self.state.inodes[child])] for name, child in names.items()]
+
+    async def op_readlink(self, session: str, ino: int) -> bytes:
+        await self._durable()
+        inode = self._inode(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise MetaError(errno.EINVAL)
+        return inode.target
+
+    async def op_getxattr(self, session: str, ino: int, name: bytes) -> bytes:
+        await self._durable()
+        value = self._inode(ino).xattrs.get(name)
+        if value is None:
+            raise MetaError(errno.ENODATA)
+        return value
+
+    async def op_listxattr(self, session: str, ino: int) -> list[bytes]:
+        await self._durable()
+        return list(self._inode(ino).xattrs)
+
+    async def op_statfs(self, session: str) -> dict:
+        await self._durable()
+        allocator = self.state.allocator
+        return {
+            "unit_size": self.unit,
+            "units": allocator.units,
+            "free_units": allocator.free_count,
+            "files": len(self.state.inodes),
+            "name_max": NAME_MAX,
+        }
+
+    async def op_sync(self, session: str) -> None:
+        await self._durable()
+
+    # -- namespace changes ---------------------------------------------------------------------
+
+    async def op_mknod(self, session: str, parent: int, name: bytes, mode: int, uid: int,
+                       gid: int, rdev: int = 0, target: bytes = b"") -> dict:
+        self._check_name(name)
+        async with self._lock:
+            names = self._dir(parent)
+            if name in names:
+                raise MetaError(errno.EEXIST)
+            parent_inode = self._inode(parent)
+            if parent_inode.mode & stat.S_ISGID:
+                gid = parent_inode.gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            ino = self.state.next_ino
+            op = {"op": "mknod", "ino": ino, "parent": parent, "name": name, "mode": mode,
+                  "uid": uid, "gid": gid, "rdev": rdev, "target": target, "t": self._now()}
+            seq = self._append(op)
+            attrs = self._attrs(self.state.inodes[ino])
+        await self._durable(seq)
+        return attrs
+
+    async def op_link(self, session: str, ino: int, parent: int, name: bytes) -> dict:
+        self._check_name(name)
+        async with self._lock:
+            inode = self._inode(ino)
+            if inode.is_dir:
+                raise MetaError(errno.EPERM)
+            if inode.nlink == 0:
+                raise MetaError(errno.ENOENT)
+            if name in self._dir(parent):
+                raise MetaError(errno.EEXIST)
+            seq = self._append({"op": "link", "ino": ino, "parent": parent, "name": name,
+                                "t": self._now()})
+            attrs = self._attrs(inode)
+        await self._durable(seq)
+        return attrs
+
+    async def op_unlink(self, session: str, parent: int, name: bytes, is_dir: bool) -> None:
+        async with self._lock:
+            ino = self._dir(parent).get(name)
+            if ino is None:
+                raise MetaError(errno.ENOENT)
+            inode = self._inode(ino)
+            self._check_removable(inode, want_dir=is_dir)
+            seq = self._append({"op": "unlink", "parent": parent, "name": name,
+                                "t": self._now(), "reclaim": self._reclaimable(inode)})
+        await self._durable(seq)
+
+    def _check_removable(self, inode: Inode, want_dir: bool) -> None:
+        if want_dir and not inode.is_dir:
+            raise MetaError(errno.ENOTDIR)
+        if not want_dir and inode.is_dir:
+            raise MetaError(errno.EISDIR)
+        if inode.is_dir and self.state.entries[inode.ino]:
+            raise MetaError(errno.ENOTEMPTY)
+        if inode.ino == ROOT_INO:
+            raise MetaError(errno.EBUSY)
+
+    def _reclaimable(self, inode: Inode) -> bool:
+        """Would dropping one name free the inode now? Not while a node has it open."""
+        last_name = inode.is_dir or inode.nlink <= 1
+        return last_name and (inode.is_dir or not self._is_open(inode.ino))
+
+    async def op_rename(self, session: str, old_parent: int, old_name: bytes, new_parent: int,
+                        new_name: bytes, flags: int = 0) -> None:
+        self._check_name(new_name)
+        async with self._lock:
+            op = self._rename_record(old_parent, old_name, new_parent, new_name, flags)
+            if op is None:
+                return
+            seq = self._append(op)
+        await self._durable(seq)
+
+    def _rename_record(self, old_parent: int, old_name: bytes, new_parent: int,
+                       new_name: bytes, flags: int) -> dict | None:
+        moving_ino = self._dir(old_parent).get(old_name)
+        if moving_ino is None:
+            raise MetaError(errno.ENOENT)
+        target_ino = self._dir(new_parent).get(new_name)
+        if flags & RENAME_NOREPLACE and target_ino is not None:
+            raise MetaError(errno.EEXIST)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        if exchange and target_ino is None:
+            raise MetaError(errno.ENOENT)
+        moving = self._inode(moving_ino)
+        if moving.is_dir:
+            self._check_not_into_itself(moving_ino, new_parent)
+        op = {"op": "rename", "old_parent": old_parent, "old_name": old_name,
+              "new_parent": new_parent, "new_name": new_name, "t": self._now()}
+        if exchange:
+            if self._inode(target_ino).is_dir:
+                self._check_not_into_itself(target_ino, old_parent)
+            return dict(op, exchange=True)
+        if target_ino == moving_ino:
+            return None  # both names are links to one inode: POSIX says do nothing
+        if target_ino is not None:
+            target = self._inode(target_ino)
+            if moving.is_dir and not target.is_dir:
+                raise MetaError(errno.ENOTDIR)
+            if not moving.is_dir and target.is_dir:
+                raise MetaError(errno.EISDIR)
+            self._check_removable(target, want_dir=target.is_dir)
+            op["reclaim"] = self._reclaimable(target)
+        return op
+
+    def _check_not_into_itself(self, directory: int, new_parent: int) -> None:
+        cursor = new_parent
+        while True:
+            if cursor == directory:
+                raise MetaError(errno.EINVAL, "cannot move a directory into itself")
+            if cursor == ROOT_INO:
+                return
+            cursor = self.state.parents[cursor]
+
+    # -- attributes ------------------------------------------------------------------------------
+
+    async def op_setattr(self, session: str, ino: int, changes: dict) -> dict:
+        if "size" in changes:
+            await self._resize(ino, changes["size"])
+        fields = {key: changes[key] for key in ("mode", "uid", "gid", "atime_ns", "mtime_ns")
+                  if key in changes}
+        async with self._lock:
+            inode = self._inode(ino)
+            seq = None
+            if fields or "size" not in changes:
+                self._drop_setid_on_chown(inode, fields)
+                fields.setdefault("ctime_ns", changes.get("ctime_ns", self._now()))
+                seq = self._append(dict(fields, op="setattr", ino=ino))
+            attrs = self._attrs(inode)
+        await self._durable(seq)
+        return attrs
+
+    @staticmethod
+    def _drop_setid_on_chown(inode: Inode, fields: dict) -> None:
+        owner_changes = ("uid" in fields and fields["uid"] != inode.uid) or (
+            "gid" in fields and fields["gid"] != inode.gid)
+        if not owner_changes or inode.is_dir or "mode" in fields:
+            return
+        mode = inode.mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            mode &= ~stat.S_ISGID
+        if mode != inode.mode:
+            fields["mode"] = mode
+
+    async def op_setxattr(self, session: str, ino: int, name: bytes, value: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise MetaError(errno.ERANGE)
+        if len(value) > 64 * 1024:
+            raise MetaError(errno.E2BIG)
+        async with self._lock:
+            self._inode(ino)
+            seq = self._append({"op": "setxattr", "ino": ino, "name": name, "value": value,
+                                "t": self._now()})
+        await self._durable(seq)
+
+    async def op_removexattr(self, session: str, ino: int, name: bytes) -> None:
+        async with self._lock:
+            if name not in self._inode(ino).xattrs:
+                raise MetaError(errno.ENODATA)
+            seq = self._append({"op": "removexattr", "ino": ino, "name": name,
+                                "t": self._now()})
+        await self._durable(seq)
+
+    # -- open files ----------------------------------------------------------------------
+
+    async def op_open(self, session: str, ino: int) -> dict:
+        await self._durable()
+        inode = self._inode(ino)
+        self.open_files.setdefault(ino, Counter())[session] += 1
+        return dict(self._map_reply(inode), attrs=self._attrs(inode))
+
+    async def op_release(self, session: str, ino: int) -> None:
+        holders = self.open_files.get(ino)
+        if holders is None or holders[session] <= 0:
+            return
+        holders[session] -= 1
+        if holders[session] == 0:
+            del holders[session]
+        if not holders:
+            del self.open_files[ino]
+            inode = self.state.inodes.get(ino)
+            if inode is not None and inode.nlink == 0:
+                await self._commit({"op": "reclaim", "ino": ino})
+
+    def open_table(self) -> dict[int, dict[str, int]]:
+        return {ino: dict(holders) for ino, holders in self.open_files.items()}
+
+    # -- size and allocation -----------------------------------------------------------
+
+    async def op_extend(self, session: str, ino: int, offset: int, end: int) -> dict:
+        """Allocate the units under [offset, end) and grow the size to `end` if needed."""
+        async with self._lock:
+            inode = self._regular(ino)
+            growing = end > inode.size
+            ahead = self._ahead_units(inode) if growing else 0
+            op = self._allocation_record(inode, offset, end, ahead)
+            if growing:
+                op["size"] = end
+                op["t"] = self._now()
+            seq = self._commit_map(inode, op, session)
+            reply = self._map_reply(inode)
+        await self._durable(seq)
+        return reply
+
+    def _map_reply(self, inode: Inode) -> dict:
+        """Size and map with a version, so a node can drop a reply a newer map overtook."""
+        return {"size": inode.size, "runs": to_runs(inode.units),
+                "version": self.journal.next_seq - 1}
+
+    def _regular(self, ino: int) -> Inode:
+        inode = self._inode(ino)
+        if inode.is_dir:
+            raise MetaError(errno.EISDIR)
+        if not inode.is_reg:
+            raise MetaError(errno.EINVAL)
+        return inode
+
+    def _ahead_units(self, inode: Inode) -> int:
+        return min(ALLOCATE_AHEAD_MAX, max(1, len(inode.units) // 4))
+
+    def _allocation_record(self, inode: Inode, offset: int, end: int, ahead: int = 0) -> dict:
+        """A map record adding units for [offset, end), plus up to `ahead` units past it."""
+        first, last = offset // self.unit, (end - 1) // self.unit
+        required = [i for i in range(first, last + 1) if i not in inode.units]
+        optional = [i for i in range(last + 1, last + 1 + ahead) if i not in inode.units]
+        near = inode.units[max(inode.units)] + 1 if inode.units else None
+        allocator = self.state.allocator
+        try:
+            try:
+                chosen = allocator.find(len(required) + len(optional), near)
+            except NoSpace:
+                chosen = allocator.find(len(required), near)  # allocate-ahead is best effort
+        except NoSpace:
+            raise MetaError(errno.ENOSPC) from None
+        add = [[file_unit, unit, 1] for file_unit, unit in zip(required + optional, chosen,
+                                                                 strict=False)]
+        return {"op": "map", "ino": inode.ino, "add": _merge_runs(add)}
+
+    def _commit_map(self, inode: Inode, op: dict, session: str | None) -> int | None:
+        """Zero what the change exposes, then append and apply a map record."""
+        if not op.get("add") and op.get("size", inode.size) == inode.size and "t" not in op:
+            return None  # nothing to change: a node asked with a stale map
+        for _file_unit, volume_unit, count in op.get("add", ()):
+            self.volume.zero(self._unit_offset(volume_unit), count * self.unit)
+        if op.get("size", 0) > inode.size:
+            self._zero_tail(inode)
+        seq = self._append(op)
+        self._broadcast_map(inode, exclude=session)
+        return seq
+
+    def _zero_tail(self, inode: Inode) -> None:
+        """Bytes past EOF in the last unit may hold data from before a shrink: clear them."""
+        within = inode.size % self.unit
+        volume_unit = inode.units.get(inode.size // self.unit)
+        if within and volume_unit is not None:
+            self.volume.zero(self._unit_offset(volume_unit) + within, self.unit - within)
+
+    def _unit_offset(self, volume_unit: int) -> int:
+        return self.volume.sb.data.offset + volume_unit * self.unit
+
+    def _broadcast_map(self, inode: Inode, exclude: str | None) -> None:
+        reply = self._map_reply(inode)
+        for name in self.open_files.get(inode.ino, ()):
+            if name != exclude and name in self.sessions:
+                self.sessions[name].update_map(inode.ino, reply["size"], reply["runs"],
+                                               reply["version"])
+
+    async def _resize(self, ino: int, size: int) -> None:
+        async with self._lock:
+            inode = self._regular(ino)
+            if size >= inode.size:
+                op = {"op": "map", "ino": ino, "size": size, "t": self._now()}
+                seq = self._commit_map(inode, op, None)
+            else:
+                keep = -(-size // self.unit)
+                drop = [index for index in inode.units if index >= keep]
+                op = {"op": "map", "ino": ino, "size": size, "t": self._now(),
+                      "drop": [[index, 1] for index in sorted(drop)]}
+                seq = await self._commit_quiesced(inode, op)
+        await self._durable(seq)
+
+    async def _commit_quiesced(self, inode: Inode, op: dict, prepare=None) -> int:
+        """Commit a change that frees space while I/O on the inode is paused everywhere.
+
+        `prepare` runs once the pause holds, before the record is appended.
+        """
+        async with self._paused(inode.ino) as holders:
+            if prepare is not None:
+                prepare()
+            seq = self._append(op)
+            await self._durable(seq)
+            reply = self._map_reply(inode)
+            for name in holders:
+                self.sessions[name].update_map(inode.ino, reply["size"], reply["runs"],
+                                               reply["version"])
+        return seq
+
+    @contextlib.asynccontextmanager
+    async def _paused(self, ino: int):
+        holders = [name for name in self.open_files.get(ino, ()) if name in self.sessions]
+        paused = []
+        try:
+            for name in holders:
+                with trio.fail_after(PAUSE_TIMEOUT):
+                    await self.sessions[name].pause(ino)
+                paused.append(name)
+            yield holders
+        finally:
+            for name in paused:
+                self.sessions[name].resume(ino)
+
+    async def op_fallocate(self, session: str, ino: int, mode: int, offset: int,
+                           length: int) -> dict:
+        if offset < 0 or length <= 0:
+            raise MetaError(errno.EINVAL)
+        end = offset + length
+        if mode & FALLOC_PUNCH_HOLE:
+            if not mode & FALLOC_KEEP_SIZE or mode & ~(FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE):
+                raise MetaError(errno.EOPNOTSUPP)
+            await self._punch(ino, offset, end)
+        elif mode & ~(FALLOC_KEEP_SIZE | FALLOC_ZERO_RANGE):
+            raise MetaError(errno.EOPNOTSUPP)
+        else:
+            await self._allocate(ino, offset, end, keep_size=bool(mode & FALLOC_KEEP_SIZE),
+                                 zero=bool(mode & FALLOC_ZERO_RANGE), session=session)
+        return self._map_reply(self._inode(ino))
+
+    async def _allocate(self, ino: int, offset: int, end: int, keep_size: bool, zero: bool,
+                        session: str) -> None:
+        async with self._lock:
+            inode = self._regular(ino)
+            if zero:
+                self._zero_mapped(inode, offset, min(end, inode.size))
+            op = self._allocation_record(inode, offset, end)
+            if not keep_size and end > inode.size:
+                op["size"] = end
+            if op["add"] or "size" in op or zero:
+                op["t"] = self._now()
+            seq = self._commit_map(inode, op, session)
+        await self._durable(seq)
+
+    async def _punch(self, ino: int, offset: int, end: int) -> None:
+        async with self._lock:
+            inode = self._regular(ino)
+            first_whole, end_whole = -(-offset // self.unit), end // self.unit
+            drop = [index for index in inode.units if first_whole <= index < end_whole]
+            op = {"op": "map", "ino": ino, "t": self._now(),
+                  "drop": [[index, 1] for index in sorted(drop)]}
+
+            def zero_partial_units() -> None:
+                self._zero_mapped(inode, offset, min(end, first_whole * self.unit))
+                self._zero_mapped(inode, max(offset, end_whole * self.unit), end)
+
+            await self._commit_quiesced(inode, op, zero_partial_units)
+
+    def _zero_mapped(self, inode: Inode, start: int, end: int) -> None:
+        for piece_start, piece_end, volume_unit in _pieces(start, end, self.unit):
+            mapped = inode.units.get(volume_unit)
+            if mapped is not None:
+                within = piece_start % self.unit
+                self.volume.zero(self._unit_offset(mapped) + within, piece_end - piece_start)
+
+
+def _pieces(start: int, end: int, unit: int) -> Iterator[tuple[int, int, int]]:
+    """Split [start, end) at unit boundaries: (piece start, piece end, file unit)."""
+    while start < end:
+        file_unit = start // unit
+        piece_end = min(end, (file_unit + 1) * unit)
+        yield start, piece_end, file_unit
+        start = piece_end
+
+
+def _merge_runs(runs: list[list[int]]) -> list[list[int]]:
+    merged: list[list[int]] = []
+    for file_unit, volume_unit, count in runs:
+        if merged:
+            last = merged[-1]
+            if last[0] + last[2] == file_unit and last[1] + last[2] == volume_unit:
+                last[2] += count
+                continue
+        merged.append([file_unit, volume_unit, count])
+    return merged

@@ -1,0 +1,140 @@
+"""The `csvfs` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from csvfs.errors import ExitCode, UsageError, UserError
+from csvfs.sizes import format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, like every other usage error
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="csvfs", description="A clustered filesystem over FUSE.")
+    parser.add_argument("--debug", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    mkfs = sub.add_parser("mkfs", help="create a volume image")
+    mkfs.add_argument("image", type=Path)
+    mkfs.add_argument("--size", required=True, help="volume size, e.g. 64M, 10G, 1T")
+    mkfs.add_argument("--unit", default="1M", help="allocation unit, 64K to 4M (default 1M)")
+    mkfs.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    mkfs.add_argument("--force", action="store_true", help="overwrite an existing volume")
+
+    mount = sub.add_parser("mount", help="mount a volume on this node")
+    mount.add_argument("image", type=Path)
+    mount.add_argument("mountpoint", type=Path)
+    mount.add_argument("--name", default="", help="node name (default HOST-PID)")
+    mount.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    mount.add_argument("--foreground", action="store_true", help="stay attached")
+    mount.add_argument("--log", type=Path, help="append the node's log to this file")
+    mount.add_argument("--lease", type=float, default=3.0, help="lease time in seconds")
+
+    fsck = sub.add_parser("fsck", help="check a volume (and repair it with --repair)")
+    fsck.add_argument("image", type=Path)
+    fsck.add_argument("--repair", action="store_true", help="fix what can be fixed")
+
+    events = sub.add_parser("events", help="print the volume's event ring")
+    events.add_argument("image", type=Path)
+    events.add_argument("--json", action="store_true")
+    return parser
+
+
+def cmd_mkfs(args) -> int:
+    from csvfs.mkfs import make_volume
+
+    size, unit = parse_size(args.size), parse_size(args.unit)
+    sb = make_volume(args.image, size, unit, force=args.force, key_path=args.key)
+    key = args.key or f"{args.image}.key"
+    print(f"created volume {sb.uuid} on {args.image}: {format_size(sb.size)}, "
+          f"{sb.data_units} units of {format_size(sb.unit_size)}; cluster key in {key}")
+    return ExitCode.OK
+
+
+def cmd_mount(args) -> int:
+    from csvfs import fuse_fallocate
+
+    fuse_fallocate.load()  # must precede the first import of pyfuse3
+    from csvfs import node
+    from csvfs.volume import default_key_path
+
+    if args.lease <= 0:
+        raise UsageError("--lease must be positive")
+    config = node.NodeConfig(
+        image=args.image.resolve(),
+        mountpoint=args.mountpoint.resolve(),
+        key_path=args.key or default_key_path(args.image),
+        name=args.name,
+        lease_seconds=args.lease,
+    )
+    node.mount(config, foreground=args.foreground)
+    return ExitCode.OK
+
+
+def cmd_fsck(args) -> int:
+    from csvfs.fsck import run_fsck
+
+    return run_fsck(args.image, repair=args.repair)
+
+
+def cmd_events(args) -> int:
+    from coordinator.events import read_events
+    from csvfs.volume import Volume
+
+    volume = Volume.open(args.image)
+    try:
+        events = read_events(volume)
+    finally:
+        volume.close()
+    for event in events:
+        if args.json:
+            print(json.dumps(event))
+            continue
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["t"] / 1e9))
+        print(f"{event['seq']:>6} {stamp} {event['level']:<7} {event['node']:<16} "
+              f"{event['kind']:<10} {event['msg']}")
+    return ExitCode.OK
+
+
+COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "fsck": cmd_fsck, "events": cmd_events}
+
+
+def setup_logging(debug: bool, log_file: Path | None) -> None:
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO if log_file else logging.WARNING)
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug, getattr(args, "log", None))
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"csvfs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

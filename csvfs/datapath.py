@@ -1,0 +1,165 @@
+"""The data path: reads and writes go straight to the image at the mapped offsets.
+
+A request inside the file's size and allocated units costs one dict lookup
+and one pread/pwrite; anything else (a hole, a write past EOF) asks the
+coordinator to extend the file first. Nothing here knows about FUSE or RPC:
+the coordinator is reached through the `meta` callable given at start.
+
+The per-inode I/O gate is a flag and an event. I/O runs inline in the trio
+thread, so once a request passes the gate it completes without yielding;
+a pause therefore never has in-flight I/O to drain beyond the request that
+is already running. If I/O ever moves to worker threads, the gate must
+count in-flight requests instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from csvfs.extents import UnitMap, from_runs
+
+log = logging.getLogger(__name__)
+
+MetaCall = Callable[..., Awaitable]
+
+
+class OpenFile:
+    """This node's view of one open inode, shared by all its handles."""
+
+    __slots__ = ("ino", "size", "units", "version", "refs", "paused", "resumed", "dirty_mtime")
+
+    def __init__(self, ino: int, size: int, units: UnitMap, version: int):
+        self.ino = ino
+        self.size = size
+        self.units = units
+        self.version = version
+        self.refs = 0
+        self.paused = False
+        self.resumed = trio.Event()
+        self.dirty_mtime = 0  # time of the last local write not yet sent to the coordinator
+
+
+class DataPath:
+    def __init__(self, name: str, fd: int, data_offset: int, unit_size: int, meta: MetaCall):
+        self.name = name
+        self.fd = fd
+        self.base = data_offset
+        self.unit = unit_size
+        self.meta = meta
+        self.files: dict[int, OpenFile] = {}
+
+    # -- open files ------------------------------------------------------------------
+
+    def opened(self, ino: int, size: int, runs: list, version: int) -> OpenFile:
+        handle = self.files.get(ino)
+        if handle is None:
+            handle = self.files[ino] = OpenFile(ino, size, from_runs(runs), version)
+        else:
+            self.update_map(ino, size, runs, version)
+        handle.refs += 1
+        return handle
+
+    def closed(self, handle: OpenFile) -> bool:
+        """Drop one reference; True when this node no longer has the inode open."""
+        handle.refs -= 1
+        if handle.refs > 0:
+            return False
+        self.files.pop(handle.ino, None)
+        return True
+
+    # -- the coordinator's side of the session -----------------------------------------------
+
+    async def pause(self, ino: int) -> None:
+        handle = self.files.get(ino)
+        if handle is not None and not handle.paused:
+            handle.paused = True
+            handle.resumed = trio.Event()
+
+    def resume(self, ino: int) -> None:
+        handle = self.files.get(ino)
+        if handle is not None and handle.paused:
+            handle.paused = False
+            handle.resumed.set()
+
+    def update_map(self, ino: int, size: int, runs: list, version: int = 0) -> None:
+        handle = self.files.get(ino)
+        if handle is None or (version and version < handle.version):
+            return  # a reply overtaken by a newer map
+        handle.size = size
+        handle.units = from_runs(runs)
+        handle.version = max(handle.version, version)
+
+    # -- I/O ------------------------------------------------------------------------------
+
+    async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
+        while handle.paused:
+            await handle.resumed.wait()
+        end = min(offset + length, handle.size)
+        if offset >= end:
+            return b""
+        unit = self.unit
+        file_unit = offset // unit
+        if (end - 1) // unit == file_unit:
+            volume_unit = handle.units.get(file_unit)
+            if volume_unit is None:
+                return bytes(end - offset)
+            return self._pread(end - offset, self.base + volume_unit * unit + offset % unit)
+        return b"".join(self._read_pieces(handle, offset, end))
+
+    def _read_pieces(self, handle: OpenFile, offset: int, end: int):
+        unit = self.unit
+        while offset < end:
+            piece_end = min(end, (offset // unit + 1) * unit)
+            volume_unit = handle.units.get(offset // unit)
+            if volume_unit is None:
+                yield bytes(piece_end - offset)
+            else:
+                yield self._pread(piece_end - offset, self.base + volume_unit * unit + offset % unit)
+            offset = piece_end
+
+    def _pread(self, length: int, position: int) -> bytes:
+        data = os.pread(self.fd, length, position)
+        if len(data) < length:  # only past the end of a short image
+            data += bytes(length - len(data))
+        return data
+
+    async def write(self, handle: OpenFile, offset: int, data: bytes) -> int:
+        end = offset + len(data)
+        while True:
+            while handle.paused:
+                await handle.resumed.wait()
+            if end <= handle.size and self._write_direct(handle, offset, data):
+                handle.dirty_mtime = time.time_ns()
+                return len(data)
+            reply = await self.meta("extend", ino=handle.ino, offset=offset, end=end)
+            self.update_map(handle.ino, reply["size"], reply["runs"], reply["version"])
+
+    def _write_direct(self, handle: OpenFile, offset: int, data: bytes) -> bool:
+        """Write if every byte lands in an allocated unit; False (nothing written) if not."""
+        unit = self.unit
+        units = handle.units
+        file_unit = offset // unit
+        last_unit = (offset + len(data) - 1) // unit
+        if file_unit == last_unit:
+            volume_unit = units.get(file_unit)
+            if volume_unit is None:
+                return False
+            os.pwrite(self.fd, data, self.base + volume_unit * unit + offset % unit)
+            return True
+        if any(index not in units for index in range(file_unit, last_unit + 1)):
+            return False
+        view = memoryview(data)
+        while view:
+            length = min(len(view), unit - offset % unit)
+            os.pwrite(self.fd, view[:length], self.base + units[offset // unit] * unit + offset % unit)
+            view = view[length:]
+            offset += length
+        return True
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)

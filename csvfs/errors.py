@@ -1,0 +1,48 @@
+"""User-facing errors and the exit codes the CLI documents.
+
+A `UserError` is printed as one line without a traceback. Each subclass
+carries the exit code that README.md documents for it.
+"""
+
+
+class ExitCode:
+    OK = 0
+    FAILURE = 1  # unexpected runtime failure
+    USAGE = 2  # bad command-line argument
+    BAD_VOLUME = 10  # not a volume, truncated, corrupt, unsupported version
+    BAD_KEY = 11  # cluster key file missing, unreadable or wrong
+    BAD_MOUNTPOINT = 12  # mountpoint missing, not a directory, or busy
+    VOLUME_BUSY = 13  # another live node holds the volume
+    EXISTS = 14  # mkfs target already holds a volume (use --force)
+    FSCK_REPAIRED = 1  # fsck found problems and repaired them all
+    FSCK_UNREPAIRED = 4  # fsck found problems it left in place
+
+
+class UserError(Exception):
+    """An error caused by the user's input or environment; shown without traceback."""
+
+    exit_code = ExitCode.FAILURE
+
+
+class UsageError(UserError):
+    exit_code = ExitCode.USAGE
+
+
+class VolumeError(UserError):
+    exit_code = ExitCode.BAD_VOLUME
+
+
+class KeyFileError(UserError):
+    exit_code = ExitCode.BAD_KEY
+
+
+class MountpointError(UserError):
+    exit_code = ExitCode.BAD_MOUNTPOINT
+
+
+class VolumeBusyError(UserError):
+    exit_code = ExitCode.VOLUME_BUSY
+
+
+class VolumeExistsError(UserError):
+    exit_code = ExitCode.EXISTS

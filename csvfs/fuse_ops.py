@@ -1,0 +1,310 @@
+"""FUSE operations: translate kernel requests into coordinator calls and data-path I/O.
+
+Every handler runs under `_errors`, because any exception other than
+FUSEError would kill the mount. Metadata goes to the coordinator through
+`meta(method, **args)`; file data goes through the DataPath.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+
+import pyfuse3
+
+from coordinator.service import MetaError
+from csvfs.datapath import DataPath, OpenFile
+
+log = logging.getLogger(__name__)
+
+# Short kernel caching: other nodes change metadata behind this kernel's back.
+ENTRY_TIMEOUT = 0.5
+ATTR_TIMEOUT = 0.5
+
+
+def _errors(handler):
+    @functools.wraps(handler)
+    async def guarded(*args, **kwargs):
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except MetaError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.error("%s: I/O error: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+class _Handle:
+    __slots__ = ("file", "ino")
+
+    def __init__(self, ino: int, file: OpenFile | None):
+        self.ino = ino
+        self.file = file
+
+
+class CsvfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, datapath: DataPath, meta):
+        super().__init__()
+        self.data = datapath
+        self.meta = meta
+        self._handles: dict[int, _Handle] = {}
+        self._dir_listings: dict[int, list] = {}
+        self._next_fh = 1
+
+    # -- attributes -------------------------------------------------------------------
+
+    def _entry(self, attrs: dict) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = attrs["ino"]
+        entry.generation = 0
+        entry.entry_timeout = ENTRY_TIMEOUT
+        entry.attr_timeout = ATTR_TIMEOUT
+        entry.st_mode = attrs["mode"]
+        entry.st_nlink = attrs["nlink"]
+        entry.st_uid = attrs["uid"]
+        entry.st_gid = attrs["gid"]
+        entry.st_rdev = attrs["rdev"]
+        entry.st_blksize = 4096
+        entry.st_blocks = attrs["blocks"]
+        entry.st_atime_ns = attrs["atime_ns"]
+        entry.st_mtime_ns = attrs["mtime_ns"]
+        entry.st_ctime_ns = attrs["ctime_ns"]
+        entry.st_size = attrs["size"]
+        handle = self.data.files.get(attrs["ino"])
+        if handle is not None:
+            if handle.dirty_mtime > entry.st_mtime_ns:
+                entry.st_mtime_ns = entry.st_ctime_ns = handle.dirty_mtime
+        return entry
+
+    @_errors
+    async def getattr(self, inode, ctx=None):
+        return self._entry(await self.meta("getattr", ino=inode))
+
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._entry(await self.meta("lookup", parent=parent_inode, name=name))
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        changes = {}
+        if fields.update_size:
+            await self._flush_mtime(inode)
+            changes["size"] = attr.st_size
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+            handle = self.data.files.get(inode)
+            if handle is not None:
+                handle.dirty_mtime = 0  # an explicit time wins over earlier writes
+        if fields.update_ctime:
+            changes["ctime_ns"] = attr.st_ctime_ns
+        return self._entry(await self.meta("setattr", ino=inode, changes=changes))
+
+    async def _flush_mtime(self, inode: int) -> None:
+        """Send the time of this node's last write to the coordinator."""
+        handle = self.data.files.get(inode)
+        if handle is None or not handle.dirty_mtime:
+            return
+        mtime, handle.dirty_mtime = handle.dirty_mtime, 0
+        await self.meta("setattr", ino=inode, changes={"mtime_ns": mtime, "ctime_ns": mtime})
+
+    # -- namespace --------------------------------------------------------------------
+
+    async def _make(self, parent, name, mode, ctx, rdev=0, target=b""):
+        attrs = await self.meta("mknod", parent=parent, name=name, mode=mode, uid=ctx.uid,
+                                gid=ctx.gid, rdev=rdev, target=target)
+        return self._entry(attrs)
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return await self._make(parent_inode, name, mode, ctx, rdev=rdev)
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return await self._make(parent_inode, name, (mode & 0o7777) | 0o040000, ctx)
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        return await self._make(parent_inode, name, 0o120777, ctx, target=target)
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        return await self.meta("readlink", ino=inode)
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._entry(await self.meta("link", ino=inode, parent=new_parent_inode,
+                                           name=new_name))
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self.meta("unlink", parent=parent_inode, name=name, is_dir=False)
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.meta("unlink", parent=parent_inode, name=name, is_dir=True)
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.meta("rename", old_parent=parent_inode_old, old_name=name_old,
+                        new_parent=parent_inode_new, new_name=name_new, flags=flags)
+
+    # -- directories ------------------------------------------------------------------
+
+    @_errors
+    async def opendir(self, inode, ctx):
+        listing = await self.meta("readdir", ino=inode)
+        fh = self._new_fh()
+        self._dir_listings[fh] = listing
+        return fh
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        listing = self._dir_listings.get(fh, [])
+        for index in range(start_id, len(listing)):
+            name, attrs = listing[index]
+            if not pyfuse3.readdir_reply(token, name, self._entry(attrs), index + 1):
+                break
+
+    @_errors
+    async def releasedir(self, fh):
+        self._dir_listings.pop(fh, None)
+
+    @_errors
+    async def fsyncdir(self, fh, datasync):
+        await self.meta("sync")
+
+    # -- files ------------------------------------------------------------------------
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    async def _open_handle(self, ino: int) -> int:
+        reply = await self.meta("open", ino=ino)
+        attrs = reply["attrs"]
+        handle = None
+        if attrs["mode"] & 0o170000 == 0o100000:
+            handle = self.data.opened(ino, attrs["size"], reply["runs"], reply["version"])
+        fh = self._new_fh()
+        self._handles[fh] = _Handle(ino, handle)
+        return fh
+
+    @_errors
+    async def open(self, inode, flags, ctx):
+        fh = await self._open_handle(inode)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        attrs = await self.meta("mknod", parent=parent_inode, name=name, mode=mode,
+                                uid=ctx.uid, gid=ctx.gid)
+        fh = await self._open_handle(attrs["ino"])
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry(attrs)
+
+    def _file(self, fh: int) -> OpenFile:
+        handle = self._handles.get(fh)
+        if handle is None or handle.file is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle.file
+
+    @_errors
+    async def read(self, fh, off, size):
+        return await self.data.read(self._file(fh), off, size)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        return await self.data.write(self._file(fh), off, buf)
+
+    @_errors
+    async def flush(self, fh):
+        handle = self._handles.get(fh)
+        if handle is not None:
+            await self._flush_mtime(handle.ino)
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        handle = self._handles.get(fh)
+        if handle is not None:
+            await self._flush_mtime(handle.ino)
+        self.data.sync()
+        await self.meta("sync")
+
+    @_errors
+    async def release(self, fh):
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        if handle.file is not None:
+            await self._flush_mtime(handle.ino)
+            self.data.closed(handle.file)
+        await self.meta("release", ino=handle.ino)
+
+    async def fallocate(self, inode, mode, offset, length, fh):
+        """Called through the fuse_fallocate shim (pyfuse3 has no fallocate handler)."""
+        try:
+            reply = await self.meta("fallocate", ino=inode, mode=mode, offset=offset,
+                                    length=length)
+        except MetaError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        self.data.update_map(inode, reply["size"], reply["runs"], reply["version"])
+
+    # -- xattrs and the volume ---------------------------------------------------------------
+
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        await self.meta("setxattr", ino=inode, name=name, value=value)
+
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        try:
+            return await self.meta("getxattr", ino=inode, name=name)
+        except MetaError as exc:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR if exc.errno == errno.ENODATA
+                                    else exc.errno) from None
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        return await self.meta("listxattr", ino=inode)
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        try:
+            await self.meta("removexattr", ino=inode, name=name)
+        except MetaError as exc:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR if exc.errno == errno.ENODATA
+                                    else exc.errno) from None
+
+    @_errors
+    async def statfs(self, ctx):
+        info = await self.meta("statfs")
+        result = pyfuse3.StatvfsData()
+        result.f_bsize = info["unit_size"]
+        result.f_frsize = info["unit_size"]
+        result.f_blocks = info["units"]
+        result.f_bfree = info["free_units"]
+        result.f_bavail = info["free_units"]
+        result.f_files = info["files"] + info["free_units"] * 16
+        result.f_ffree = info["free_units"] * 16
+        result.f_favail = result.f_ffree
+        result.f_namemax = info["name_max"]
+        return result

@@ -1,0 +1,96 @@
+"""`csvfs mkfs`: lay out a new volume and its cluster key."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+import time
+from pathlib import Path
+
+from csvfs import format as fmt
+from csvfs.errors import UsageError, VolumeError, VolumeExistsError
+from csvfs.volume import Volume, default_key_path
+
+log = logging.getLogger(__name__)
+
+
+def make_volume(image: str | os.PathLike, size: int, unit_size: int = fmt.DEFAULT_UNIT,
+                force: bool = False, key_path: str | os.PathLike | None = None) -> fmt.Superblock:
+    image = Path(image)
+    key_path = Path(key_path) if key_path else default_key_path(image)
+    block_device = _refuse_to_clobber(image, force)
+    if block_device:
+        size = _block_device_size(image)
+    key = secrets.token_bytes(32)
+    try:
+        sb = fmt.plan_layout(size, unit_size, fmt.key_id(key), time.time_ns())
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    fd = _create_image(image, size, block_device)
+    volume = Volume(image, fd, sb, used_copy=False)
+    try:
+        if block_device:
+            for region in (sb.lease, sb.events, sb.journal, sb.checkpoint_a, sb.checkpoint_b):
+                volume.zero(region.offset, region.length)
+        _write_key(key_path, key)
+        volume.write_superblocks()  # last: until now the image is not a volume
+    finally:
+        volume.close()
+    return sb
+
+
+def _refuse_to_clobber(image: Path, force: bool) -> bool:
+    """Check the target; returns True for a block device."""
+    try:
+        mode = os.stat(image).st_mode
+    except FileNotFoundError:
+        return False
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise VolumeError(f"{image}: not a regular file or block device")
+    if force:
+        return stat.S_ISBLK(mode)
+    try:
+        existing = Volume.open(image)
+    except VolumeError:
+        existing = None
+    if existing is not None:
+        existing.close()
+        raise VolumeExistsError(
+            f"{image} already holds csvfs volume {existing.sb.uuid}; use --force to overwrite"
+        )
+    if stat.S_ISREG(mode) and os.stat(image).st_size == 0:
+        return False
+    raise VolumeExistsError(f"{image} exists and is not empty; use --force to overwrite it")
+
+
+def _block_device_size(image: Path) -> int:
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _create_image(image: Path, size: int, block_device: bool) -> int:
+    flags = os.O_RDWR | os.O_CLOEXEC
+    if not block_device:
+        flags |= os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(image, flags, 0o600)
+        if not block_device:
+            os.ftruncate(fd, size)  # sparse: only what is written takes space
+    except OSError as exc:
+        raise VolumeError(f"{image}: cannot create: {exc.strerror}") from None
+    return fd
+
+
+def _write_key(key_path: Path, key: bytes) -> None:
+    temporary = key_path.with_name(key_path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key.hex() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, key_path)
