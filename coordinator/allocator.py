@@ -39,6 +39,8 @@ class Allocator:
 
     def find(self, count: int, near: int | None = None) -> list[int]:
         """Choose `count` free units, preferring a run starting at `near`; marks nothing."""
+        if count <= 0:
+            return []
         if count > self.free_count:
             raise NoSpace(f"need {count} units, {self.free_count} free")
         chosen: list[int] = []

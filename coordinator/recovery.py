@@ -64,7 +64,7 @@ def read_checkpoints(volume: Volume) -> tuple[list[Checkpoint], list[str]]:
 def load(volume: Volume) -> Recovered:
     """Rebuild the metadata state; never writes."""
     checkpoints, problems = read_checkpoints(volume)
-    newest = max(checkpoints, key=lambda c: c.seq, default=None)
+    newest = max(checkpoints, key=lambda c: (c.seq, c.epoch), default=None)
     units = volume.sb.data_units
     if newest is None:
         state = MetadataState.fresh(units, volume.sb.created_ns)

@@ -62,6 +62,7 @@ WORKLOADS = (
 class Result:
     mib_s: float
     iops: float
+    io_bytes: int = 0
 
 
 @dataclass
@@ -323,14 +324,14 @@ def run_fio(path: Path, rw: str, bs: str, size_mib: int, runtime: int | None,
         raise BenchError(f"fio job error {job['error']}")
     if side["io_bytes"] == 0:
         raise BenchError("fio did no I/O")
-    return Result(side["bw_bytes"] / 2**20, side["iops"])
+    return Result(side["bw_bytes"] / 2**20, side["iops"], side["io_bytes"])
 
 
 def layout(target: Target, size_mib: int) -> None:
     """Write the whole test file once so reads hit data and writes are overwrites."""
-    run_fio(target.file, "write", "1M", size_mib, None, LAYOUT_TIMEOUT)
-    if target.file.stat().st_size != size_mib * 2**20:
-        raise BenchError(f"layout left {target.file} at {target.file.stat().st_size} bytes")
+    result = run_fio(target.file, "write", "1M", size_mib, None, LAYOUT_TIMEOUT)
+    if result.io_bytes != size_mib * 2**20:
+        raise BenchError(f"layout wrote {result.io_bytes} bytes, not {size_mib} MiB")
 
 
 def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
@@ -486,14 +487,18 @@ def raise_on_sigterm(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_on_sigterm)  # run the same teardown as Ctrl-C
     RESULTS_DIR.mkdir(exist_ok=True)
     for name in TARGETS:
         (RESULTS_DIR / f"{name}.log").unlink(missing_ok=True)  # from an earlier run
-    scratch = Path(tempfile.mkdtemp(prefix="csvfs-bench-", dir=args.dir))
     targets = [Target(name) for name in args.targets]
     cleanup = contextlib.ExitStack()
     interrupted = False
+    signal.signal(signal.SIGTERM, raise_on_sigterm)  # run the same teardown as Ctrl-C
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix="csvfs-bench-", dir=args.dir))
+    except OSError as exc:
+        log(f"error: cannot create a scratch directory in {args.dir}: {exc.strerror}")
+        return 1
     try:
         for target in targets:
             log(f"setting up {target.name} ...")

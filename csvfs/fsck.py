@@ -1,0 +1,258 @@
+"""`csvfs fsck`: check a volume offline and, with --repair, fix what can be fixed.
+
+Checks, in order: both superblocks, the checkpoint slots, the journal, then
+the metadata they produce: the directory tree, link counts, orphans, and
+the extent maps against free space. Repairs end in a fresh checkpoint with
+an empty journal, written so that a crash mid-repair leaves the old state.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator import recovery
+from coordinator.election import read_lease, slot_alive
+from coordinator.model import ROOT_INO, MetadataState
+from csvfs import format as fmt
+from csvfs.errors import ExitCode, VolumeBusyError
+from csvfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
+
+    def info(self, message: str) -> None:
+        self.lines.append(f"  {message}")
+
+    def problem(self, message: str) -> None:
+        self.problems.append(message)
+        self.lines.append(f"  PROBLEM: {message}")
+
+    def section(self, title: str) -> None:
+        self.lines.append(title)
+
+
+def run_fsck(image: str | Path, repair: bool = False) -> int:
+    volume = Volume.open(image, writable=repair)
+    try:
+        _refuse_live_volume(volume, repair)
+        report = Report()
+        outcome = check(volume, report)
+        if repair and report.problems:
+            fix(volume, outcome, report)
+    finally:
+        volume.close()
+    print("\n".join(report.lines))
+    return _summarise(report, repair)
+
+
+def _summarise(report: Report, repair: bool) -> int:
+    if not report.problems:
+        print("volume is clean")
+        return ExitCode.OK
+    print(f"{len(report.problems)} problem(s) found")
+    if repair:
+        for line in report.repairs:
+            print(f"  repaired: {line}")
+        return ExitCode.FSCK_REPAIRED
+    print("run 'csvfs fsck --repair' to fix them")
+    return ExitCode.FSCK_UNREPAIRED
+
+
+def _refuse_live_volume(volume: Volume, repair: bool) -> None:
+    live = [slot for slot in range(fmt.MAX_NODES) if slot_alive(volume, slot)]
+    if not live:
+        return
+    if repair:
+        raise VolumeBusyError(f"{volume.path} is mounted by a live node; unmount it first")
+    print(f"warning: {volume.path} is mounted; results may be out of date")
+
+
+@dataclass
+class Outcome:
+    recovered: recovery.Recovered | None
+    state: MetadataState | None
+    superblock_bad: bool
+
+
+def check(volume: Volume, report: Report) -> Outcome:
+    superblock_bad = _check_superblocks(volume, report)
+    _check_lease(volume, report)
+    recovered = _check_metadata_sources(volume, report)
+    state = None
+    if recovered is not None:
+        state = recovered.state
+        _check_tree(state, report)
+        _check_space(state, report)
+    return Outcome(recovered, state, superblock_bad)
+
+
+def _check_superblocks(volume: Volume, report: Report) -> bool:
+    sb = volume.sb
+    report.section(f"superblock: volume {sb.uuid}, {sb.size} bytes, unit {sb.unit_size}, "
+                   f"{sb.data_units} data units")
+    expected = fmt.encode_superblock(sb)
+    bad = False
+    for where, offset in (("primary", 0), ("copy", sb.copy_offset)):
+        if volume.read(offset, fmt.SUPERBLOCK_SIZE) != expected:
+            report.problem(f"{where} superblock is missing or differs")
+            bad = True
+    if not bad:
+        report.info("primary and copy agree")
+    return bad
+
+
+def _check_lease(volume: Volume, report: Report) -> None:
+    lease = read_lease(volume)
+    owner = lease.owner_name or "nobody"
+    report.section(f"lease: epoch {lease.epoch}, held by {owner}")
+
+
+def _check_metadata_sources(volume: Volume, report: Report) -> recovery.Recovered | None:
+    report.section("checkpoints and journal")
+    try:
+        recovered = recovery.load(volume)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        report.problem(f"metadata does not load: {exc!r}")
+        return None
+    for problem in recovered.checkpoint_problems:
+        report.problem(problem)
+    checkpoint = recovered.checkpoint
+    if checkpoint is None:
+        report.info("no checkpoint yet (fresh volume)")
+    else:
+        report.info(f"checkpoint slot {'AB'[checkpoint.slot]}: seq {checkpoint.seq}, "
+                    f"epoch {checkpoint.epoch}")
+    replay = recovered.replay
+    report.info(f"journal: {len(replay.records)} record(s) replayed, ended: {replay.stop_reason}")
+    if replay.corrupt is not None:
+        report.problem(str(replay.corrupt))
+    return recovered
+
+
+def _check_tree(state: MetadataState, report: Report) -> None:
+    report.section(f"namespace: {len(state.inodes)} inodes")
+    names = Counter()
+    subdirs = Counter()
+    for directory, entries in state.entries.items():
+        if directory not in state.inodes:
+            report.problem(f"directory table for missing inode {directory}")
+        for name, child in entries.items():
+            inode = state.inodes.get(child)
+            if inode is None:
+                report.problem(f"entry {name!r} in directory {directory} points at missing "
+                               f"inode {child}")
+                continue
+            names[child] += 1
+            if inode.is_dir:
+                subdirs[directory] += 1
+    _check_link_counts(state, names, subdirs, report)
+    _check_reachable(state, report)
+
+
+def _check_link_counts(state: MetadataState, names: Counter, subdirs: Counter,
+                       report: Report) -> None:
+    for ino, inode in state.inodes.items():
+        if inode.is_dir:
+            expected = 2 + subdirs[ino]
+            if ino != ROOT_INO and names[ino] != 1:
+                report.problem(f"directory {ino} has {names[ino]} names")
+        else:
+            expected = names[ino]
+        if expected == 0:
+            report.problem(f"orphan inode {ino} has no name ({len(inode.units)} units held)")
+        elif inode.nlink != expected:
+            report.problem(f"inode {ino} has link count {inode.nlink}, expected {expected}")
+        if stat.S_ISLNK(inode.mode) and inode.size != len(inode.target):
+            report.problem(f"symlink {ino} size {inode.size} != target length")
+
+
+def _check_reachable(state: MetadataState, report: Report) -> None:
+    seen, stack = {ROOT_INO}, [ROOT_INO]
+    while stack:
+        for child in state.entries.get(stack.pop(), {}).values():
+            if child not in seen and child in state.inodes:
+                seen.add(child)
+                if state.inodes[child].is_dir:
+                    stack.append(child)
+    unreachable = [ino for ino in state.inodes if ino not in seen]
+    for ino in unreachable:
+        if state.inodes[ino].nlink != 0:  # nlink 0 is already reported as an orphan
+            report.problem(f"inode {ino} is not reachable from the root")
+
+
+def _check_space(state: MetadataState, report: Report) -> None:
+    allocator = state.allocator
+    owners: dict[int, int] = {}
+    for ino, inode in state.inodes.items():
+        for unit in inode.units.values():
+            if not 0 <= unit < allocator.units:
+                report.problem(f"inode {ino} maps unit {unit} outside the data area")
+            elif unit in owners:
+                report.problem(f"unit {unit} is mapped by inodes {owners[unit]} and {ino}")
+            owners[unit] = ino
+    if allocator.used_units() != set(owners):
+        report.problem("free-space map disagrees with the extent maps")
+    report.section(f"space: {len(owners)} of {allocator.units} units in use, "
+                   f"{allocator.free_count} free")
+
+
+# -- repair ------------------------------------------------------------------------------
+
+
+def fix(volume: Volume, outcome: Outcome, report: Report) -> None:
+    if outcome.state is None:
+        report.repairs.append("nothing: the metadata could not be loaded")
+        return
+    state = outcome.state
+    _repair_tree(state, report)
+    _write_repaired(volume, outcome, report)
+
+
+def _repair_tree(state: MetadataState, report: Report) -> None:
+    for entries in state.entries.values():
+        for name in [name for name, child in entries.items() if child not in state.inodes]:
+            del entries[name]
+            report.repairs.append(f"dropped dangling entry {name!r}")
+    names, subdirs = Counter(), Counter()
+    for directory, entries in state.entries.items():
+        for child in entries.values():
+            names[child] += 1
+            subdirs[directory] += state.inodes[child].is_dir
+    for ino, inode in list(state.inodes.items()):
+        expected = 2 + subdirs[ino] if inode.is_dir else names[ino]
+        if ino != ROOT_INO and names[ino] == 0:
+            for unit in inode.units.values():
+                state.allocator.mark_free(unit)
+            del state.inodes[ino]
+            state.entries.pop(ino, None)
+            report.repairs.append(f"reclaimed orphan inode {ino} ({len(inode.units)} units)")
+        elif inode.nlink != expected:
+            inode.nlink = expected
+            report.repairs.append(f"set link count of inode {ino} to {expected}")
+
+
+def _write_repaired(volume: Volume, outcome: Outcome, report: Report) -> None:
+    """New checkpoint (newer than both slots), then an empty journal, then superblocks."""
+    recovered = outcome.recovered
+    checkpoints, _ = recovery.read_checkpoints(volume)
+    newest_seq = max([c.seq for c in checkpoints] + [recovered.last_seq])
+    slot = recovered.next_checkpoint_slot
+    epoch = max(recovered.last_epoch, read_lease(volume).epoch)
+    recovery.write_checkpoint(volume, slot, epoch, newest_seq + 1, outcome.state)
+    volume.zero(volume.sb.journal.offset, volume.sb.journal.length)
+    volume.sync()
+    report.repairs.append(f"wrote checkpoint seq {newest_seq + 1} and emptied the journal")
+    if outcome.superblock_bad:
+        volume.write_superblocks()
+        report.repairs.append("rewrote both superblocks")
+
