@@ -195,6 +195,8 @@ class MetadataService:
     # -- read-only requests -------------------------------------------------------------------
 
     async def op_lookup(self, session: str, parent: int, name: bytes) -> dict:
+        if len(name) > NAME_MAX:  # POSIX: too long a component is ENAMETOOLONG, not ENOENT
+            raise MetaError(errno.ENAMETOOLONG)
         await self._durable()
         names = self._dir(parent)
         if name == b".":

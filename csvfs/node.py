@@ -65,9 +65,8 @@ class Node:
 
     def open_volume(self) -> None:
         check_mountpoint(self.config.mountpoint)
-        key = read_key(self.config.key_path)
         self.volume = Volume.open(self.config.image, writable=True)
-        self.volume.check_key(key)
+        self.volume.check_key(read_key(self.config.key_path))
 
     def become_coordinator(self) -> None:
         volume = self.volume

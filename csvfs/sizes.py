@@ -9,12 +9,14 @@ def parse_size(text: str) -> int:
     """Parse a byte count with an optional binary suffix (K, M, G, T, P; 'iB'/'B' allowed)."""
     raw = text.strip().upper()
     for tail in ("IB", "B"):
-        if raw.endswith(tail) and len(raw) > len(tail) and raw[-len(tail) - 1].isalpha():
+        if raw.endswith(tail) and len(raw) > len(tail) and (
+            tail == "B" or raw[-len(tail) - 1].isalpha()
+        ):
             raw = raw[: -len(tail)]
             break
     suffix = raw[-1:] if raw[-1:].isalpha() else ""
     number = raw[: len(raw) - len(suffix)]
-    if suffix not in _SUFFIXES or not number.isdigit():
+    if suffix not in _SUFFIXES or not (number.isascii() and number.isdigit()):
         raise UsageError(f"invalid size {text!r}: expected a number with an optional K, M, G or T")
     return int(number) * _SUFFIXES[suffix]
 

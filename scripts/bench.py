@@ -10,8 +10,9 @@ three targets:
 
 Each (target, workload) pair is repeated --repeat times, targets interleaved within each
 round, and the median is reported as a Markdown table on stdout and in
-bench-results/latest.md. Progress and errors go to stderr. Every mount and child process
-is torn down on exit, including on failure and Ctrl-C.
+bench-results/latest.md (the logs of the mounts are copied next to it). Progress and
+errors go to stderr. Every mount and child process is torn down on exit, including on
+failure and Ctrl-C. A target that cannot be set up is reported as n/a.
 """
 
 import argparse
@@ -269,11 +270,11 @@ def setup_csvfs(scratch: Path, cleanup: contextlib.ExitStack, args) -> Path:
             ) from None
         if proc.returncode != 0:
             raise BenchError(f"`csvfs {command[0]}` exited with {proc.returncode}: "
-                             f"{tail(log_path)} (see bench-results/csvfs.log)")
+                             f"{tail(log_path)} (see bench-results/csvfs*.log)")
         return proc
 
     run("mkfs", str(image), "--size", CSVFS_IMAGE_SIZE)
-    run("mount", str(image), str(mountpoint))
+    run("mount", str(image), str(mountpoint), "--log", str(scratch / "csvfs-node.log"))
     if not wait_until(lambda: is_mounted(mountpoint), MOUNT_TIMEOUT):
         raise BenchError(f"`csvfs mount` returned but {mountpoint} is not mounted")
     return mountpoint / "bench.dat"
@@ -488,8 +489,8 @@ def raise_on_sigterm(signum, frame):
 def main(argv=None) -> int:
     args = parse_args(argv)
     RESULTS_DIR.mkdir(exist_ok=True)
-    for name in TARGETS:
-        (RESULTS_DIR / f"{name}.log").unlink(missing_ok=True)  # from an earlier run
+    for old_log in RESULTS_DIR.glob("*.log"):
+        old_log.unlink()  # from an earlier run
     targets = [Target(name) for name in args.targets]
     cleanup = contextlib.ExitStack()
     interrupted = False
