@@ -15,6 +15,7 @@ setup:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m csvfs.fuse_fallocate --build
 
 test:
 	$(VENV)/bin/ruff check csvfs coordinator scripts tests

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import stat
 import time
 from collections import Counter
@@ -33,7 +34,9 @@ from csvfs.volume import Volume
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
-CHECKPOINT_AT = 0.5  # fraction of the journal in use that triggers a checkpoint
+# Fraction of the journal in use that triggers a checkpoint. Crash tests lower it
+# through the environment so that kills also land in the middle of checkpoints.
+CHECKPOINT_AT = float(os.environ.get("CSVFS_CHECKPOINT_AT", "0.5"))
 ALLOCATE_AHEAD_MAX = 64  # units
 PAUSE_TIMEOUT = 5.0
 

@@ -96,20 +96,26 @@ class DataPath:
 
     # -- I/O ------------------------------------------------------------------------------
 
-    async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
-        while handle.paused:
-            await handle.resumed.wait()
+    def read_direct(self, handle: OpenFile, offset: int, length: int) -> bytes | None:
+        """The fast path: the whole request, or None if the file is paused."""
+        if handle.paused:
+            return None
         end = min(offset + length, handle.size)
         if offset >= end:
             return b""
         unit = self.unit
         file_unit = offset // unit
-        if (end - 1) // unit == file_unit:
-            volume_unit = handle.units.get(file_unit)
-            if volume_unit is None:
-                return bytes(end - offset)
-            return self._pread(end - offset, self.base + volume_unit * unit + offset % unit)
-        return b"".join(self._read_pieces(handle, offset, end))
+        if (end - 1) // unit != file_unit:
+            return b"".join(self._read_pieces(handle, offset, end))
+        volume_unit = handle.units.get(file_unit)
+        if volume_unit is None:
+            return bytes(end - offset)
+        return self._pread(end - offset, self.base + volume_unit * unit + offset % unit)
+
+    async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
+        while (data := self.read_direct(handle, offset, length)) is None:
+            await handle.resumed.wait()
+        return data
 
     def _read_pieces(self, handle: OpenFile, offset: int, end: int):
         unit = self.unit
@@ -119,7 +125,8 @@ class DataPath:
             if volume_unit is None:
                 yield bytes(piece_end - offset)
             else:
-                yield self._pread(piece_end - offset, self.base + volume_unit * unit + offset % unit)
+                position = self.base + volume_unit * unit + offset % unit
+                yield self._pread(piece_end - offset, position)
             offset = piece_end
 
     def _pread(self, length: int, position: int) -> bytes:
@@ -128,16 +135,24 @@ class DataPath:
             data += bytes(length - len(data))
         return data
 
+    def write_direct(self, handle: OpenFile, offset: int, data: bytes) -> bool:
+        """The fast path: write inside size and allocated units, or return False."""
+        if handle.paused or offset + len(data) > handle.size:
+            return False
+        if not self._write_direct(handle, offset, data):
+            return False
+        handle.dirty_mtime = time.time_ns()
+        return True
+
     async def write(self, handle: OpenFile, offset: int, data: bytes) -> int:
         end = offset + len(data)
-        while True:
-            while handle.paused:
+        while not self.write_direct(handle, offset, data):
+            if handle.paused:
                 await handle.resumed.wait()
-            if end <= handle.size and self._write_direct(handle, offset, data):
-                handle.dirty_mtime = time.time_ns()
-                return len(data)
+                continue
             reply = await self.meta("extend", ino=handle.ino, offset=offset, end=end)
             self.update_map(handle.ino, reply["size"], reply["runs"], reply["version"])
+        return len(data)
 
     def _write_direct(self, handle: OpenFile, offset: int, data: bytes) -> bool:
         """Write if every byte lands in an allocated unit; False (nothing written) if not."""
@@ -156,7 +171,8 @@ class DataPath:
         view = memoryview(data)
         while view:
             length = min(len(view), unit - offset % unit)
-            os.pwrite(self.fd, view[:length], self.base + units[offset // unit] * unit + offset % unit)
+            position = self.base + units[offset // unit] * unit + offset % unit
+            os.pwrite(self.fd, view[:length], position)
             view = view[length:]
             offset += length
         return True

@@ -45,6 +45,13 @@ class NodeConfig:
 
 
 def check_mountpoint(mountpoint: Path) -> None:
+    try:
+        os.stat(mountpoint)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise MountpointError(f"mountpoint {mountpoint} is unusable ({exc.strerror}); "
+                              f"a dead mount? try 'fusermount3 -u {mountpoint}'") from None
     if not mountpoint.exists():
         raise MountpointError(f"mountpoint {mountpoint} does not exist")
     if not mountpoint.is_dir():
@@ -119,7 +126,10 @@ class Node:
         fuse_fallocate.set_handler(operations.fallocate)
         options = set(pyfuse3.default_options)
         options |= {"fsname=csvfs", "subtype=csvfs", "allow_other"}
-        pyfuse3.init(operations, str(self.config.mountpoint), options)
+        try:
+            pyfuse3.init(operations, str(self.config.mountpoint), options)
+        except RuntimeError as exc:
+            raise MountpointError(f"cannot mount on {self.config.mountpoint}: {exc}") from None
         self.events.emit("mount", f"{name} mounted {self.config.mountpoint}")
         try:
             async with trio.open_nursery() as nursery:

@@ -43,7 +43,9 @@ def make_volume(directory: Path, size: str = "256M", unit: str | None = None) ->
 class Node:
     """One `csvfs mount --foreground` process with its own mountpoint and log."""
 
-    def __init__(self, image: Path, mountpoint: Path, name: str = "node1", *extra: str):
+    def __init__(self, image: Path, mountpoint: Path, name: str = "node1", *extra: str,
+                 env: dict | None = None):
+        self.env = {**os.environ, **(env or {})}
         self.image = image
         self.mountpoint = mountpoint
         self.name = name
@@ -55,7 +57,8 @@ class Node:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         command = [*CSVFS, "mount", self.image, self.mountpoint, "--foreground",
                    "--name", self.name, "--log", self.log, *self.extra]
-        self.process = subprocess.Popen(list(map(str, command)), stdin=subprocess.DEVNULL,
+        self.process = subprocess.Popen(list(map(str, command)), env=self.env,
+                                        stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while not is_mounted(self.mountpoint):

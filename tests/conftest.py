@@ -19,8 +19,8 @@ def nodes(tmp_path):
     class Starter:
         allow_log_errors = False
 
-        def start(self, image, name="node1", *extra):
-            node = Node(image, tmp_path / f"mnt-{name}", name, *extra)
+        def start(self, image, name="node1", *extra, env=None):
+            node = Node(image, tmp_path / f"mnt-{name}", name, *extra, env=env)
             started.append(node)
             return node.start()
 

@@ -28,9 +28,11 @@ def _diff(actual: dict, expected: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_sigkill_during_metadata_storm(tmp_path, image, nodes, seed):
-    node = nodes.start(image, "victim")
+@pytest.mark.parametrize("seed,checkpoint_at", [(1, "0.5"), (2, "0.5"), (3, "0.002"),
+                                                (4, "0.002"), (5, "0.0005")])
+def test_sigkill_during_metadata_storm(tmp_path, image, nodes, seed, checkpoint_at):
+    """With a tiny checkpoint threshold, kills also land during checkpoints."""
+    node = nodes.start(image, "victim", env={"CSVFS_CHECKPOINT_AT": checkpoint_at})
     ack_log = tmp_path / "acks.log"
     worker = subprocess.Popen([sys.executable, "-m", "tests.storm", str(node.mountpoint),
                                str(ack_log), str(seed)], stderr=subprocess.PIPE)
