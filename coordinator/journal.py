@@ -54,7 +54,7 @@ def scan(volume: Volume, after_seq: int, min_epoch: int) -> ReplayResult:
     data = volume.read(region.offset, region.length)
     records: list[fmt.JournalRecord] = []
     offset, expected, epoch = 0, after_seq + 1, min_epoch
-    reason, stale = "end of journal", False
+    reason, stale, gap = "end of journal", False, None
     while offset < region.length:
         try:
             record, length = fmt.decode_journal_record(memoryview(data)[offset:])
@@ -63,6 +63,11 @@ def scan(volume: Volume, after_seq: int, min_epoch: int) -> ReplayResult:
             break
         if record.seq != expected:
             stale = True  # a record from before the last checkpoint
+            if record.seq > expected and record.batch_first > expected:
+                # Its batch began after `expected` was durable: that record is lost
+                # (the checkpoint that covered it is gone), not stale.
+                reason = f"record {record.seq} found where {expected} belongs"
+                gap = JournalCorrupt(offset, expected, f"record {record.seq} is in its place")
             break
         if record.epoch < epoch:
             reason = f"record {record.seq} is from stale epoch {record.epoch}"
@@ -71,7 +76,7 @@ def scan(volume: Volume, after_seq: int, min_epoch: int) -> ReplayResult:
         epoch = record.epoch
         offset += length
         expected += 1
-    result = ReplayResult(records, offset, reason)
+    result = ReplayResult(records, offset, reason, gap)
     if not stale:
         result.corrupt = _find_later_batch(data, offset, expected)
     return result

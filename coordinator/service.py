@@ -122,9 +122,20 @@ class MetadataService:
 
     # -- commit machinery ------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _mutation(self):
+        """Hold the metadata lock; checkpoint first when the journal is filling up.
+
+        Other requests may have appended records that are not durable yet, so
+        wait for them before the checkpoint captures the state.
+        """
+        async with self._lock:
+            if self.journal.used_fraction > CHECKPOINT_AT:
+                await self._durable()
+                self.checkpoint()
+            yield
+
     def _append(self, op: dict) -> int:
-        if self.journal.used_fraction > CHECKPOINT_AT:
-            self.checkpoint()
         try:
             seq = self.journal.append(op)
         except JournalFull:
@@ -133,7 +144,7 @@ class MetadataService:
         return seq
 
     async def _commit(self, op: dict) -> None:
-        async with self._lock:
+        async with self._mutation():
             seq = self._append(op)
         await self._durable(seq)
 
@@ -257,7 +268,7 @@ class MetadataService:
     async def op_mknod(self, session: str, parent: int, name: bytes, mode: int, uid: int,
                        gid: int, rdev: int = 0, target: bytes = b"") -> dict:
         self._check_name(name)
-        async with self._lock:
+        async with self._mutation():
             names = self._dir(parent)
             if name in names:
                 raise MetaError(errno.EEXIST)
@@ -276,7 +287,7 @@ class MetadataService:
 
     async def op_link(self, session: str, ino: int, parent: int, name: bytes) -> dict:
         self._check_name(name)
-        async with self._lock:
+        async with self._mutation():
             inode = self._inode(ino)
             if inode.is_dir:
                 raise MetaError(errno.EPERM)
@@ -291,7 +302,7 @@ class MetadataService:
         return attrs
 
     async def op_unlink(self, session: str, parent: int, name: bytes, is_dir: bool) -> None:
-        async with self._lock:
+        async with self._mutation():
             ino = self._dir(parent).get(name)
             if ino is None:
                 raise MetaError(errno.ENOENT)
@@ -319,7 +330,7 @@ class MetadataService:
     async def op_rename(self, session: str, old_parent: int, old_name: bytes, new_parent: int,
                         new_name: bytes, flags: int = 0) -> None:
         self._check_name(new_name)
-        async with self._lock:
+        async with self._mutation():
             op = self._rename_record(old_parent, old_name, new_parent, new_name, flags)
             if op is None:
                 return
@@ -374,7 +385,7 @@ class MetadataService:
             await self._resize(ino, changes["size"])
         fields = {key: changes[key] for key in ("mode", "uid", "gid", "atime_ns", "mtime_ns")
                   if key in changes}
-        async with self._lock:
+        async with self._mutation():
             inode = self._inode(ino)
             seq = None
             if fields or "size" not in changes:
@@ -402,14 +413,14 @@ class MetadataService:
             raise MetaError(errno.ERANGE)
         if len(value) > 64 * 1024:
             raise MetaError(errno.E2BIG)
-        async with self._lock:
+        async with self._mutation():
             self._inode(ino)
             seq = self._append({"op": "setxattr", "ino": ino, "name": name, "value": value,
                                 "t": self._now()})
         await self._durable(seq)
 
     async def op_removexattr(self, session: str, ino: int, name: bytes) -> None:
-        async with self._lock:
+        async with self._mutation():
             if name not in self._inode(ino).xattrs:
                 raise MetaError(errno.ENODATA)
             seq = self._append({"op": "removexattr", "ino": ino, "name": name,
@@ -444,7 +455,7 @@ class MetadataService:
 
     async def op_extend(self, session: str, ino: int, offset: int, end: int) -> dict:
         """Allocate the units under [offset, end) and grow the size to `end` if needed."""
-        async with self._lock:
+        async with self._mutation():
             inode = self._regular(ino)
             growing = end > inode.size
             ahead = self._ahead_units(inode) if growing else 0
@@ -521,7 +532,7 @@ class MetadataService:
                                                reply["version"])
 
     async def _resize(self, ino: int, size: int) -> None:
-        async with self._lock:
+        async with self._mutation():
             inode = self._regular(ino)
             if size >= inode.size:
                 op = {"op": "map", "ino": ino, "size": size, "t": self._now()}
@@ -582,7 +593,7 @@ class MetadataService:
 
     async def _allocate(self, ino: int, offset: int, end: int, keep_size: bool, zero: bool,
                         session: str) -> None:
-        async with self._lock:
+        async with self._mutation():
             inode = self._regular(ino)
             if zero:
                 self._zero_mapped(inode, offset, min(end, inode.size))
@@ -595,7 +606,7 @@ class MetadataService:
         await self._durable(seq)
 
     async def _punch(self, ino: int, offset: int, end: int) -> None:
-        async with self._lock:
+        async with self._mutation():
             inode = self._regular(ino)
             first_whole, end_whole = -(-offset // self.unit), end // self.unit
             drop = [index for index in inode.units if first_whole <= index < end_whole]

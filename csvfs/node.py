@@ -20,7 +20,6 @@ import trio
 from coordinator import recovery
 from coordinator.election import Election, read_lease
 from coordinator.events import EventLog
-from coordinator.journal import JournalCorrupt
 from coordinator.service import MetadataService
 from csvfs import fuse_fallocate
 from csvfs.datapath import DataPath

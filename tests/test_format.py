@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import zlib
 
+import msgpack
 import pytest
 
 from csvfs import format as fmt
-from csvfs.errors import UsageError, VolumeError
+from csvfs.errors import KeyFileError, UsageError, VolumeError, VolumeExistsError
 from csvfs.mkfs import make_volume
 from csvfs.sizes import format_size, parse_size
-from csvfs.volume import Volume
+from csvfs.volume import Volume, default_key_path, read_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -106,9 +108,6 @@ def test_superblock_wrong_version(version):
 
 
 def test_superblock_valid_checksum_but_incomplete_body():
-    import msgpack
-    import zlib
-
     body = msgpack.packb({"uuid": "x", "size": 1}, use_bin_type=True)
     crc = zlib.crc32(struct.pack("<II", fmt.FORMAT_VERSION, len(body)) + body)
     block = struct.pack("<8sIII", fmt.SUPERBLOCK_MAGIC, fmt.FORMAT_VERSION, len(body), crc) + body
@@ -375,6 +374,46 @@ def test_volume_open_other_version(tmp_path):
         handle.write(block)
     with pytest.raises(VolumeError, match="unsupported"):
         Volume.open(image)
+
+
+def test_make_volume_refuses_to_clobber(tmp_path):
+    image, sb = _volume(tmp_path)
+    with pytest.raises(VolumeExistsError, match=sb.uuid):
+        make_volume(image, 64 * M)
+    other = tmp_path / "data"
+    other.write_bytes(b"precious")
+    with pytest.raises(VolumeExistsError, match="not empty"):
+        make_volume(other, 64 * M)
+    assert other.read_bytes() == b"precious"
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert make_volume(empty, 64 * M).size == 64 * M
+    again = make_volume(image, 128 * M, force=True)
+    assert again.uuid != sb.uuid
+    volume = Volume.open(image)
+    try:
+        assert volume.sb == again and volume.sb.size == 128 * M
+    finally:
+        volume.close()
+
+
+def test_make_volume_writes_the_cluster_key(tmp_path):
+    image, _sb = _volume(tmp_path)
+    key_path = default_key_path(image)
+    key = read_key(key_path)
+    assert len(key) == 32
+    volume = Volume.open(image)
+    try:
+        volume.check_key(key)
+        with pytest.raises(KeyFileError):
+            volume.check_key(bytes(32))
+    finally:
+        volume.close()
+    key_path.write_text("not hex")
+    with pytest.raises(KeyFileError):
+        read_key(key_path)
+    with pytest.raises(KeyFileError):
+        read_key(tmp_path / "missing.key")
 
 
 def test_make_volume_errors(tmp_path):
