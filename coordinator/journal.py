@@ -48,8 +48,13 @@ class ReplayResult:
     corrupt: JournalCorrupt | None = None
 
 
-def scan(volume: Volume, after_seq: int, min_epoch: int) -> ReplayResult:
-    """Read the records that follow checkpoint seq `after_seq`, in order."""
+def scan(volume: Volume, after_seq: int, min_epoch: int, gen: int = 0,
+         checkpoint_lost: bool = False) -> ReplayResult:
+    """Read the records of generation `gen` that follow checkpoint seq `after_seq`.
+
+    `checkpoint_lost` says a checkpoint slot is unreadable: then a record of another
+    generation that is newer than expected means that checkpoint's records are gone.
+    """
     region = volume.sb.journal
     data = volume.read(region.offset, region.length)
     records: list[fmt.JournalRecord] = []
@@ -61,9 +66,10 @@ def scan(volume: Volume, after_seq: int, min_epoch: int) -> ReplayResult:
         except fmt.FormatError as exc:
             reason = "end of journal" if _is_blank(data, offset) else f"torn record: {exc}"
             break
-        if record.seq != expected:
+        if record.gen != gen or record.seq != expected:
             stale = True  # a record from before the last checkpoint
-            if record.seq > expected and record.batch_first > expected:
+            same_lineage = record.gen == gen or checkpoint_lost
+            if same_lineage and record.seq > expected and record.batch_first > expected:
                 # Its batch began after `expected` was durable: that record is lost
                 # (the checkpoint that covered it is gone), not stale.
                 reason = f"record {record.seq} found where {expected} belongs"
@@ -107,8 +113,9 @@ def _find_later_batch(data: bytes, bad_offset: int, bad_seq: int) -> JournalCorr
 class Journal:
     """Appends records with group commit. Owned by the coordinator."""
 
-    def __init__(self, volume: Volume, epoch: int, next_seq: int, offset: int):
+    def __init__(self, volume: Volume, epoch: int, next_seq: int, offset: int, gen: int = 0):
         self.volume = volume
+        self.gen = gen
         self.region = volume.sb.journal
         self.epoch = epoch
         self.next_seq = next_seq
@@ -131,7 +138,7 @@ class Journal:
             raise OSError(f"journal is unusable after an I/O error: {self.broken}")
         if not self._pending:
             self._batch_first = self.next_seq
-        record = fmt.JournalRecord(self.epoch, self.next_seq, self._batch_first, op)
+        record = fmt.JournalRecord(self.epoch, self.next_seq, self._batch_first, op, self.gen)
         blob = fmt.encode_journal_record(record)
         if self.offset + self._pending_bytes + len(blob) > self.region.length:
             raise JournalFull("journal is full")
@@ -171,7 +178,8 @@ class Journal:
             self._flushed.set()
             self._flushed = trio.Event()
 
-    def restart_after_checkpoint(self) -> None:
-        """A checkpoint now covers every record: start writing at the head again."""
+    def restart_after_checkpoint(self, gen: int) -> None:
+        """A checkpoint now covers every record: start generation `gen` at the head."""
         assert not self._pending and self.durable_seq == self.next_seq - 1
         self.offset = 0
+        self.gen = gen

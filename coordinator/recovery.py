@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +13,8 @@ from csvfs import format as fmt
 from csvfs.volume import Volume
 
 log = logging.getLogger(__name__)
+
+JOURNAL_GEN = "journal_gen"  # key in the checkpoint image
 
 
 @dataclass
@@ -40,6 +43,10 @@ class Recovered:
         if self.replay.records:
             return self.replay.records[-1].epoch
         return self.checkpoint.epoch if self.checkpoint else 0
+
+    @property
+    def journal_gen(self) -> int:
+        return self.checkpoint.image.get(JOURNAL_GEN, 0) if self.checkpoint else 0
 
     @property
     def next_checkpoint_slot(self) -> int:
@@ -72,7 +79,8 @@ def load(volume: Volume) -> Recovered:
     else:
         state = MetadataState.from_image(newest.image, units)
         after_seq, epoch = newest.seq, newest.epoch
-    replay = journal.scan(volume, after_seq, epoch)
+    gen = newest.image.get(JOURNAL_GEN, 0) if newest else 0
+    replay = journal.scan(volume, after_seq, epoch, gen, checkpoint_lost=bool(problems))
     for record in replay.records:
         state.apply(record.op)
     log.debug("recovered: checkpoint seq %s, %d records replayed (%s)",
@@ -80,9 +88,16 @@ def load(volume: Volume) -> Recovered:
     return Recovered(state, newest, replay, problems)
 
 
-def write_checkpoint(volume: Volume, slot: int, epoch: int, seq: int, state: MetadataState) -> None:
-    """Write a full metadata image to `slot` and make it durable."""
-    blob = fmt.encode_checkpoint(epoch, seq, state.to_image())
+def new_journal_gen() -> int:
+    return secrets.randbits(63)
+
+
+def write_checkpoint(volume: Volume, slot: int, epoch: int, seq: int, state: MetadataState,
+                     gen: int = 0) -> None:
+    """Write a full metadata image to `slot`, opening journal generation `gen`; make it durable."""
+    image = state.to_image()
+    image[JOURNAL_GEN] = gen
+    blob = fmt.encode_checkpoint(epoch, seq, image)
     region = volume.sb.checkpoint_slots()[slot]
     if len(blob) > region.length:
         raise OSError(f"metadata ({len(blob)} bytes) no longer fits a checkpoint slot")

@@ -94,7 +94,8 @@ class MetadataService:
         self.state: MetadataState = recovered.state
         self.epoch = epoch
         self.events = events
-        self.journal = Journal(volume, epoch, recovered.last_seq + 1, recovered.replay.end_offset)
+        self.journal = Journal(volume, epoch, recovered.last_seq + 1, recovered.replay.end_offset,
+                               recovered.journal_gen)
         self._checkpoint_slot = recovered.next_checkpoint_slot
         self._lock = trio.Lock()
         self.sessions: dict[str, NodeSession] = {}
@@ -163,9 +164,11 @@ class MetadataService:
         if self.journal.durable_seq != self.journal.next_seq - 1:
             raise AssertionError("checkpoint with records still pending")
         seq = self.journal.next_seq - 1
-        recovery.write_checkpoint(self.volume, self._checkpoint_slot, self.epoch, seq, self.state)
+        gen = recovery.new_journal_gen()
+        recovery.write_checkpoint(self.volume, self._checkpoint_slot, self.epoch, seq,
+                                  self.state, gen)
         self._checkpoint_slot = 1 - self._checkpoint_slot
-        self.journal.restart_after_checkpoint()
+        self.journal.restart_after_checkpoint(gen)
 
     async def checkpoint_now(self) -> None:
         async with self._lock:

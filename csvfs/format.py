@@ -247,10 +247,14 @@ class JournalRecord:
     seq: int
     batch_first: int  # seq of the first record in the same group commit
     op: dict
+    # Random tag of the journal generation, set at each checkpoint. Replay takes only
+    # records of the current generation, so stale bytes that happen to look like a
+    # record (a file name or xattr value crafted by a user) can never be replayed.
+    gen: int = 0
 
 
 def encode_journal_record(record: JournalRecord) -> bytes:
-    payload = [record.epoch, record.seq, record.batch_first, record.op]
+    payload = [record.epoch, record.seq, record.batch_first, record.gen, record.op]
     return pack_block(JOURNAL_MAGIC, payload, pad_to=SECTOR)
 
 
@@ -258,13 +262,14 @@ def decode_journal_record(buf: bytes | memoryview) -> tuple[JournalRecord, int]:
     """Decode the record at the start of buf; return it and its padded length."""
     payload = unpack_block(buf, JOURNAL_MAGIC)
     try:
-        epoch, seq, batch_first, op = payload
+        epoch, seq, batch_first, gen, op = payload
     except (TypeError, ValueError):
         raise FormatError("journal record has the wrong shape") from None
-    if not isinstance(op, dict) or not all(isinstance(v, int) for v in (epoch, seq, batch_first)):
+    numbers = (epoch, seq, batch_first, gen)
+    if not isinstance(op, dict) or not all(isinstance(v, int) for v in numbers):
         raise FormatError("journal record has the wrong field types")
     padded = _round_up(block_length(buf, JOURNAL_MAGIC), SECTOR)
-    return JournalRecord(epoch, seq, batch_first, op), padded
+    return JournalRecord(epoch, seq, batch_first, op, gen), padded
 
 
 # -- checkpoints -----------------------------------------------------------------------

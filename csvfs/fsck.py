@@ -248,7 +248,8 @@ def _write_repaired(volume: Volume, outcome: Outcome, report: Report) -> None:
     newest_seq = max([c.seq for c in checkpoints] + [recovered.last_seq])
     slot = recovered.next_checkpoint_slot
     epoch = max(recovered.last_epoch, read_lease(volume).epoch)
-    recovery.write_checkpoint(volume, slot, epoch, newest_seq + 1, outcome.state)
+    recovery.write_checkpoint(volume, slot, epoch, newest_seq + 1, outcome.state,
+                              recovery.new_journal_gen())
     volume.zero(volume.sb.journal.offset, volume.sb.journal.length)
     volume.sync()
     report.repairs.append(f"wrote checkpoint seq {newest_seq + 1} and emptied the journal")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 
 import pyfuse3
 
@@ -211,6 +212,10 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode, flags, ctx):
+        if flags & os.O_TRUNC:
+            # libfuse turns on atomic_o_trunc, so the kernel leaves O_TRUNC to us
+            await self._flush_mtime(inode)
+            await self.meta("setattr", ino=inode, changes={"size": 0})
         fh = await self._open_handle(inode)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 

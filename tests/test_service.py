@@ -590,9 +590,9 @@ async def test_checkpoints_alternate_with_many_small_ops(cluster, monkeypatch):
     written = []
     real = service_mod.recovery.write_checkpoint
 
-    def spy(volume, slot, epoch, seq, state):
+    def spy(volume, slot, epoch, seq, state, gen):
         written.append((slot, seq))
-        real(volume, slot, epoch, seq, state)
+        real(volume, slot, epoch, seq, state, gen)
 
     monkeypatch.setattr(service_mod.recovery, "write_checkpoint", spy)
     directory = await cluster.mkdir(b"d")
