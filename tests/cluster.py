@@ -79,10 +79,13 @@ class Node:
                        capture_output=True)
         return self.process.wait(timeout=timeout)
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL, unmount: bool = True) -> None:
+        """Kill the node. With unmount=False the dead mount stays (ENOTCONN) until
+        stop(), so a workload cannot fall through into the bare mountpoint directory."""
         self.process.send_signal(sig)
         self.process.wait(timeout=20)
-        force_unmount(self.mountpoint)
+        if unmount:
+            force_unmount(self.mountpoint)
 
     def stop(self) -> None:
         """Teardown: always leaves no mount and no process behind."""

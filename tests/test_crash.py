@@ -38,13 +38,14 @@ def test_sigkill_during_metadata_storm(tmp_path, image, nodes, seed, checkpoint_
                                str(ack_log), str(seed)], stderr=subprocess.PIPE)
     try:
         time.sleep(random.Random(seed).uniform(0.6, 2.0))
-        node.kill(signal.SIGKILL)
+        node.kill(signal.SIGKILL, unmount=False)
         worker.wait(timeout=30)
     finally:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
         worker.stderr.close()
+        node.stop()
     acked, in_flight = storm.expected_states(ack_log)
     assert len(acked.tree) > 3, "the storm did too little before the kill"
 
