@@ -84,6 +84,12 @@ def read_lease(volume: Volume) -> Lease:
         return Lease.empty()
 
 
+def write_free_lease(volume: Volume, epoch: int = 0) -> None:
+    block = fmt.pack_block(fmt.LEASE_MAGIC, Lease(-1, "", 0, epoch, 0).__dict__,
+                           fmt.LEASE_RECORD_SIZE)
+    volume.write(volume.sb.lease.offset, block)
+
+
 def read_slot(volume: Volume, slot: int) -> dict | None:
     raw = volume.read(fmt.node_slot_offset(volume.sb, slot), fmt.NODE_SLOT_SIZE)
     if raw[:4] != fmt.NODE_MAGIC:
@@ -152,7 +158,7 @@ class Election:
         with self.lease_lock():
             lease = read_lease(self.volume)
             if lease.owner_slot == self.slot and lease.epoch == self.epoch:
-                self._write(Lease(-1, "", 0, self.epoch, 0))
+                write_free_lease(self.volume, self.epoch)
         self.volume.sync()
 
     def write_slot(self, mode: str, address: str = "") -> None:
@@ -169,8 +175,6 @@ class Election:
 
     def _write_lease(self) -> None:
         expiry = time.time_ns() + int(self.lease_seconds * 1e9)
-        self._write(Lease(self.slot, self.name, os.getpid(), self.epoch, expiry))
-
-    def _write(self, lease: Lease) -> None:
+        lease = Lease(self.slot, self.name, os.getpid(), self.epoch, expiry)
         block = fmt.pack_block(fmt.LEASE_MAGIC, lease.__dict__, fmt.LEASE_RECORD_SIZE)
         self.volume.write(self.volume.sb.lease.offset, block)

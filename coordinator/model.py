@@ -63,6 +63,7 @@ class MetadataState:
         self.parents: dict[int, int] = {}  # directory ino -> its parent directory
         self.next_ino = ROOT_INO + 1
         self.allocator = Allocator(data_units)
+        self.damage: list[str] = []  # inconsistencies found while loading a checkpoint
 
     # -- construction ------------------------------------------------------------
 
@@ -89,8 +90,7 @@ class MetadataState:
         for row in image["inodes"]:
             inode = Inode.from_list(row)
             state.inodes[inode.ino] = inode
-            for unit in inode.units.values():
-                state.allocator.mark_used(unit)
+            state._claim_units(inode)
         for ino, names in image["dirs"]:
             state.entries[ino] = dict(names)
             for child in state.entries[ino].values():
@@ -98,6 +98,21 @@ class MetadataState:
                     state.parents[child] = ino
         state.parents[ROOT_INO] = ROOT_INO
         return state
+
+    def _claim_units(self, inode: Inode) -> None:
+        """Mark an inode's units used; a unit outside the data area or already taken
+        is damage: it is dropped from the map (a hole) and reported, never shared."""
+        for file_unit, unit in sorted(inode.units.items()):
+            if not 0 <= unit < self.allocator.units:
+                problem = "lies outside the data area"
+            elif self.allocator.is_used(unit):
+                problem = "is already mapped by another inode"
+            else:
+                self.allocator.mark_used(unit)
+                continue
+            del inode.units[file_unit]
+            self.damage.append(f"inode {inode.ino} maps unit {unit}, which {problem}; "
+                               f"its file unit {file_unit} becomes a hole")
 
     # -- queries ------------------------------------------------------------------
 

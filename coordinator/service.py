@@ -97,6 +97,8 @@ class MetadataService:
         self.journal = Journal(volume, epoch, recovered.last_seq + 1, recovered.replay.end_offset,
                                recovered.journal_gen)
         self._checkpoint_slot = recovered.next_checkpoint_slot
+        self._checkpointed_seq: int | None = None  # seq of the last checkpoint written here
+        self._clean_tails: set[int] = set()  # inodes known to hold only zeros past EOF
         self._lock = trio.Lock()
         self.sessions: dict[str, NodeSession] = {}
         self.open_files: dict[int, Counter[str]] = {}
@@ -164,10 +166,17 @@ class MetadataService:
         if self.journal.durable_seq != self.journal.next_seq - 1:
             raise AssertionError("checkpoint with records still pending")
         seq = self.journal.next_seq - 1
-        gen = recovery.new_journal_gen()
+        if seq == self._checkpointed_seq:
+            # Nothing appended since our last checkpoint: both slots will hold this
+            # (seq, epoch), and recovery cannot tell which is newer. Keep the live
+            # generation (no record of it exists yet), so either one replays what follows.
+            gen = self.journal.gen
+        else:
+            gen = recovery.new_journal_gen()
         recovery.write_checkpoint(self.volume, self._checkpoint_slot, self.epoch, seq,
                                   self.state, gen)
         self._checkpoint_slot = 1 - self._checkpoint_slot
+        self._checkpointed_seq = seq
         self.journal.restart_after_checkpoint(gen)
 
     async def checkpoint_now(self) -> None:
@@ -411,6 +420,23 @@ class MetadataService:
         if mode != inode.mode:
             fields["mode"] = mode
 
+    async def op_kill_setid(self, session: str, ino: int, groups: list[int]) -> None:
+        """A write or O_TRUNC by a caller without CAP_FSETID, whose groups are given.
+
+        Linux drops setuid, and setgid where it marks an executable or the caller is
+        not in the file's group. With direct_io the kernel leaves this to us.
+        """
+        async with self._mutation():
+            inode = self._inode(ino)
+            mode = inode.mode & ~stat.S_ISUID
+            if mode & stat.S_IXGRP or inode.gid not in groups:
+                mode &= ~stat.S_ISGID
+            if mode == inode.mode or not inode.is_reg:
+                return
+            seq = self._append({"op": "setattr", "ino": ino, "mode": mode,
+                                "ctime_ns": self._now()})
+        await self._durable(seq)
+
     async def op_setxattr(self, session: str, ino: int, name: bytes, value: bytes) -> None:
         if len(name) > NAME_MAX:
             raise MetaError(errno.ERANGE)
@@ -518,11 +544,19 @@ class MetadataService:
         return seq
 
     def _zero_tail(self, inode: Inode) -> None:
-        """Bytes past EOF in the last unit may hold data from before a shrink: clear them."""
+        """Bytes past EOF in the last unit may hold data from before a shrink: clear them.
+
+        Once cleared they stay zero (nothing writes past EOF directly), so a growing
+        file pays for this once, not on every extend. After a restart nothing is
+        known clean, and each file clears its tail on its first growth.
+        """
+        if inode.ino in self._clean_tails:
+            return
         within = inode.size % self.unit
         volume_unit = inode.units.get(inode.size // self.unit)
         if within and volume_unit is not None:
             self.volume.zero(self._unit_offset(volume_unit) + within, self.unit - within)
+        self._clean_tails.add(inode.ino)
 
     def _unit_offset(self, volume_unit: int) -> int:
         return self.volume.sb.data.offset + volume_unit * self.unit
@@ -543,6 +577,7 @@ class MetadataService:
             else:
                 keep = -(-size // self.unit)
                 drop = [index for index in inode.units if index >= keep]
+                self._clean_tails.discard(ino)  # the cut unit keeps old bytes past EOF
                 op = {"op": "map", "ino": ino, "size": size, "t": self._now(),
                       "drop": [[index, 1] for index in sorted(drop)]}
                 seq = await self._commit_quiesced(inode, op)

@@ -75,7 +75,7 @@ def cmd_mount(args) -> int:
     config = node.NodeConfig(
         image=args.image.resolve(),
         mountpoint=args.mountpoint.resolve(),
-        key_path=args.key or default_key_path(args.image),
+        key_path=(args.key or default_key_path(args.image)).resolve(),
         name=args.name,
         lease_seconds=args.lease,
     )

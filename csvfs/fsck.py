@@ -128,7 +128,7 @@ def _check_metadata_sources(volume: Volume, report: Report) -> recovery.Recovere
         report.problem(problem)
     checkpoint = recovered.checkpoint
     if checkpoint is None:
-        report.info("no checkpoint yet (fresh volume)")
+        report.info("no checkpoint found: replaying the journal from an empty volume")
     else:
         report.info(f"checkpoint slot {'AB'[checkpoint.slot]}: seq {checkpoint.seq}, "
                     f"epoch {checkpoint.epoch}")
@@ -136,6 +136,8 @@ def _check_metadata_sources(volume: Volume, report: Report) -> recovery.Recovere
     report.info(f"journal: {len(replay.records)} record(s) replayed, ended: {replay.stop_reason}")
     if replay.corrupt is not None:
         report.problem(str(replay.corrupt))
+    for damage in recovered.state.damage:
+        report.problem(damage)
     return recovered
 
 

@@ -22,11 +22,28 @@ log = logging.getLogger(__name__)
 # Short kernel caching: other nodes change metadata behind this kernel's back.
 ENTRY_TIMEOUT = 0.5
 ATTR_TIMEOUT = 0.5
+CAP_FSETID = 4
 
 
 def _io_error(what: str, exc: OSError) -> pyfuse3.FUSEError:
     log.error("%s: I/O error on the image: %s", what, exc)
     return pyfuse3.FUSEError(exc.errno or errno.EIO)
+
+
+def _setid_killer(ctx) -> list[int] | None:
+    """The groups of a caller whose writes drop setuid/setgid; None if it has CAP_FSETID.
+
+    With direct_io the kernel leaves that to the filesystem (FUSE_WRITE_KILL_SUIDGID,
+    which libfuse does not pass on), and only open sees who the caller is.
+    """
+    try:
+        with open(f"/proc/{ctx.pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        capable = int(fields["CapEff"], 16) >> CAP_FSETID & 1
+        groups = [int(fields["Gid"].split()[3]), *map(int, fields["Groups"].split())]
+    except (OSError, KeyError, ValueError, IndexError):  # gone, or in another pid namespace
+        capable, groups = ctx.uid == 0, [ctx.gid]
+    return None if capable else groups
 
 
 def _errors(handler):
@@ -66,6 +83,7 @@ class CsvfsOperations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._files: dict[int, OpenFile] = {}  # fh -> data-path state, regular files only
         self._dir_listings: dict[int, list] = {}
+        self._setid_killers: dict[int, list[int]] = {}  # fh -> groups, until its first write
         self._next_fh = 1
 
     # -- attributes -------------------------------------------------------------------
@@ -205,7 +223,7 @@ class CsvfsOperations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    async def _open_handle(self, ino: int) -> int:
+    async def _open_handle(self, ino: int, setid_killer: list[int] | None) -> int:
         reply = await self.meta("open", ino=ino)
         attrs = reply["attrs"]
         handle = None
@@ -215,22 +233,32 @@ class CsvfsOperations(pyfuse3.Operations):
         self._handles[fh] = _Handle(ino, handle)
         if handle is not None:
             self._files[fh] = handle
+            if setid_killer is not None:
+                self._setid_killers[fh] = setid_killer
         return fh
+
+    @staticmethod
+    def _writer_setid_killer(flags: int, ctx) -> list[int] | None:
+        """_setid_killer for an open that may write or truncate, else None."""
+        return _setid_killer(ctx) if flags & (os.O_ACCMODE | os.O_TRUNC) else None
 
     @_errors
     async def open(self, inode, flags, ctx):
+        killer = self._writer_setid_killer(flags, ctx)
         if flags & os.O_TRUNC:
             # libfuse turns on atomic_o_trunc, so the kernel leaves O_TRUNC to us
             await self._flush_mtime(inode)
             await self.meta("setattr", ino=inode, changes={"size": 0})
-        fh = await self._open_handle(inode)
+            if killer is not None:  # as truncate(2) would; the kernel skips it for us
+                await self.meta("kill_setid", ino=inode, groups=killer)
+        fh = await self._open_handle(inode, killer)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         attrs = await self.meta("mknod", parent=parent_inode, name=name, mode=mode,
                                 uid=ctx.uid, gid=ctx.gid)
-        fh = await self._open_handle(attrs["ino"])
+        fh = await self._open_handle(attrs["ino"], self._writer_setid_killer(flags, ctx))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry(attrs)
 
     # read and write are the hot path: no decorator layer, one dict lookup for the
@@ -254,6 +282,8 @@ class CsvfsOperations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
+            if self._setid_killers and fh in self._setid_killers:  # first write only
+                await self.meta("kill_setid", ino=handle.ino, groups=self._setid_killers.pop(fh))
             if self.data.write_direct(handle, off, buf):
                 return len(buf)
             return await self.data.write(handle, off, buf)
@@ -283,6 +313,7 @@ class CsvfsOperations(pyfuse3.Operations):
     async def release(self, fh):
         handle = self._handles.pop(fh, None)
         self._files.pop(fh, None)
+        self._setid_killers.pop(fh, None)
         if handle is None:
             return
         if handle.file is not None:

@@ -9,6 +9,10 @@ import stat
 import time
 from pathlib import Path
 
+from coordinator import recovery
+from coordinator.election import write_free_lease
+from coordinator.events import EventLog
+from coordinator.model import MetadataState
 from csvfs import format as fmt
 from csvfs.errors import UsageError, VolumeError, VolumeExistsError
 from csvfs.volume import Volume, default_key_path
@@ -35,10 +39,22 @@ def make_volume(image: str | os.PathLike, size: int, unit_size: int = fmt.DEFAUL
             for region in (sb.lease, sb.events, sb.journal, sb.checkpoint_a, sb.checkpoint_b):
                 volume.zero(region.offset, region.length)
         _write_key(key_path, key)
+        _write_initial_metadata(volume)
         volume.write_superblocks()  # last: until now the image is not a volume
     finally:
         volume.close()
     return sb
+
+
+def _write_initial_metadata(volume: Volume) -> None:
+    """A checkpoint holding just the root, a free lease, and the first event."""
+    sb = volume.sb
+    state = MetadataState.fresh(sb.data_units, sb.created_ns)
+    # Generation 0 is safe here: the journal is all zeros until its first restart.
+    recovery.write_checkpoint(volume, 0, 0, 0, state, gen=0)
+    write_free_lease(volume)
+    EventLog(volume, "mkfs").emit("mkfs", f"created volume {sb.uuid}: {sb.size} bytes, "
+                                  f"{sb.data_units} units of {sb.unit_size}")
 
 
 def _refuse_to_clobber(image: Path, force: bool) -> bool:

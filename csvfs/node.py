@@ -101,6 +101,10 @@ class Node:
         except (ValueError, KeyError, TypeError) as exc:
             raise VolumeError(f"{self.config.image}: metadata does not load ({exc}); "
                               "run csvfs fsck") from None
+        if recovered.state.damage:
+            raise VolumeError(f"{self.config.image}: metadata is inconsistent "
+                              f"({recovered.state.damage[0]}); "
+                              f"run 'csvfs fsck --repair {self.config.image}'")
         if recovered.replay.corrupt is not None:
             raise VolumeError(f"{self.config.image}: {recovered.replay.corrupt}; "
                               f"run 'csvfs fsck --repair {self.config.image}'")
@@ -223,6 +227,7 @@ class _ReadyReporter:
     def ready(self) -> None:
         self._send("ok 0 ready")
         _detach_stdio()
+        os.chdir("/")  # like any daemon: do not keep the caller's directory busy
 
     def fail(self, code: int, message: str) -> None:
         self._send(f"err {code} {message}")

@@ -216,3 +216,41 @@ class _open:
 
     def __exit__(self, *exc):
         self.volume.close()
+
+
+def test_unit_mapped_twice_is_refused_then_repaired(small_image, tmp_path, nodes):
+    node = nodes.start(small_image)
+    first, second = os.urandom(2 << 20), os.urandom(1 << 20)
+    node.path("first").write_bytes(first)
+    node.path("second").write_bytes(second)
+    node.unmount()
+    _map_second_onto_first(small_image)
+
+    mountpoint = tmp_path / "mnt-check"
+    mountpoint.mkdir()
+    refused_without_write(small_image, mountpoint, BAD_VOLUME, "inconsistent", "fsck")
+    report = csvfs("fsck", small_image, check=False)
+    assert report.returncode == 4 and "already mapped by another inode" in report.stdout
+    assert csvfs("fsck", "--repair", small_image, check=False).returncode == 1
+    assert csvfs("fsck", small_image, check=False).returncode == 0
+    survivor = nodes.start(small_image, "after-repair")
+    assert survivor.path("first").read_bytes() == first  # the owner keeps its data
+    assert survivor.path("second").read_bytes() == bytes(1 << 20)  # the intruder gets a hole
+
+
+def _map_second_onto_first(image):
+    """Rewrite the newest checkpoint so that `second` claims one of `first`'s units."""
+    from coordinator import recovery
+
+    volume = Volume.open(image, writable=True)
+    try:
+        newest = max(recovery.read_checkpoints(volume)[0], key=lambda c: (c.seq, c.epoch))
+        rows = {row[0]: row for row in newest.image["inodes"]}
+        names = dict(next(names for ino, names in newest.image["dirs"] if ino == 1))
+        first_runs = rows[names[b"first"]][-1]
+        rows[names[b"second"]][-1] = [[0, first_runs[0][1], 1]]
+        blob = fmt.encode_checkpoint(newest.epoch, newest.seq, newest.image)
+        volume.write(volume.sb.checkpoint_slots()[newest.slot].offset, blob)
+        volume.sync()
+    finally:
+        volume.close()

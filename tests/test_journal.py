@@ -444,12 +444,20 @@ def _reload(image) -> recovery.Recovered:
 
 
 async def test_load_empty_volume(image):
+    """mkfs leaves checkpoint A at seq 0, epoch 0, generation 0, holding just the root."""
     recovered = _reload(image)
-    assert recovered.checkpoint is None
+    checkpoint = recovered.checkpoint
+    assert (checkpoint.slot, checkpoint.seq, checkpoint.epoch) == (0, 0, 0)
+    assert recovered.journal_gen == 0 and recovered.checkpoint_problems == []
     assert recovered.replay.records == [] and recovered.replay.corrupt is None
     assert recovered.last_seq == 0 and recovered.last_epoch == 0
-    assert recovered.next_checkpoint_slot == 0
+    assert recovered.next_checkpoint_slot == 1
     assert list(recovered.state.inodes) == [ROOT_INO]
+    assert recovered.state.entries == {ROOT_INO: {}}
+    volume = Volume.open(image)
+    volume.close()
+    fresh = MetadataState.fresh(volume.sb.data_units, volume.sb.created_ns)
+    assert recovered.state.to_image() == fresh.to_image()
 
 
 async def test_checkpoint_plus_replay_equals_applying_every_record(image):
@@ -461,7 +469,7 @@ async def test_checkpoint_plus_replay_equals_applying_every_record(image):
     volume.close()
 
     recovered = _reload(image)
-    assert recovered.checkpoint is not None and recovered.checkpoint.slot == 0
+    assert (recovered.checkpoint.slot, recovered.checkpoint.epoch) == (1, 1)  # A holds mkfs's
     assert recovered.replay.records  # some state came from the journal
     assert recovered.checkpoint.seq + len(recovered.replay.records) == len(ops)
     state = MetadataState.fresh(volume.sb.data_units, volume.sb.created_ns)
@@ -472,40 +480,65 @@ async def test_checkpoint_plus_replay_equals_applying_every_record(image):
 
 
 async def test_corrupt_newest_checkpoint_falls_back_to_the_older_one(image):
-    """A crash while writing checkpoint B: A plus the journal still hold everything."""
+    """A crash while writing checkpoint A: B plus the journal still hold everything."""
     volume, _recovered, service = _open_service(image)
     await _workload(service, "a")
-    await service.checkpoint_now()  # slot A
+    await service.checkpoint_now()  # slot B (mkfs wrote A)
     first_seq = service.journal.next_seq - 1
     await _workload(service, "b")
     expected = service.state.to_image()
     last_seq = service.journal.next_seq - 1
     # what service.checkpoint() does first, torn half way through
     blob = fmt.encode_checkpoint(1, last_seq, service.state.to_image())
-    volume.write(volume.sb.checkpoint_b.offset, blob[: len(blob) // 2])
+    volume.write(volume.sb.checkpoint_a.offset, blob[: len(blob) // 2])
     volume.sync()
     volume.close()
 
     recovered = _reload(image)
-    assert recovered.checkpoint.slot == 0 and recovered.checkpoint.seq == first_seq
+    assert recovered.checkpoint.slot == 1 and recovered.checkpoint.seq == first_seq
     assert len(recovered.checkpoint_problems) == 1
-    assert "checkpoint slot B is unusable" in recovered.checkpoint_problems[0]
+    assert "checkpoint slot A is unusable" in recovered.checkpoint_problems[0]
     assert [r.seq for r in recovered.replay.records] == list(range(first_seq + 1, last_seq + 1))
     assert recovered.state.to_image() == expected
-    assert recovered.next_checkpoint_slot == 1  # the bad slot is the one to overwrite
+    assert recovered.next_checkpoint_slot == 0  # the bad slot is the one to overwrite
 
 
 async def test_corrupt_checkpoint_byte_is_reported(image):
     volume, _recovered, service = _open_service(image)
     await _workload(service, "a", count=5)
-    await service.checkpoint_now()  # A
-    await service.checkpoint_now()  # B, same seq
-    volume.write(volume.sb.checkpoint_b.offset + 100, b"\xff")
+    await service.checkpoint_now()  # B
+    await service.checkpoint_now()  # A, same seq
+    volume.write(volume.sb.checkpoint_a.offset + 100, b"\xff")
     volume.close()
     recovered = _reload(image)
-    assert recovered.checkpoint.slot == 0
-    assert any("slot B" in problem for problem in recovered.checkpoint_problems)
+    assert recovered.checkpoint.slot == 1
+    assert any("slot A" in problem for problem in recovered.checkpoint_problems)
     assert recovered.state.to_image() == service.state.to_image()
+
+
+@pytest.mark.parametrize("earlier", [0, 1])
+async def test_back_to_back_checkpoints_then_more_records(image, earlier):
+    """Two checkpoints with no record between them hold the same (seq, epoch) in both
+    slots; whichever one recovery takes, it must replay the records that follow. With
+    `earlier` checkpoints before the pair, the later one of it lands in A, then in B."""
+    volume, _recovered, service = _open_service(image)
+    for index in range(earlier):
+        await _workload(service, f"x{index}", count=3)
+        await service.checkpoint_now()
+    await _workload(service, "a", count=5)
+    await service.checkpoint_now()
+    await service.checkpoint_now()
+    pair_seq = service.journal.next_seq - 1
+    await _workload(service, "b", count=5)
+    expected = service.state.to_image()
+    last_seq = service.journal.next_seq - 1
+    checkpoints, problems = recovery.read_checkpoints(volume)
+    volume.close()
+    assert problems == [] and [(c.seq, c.epoch) for c in checkpoints] == [(pair_seq, 1)] * 2
+    recovered = _reload(image)
+    assert recovered.replay.corrupt is None
+    assert [r.seq for r in recovered.replay.records] == list(range(pair_seq + 1, last_seq + 1))
+    assert recovered.state.to_image() == expected
 
 
 async def test_newest_checkpoint_wins(image):
@@ -526,25 +559,25 @@ async def test_newest_checkpoint_wins(image):
 async def test_checkpoint_then_more_ops_then_reload(image):
     volume, _recovered, service = _open_service(image)
     await _workload(service, "a")
-    await service.checkpoint_now()
+    await service.checkpoint_now()  # the first one goes to slot B: mkfs wrote A
     await _workload(service, "b")
-    await service.checkpoint_now()  # the second one goes to slot B
+    await service.checkpoint_now()  # the second one goes to slot A
     await _workload(service, "c")
     expected = service.state.to_image()
     volume.close()
 
     volume, recovered, service = _open_service(image, epoch=2)
-    assert recovered.checkpoint.slot == 1
+    assert recovered.checkpoint.slot == 0
     assert recovered.state.to_image() == expected
     # the next coordinator goes on from where replay stopped, and the result reloads too
     await _workload(service, "d", count=5)
     await service.checkpoint_now()
-    assert service._checkpoint_slot == 1  # A was used, B is next
+    assert service._checkpoint_slot == 0  # B was used, A is next
     await _workload(service, "e", count=5)
     expected = service.state.to_image()
     volume.close()
     recovered = _reload(image)
-    assert recovered.checkpoint.slot == 0
+    assert recovered.checkpoint.slot == 1
     assert recovered.state.to_image() == expected
     assert {record.epoch for record in recovered.replay.records} == {2}
 
@@ -588,19 +621,19 @@ async def test_journal_corruption_reaches_recovery(image):
 
 
 async def test_lost_newest_checkpoint_after_the_journal_restarted_is_reported(image):
-    """Checkpoint B went bad after the journal restarted behind it: the records
-    between A and B are gone, so replay must not quietly hand back A's state."""
+    """Checkpoint A went bad after the journal restarted behind it: the records
+    between B and A are gone, so replay must not quietly hand back B's state."""
     volume, _recovered, service = _open_service(image)
     await _workload(service, "a", count=5)
-    await service.checkpoint_now()  # A
+    await service.checkpoint_now()  # B (mkfs wrote A)
     first_seq = service.journal.next_seq - 1
     await _workload(service, "b", count=5)
-    await service.checkpoint_now()  # B; the journal starts again at its head
+    await service.checkpoint_now()  # A; the journal starts again at its head
     await _workload(service, "c", count=5)
-    volume.write(volume.sb.checkpoint_b.offset + 100, b"\xff")
+    volume.write(volume.sb.checkpoint_a.offset + 100, b"\xff")
     volume.close()
     recovered = _reload(image)
-    assert recovered.checkpoint.seq == first_seq
+    assert recovered.checkpoint.slot == 1 and recovered.checkpoint.seq == first_seq
     assert recovered.checkpoint_problems
     assert recovered.replay.records == []
     assert isinstance(recovered.replay.corrupt, JournalCorrupt)

@@ -109,6 +109,12 @@ def _write_file(path, text: str) -> None:
         handle.write(text)
 
 
+def _overwrite(path, text: str) -> None:
+    """Write at the start without O_TRUNC."""
+    with open(path, "r+") as handle:
+        handle.write(text)
+
+
 def _create(path) -> None:
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
 
@@ -117,8 +123,8 @@ def _utime_ns(path, atime: int, mtime: int) -> None:
     os.utime(path, ns=(atime, mtime))
 
 
-_USER_CALLS = {"read": _read_file, "write": _write_file, "create": _create,
-               "utime_ns": _utime_ns}
+_USER_CALLS = {"read": _read_file, "write": _write_file, "overwrite": _overwrite,
+               "create": _create, "utime_ns": _utime_ns}
 
 
 def _child(uid: int, directory, calls, fd: int) -> None:
@@ -872,6 +878,36 @@ def test_chown_clears_setuid(mount):
     os.chmod(mount.path("dir"), 0o2755)
     os.chown(mount.path("dir"), 1000, 1000)
     assert stat.S_IMODE(os.stat(mount.path("dir")).st_mode) == 0o2755
+
+
+def test_write_without_cap_fsetid_drops_setid_bits(mount):
+    """Linux drops setuid, and setgid with group exec or from a non-member, on write
+    or O_TRUNC by a caller without CAP_FSETID. With direct_io that is the fs's job."""
+    files = {  # name: (mode, gid, mode after USER_A writes)
+        "suid": (0o4777, 0, 0o777),
+        "sgid": (0o2777, 0, 0o777),
+        "both": (0o6777, 0, 0o777),
+        "sgid_member": (0o2666, USER_A, 0o2666),  # no group exec, and USER_A is in it
+        "sgid_other": (0o2666, 0, 0o666),
+        "truncated": (0o6777, 0, 0o777),
+        "only_read": (0o6777, 0, 0o6777),
+        "by_root": (0o6777, 0, 0o6777),
+    }
+    for name, (mode, gid, _) in files.items():
+        write_file(mount.path(name), b"old")
+        os.chown(mount.path(name), 0, gid)
+        os.chmod(mount.path(name), mode)
+    assert as_user(mount, USER_A,
+                   *[("overwrite", name, "new") for name in ("suid", "sgid", "both",
+                                                              "sgid_member", "sgid_other")],
+                   ("write", "truncated", ""),  # O_TRUNC and no write
+                   ("read", "only_read"),
+                   ) == ["ok"] * 7
+    write_file(mount.path("by_root"), b"new")
+    for name, (_, _, after) in files.items():
+        assert stat.S_IMODE(os.stat(mount.path(name)).st_mode) == after, name
+    assert mount.path("suid").read_bytes() == b"new"
+    assert mount.path("truncated").read_bytes() == b""
 
 
 # -- 10. xattrs ------------------------------------------------------------------------------------

@@ -546,12 +546,16 @@ async def test_every_op_survives_checkpoint_and_reload(cluster):
     await _every_kind_of_op(cluster)
     expected = cluster.service.state.to_image()
     used = cluster.service.state.allocator.used_units()
-    cluster.restart()  # journal only
-    assert cluster.recovered.checkpoint is None
+    cluster.restart()  # journal only, on top of mkfs's root-only checkpoint
+    checkpoint = cluster.recovered.checkpoint
+    assert (checkpoint.slot, checkpoint.seq, checkpoint.epoch) == (0, 0, 0)
+    records = cluster.recovered.replay.records
+    assert records and [record.seq for record in records] == list(range(1, len(records) + 1))
     assert cluster.service.state.to_image() == expected
     await cluster.service.checkpoint_now()
     cluster.restart()  # checkpoint only
-    assert cluster.recovered.checkpoint is not None
+    checkpoint = cluster.recovered.checkpoint
+    assert (checkpoint.slot, checkpoint.seq, checkpoint.epoch) == (1, len(records), 2)
     assert cluster.recovered.replay.records == []
     assert cluster.service.state.to_image() == expected
     assert cluster.service.state.allocator.used_units() == used
@@ -578,7 +582,7 @@ async def test_checkpoint_when_the_journal_fills(cluster):
     assert cluster.service._checkpoint_slot in (0, 1)
     expected = cluster.service.state.to_image()
     cluster.restart()
-    assert cluster.recovered.checkpoint is not None
+    assert cluster.recovered.checkpoint.epoch == 1  # one of the service's, not mkfs's
     assert cluster.recovered.replay.corrupt is None
     assert cluster.service.state.to_image() == expected
     xattr = await cluster.call("getxattr", ino=file["ino"], name=b"user.2")
@@ -602,7 +606,8 @@ async def test_checkpoints_alternate_with_many_small_ops(cluster, monkeypatch):
             await cluster.call("unlink", parent=directory["ino"], name=b"%04d" % (index - 1),
                                is_dir=False)
     assert len(written) >= 5
-    assert [slot for slot, _ in written] == [index % 2 for index in range(len(written))]
+    # mkfs wrote A, so the service starts with B
+    assert [slot for slot, _ in written] == [1 - index % 2 for index in range(len(written))]
     assert [seq for _, seq in written] == sorted(seq for _, seq in written)
     expected = cluster.service.state.to_image()
     cluster.restart()
@@ -669,7 +674,7 @@ async def test_concurrent_requests_across_the_checkpoint_threshold(cluster, monk
     assert len(await cluster.names()) == 200
     expected = cluster.service.state.to_image()
     cluster.restart()
-    assert cluster.recovered.checkpoint is not None
+    assert cluster.recovered.checkpoint.epoch == 1  # one of the service's, not mkfs's
     assert cluster.service.state.to_image() == expected
 
 

@@ -1,9 +1,13 @@
+import json
 import os
 
 import pytest
 
+from tests.cluster import csvfs
 
-@pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(60)
+
+
 def test_write_read_remount(mount, nodes):
     path = mount.path("hello")
     with open(path, "wb") as handle:
@@ -13,3 +17,29 @@ def test_write_read_remount(mount, nodes):
     assert mount.unmount() == 0
     again = nodes.start(mount.image, "node2")
     assert again.path("hello").read_bytes() == b"hello world"
+
+
+def test_clean_unmount_leaves_a_checkpoint_and_an_empty_journal(mount):
+    for index in range(20):
+        (mount.path(f"f{index}")).write_bytes(b"x" * index)
+    assert mount.unmount() == 0
+    report = csvfs("fsck", mount.image)
+    assert "volume is clean" in report.stdout
+    assert "journal: 0 record(s) replayed" in report.stdout
+    assert "namespace: 21 inodes" in report.stdout
+
+
+def test_fresh_volume_is_clean_and_logs_its_creation(image):
+    report = csvfs("fsck", image)
+    assert "volume is clean" in report.stdout
+    events = [json.loads(line) for line in csvfs("events", image, "--json").stdout.splitlines()]
+    assert [event["kind"] for event in events] == ["mkfs"]
+
+
+def test_event_ring_records_election_mount_and_unmount(mount):
+    mount.unmount()
+    kinds = [json.loads(line)["kind"]
+             for line in csvfs("events", mount.image, "--json").stdout.splitlines()]
+    assert kinds == ["mkfs", "election", "mount", "unmount"]
+    text = csvfs("events", mount.image).stdout
+    assert "became coordinator, epoch 1" in text
