@@ -1,7 +1,8 @@
 """FUSE operations: translate kernel requests into coordinator calls and data-path I/O.
 
-Every handler runs under `_errors`, because any exception other than
-FUSEError would kill the mount. Metadata goes to the coordinator through
+Every handler runs under `_errors` (read and write inline the same guard, to
+keep the hot path short), because any exception other than FUSEError would
+kill the mount. Metadata goes to the coordinator through
 `meta(method, **args)`; file data goes through the DataPath.
 """
 
