@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -127,6 +128,9 @@ class Journal:
         self._flushing = False
         self._flushed = trio.Event()
         self.broken: BaseException | None = None
+        # Asked right before every write: False once the coordinator may no longer
+        # commit (its lease lapsed), so a stale coordinator never writes a record.
+        self.may_write: Callable[[], bool] = lambda: True
 
     @property
     def used_fraction(self) -> float:
@@ -165,6 +169,8 @@ class Journal:
         batch, last = b"".join(self._pending), self.next_seq - 1
         self._pending, self._pending_bytes = [], 0
         try:
+            if not self.may_write():
+                raise OSError("the coordinator lease has lapsed; not committing")
             self.volume.write(self.region.offset + self.offset, batch)
             await trio.to_thread.run_sync(os.fdatasync, self.volume.fd)
         except OSError as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import stat
 import time
@@ -103,6 +104,12 @@ class MetadataService:
         self.sessions: dict[str, NodeSession] = {}
         self.open_files: dict[int, Counter[str]] = {}
         self.fenced = False
+        # Trio clock time until which the lease is surely ours; the node moves it on
+        # at every renewal. Unbounded until a node says otherwise (in-process tests).
+        self.lease_deadline = math.inf
+        self.journal.may_write = self._lease_held
+        self.on_fenced: list = []  # callbacks, e.g. the node's data path
+        self.renew_lease = None  # the node's way to renew at once: () -> bool (still ours)
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -114,6 +121,29 @@ class MetadataService:
             raise MetaError(errno.EIO, "this coordinator lost its lease")
         return await handler(session, **args)
 
+    def _lease_held(self) -> bool:
+        """May we write a record now? After a stall, renew first: if nobody took the
+        lease meanwhile, go on; if another node holds it, we are stale and stop."""
+        if self.fenced:
+            return False
+        if trio.current_time() < self.lease_deadline:
+            return True
+        if self.renew_lease is not None and self.renew_lease():
+            return True
+        self.fence("the coordinator lease lapsed and another node may hold it")
+        return False
+
+    def fence(self, reason: str) -> None:
+        """Stop for good: no more commits, and every node's I/O is cut."""
+        if self.fenced:
+            return
+        self.fenced = True
+        # Only the coordinator writes the event ring, and we no longer are one:
+        # the node that took over records the takeover there instead.
+        log.error("fenced: %s", reason)
+        for callback in self.on_fenced:
+            callback()
+
     def register(self, session: NodeSession) -> None:
         self.sessions[session.name] = session
 
@@ -122,6 +152,9 @@ class MetadataService:
         for ino in self.state.orphans():
             await self._commit({"op": "reclaim", "ino": ino})
             self.events.emit("reclaim", f"reclaimed orphaned inode {ino} left by a crash")
+        # A new journal generation for this epoch: records a stale coordinator might
+        # still write under the old generation can then never be replayed.
+        await self.checkpoint_now()
 
     # -- commit machinery ------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ count in-flight requests instead.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -52,10 +53,12 @@ class DataPath:
         self.unit = unit_size
         self.meta = meta
         self.files: dict[int, OpenFile] = {}
+        self.fenced = False  # the session is cut: no I/O at all until a remount
 
     # -- open files ------------------------------------------------------------------
 
     def opened(self, ino: int, size: int, runs: list, version: int) -> OpenFile:
+        self._check_fenced()
         handle = self.files.get(ino)
         if handle is None:
             handle = self.files[ino] = OpenFile(ino, size, from_runs(runs), version)
@@ -82,7 +85,7 @@ class DataPath:
 
     def resume(self, ino: int) -> None:
         handle = self.files.get(ino)
-        if handle is not None and handle.paused:
+        if handle is not None and handle.paused and not self.fenced:
             handle.paused = False
             handle.resumed.set()
 
@@ -114,8 +117,20 @@ class DataPath:
 
     async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
         while (data := self.read_direct(handle, offset, length)) is None:
+            self._check_fenced()
             await handle.resumed.wait()
         return data
+
+    def fence(self) -> None:
+        """Cut this node off: pause every file for good and fail what waits."""
+        self.fenced = True
+        for handle in self.files.values():
+            handle.paused = True
+            handle.resumed.set()  # wake waiters so they see the fence
+
+    def _check_fenced(self) -> None:
+        if self.fenced:
+            raise OSError(errno.EIO, "this node was fenced off the volume")
 
     def _read_pieces(self, handle: OpenFile, offset: int, end: int):
         unit = self.unit
@@ -147,6 +162,7 @@ class DataPath:
     async def write(self, handle: OpenFile, offset: int, data: bytes) -> int:
         end = offset + len(data)
         while not self.write_direct(handle, offset, data):
+            self._check_fenced()
             if handle.paused:
                 await handle.resumed.wait()
                 continue

@@ -90,6 +90,10 @@ class Node:
             epoch = election.take(lease, recovered.last_epoch)
         self.events = EventLog(volume, self.config.name)
         self.events.emit("election", f"{self.config.name} became coordinator, epoch {epoch}")
+        if lease.owner_slot >= 0:
+            self.events.emit("takeover", f"took over from {lease.owner_name} (pid "
+                             f"{lease.owner_pid}, epoch {lease.epoch}): its lease had lapsed",
+                             level="warning")
         if volume.used_copy:
             self.events.emit("superblock", "primary superblock unusable; running on its copy "
                              "(csvfs fsck --repair restores it)", level="warning")
@@ -124,6 +128,9 @@ class Node:
         sb = self.volume.sb
         datapath = DataPath(name, self.volume.fd, sb.data.offset, sb.unit_size, meta)
         service.register(datapath)
+        service.on_fenced.append(datapath.fence)
+        service.lease_deadline = trio.current_time() + self._lease_margin()
+        service.renew_lease = self._renew_now
         await service.start()
         operations = CsvfsOperations(datapath, meta)
         fuse_fallocate.set_handler(operations.fallocate)
@@ -146,12 +153,27 @@ class Node:
             await self._shut_down()
 
     async def _renew_lease(self) -> None:
-        while True:
+        """Renew several times per lease period; stop committing before the lease can lapse."""
+        while not self.service.fenced:
             await trio.sleep(self.config.lease_seconds / 3)
-            if not self.election.renew():
-                self.service.fenced = True
-                log.error("lost the coordinator lease; refusing further metadata changes")
-                return
+            try:
+                still_ours = self._renew_now()
+            except OSError as exc:
+                log.warning("cannot renew the coordinator lease: %s", exc)
+                continue  # commits stop by themselves once the deadline passes
+            if not still_ours:
+                self.service.fence("another node holds the coordinator lease now")
+
+    def _renew_now(self) -> bool:
+        """Renew the lease; on success move the commit deadline on."""
+        if not self.election.renew():
+            return False
+        self.service.lease_deadline = trio.current_time() + self._lease_margin()
+        return True
+
+    def _lease_margin(self) -> float:
+        """Commit only while well inside the lease, so a stall cannot outlive it."""
+        return self.config.lease_seconds * 0.8
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -163,8 +185,10 @@ class Node:
     async def _shut_down(self) -> None:
         """Clean unmount: a checkpoint makes the next mount fast, then give up the lease."""
         try:
-            if not self.service.fenced:
-                await self.service.checkpoint_now()
+            if self.service.fenced:
+                log.warning("unmounting a fenced node: the volume belongs to another now")
+                return  # write nothing at all: not a checkpoint, not an event, not the lease
+            await self.service.checkpoint_now()
             self.events.emit("unmount", f"{self.config.name} unmounted cleanly")
             self.election.release()
         except OSError as exc:

@@ -89,6 +89,8 @@ class Node:
 
     def stop(self) -> None:
         """Teardown: always leaves no mount and no process behind."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a test may have left it stopped
         if is_mounted(self.mountpoint):
             force_unmount(self.mountpoint)
         if self.process is not None and self.process.poll() is None:
