@@ -413,10 +413,23 @@ def format_cell(result: Result | None, show_iops: bool) -> str:
     return f"{result.mib_s:.1f} ({iops} IOPS)"
 
 
-def format_ratio(a: Result | None, b: Result | None) -> str:
-    if a is None or b is None or b.mib_s == 0:
-        return "n/a"
-    return f"{a.mib_s / b.mib_s:.2f}"
+def paired_ratio(a: Samples | None, b: Samples | None) -> float | None:
+    """Median of the per-round ratios a/b.
+
+    Each round runs both targets back to back, so pairing them cancels the slow
+    drift of a noisy machine better than a ratio of two medians would.
+    """
+    if a is None or b is None or not a.results or not b.results:
+        return None
+    if len(a.results) != len(b.results):  # a round failed: fall back to the medians
+        a_med, b_med = a.median(), b.median()
+        return a_med.mib_s / b_med.mib_s if b_med.mib_s else None
+    ratios = [x.mib_s / y.mib_s for x, y in zip(a.results, b.results, strict=True) if y.mib_s]
+    return statistics.median(ratios) if ratios else None
+
+
+def format_ratio(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}"
 
 
 def build_table(samples: dict[tuple[str, str], Samples]) -> str:
@@ -426,15 +439,13 @@ def build_table(samples: dict[tuple[str, str], Samples]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for workload in WORKLOADS:
-        med = {}
-        for name in TARGETS:
-            cell = samples.get((name, workload.name))
-            med[name] = cell.median() if cell else None
-        cells = [format_cell(med[name], workload.show_iops) for name in TARGETS]
+        cell = {name: samples.get((name, workload.name)) for name in TARGETS}
+        cells = [format_cell(cell[name].median() if cell[name] else None, workload.show_iops)
+                 for name in TARGETS]
         ratios = [
-            format_ratio(med["csvfs"], med["passthrough"]),
-            format_ratio(med["csvfs"], med["raw"]),
-            format_ratio(med["passthrough"], med["raw"]),
+            format_ratio(paired_ratio(cell["csvfs"], cell["passthrough"])),
+            format_ratio(paired_ratio(cell["csvfs"], cell["raw"])),
+            format_ratio(paired_ratio(cell["passthrough"], cell["raw"])),
         ]
         rows.append(f"| {workload.name} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(rows)
@@ -451,7 +462,8 @@ def describe_run(args, scratch_parent: str) -> str:
         f"{os.cpu_count()} CPUs, {fio_version}\n\n"
         f"fio ioengine=psync direct=0 invalidate=0, one {args.size_mib} MiB file per target "
         f"written once up front, {args.runtime} s per job, median of {args.repeat} "
-        f"(targets interleaved), scratch in {scratch_parent}. "
+        f"(targets interleaved; ratios are medians of the per-round ratios), "
+        f"scratch in {scratch_parent}. "
         f"4 KiB cells show MiB/s (IOPS)."
     )
 
