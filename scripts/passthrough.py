@@ -144,6 +144,16 @@ class PassthroughFS(pyfuse3.Operations):
             # inode the kernel may still hold for the deleted one.
             self.by_key.pop((st.st_dev, st.st_ino), None)
 
+    @forward_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        """Plain rename of files, enough for the metadata-latency baseline."""
+        if flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        old, new = (self.child_path(parent_inode_old, name_old),
+                    self.child_path(parent_inode_new, name_new))
+        os.rename(old, new)
+        self.entry(new, count=False)  # the moved inode now lives at the new path
+
     # --- files --------------------------------------------------------------------------
 
     @forward_errors
