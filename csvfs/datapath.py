@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -54,6 +55,13 @@ class DataPath:
         self.meta = meta
         self.files: dict[int, OpenFile] = {}
         self.fenced = False  # the session is cut: no I/O at all until a remount
+        # Direct I/O is allowed until this time.monotonic() deadline, which the node moves
+        # on while its session (today: the coordinator lease) is valid. Past it, the slow
+        # path asks `revalidate` first, so a node that was stalled cannot write a single
+        # byte before it knows it still owns the volume. `revalidate` returns the new
+        # deadline, or None when the session is gone.
+        self.valid_until = math.inf
+        self.revalidate: Callable[[], float | None] = lambda: math.inf
 
     # -- open files ------------------------------------------------------------------
 
@@ -101,7 +109,7 @@ class DataPath:
 
     def read_direct(self, handle: OpenFile, offset: int, length: int) -> bytes | None:
         """The fast path: the whole request, or None if the file is paused."""
-        if handle.paused:
+        if handle.paused or time.monotonic() > self.valid_until:
             return None
         end = min(offset + length, handle.size)
         if offset >= end:
@@ -117,9 +125,21 @@ class DataPath:
 
     async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
         while (data := self.read_direct(handle, offset, length)) is None:
-            self._check_fenced()
-            await handle.resumed.wait()
+            if not self._ensure_valid() and handle.paused:
+                await handle.resumed.wait()
         return data
+
+    def _ensure_valid(self) -> bool:
+        """Raise EIO if fenced; revalidate an expired session. True if it had to."""
+        self._check_fenced()
+        if time.monotonic() <= self.valid_until:
+            return False
+        deadline = self.revalidate()
+        if deadline is None or deadline <= time.monotonic():
+            self.fence()
+            self._check_fenced()
+        self.valid_until = deadline
+        return True
 
     def fence(self) -> None:
         """Cut this node off: pause every file for good and fail what waits."""
@@ -154,6 +174,8 @@ class DataPath:
         """The fast path: write inside size and allocated units, or return False."""
         if handle.paused or offset + len(data) > handle.size:
             return False
+        if time.monotonic() > self.valid_until:
+            return False
         if not self._write_direct(handle, offset, data):
             return False
         handle.dirty_mtime = time.time_ns()
@@ -162,7 +184,8 @@ class DataPath:
     async def write(self, handle: OpenFile, offset: int, data: bytes) -> int:
         end = offset + len(data)
         while not self.write_direct(handle, offset, data):
-            self._check_fenced()
+            if self._ensure_valid():
+                continue
             if handle.paused:
                 await handle.resumed.wait()
                 continue

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class Node:
         self.election: Election | None = None
         self.service: MetadataService | None = None
         self.events: EventLog | None = None
+        self.datapath: DataPath | None = None
 
     # -- start-up, in an order that writes nothing until the input is known good ---------
 
@@ -129,7 +131,9 @@ class Node:
         datapath = DataPath(name, self.volume.fd, sb.data.offset, sb.unit_size, meta)
         service.register(datapath)
         service.on_fenced.append(datapath.fence)
-        service.lease_deadline = trio.current_time() + self._lease_margin()
+        self.datapath = datapath
+        datapath.revalidate = self._revalidate_data_path
+        self._move_deadlines()
         service.renew_lease = self._renew_now
         await service.start()
         operations = CsvfsOperations(datapath, meta)
@@ -157,23 +161,31 @@ class Node:
         while not self.service.fenced:
             await trio.sleep(self.config.lease_seconds / 3)
             try:
-                still_ours = self._renew_now()
+                self._renew_now()  # fences the node if the lease is someone else's
             except OSError as exc:
                 log.warning("cannot renew the coordinator lease: %s", exc)
-                continue  # commits stop by themselves once the deadline passes
-            if not still_ours:
-                self.service.fence("another node holds the coordinator lease now")
+                # commits and direct I/O stop by themselves once the deadlines pass
 
     def _renew_now(self) -> bool:
         """Renew the lease; on success move the commit deadline on."""
         if not self.election.renew():
+            self.service.fence("another node holds the coordinator lease now")
             return False
-        self.service.lease_deadline = trio.current_time() + self._lease_margin()
+        self._move_deadlines()
         return True
 
-    def _lease_margin(self) -> float:
-        """Commit only while well inside the lease, so a stall cannot outlive it."""
-        return self.config.lease_seconds * 0.8
+    def _revalidate_data_path(self) -> float | None:
+        """The data path's deadline after a fresh renewal; None once fenced."""
+        return self.datapath.valid_until if self._renew_now() else None
+
+    def _move_deadlines(self) -> None:
+        """Commit and do direct I/O only while well inside the lease, so that a stall
+        cannot outlive it unnoticed."""
+        margin = self.config.lease_seconds * 0.8
+        self.service.lease_deadline = trio.current_time() + margin
+        self.datapath.valid_until = time.monotonic() + margin
+
+
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
