@@ -26,6 +26,7 @@ import trio
 
 from coordinator import recovery
 from coordinator.allocator import NoSpace
+from coordinator.errors import MetaError
 from coordinator.events import EventLog
 from coordinator.journal import Journal, JournalFull
 from coordinator.model import ROOT_INO, Inode, MetadataState
@@ -46,14 +47,6 @@ FALLOC_PUNCH_HOLE = 0x02
 FALLOC_ZERO_RANGE = 0x10
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-
-
-class MetaError(Exception):
-    """A request the coordinator refuses, with the errno the caller should see."""
-
-    def __init__(self, code: int, message: str = ""):
-        super().__init__(message or errno.errorcode.get(code, str(code)))
-        self.errno = code
 
 
 class NodeSession(Protocol):

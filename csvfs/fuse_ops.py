@@ -15,7 +15,7 @@ import os
 
 import pyfuse3
 
-from coordinator.service import MetaError
+from coordinator.errors import MetaError
 from csvfs.datapath import DataPath, OpenFile
 
 log = logging.getLogger(__name__)
