@@ -19,7 +19,6 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Protocol
 
 import trio
@@ -30,7 +29,7 @@ from coordinator.errors import MetaError
 from coordinator.events import EventLog
 from coordinator.journal import Journal, JournalFull
 from coordinator.model import ROOT_INO, Inode, MetadataState
-from csvfs.extents import to_runs
+from csvfs.extents import pieces, to_runs
 from csvfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -440,9 +439,7 @@ class MetadataService:
             "gid" in fields and fields["gid"] != inode.gid)
         if not owner_changes or inode.is_dir or "mode" in fields:
             return
-        mode = inode.mode & ~stat.S_ISUID
-        if mode & stat.S_IXGRP:
-            mode &= ~stat.S_ISGID
+        mode = _without_setid(inode.mode, drop_setgid=False)
         if mode != inode.mode:
             fields["mode"] = mode
 
@@ -454,9 +451,7 @@ class MetadataService:
         """
         async with self._mutation():
             inode = self._inode(ino)
-            mode = inode.mode & ~stat.S_ISUID
-            if mode & stat.S_IXGRP or inode.gid not in groups:
-                mode &= ~stat.S_ISGID
+            mode = _without_setid(inode.mode, drop_setgid=inode.gid not in groups)
             if mode == inode.mode or not inode.is_reg:
                 return
             seq = self._append({"op": "setattr", "ino": ino, "mode": mode,
@@ -553,9 +548,8 @@ class MetadataService:
                 chosen = allocator.find(len(required), near)  # allocate-ahead is best effort
         except NoSpace:
             raise MetaError(errno.ENOSPC) from None
-        add = [[file_unit, unit, 1] for file_unit, unit in zip(required + optional, chosen,
-                                                                 strict=False)]
-        return {"op": "map", "ino": inode.ino, "add": _merge_runs(add)}
+        added = dict(zip(required + optional, chosen, strict=False))
+        return {"op": "map", "ino": inode.ino, "add": to_runs(added)}
 
     def _commit_map(self, inode: Inode, op: dict, session: str | None) -> int | None:
         """Zero what the change exposes, then append and apply a map record."""
@@ -588,9 +582,13 @@ class MetadataService:
         return self.volume.sb.data.offset + volume_unit * self.unit
 
     def _broadcast_map(self, inode: Inode, exclude: str | None) -> None:
+        holders = self.open_files.get(inode.ino, ())
+        self._send_map(inode, [name for name in holders if name != exclude])
+
+    def _send_map(self, inode: Inode, names) -> None:
         reply = self._map_reply(inode)
-        for name in self.open_files.get(inode.ino, ()):
-            if name != exclude and name in self.sessions:
+        for name in names:
+            if name in self.sessions:
                 self.sessions[name].update_map(inode.ino, reply["size"], reply["runs"],
                                                reply["version"])
 
@@ -619,10 +617,7 @@ class MetadataService:
                 prepare()
             seq = self._append(op)
             await self._durable(seq)
-            reply = self._map_reply(inode)
-            for name in holders:
-                self.sessions[name].update_map(inode.ino, reply["size"], reply["runs"],
-                                               reply["version"])
+            self._send_map(inode, holders)
         return seq
 
     @contextlib.asynccontextmanager
@@ -684,29 +679,17 @@ class MetadataService:
             await self._commit_quiesced(inode, op, zero_partial_units)
 
     def _zero_mapped(self, inode: Inode, start: int, end: int) -> None:
-        for piece_start, piece_end, volume_unit in _pieces(start, end, self.unit):
-            mapped = inode.units.get(volume_unit)
+        for piece_start, piece_end, file_unit in pieces(start, end, self.unit):
+            mapped = inode.units.get(file_unit)
             if mapped is not None:
                 within = piece_start % self.unit
                 self.volume.zero(self._unit_offset(mapped) + within, piece_end - piece_start)
 
 
-def _pieces(start: int, end: int, unit: int) -> Iterator[tuple[int, int, int]]:
-    """Split [start, end) at unit boundaries: (piece start, piece end, file unit)."""
-    while start < end:
-        file_unit = start // unit
-        piece_end = min(end, (file_unit + 1) * unit)
-        yield start, piece_end, file_unit
-        start = piece_end
-
-
-def _merge_runs(runs: list[list[int]]) -> list[list[int]]:
-    merged: list[list[int]] = []
-    for file_unit, volume_unit, count in runs:
-        if merged:
-            last = merged[-1]
-            if last[0] + last[2] == file_unit and last[1] + last[2] == volume_unit:
-                last[2] += count
-                continue
-        merged.append([file_unit, volume_unit, count])
-    return merged
+def _without_setid(mode: int, drop_setgid: bool) -> int:
+    """Linux's rule: setuid always goes; setgid goes where it marks an executable
+    (group-exec set) or when the caller says so."""
+    mode &= ~stat.S_ISUID
+    if drop_setgid or mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode

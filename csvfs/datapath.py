@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from csvfs.extents import UnitMap, from_runs
+from csvfs.extents import UnitMap, from_runs, pieces
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ class DataPath:
     # -- I/O ------------------------------------------------------------------------------
 
     def read_direct(self, handle: OpenFile, offset: int, length: int) -> bytes | None:
-        """The fast path: the whole request, or None if the file is paused."""
+        """The fast path: the whole request, or None if the file is paused or the
+        session needs revalidating first."""
         if handle.paused or time.monotonic() > self.valid_until:
             return None
         end = min(offset + length, handle.size)
@@ -153,16 +154,13 @@ class DataPath:
             raise OSError(errno.EIO, "this node was fenced off the volume")
 
     def _read_pieces(self, handle: OpenFile, offset: int, end: int):
-        unit = self.unit
-        while offset < end:
-            piece_end = min(end, (offset // unit + 1) * unit)
-            volume_unit = handle.units.get(offset // unit)
+        for start, piece_end, file_unit in pieces(offset, end, self.unit):
+            volume_unit = handle.units.get(file_unit)
             if volume_unit is None:
-                yield bytes(piece_end - offset)
+                yield bytes(piece_end - start)
             else:
-                position = self.base + volume_unit * unit + offset % unit
-                yield self._pread(piece_end - offset, position)
-            offset = piece_end
+                position = self.base + volume_unit * self.unit + start % self.unit
+                yield self._pread(piece_end - start, position)
 
     def _pread(self, length: int, position: int) -> bytes:
         data = os.pread(self.fd, length, position)
@@ -208,12 +206,9 @@ class DataPath:
         if any(index not in units for index in range(file_unit, last_unit + 1)):
             return False
         view = memoryview(data)
-        while view:
-            length = min(len(view), unit - offset % unit)
-            position = self.base + units[offset // unit] * unit + offset % unit
-            os.pwrite(self.fd, view[:length], position)
-            view = view[length:]
-            offset += length
+        for start, end, index in pieces(offset, offset + len(data), unit):
+            position = self.base + units[index] * unit + start % unit
+            os.pwrite(self.fd, view[start - offset : end - offset], position)
         return True
 
     def sync(self) -> None:

@@ -6,7 +6,18 @@ On disk and on the wire it travels as runs [file_unit, volume_unit, count].
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 UnitMap = dict[int, int]
+
+
+def pieces(start: int, end: int, unit: int) -> Iterator[tuple[int, int, int]]:
+    """Split the byte range [start, end) at unit boundaries: (start, end, file unit)."""
+    while start < end:
+        file_unit = start // unit
+        piece_end = min(end, (file_unit + 1) * unit)
+        yield start, piece_end, file_unit
+        start = piece_end
 
 
 def to_runs(units: UnitMap) -> list[list[int]]:

@@ -24,7 +24,7 @@ from coordinator.events import EventLog
 from coordinator.service import MetadataService
 from csvfs import fuse_fallocate
 from csvfs.datapath import DataPath
-from csvfs.errors import MountpointError, VolumeBusyError, VolumeError
+from csvfs.errors import MountpointError, UserError, VolumeBusyError, VolumeError
 from csvfs.fuse_ops import CsvfsOperations
 from csvfs.volume import Volume, read_key
 
@@ -233,8 +233,6 @@ def mount(config: NodeConfig, foreground: bool) -> None:
 
 
 def _daemonize_and_run(config: NodeConfig) -> None:
-    from csvfs.errors import UserError  # local: only the daemon path needs the pipe protocol
-
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
@@ -288,8 +286,6 @@ def _detach_stdio() -> None:
 
 
 def _wait_for_child(read_end: int) -> None:
-    from csvfs.errors import UserError
-
     with os.fdopen(read_end, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
     status, _, rest = line.partition(" ")
