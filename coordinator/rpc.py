@@ -102,6 +102,31 @@ class _EventReader:
 # -- server ----------------------------------------------------------------------------------
 
 
+class _FrameWriter:
+    """Writes whole frames, one at a time (trio.Lock is FIFO, so order holds).
+
+    `send` returns None once the frame is out, or why the stream is unusable: it
+    broke, or the other side stopped reading for stall_timeout. A send cancelled
+    from outside may leave part of a frame out; callers close the stream then.
+    """
+
+    def __init__(self, stream: trio.SocketStream, stall_timeout: float):
+        self._stream = stream
+        self._stall_timeout = stall_timeout
+        self._lock = trio.Lock()
+
+    async def send(self, data: bytes) -> str | None:
+        async with self._lock:
+            try:
+                with trio.move_on_after(self._stall_timeout) as timer:
+                    await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                return f"send failed: {exc}"
+        if timer.cancelled_caught:
+            return f"not reading: a send blocked for {self._stall_timeout:g} s"
+        return None
+
+
 class Peer:
     """One authenticated client connection, as the coordinator sees it."""
 
@@ -115,8 +140,7 @@ class Peer:
         self._conn = conn
         self._reader = reader
         self._welcome = welcome
-        self._stall_timeout = stall_timeout
-        self._send_lock = trio.Lock()  # one frame at a time; trio.Lock is FIFO, so order holds
+        self._writer = _FrameWriter(stream, stall_timeout)
         self._slots = trio.Semaphore(max_concurrent)
         self._scope = trio.CancelScope()  # the connection's reader
         self._closed_event = trio.Event()
@@ -152,23 +176,20 @@ class Peer:
         return True
 
     async def _send(self, data: bytes) -> None:
-        async with self._send_lock:
-            if self.closed:
-                raise RpcDisconnected(f"{self} is closed: {self.close_reason}")
-            try:
-                with trio.move_on_after(self._stall_timeout) as timer:
-                    await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._end(f"send failed: {exc}")
-                raise RpcDisconnected(f"{self} is gone: {exc}") from None
-            except trio.Cancelled:
-                # Cancelled from outside (the timer's own cancel stops at its scope):
-                # part of a frame may be out, and the stream is out of step for good.
-                self.close("a send was interrupted")
-                raise
-            if timer.cancelled_caught:
-                self._cut_off(f"not reading: a send blocked for {self._stall_timeout:g} s")
-                raise RpcDisconnected(f"{self} was cut off: {self.close_reason}")
+        if self.closed:
+            raise RpcDisconnected(f"{self} is closed: {self.close_reason}")
+        try:
+            failure = await self._writer.send(data)
+        except trio.Cancelled:
+            self.close("a send was interrupted")  # the stream is out of step for good
+            raise
+        if failure is None:
+            return
+        if failure.startswith("not reading"):
+            self._cut_off(failure)
+            raise RpcDisconnected(f"{self} was cut off: {self.close_reason}")
+        self._end(failure)
+        raise RpcDisconnected(f"{self} is gone: {failure}")
 
 
 class RpcServer:
@@ -358,7 +379,8 @@ class RpcClient:
     """
 
     def __init__(self, stream: trio.SocketStream, conn: ClientConnection, reader: _EventReader,
-                 address: str, on_notify: NotifyHandler | None):
+                 address: str, on_notify: NotifyHandler | None,
+                 stall_timeout: float = STALL_TIMEOUT):
         self.name = conn.handshake.name
         self.address = address
         self.closed = False
@@ -368,7 +390,7 @@ class RpcClient:
         self._reader = reader
         self._on_notify = on_notify
         self._pending: dict[int, _Call] = {}
-        self._send_lock = trio.Lock()
+        self._writer = _FrameWriter(stream, stall_timeout)
         self._scope = trio.CancelScope()  # everything: aclose()
         self._read_scope = trio.CancelScope()  # the reader only: _close()
         self._closed_event = trio.Event()
@@ -393,7 +415,7 @@ class RpcClient:
                 await stream.aclose()
             raise
         log.info("connected to %s as %s", address, name)
-        client = cls(stream, conn, reader, address, on_notify)
+        client = cls(stream, conn, reader, address, on_notify, stall_timeout)
         if nursery is None:
             trio.lowlevel.spawn_system_task(client._run, name=f"rpc client {address}")
         else:
@@ -443,18 +465,16 @@ class RpcClient:
         self._closed_event.set()
 
     async def _send(self, data: bytes) -> None:
-        async with self._send_lock:
-            if self.closed:
-                raise RpcDisconnected(f"connection to {self.address} lost: {self.close_reason}")
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._close(f"send failed: {exc}")
-                raise RpcDisconnected(f"connection to {self.address} lost: {exc}") from None
-            except trio.Cancelled:
-                # Part of a frame may be out: the stream is out of step for good.
-                self._close("a send was interrupted")
-                raise
+        if self.closed:
+            raise RpcDisconnected(f"connection to {self.address} lost: {self.close_reason}")
+        try:
+            failure = await self._writer.send(data)
+        except trio.Cancelled:
+            self._close("a send was interrupted")  # the stream is out of step for good
+            raise
+        if failure is not None:
+            self._close(failure)
+            raise RpcDisconnected(f"connection to {self.address} lost: {failure}")
 
     async def _run(self) -> None:
         # As a system task, an exception escaping here would crash trio.run: none do.

@@ -32,6 +32,14 @@ def assert_one_line_error(result, code, *words):
         assert word in lines[0], lines[0]
 
 
+def assert_fsck_repairs(image, problem):
+    """fsck finds `problem` (exit 4), --repair fixes it (exit 1), then all is clean (0)."""
+    report = csvfs("fsck", image, check=False)
+    assert report.returncode == 4 and problem in report.stdout, report.stdout
+    assert csvfs("fsck", "--repair", image, check=False).returncode == 1
+    assert csvfs("fsck", image, check=False).returncode == 0
+
+
 @pytest.fixture
 def small_image(tmp_path):
     return make_volume(tmp_path, size="64M")
@@ -81,10 +89,7 @@ def test_corrupt_primary_superblock_uses_the_copy(small_image, mountpoint, nodes
     node = nodes.start(small_image)
     node.path("works").write_text("yes")
     node.unmount()
-    report = csvfs("fsck", small_image, check=False)
-    assert report.returncode == 4 and "primary superblock" in report.stdout
-    assert csvfs("fsck", "--repair", small_image, check=False).returncode == 1
-    assert csvfs("fsck", small_image, check=False).returncode == 0
+    assert_fsck_repairs(small_image, "primary superblock")
     assert nodes.start(small_image, "again").path("works").read_text() == "yes"
 
 
@@ -124,9 +129,7 @@ def test_corrupt_journal_record(small_image, tmp_path, nodes):
     mountpoint = tmp_path / "mnt-check"
     mountpoint.mkdir()
     refused_without_write(small_image, mountpoint, BAD_VOLUME, "journal record", "fsck")
-    report = csvfs("fsck", small_image, check=False)
-    assert report.returncode == 4 and "corrupt" in report.stdout
-    assert csvfs("fsck", "--repair", small_image, check=False).returncode == 1
+    assert_fsck_repairs(small_image, "corrupt")
     survivor = nodes.start(small_image, "after-repair")
     names = set(os.listdir(survivor.mountpoint))
     assert {"dir0"} <= names and "dir4" not in names
@@ -229,10 +232,7 @@ def test_unit_mapped_twice_is_refused_then_repaired(small_image, tmp_path, nodes
     mountpoint = tmp_path / "mnt-check"
     mountpoint.mkdir()
     refused_without_write(small_image, mountpoint, BAD_VOLUME, "inconsistent", "fsck")
-    report = csvfs("fsck", small_image, check=False)
-    assert report.returncode == 4 and "already mapped by another inode" in report.stdout
-    assert csvfs("fsck", "--repair", small_image, check=False).returncode == 1
-    assert csvfs("fsck", small_image, check=False).returncode == 0
+    assert_fsck_repairs(small_image, "already mapped by another inode")
     survivor = nodes.start(small_image, "after-repair")
     assert survivor.path("first").read_bytes() == first  # the owner keeps its data
     assert survivor.path("second").read_bytes() == bytes(1 << 20)  # the intruder gets a hole
