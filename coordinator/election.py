@@ -114,6 +114,7 @@ class Election:
         self.lease_seconds = lease_seconds
         self.slot = -1
         self.epoch = 0
+        self.address = ""  # where this node's RPC server listens, published in its slot
 
     def claim_slot(self) -> int:
         """Take the liveness lock of a free slot (a dead node's slot is free). Writes nothing."""
@@ -161,12 +162,14 @@ class Election:
                 write_free_lease(self.volume, self.epoch)
         self.volume.sync()
 
-    def write_slot(self, mode: str, address: str = "") -> None:
+    def write_slot(self, mode: str) -> None:
+        """Publish this node in its slot: who, where, and its I/O mode; doubles as a
+        heartbeat that status tools can read."""
         record = {
             "slot": self.slot,
             "name": self.name,
             "pid": os.getpid(),
-            "address": address,
+            "address": self.address,
             "heartbeat_ns": time.time_ns(),
             "mode": mode,
         }

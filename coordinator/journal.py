@@ -89,6 +89,26 @@ def scan(volume: Volume, after_seq: int, min_epoch: int, gen: int = 0,
     return result
 
 
+def raw_records(volume: Volume) -> list[fmt.JournalRecord]:
+    """Every intact record block in the journal region, of any generation, in offset order.
+
+    For forensics and tests: replay uses only one generation, but stale
+    coordinators or old checkpoints leave other blocks behind.
+    """
+    region = volume.sb.journal
+    data = memoryview(volume.read(region.offset, region.length))
+    found = []
+    for offset in range(0, region.length, fmt.SECTOR):
+        if data[offset : offset + 4] != fmt.JOURNAL_MAGIC:
+            continue
+        try:
+            record, _ = fmt.decode_journal_record(data[offset:])
+        except fmt.FormatError:
+            continue
+        found.append(record)
+    return found
+
+
 def _is_blank(data: bytes, offset: int) -> bool:
     return data[offset : offset + 4] == b"\0\0\0\0"
 

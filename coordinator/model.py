@@ -17,6 +17,7 @@ from coordinator.allocator import Allocator
 from csvfs.extents import UnitMap, from_runs, to_runs
 
 ROOT_INO = 1
+DONE_PER_NODE = 256  # remembered requests per node; a node has at most 64 in flight
 
 
 @dataclass
@@ -64,6 +65,9 @@ class MetadataState:
         self.next_ino = ROOT_INO + 1
         self.allocator = Allocator(data_units)
         self.damage: list[str] = []  # inconsistencies found while loading a checkpoint
+        # node name -> request id -> inode (0 if none): requests already carried out, so
+        # that a node retrying one after a failover gets its answer instead of EEXIST.
+        self.done: dict[str, dict[int, int]] = {}
 
     # -- construction ------------------------------------------------------------
 
@@ -81,6 +85,7 @@ class MetadataState:
             "next_ino": self.next_ino,
             "inodes": [inode.to_list() for inode in self.inodes.values()],
             "dirs": [[ino, list(names.items())] for ino, names in self.entries.items()],
+            "done": [[node, list(requests.items())] for node, requests in self.done.items()],
         }
 
     @classmethod
@@ -97,6 +102,7 @@ class MetadataState:
                 if state.inodes[child].is_dir:
                     state.parents[child] = ino
         state.parents[ROOT_INO] = ROOT_INO
+        state.done = {node: dict(requests) for node, requests in image.get("done", [])}
         return state
 
     def _claim_units(self, inode: Inode) -> None:
@@ -116,6 +122,20 @@ class MetadataState:
 
     # -- queries ------------------------------------------------------------------
 
+    def paths(self, inos) -> dict[int, str]:
+        """A path of each of `inos` that still has a name (for status displays)."""
+        named = {child: (parent, name) for parent, names in self.entries.items()
+                 for name, child in names.items()}
+        found = {}
+        for ino in inos:
+            parts, cursor = [], ino
+            while cursor in named:
+                cursor, name = named[cursor]
+                parts.append(name.decode(errors="replace"))
+            if cursor == ROOT_INO and (parts or ino == ROOT_INO):
+                found[ino] = "/" + "/".join(reversed(parts))
+        return found
+
     def orphans(self) -> list[int]:
         """Inodes with no name left: kept only while some node has them open."""
         return [ino for ino, inode in self.inodes.items() if inode.nlink == 0]
@@ -127,6 +147,15 @@ class MetadataState:
         if handler is None:
             raise ValueError(f"unknown journal operation {op['op']!r}")
         handler(op)
+        if "req" in op:
+            self._remember(op)
+
+    def _remember(self, op: dict) -> None:
+        node, request = op["req"]
+        requests = self.done.setdefault(node, {})
+        requests[request] = op.get("ino", 0)
+        if len(requests) > DONE_PER_NODE:
+            del requests[next(iter(requests))]  # the oldest: its node has long had the reply
 
     def _apply_mknod(self, op: dict) -> None:
         t = op["t"]

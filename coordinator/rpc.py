@@ -52,6 +52,14 @@ class RpcDisconnected(RpcError):
     """The connection is gone (or never came up); the call's fate is unknown."""
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6host]:port' -> (host, port); ValueError if malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"not a HOST:PORT address: {address!r}")
+    return host.strip("[]"), int(port)
+
+
 def _format_address(sockaddr: tuple) -> str:
     host, port = sockaddr[0], sockaddr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -220,12 +228,24 @@ class RpcServer:
         self._max_concurrent = max_concurrent
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self._listeners: list | None = None
+
+    async def bind(self) -> str:
+        """Open the listening socket now (serve() would otherwise); returns its address."""
+        if self._listeners is None:
+            self._listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+            self.port = self._listeners[0].socket.getsockname()[1]
+        return self.address
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen until close(); task_status.started() gets the bound port."""
         with self._scope:
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-            self.port = listeners[0].socket.getsockname()[1]
+            await self.bind()
+            listeners = self._listeners
             log.info("RPC server listening on %s",
                      _format_address(listeners[0].socket.getsockname()))
             async with trio.open_nursery() as nursery:

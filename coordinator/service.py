@@ -6,12 +6,16 @@ and reply only once the record is durable. Readers wait for pending records
 to be durable too, so nobody sees a change before it commits.
 
 Nodes talk to the service through `call(session, method, args)`; the
-in-process node and (later) the RPC server are both just callers.
+coordinator's own node calls it in-process, the others through the RPC
+endpoint (coordinator/endpoint.py). Nothing leaves the service before it is
+durable: replies, and the extent maps pushed to other nodes, both wait for
+the journal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import logging
 import math
@@ -25,7 +29,7 @@ import trio
 
 from coordinator import recovery
 from coordinator.allocator import NoSpace
-from coordinator.errors import MetaError
+from coordinator.errors import MetaError, NotCoordinator
 from coordinator.events import EventLog
 from coordinator.journal import Journal, JournalFull
 from coordinator.model import ROOT_INO, Inode, MetadataState
@@ -39,7 +43,12 @@ NAME_MAX = 255
 # through the environment so that kills also land in the middle of checkpoints.
 CHECKPOINT_AT = float(os.environ.get("CSVFS_CHECKPOINT_AT", "0.5"))
 ALLOCATE_AHEAD_MAX = 64  # units
-PAUSE_TIMEOUT = 5.0
+PAUSE_TIMEOUT = 2.0  # a node that has not paused by then is evicted
+
+# Requests that must not run twice: a node that lost its coordinator mid-call
+# sends them again, with the same request id, to the next one.
+ONCE_ONLY = frozenset({"mknod", "link", "unlink", "rename", "removexattr"})
+_request_token: contextvars.ContextVar = contextvars.ContextVar("request_token", default=None)
 
 FALLOC_KEEP_SIZE = 0x01
 FALLOC_PUNCH_HOLE = 0x02
@@ -61,6 +70,10 @@ class NodeSession(Protocol):
 
     def resume(self, ino: int) -> None:
         """Let I/O on ino go on."""
+
+    def evict(self, reason: str) -> float | None:
+        """Cut the session off. Returns the trio time until which the node may still be
+        doing I/O on what it was last granted, or None if it surely stopped already."""
 
 
 def attributes(inode: Inode, unit_size: int) -> dict:
@@ -95,6 +108,10 @@ class MetadataService:
         self._lock = trio.Lock()
         self.sessions: dict[str, NodeSession] = {}
         self.open_files: dict[int, Counter[str]] = {}
+        # Nodes whose session ended while they may still be doing I/O: name -> the trio
+        # time their last grant runs out. Their open files count until then.
+        self.lingering: dict[str, float] = {}
+        self.pause_timeout = PAUSE_TIMEOUT
         self.fenced = False
         # Trio clock time until which the lease is surely ours; the node moves it on
         # at every renewal. Unbounded until a node says otherwise (in-process tests).
@@ -110,8 +127,26 @@ class MetadataService:
         if handler is None:
             raise MetaError(errno.ENOSYS, f"unknown method {method!r}")
         if self.fenced:
-            raise MetaError(errno.EIO, "this coordinator lost its lease")
-        return await handler(session, **args)
+            raise NotCoordinator("this node is no longer the coordinator")
+        args = dict(args)
+        request = args.pop("req", None)
+        if method in ONCE_ONLY and request is not None:
+            done = self.state.done.get(session, {}).get(request)
+            if done is not None:
+                return await self._answer_again(method, args, done)
+            _request_token.set([session, request])
+        try:
+            return await handler(session, **args)
+        except TypeError as exc:  # the arguments do not fit the method
+            raise MetaError(errno.EINVAL, f"bad arguments for {method}: {exc}") from None
+
+    async def _answer_again(self, method: str, args: dict, ino: int):
+        """The reply to a request that was carried out before its node lost the answer."""
+        await self._durable()
+        log.info("%s request answered again after a reconnect", method)
+        if method == "mknod" or method == "link":
+            return self._attrs(self._inode(ino or args.get("ino", 0)))
+        return None
 
     def _lease_held(self) -> bool:
         """May we write a record now? After a stall, renew first: if nobody took the
@@ -132,21 +167,95 @@ class MetadataService:
         self.fenced = True
         # Only the coordinator writes the event ring, and we no longer are one:
         # the node that took over records the takeover there instead.
-        log.error("fenced: %s", reason)
+        log.warning("stepping down as coordinator: %s", reason)
         for callback in self.on_fenced:
             callback()
 
-    def register(self, session: NodeSession) -> None:
-        self.sessions[session.name] = session
+    def close(self) -> None:
+        """Stop serving at a clean shutdown: later requests hear NotCoordinator."""
+        self.fenced = True
 
-    async def start(self) -> None:
-        """First member of the cluster: nobody can have an orphan open, so reclaim them."""
-        for ino in self.state.orphans():
-            await self._commit({"op": "reclaim", "ino": ino})
-            self.events.emit("reclaim", f"reclaimed orphaned inode {ino} left by a crash")
+    async def start(self, reclaim_orphans: bool = True) -> None:
+        """Open the epoch. `reclaim_orphans` when no other node can have one open."""
+        if reclaim_orphans:
+            await self.reclaim_orphans()
         # A new journal generation for this epoch: records a stale coordinator might
         # still write under the old generation can then never be replayed.
         await self.checkpoint_now()
+
+    async def reclaim_orphans(self) -> None:
+        """Free inodes with no name that no node has open: a crash left them behind."""
+        for ino in self.state.orphans():
+            if not self._is_open(ino) and ino in self.state.inodes:
+                await self._commit({"op": "reclaim", "ino": ino})
+                self.events.emit("reclaim", f"reclaimed orphaned inode {ino} left by a crash")
+
+    # -- sessions: the nodes that have files open ----------------------------------------
+
+    async def join(self, session: NodeSession, opens: list) -> list:
+        """A node (re)joins with the files it has open, as [[ino, handles]...].
+
+        Whatever the node had registered before is replaced. The reply gives the
+        current map of each of those files, or None for one that no longer exists.
+        Runs under the metadata lock, so no quiesce is half way through meanwhile.
+        """
+        async with self._lock:
+            await self._durable()
+            name = session.name
+            self.sessions[name] = session
+            self.lingering.pop(name, None)
+            self._forget_opens(name)
+            maps = []
+            for ino, handles in opens:
+                inode = self.state.inodes.get(ino)
+                if inode is None or not inode.is_reg or handles <= 0:
+                    maps.append([ino, None])
+                    continue
+                self.open_files.setdefault(ino, Counter())[name] = handles
+                maps.append([ino, self._map_reply(inode)])
+            return maps
+
+    async def leave(self, name: str, writing_until: float | None = None) -> None:
+        """A node's session ended. If it may still be doing I/O until `writing_until`
+        (it was cut off rather than gone), its open files count until then."""
+        self.sessions.pop(name, None)
+        if writing_until is not None and writing_until > trio.current_time():
+            self.lingering[name] = writing_until
+            await trio.sleep_until(writing_until)
+            if self.lingering.get(name) != writing_until:
+                return  # it came back meanwhile and registered afresh
+        self.lingering.pop(name, None)
+        if name in self.sessions:
+            return
+        for ino in self._forget_opens(name):
+            await self._reclaim_if_unused(ino)
+
+    def _forget_opens(self, name: str) -> list[int]:
+        forgotten = []
+        for ino in list(self.open_files):
+            holders = self.open_files[ino]
+            if holders.pop(name, 0):
+                forgotten.append(ino)
+            if not holders:
+                del self.open_files[ino]
+        return forgotten
+
+    async def _reclaim_if_unused(self, ino: int) -> None:
+        inode = self.state.inodes.get(ino)
+        if inode is not None and inode.nlink == 0 and not self._is_open(ino):
+            await self._commit({"op": "reclaim", "ino": ino})
+
+    def evict(self, name: str, reason: str) -> float | None:
+        """Cut a node off; returns until when it may still do I/O (see NodeSession)."""
+        session = self.sessions.pop(name, None)
+        if session is None:
+            return None
+        log.warning("evicting %s: %s", name, reason)
+        self.events.emit("evict", f"evicted {name}: {reason}", level="warning")
+        until = session.evict(reason)
+        if until is not None:
+            self.lingering[name] = max(until, self.lingering.get(name, until))
+        return until
 
     # -- commit machinery ------------------------------------------------------------------
 
@@ -164,6 +273,10 @@ class MetadataService:
             yield
 
     def _append(self, op: dict) -> int:
+        token = _request_token.get()
+        if token is not None:  # the record that carries out a once-only request
+            op["req"] = token
+            _request_token.set(None)
         try:
             seq = self.journal.append(op)
         except JournalFull:
@@ -480,10 +593,18 @@ class MetadataService:
     # -- open files ----------------------------------------------------------------------
 
     async def op_open(self, session: str, ino: int) -> dict:
+        # Under the lock: a quiesce in progress must count this node among the holders
+        # it pauses, or be over before the map in this reply is taken.
+        async with self._lock:
+            await self._durable()
+            inode = self._inode(ino)
+            self.open_files.setdefault(ino, Counter())[session] += 1
+            return dict(self._map_reply(inode), attrs=self._attrs(inode))
+
+    async def op_getmap(self, session: str, ino: int) -> dict:
+        """The current size and map of a file the node has open (after a miss)."""
         await self._durable()
-        inode = self._inode(ino)
-        self.open_files.setdefault(ino, Counter())[session] += 1
-        return dict(self._map_reply(inode), attrs=self._attrs(inode))
+        return self._map_reply(self._regular(ino))
 
     async def op_release(self, session: str, ino: int) -> None:
         holders = self.open_files.get(ino)
@@ -494,9 +615,7 @@ class MetadataService:
             del holders[session]
         if not holders:
             del self.open_files[ino]
-            inode = self.state.inodes.get(ino)
-            if inode is not None and inode.nlink == 0:
-                await self._commit({"op": "reclaim", "ino": ino})
+            await self._reclaim_if_unused(ino)
 
     def open_table(self) -> dict[int, dict[str, int]]:
         return {ino: dict(holders) for ino, holders in self.open_files.items()}
@@ -513,9 +632,11 @@ class MetadataService:
             if growing:
                 op["size"] = end
                 op["t"] = self._now()
-            seq = self._commit_map(inode, op, session)
+            seq = self._commit_map(inode, op)
             reply = self._map_reply(inode)
         await self._durable(seq)
+        if seq is not None:
+            self._broadcast_map(ino, reply, exclude=session)
         return reply
 
     def _map_reply(self, inode: Inode) -> dict:
@@ -551,17 +672,18 @@ class MetadataService:
         added = dict(zip(required + optional, chosen, strict=False))
         return {"op": "map", "ino": inode.ino, "add": to_runs(added)}
 
-    def _commit_map(self, inode: Inode, op: dict, session: str | None) -> int | None:
-        """Zero what the change exposes, then append and apply a map record."""
+    def _commit_map(self, inode: Inode, op: dict) -> int | None:
+        """Zero what the change exposes, then append and apply a map record.
+
+        The caller sends the new map to the other nodes once the record is durable.
+        """
         if not op.get("add") and op.get("size", inode.size) == inode.size and "t" not in op:
             return None  # nothing to change: a node asked with a stale map
         for _file_unit, volume_unit, count in op.get("add", ()):
             self.volume.zero(self._unit_offset(volume_unit), count * self.unit)
         if op.get("size", 0) > inode.size:
             self._zero_tail(inode)
-        seq = self._append(op)
-        self._broadcast_map(inode, exclude=session)
-        return seq
+        return self._append(op)
 
     def _zero_tail(self, inode: Inode) -> None:
         """Bytes past EOF in the last unit may hold data from before a shrink: clear them.
@@ -581,15 +703,16 @@ class MetadataService:
     def _unit_offset(self, volume_unit: int) -> int:
         return self.volume.sb.data.offset + volume_unit * self.unit
 
-    def _broadcast_map(self, inode: Inode, exclude: str | None) -> None:
-        holders = self.open_files.get(inode.ino, ())
-        self._send_map(inode, [name for name in holders if name != exclude])
+    def _broadcast_map(self, ino: int, reply: dict, exclude: str | None = None) -> None:
+        """Send a durable map (taken when its record was appended) to the nodes that
+        have the file open. A node drops it if a newer one got there first."""
+        holders = self.open_files.get(ino, ())
+        self._send_map(ino, reply, [name for name in holders if name != exclude])
 
-    def _send_map(self, inode: Inode, names) -> None:
-        reply = self._map_reply(inode)
+    def _send_map(self, ino: int, reply: dict, names) -> None:
         for name in names:
             if name in self.sessions:
-                self.sessions[name].update_map(inode.ino, reply["size"], reply["runs"],
+                self.sessions[name].update_map(ino, reply["size"], reply["runs"],
                                                reply["version"])
 
     async def _resize(self, ino: int, size: int) -> None:
@@ -597,7 +720,8 @@ class MetadataService:
             inode = self._regular(ino)
             if size >= inode.size:
                 op = {"op": "map", "ino": ino, "size": size, "t": self._now()}
-                seq = self._commit_map(inode, op, None)
+                seq = self._commit_map(inode, op)
+                reply = self._map_reply(inode)
             else:
                 keep = -(-size // self.unit)
                 drop = [index for index in inode.units if index >= keep]
@@ -605,7 +729,10 @@ class MetadataService:
                 op = {"op": "map", "ino": ino, "size": size, "t": self._now(),
                       "drop": [[index, 1] for index in sorted(drop)]}
                 seq = await self._commit_quiesced(inode, op)
+                reply = None  # sent already, to every holder
         await self._durable(seq)
+        if seq is not None and reply is not None:
+            self._broadcast_map(ino, reply)
 
     async def _commit_quiesced(self, inode: Inode, op: dict, prepare=None) -> int:
         """Commit a change that frees space while I/O on the inode is paused everywhere.
@@ -617,22 +744,42 @@ class MetadataService:
                 prepare()
             seq = self._append(op)
             await self._durable(seq)
-            self._send_map(inode, holders)
+            self._send_map(inode.ino, self._map_reply(inode), holders)
         return seq
 
     @contextlib.asynccontextmanager
     async def _paused(self, ino: int):
-        holders = [name for name in self.open_files.get(ino, ()) if name in self.sessions]
+        """Pause I/O on ino at every node that has it open. A node that does not ack
+        in time is evicted, and we wait until whatever it was granted has run out."""
         paused = []
         try:
-            for name in holders:
-                with trio.fail_after(PAUSE_TIMEOUT):
-                    await self.sessions[name].pause(ino)
-                paused.append(name)
-            yield holders
+            async with trio.open_nursery() as nursery:
+                for name in self.open_files.get(ino, ()):
+                    if name in self.sessions:
+                        nursery.start_soon(self._pause_one, name, ino, paused)
+            await self._outlast_lingering(ino)
+            yield paused
         finally:
             for name in paused:
-                self.sessions[name].resume(ino)
+                if name in self.sessions:
+                    self.sessions[name].resume(ino)
+
+    async def _pause_one(self, name: str, ino: int, paused: list) -> None:
+        session = self.sessions[name]
+        with trio.move_on_after(self.pause_timeout):
+            await session.pause(ino)
+            paused.append(name)
+            return
+        self.evict(name, f"did not pause inode {ino} within {self.pause_timeout:g} s")
+
+    async def _outlast_lingering(self, ino: int) -> None:
+        """Nodes cut off while holding ino may still write to it until their grant ends."""
+        for name in list(self.open_files.get(ino, ())):
+            until = self.lingering.get(name)
+            if until is not None and until > trio.current_time():
+                log.info("inode %d: waiting %.2f s for %s's grant to run out", ino,
+                         until - trio.current_time(), name)
+                await trio.sleep_until(until)
 
     async def op_fallocate(self, session: str, ino: int, mode: int, offset: int,
                            length: int) -> dict:
@@ -646,12 +793,14 @@ class MetadataService:
         elif mode & ~(FALLOC_KEEP_SIZE | FALLOC_ZERO_RANGE):
             raise MetaError(errno.EOPNOTSUPP)
         else:
-            await self._allocate(ino, offset, end, keep_size=bool(mode & FALLOC_KEEP_SIZE),
-                                 zero=bool(mode & FALLOC_ZERO_RANGE), session=session)
+            return await self._allocate(ino, offset, end,
+                                        keep_size=bool(mode & FALLOC_KEEP_SIZE),
+                                        zero=bool(mode & FALLOC_ZERO_RANGE), session=session)
+        await self._durable()
         return self._map_reply(self._inode(ino))
 
     async def _allocate(self, ino: int, offset: int, end: int, keep_size: bool, zero: bool,
-                        session: str) -> None:
+                        session: str) -> dict:
         async with self._mutation():
             inode = self._regular(ino)
             if zero:
@@ -661,8 +810,12 @@ class MetadataService:
                 op["size"] = end
             if op["add"] or "size" in op or zero:
                 op["t"] = self._now()
-            seq = self._commit_map(inode, op, session)
+            seq = self._commit_map(inode, op)
+            reply = self._map_reply(inode)
         await self._durable(seq)
+        if seq is not None:
+            self._broadcast_map(ino, reply, exclude=session)
+        return reply
 
     async def _punch(self, ino: int, offset: int, end: int) -> None:
         async with self._mutation():

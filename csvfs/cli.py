@@ -40,11 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
     mount.add_argument("--foreground", action="store_true", help="stay attached")
     mount.add_argument("--log", type=Path, help="append the node's log to this file")
-    mount.add_argument("--lease", type=float, default=3.0, help="lease time in seconds")
+    mount.add_argument("--lease", type=float, default=3.0,
+                       help="coordinator lease and node grant, in seconds (default 3)")
+    mount.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                       help="where this node's RPC server listens (default 127.0.0.1, any "
+                       "free port); the address goes in the volume's lease region")
 
     fsck = sub.add_parser("fsck", help="check a volume (and repair it with --repair)")
     fsck.add_argument("image", type=Path)
     fsck.add_argument("--repair", action="store_true", help="fix what can be fixed")
+
+    status = sub.add_parser("status", help="show the coordinator, the nodes and open files")
+    status.add_argument("image", type=Path)
+    status.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    status.add_argument("--json", action="store_true", help="print JSON")
 
     events = sub.add_parser("events", help="print the volume's event ring")
     events.add_argument("image", type=Path)
@@ -67,17 +76,23 @@ def cmd_mount(args) -> int:
     from csvfs import fuse_fallocate
 
     fuse_fallocate.load()  # must precede the first import of pyfuse3
+    from coordinator.rpc import split_address
     from csvfs import node
     from csvfs.volume import default_key_path
 
-    if args.lease <= 0:
-        raise UsageError("--lease must be positive")
+    if not 0.3 <= args.lease <= 600:
+        raise UsageError("--lease must be between 0.3 and 600 seconds")
+    try:
+        split_address(args.listen)
+    except ValueError as exc:
+        raise UsageError(f"--listen: {exc}") from None
     config = node.NodeConfig(
         image=args.image.resolve(),
         mountpoint=args.mountpoint.resolve(),
         key_path=(args.key or default_key_path(args.image)).resolve(),
         name=args.name,
         lease_seconds=args.lease,
+        listen_text=args.listen,
     )
     node.mount(config, foreground=args.foreground)
     return ExitCode.OK
@@ -108,7 +123,15 @@ def cmd_events(args) -> int:
     return ExitCode.OK
 
 
-COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "fsck": cmd_fsck, "events": cmd_events}
+def cmd_status(args) -> int:
+    from csvfs.status import run_status
+    from csvfs.volume import default_key_path
+
+    return run_status(args.image, args.key or default_key_path(args.image), args.json)
+
+
+COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "fsck": cmd_fsck, "events": cmd_events,
+            "status": cmd_status}
 
 
 def setup_logging(debug: bool, log_file: Path | None) -> None:

@@ -5,6 +5,11 @@ and one pread/pwrite; anything else (a hole, a write past EOF) asks the
 coordinator to extend the file first. Nothing here knows about FUSE or RPC:
 the coordinator is reached through the `meta` callable given at start.
 
+On a node that is not the coordinator, the map may lag behind a change made
+elsewhere (the coordinator pushes new maps, but they travel beside the
+replies). So a read that finds a hole or the end of the file asks for the
+current map before it answers with zeros or a short read (`refresh_on_miss`).
+
 The per-inode I/O gate is a flag and an event. I/O runs inline in the trio
 thread, so once a request passes the gate it completes without yielding;
 a pause therefore never has in-flight I/O to drain beyond the request that
@@ -19,6 +24,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -33,7 +39,8 @@ MetaCall = Callable[..., Awaitable]
 class OpenFile:
     """This node's view of one open inode, shared by all its handles."""
 
-    __slots__ = ("ino", "size", "units", "version", "refs", "paused", "resumed", "dirty_mtime")
+    __slots__ = ("ino", "size", "units", "version", "refs", "paused", "resumed", "dirty_mtime",
+                 "gone")
 
     def __init__(self, ino: int, size: int, units: UnitMap, version: int):
         self.ino = ino
@@ -44,6 +51,7 @@ class OpenFile:
         self.paused = False
         self.resumed = trio.Event()
         self.dirty_mtime = 0  # time of the last local write not yet sent to the coordinator
+        self.gone = False  # the file vanished while this node was cut off: ESTALE
 
 
 class DataPath:
@@ -54,16 +62,26 @@ class DataPath:
         self.unit = unit_size
         self.meta = meta
         self.files: dict[int, OpenFile] = {}
-        self.fenced = False  # the session is cut: no I/O at all until a remount
+        self.fenced = False  # shut down: no I/O at all any more
         # Direct I/O is allowed until this time.monotonic() deadline, which the node moves
-        # on while its session (today: the coordinator lease) is valid. Past it, the slow
-        # path asks `revalidate` first, so a node that was stalled cannot write a single
-        # byte before it knows it still owns the volume. `revalidate` returns the new
-        # deadline, or None when the session is gone.
+        # on while its session is valid: the coordinator lease on the coordinator, the
+        # coordinator's grant elsewhere. Past it, the slow path awaits `revalidate`
+        # first, so a node that was stalled or cut off cannot write a single byte before
+        # it knows its maps are current. `revalidate` returns the new deadline, or None
+        # when the node is shutting down.
         self.valid_until = math.inf
-        self.revalidate: Callable[[], float | None] = lambda: math.inf
+        self.revalidate: Callable[[], Awaitable[float | None]] = _always_valid
+        self.refresh_on_miss = False
+        # Files being opened: the coordinator may push a pause or a map for one of them
+        # before the open's reply arrives. Such notifications wait here for it.
+        self._opening: Counter[int] = Counter()
+        self._early: dict[int, dict] = {}
 
     # -- open files ------------------------------------------------------------------
+
+    def opening(self, ino: int) -> _Opening:
+        """Wrap the open request: `async with data.opening(ino): ... data.opened(...)`."""
+        return _Opening(self, ino)
 
     def opened(self, ino: int, size: int, runs: list, version: int) -> OpenFile:
         self._check_fenced()
@@ -72,8 +90,34 @@ class DataPath:
             handle = self.files[ino] = OpenFile(ino, size, from_runs(runs), version)
         else:
             self.update_map(ino, size, runs, version)
+        early = self._early.pop(ino, None)
+        if early is not None:
+            if "map" in early:
+                self.update_map(ino, *early["map"])
+            if early.get("paused") and not handle.paused:
+                handle.paused = True
+                handle.resumed = trio.Event()
         handle.refs += 1
         return handle
+
+    def open_counts(self) -> list[list[int]]:
+        """[[ino, handles]...]: what this node registers when it (re)joins."""
+        return [[ino, handle.refs] for ino, handle in self.files.items()]
+
+    def rejoined(self, maps: list) -> None:
+        """A new session: take the coordinator's current maps and lift every pause."""
+        for ino, reply in maps:
+            handle = self.files.get(ino)
+            if handle is None:
+                continue
+            if reply is None:
+                log.warning("inode %d was removed while this node was cut off", ino)
+                handle.gone = handle.paused = True  # for good: its units may be reused
+            else:
+                handle.size, handle.units = reply["size"], from_runs(reply["runs"])
+                handle.version = reply["version"]
+                handle.paused = False
+            handle.resumed.set()
 
     def closed(self, handle: OpenFile) -> bool:
         """Drop one reference; True when this node no longer has the inode open."""
@@ -87,19 +131,32 @@ class DataPath:
 
     async def pause(self, ino: int) -> None:
         handle = self.files.get(ino)
-        if handle is not None and not handle.paused:
+        if handle is None:
+            self._note_early(ino, paused=True)
+        elif not handle.paused:
             handle.paused = True
             handle.resumed = trio.Event()
 
     def resume(self, ino: int) -> None:
         handle = self.files.get(ino)
-        if handle is not None and handle.paused and not self.fenced:
+        if handle is None:
+            self._note_early(ino, paused=False)
+        elif handle.paused and not self.fenced:
             handle.paused = False
             handle.resumed.set()
 
+    def _note_early(self, ino: int, **change) -> None:
+        if self._opening[ino]:
+            self._early.setdefault(ino, {}).update(change)
+
     def update_map(self, ino: int, size: int, runs: list, version: int = 0) -> None:
         handle = self.files.get(ino)
-        if handle is None or (version and version < handle.version):
+        if handle is None:
+            early = self._early.get(ino, {}).get("map")
+            if early is None or version >= early[2]:
+                self._note_early(ino, map=(size, runs, version))
+            return
+        if version and version < handle.version:
             return  # a reply overtaken by a newer map
         handle.size = size
         handle.units = from_runs(runs)
@@ -107,10 +164,14 @@ class DataPath:
 
     # -- I/O ------------------------------------------------------------------------------
 
-    def read_direct(self, handle: OpenFile, offset: int, length: int) -> bytes | None:
-        """The fast path: the whole request, or None if the file is paused or the
-        session needs revalidating first."""
+    def read_direct(self, handle: OpenFile, offset: int, length: int,
+                    fresh: bool = False) -> bytes | None:
+        """The fast path: the whole request, or None if the file is paused, the session
+        needs revalidating, or (unless `fresh`) the map may be behind."""
         if handle.paused or time.monotonic() > self.valid_until:
+            return None
+        doubt = self.refresh_on_miss and not fresh
+        if doubt and offset + length > handle.size:
             return None
         end = min(offset + length, handle.size)
         if offset >= end:
@@ -118,25 +179,37 @@ class DataPath:
         unit = self.unit
         file_unit = offset // unit
         if (end - 1) // unit != file_unit:
+            last_unit = (end - 1) // unit
+            if doubt and any(i not in handle.units for i in range(file_unit, last_unit + 1)):
+                return None
             return b"".join(self._read_pieces(handle, offset, end))
         volume_unit = handle.units.get(file_unit)
         if volume_unit is None:
-            return bytes(end - offset)
+            return None if doubt else bytes(end - offset)
         return self._pread(end - offset, self.base + volume_unit * unit + offset % unit)
 
     async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
-        while (data := self.read_direct(handle, offset, length)) is None:
-            if not self._ensure_valid() and handle.paused:
+        fresh = False
+        while (data := self.read_direct(handle, offset, length, fresh)) is None:
+            self.check_handle(handle)
+            if await self._ensure_valid():
+                continue
+            if handle.paused:
                 await handle.resumed.wait()
+                continue
+            reply = await self.meta("getmap", ino=handle.ino)
+            self.update_map(handle.ino, reply["size"], reply["runs"], reply["version"])
+            fresh = True
         return data
 
-    def _ensure_valid(self) -> bool:
-        """Raise EIO if fenced; revalidate an expired session. True if it had to."""
+    async def _ensure_valid(self) -> bool:
+        """Raise EIO if shut down or the file is gone; revalidate an expired session.
+        True if it had to."""
         self._check_fenced()
         if time.monotonic() <= self.valid_until:
             return False
-        deadline = self.revalidate()
-        if deadline is None or deadline <= time.monotonic():
+        deadline = await self.revalidate()
+        if deadline is None:
             self.fence()
             self._check_fenced()
         self.valid_until = deadline
@@ -168,6 +241,10 @@ class DataPath:
             data += bytes(length - len(data))
         return data
 
+    def check_handle(self, handle: OpenFile) -> None:
+        if handle.gone:
+            raise OSError(errno.ESTALE, "the file was removed while this node was cut off")
+
     def write_direct(self, handle: OpenFile, offset: int, data: bytes) -> bool:
         """The fast path: write inside size and allocated units, or return False."""
         if handle.paused or offset + len(data) > handle.size:
@@ -182,7 +259,8 @@ class DataPath:
     async def write(self, handle: OpenFile, offset: int, data: bytes) -> int:
         end = offset + len(data)
         while not self.write_direct(handle, offset, data):
-            if self._ensure_valid():
+            self.check_handle(handle)
+            if await self._ensure_valid():
                 continue
             if handle.paused:
                 await handle.resumed.wait()
@@ -213,3 +291,22 @@ class DataPath:
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
+
+
+async def _always_valid() -> float:
+    return math.inf
+
+
+class _Opening:
+    def __init__(self, datapath: DataPath, ino: int):
+        self.datapath, self.ino = datapath, ino
+
+    async def __aenter__(self) -> None:
+        self.datapath._opening[self.ino] += 1
+
+    async def __aexit__(self, *exc_info) -> None:
+        opening = self.datapath._opening
+        opening[self.ino] -= 1
+        if opening[self.ino] <= 0:
+            del opening[self.ino]
+            self.datapath._early.pop(self.ino, None)

@@ -14,6 +14,7 @@ class ExitCode:
     BAD_MOUNTPOINT = 12  # mountpoint missing, not a directory, or busy
     VOLUME_BUSY = 13  # another live node holds the volume
     EXISTS = 14  # mkfs target already holds a volume (use --force)
+    UNREACHABLE = 15  # status: the lease names a live coordinator that did not answer
     FSCK_REPAIRED = 1  # fsck found problems and repaired them all
     FSCK_UNREPAIRED = 4  # fsck found problems it left in place
 

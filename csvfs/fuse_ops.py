@@ -20,9 +20,12 @@ from csvfs.datapath import DataPath, OpenFile
 
 log = logging.getLogger(__name__)
 
-# Short kernel caching: other nodes change metadata behind this kernel's back.
-ENTRY_TIMEOUT = 0.5
-ATTR_TIMEOUT = 0.5
+# No kernel caching of names or attributes: other nodes change them behind this
+# kernel's back, and a change must show on every node the moment it returns. So
+# every lookup and stat asks the coordinator; file data is never cached either
+# (direct_io), nor are directory listings.
+ENTRY_TIMEOUT = 0
+ATTR_TIMEOUT = 0
 CAP_FSETID = 4
 
 
@@ -225,11 +228,12 @@ class CsvfsOperations(pyfuse3.Operations):
         return fh
 
     async def _open_handle(self, ino: int, setid_killer: list[int] | None) -> int:
-        reply = await self.meta("open", ino=ino)
-        attrs = reply["attrs"]
-        handle = None
-        if attrs["mode"] & 0o170000 == 0o100000:
-            handle = self.data.opened(ino, attrs["size"], reply["runs"], reply["version"])
+        async with self.data.opening(ino):
+            reply = await self.meta("open", ino=ino)
+            attrs = reply["attrs"]
+            handle = None
+            if attrs["mode"] & 0o170000 == 0o100000:
+                handle = self.data.opened(ino, attrs["size"], reply["runs"], reply["version"])
         fh = self._new_fh()
         self._handles[fh] = _Handle(ino, handle)
         if handle is not None:

@@ -1,8 +1,9 @@
 """A node: open the volume, win or join the coordinator role, mount and serve.
 
-This issue's cluster has one member, so the node that mounts holds the
-coordinator role in-process and talks to the metadata service through
-`call()`, the same interface the RPC layer will carry.
+Start-up checks the mountpoint, the volume and the key before writing
+anything; then the node claims a slot in the lease region, opens its RPC
+listener (every node has one: whoever becomes coordinator serves on it) and
+settles its role (csvfs/membership.py) before the mount appears.
 """
 
 from __future__ import annotations
@@ -11,21 +12,20 @@ import logging
 import os
 import signal
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from coordinator import recovery
-from coordinator.election import Election, read_lease
-from coordinator.events import EventLog
-from coordinator.service import MetadataService
+from coordinator.election import Election, read_slot, slot_alive
+from coordinator.rpc import RpcServer, split_address
+from csvfs import format as fmt
 from csvfs import fuse_fallocate
 from csvfs.datapath import DataPath
-from csvfs.errors import MountpointError, UserError, VolumeBusyError, VolumeError
+from csvfs.errors import MountpointError, UsageError, UserError, VolumeBusyError
 from csvfs.fuse_ops import CsvfsOperations
+from csvfs.membership import Membership, rpc_handler
 from csvfs.volume import Volume, read_key
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,15 @@ class NodeConfig:
     key_path: Path
     name: str = ""
     lease_seconds: float = 3.0
+    listen_text: str = "127.0.0.1:0"  # where the RPC server listens; port 0: any free one
 
     def __post_init__(self):
         if not self.name:
             self.name = f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def listen(self) -> tuple[str, int]:
+        return split_address(self.listen_text)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -65,127 +70,89 @@ class Node:
         self.config = config
         self.volume: Volume | None = None
         self.election: Election | None = None
-        self.service: MetadataService | None = None
-        self.events: EventLog | None = None
+        self.key = b""
         self.datapath: DataPath | None = None
+        self.membership: Membership | None = None
 
     # -- start-up, in an order that writes nothing until the input is known good ---------
 
     def open_volume(self) -> None:
         check_mountpoint(self.config.mountpoint)
         self.volume = Volume.open(self.config.image, writable=True)
-        self.volume.check_key(read_key(self.config.key_path))
-
-    def become_coordinator(self) -> None:
-        volume = self.volume
-        election = self.election = Election(volume, self.config.name, self.config.lease_seconds)
-        election.claim_slot()
-        with election.lease_lock():
-            lease = read_lease(volume)
-            if election.live_owner(lease):
-                raise VolumeBusyError(
-                    f"{self.config.image} is already mounted by node {lease.owner_name} "
-                    f"(pid {lease.owner_pid}); several nodes per volume come with the cluster "
-                    "release"
-                )
-            recovered = self._recover()
-            epoch = election.take(lease, recovered.last_epoch)
-        self.events = EventLog(volume, self.config.name)
-        self.events.emit("election", f"{self.config.name} became coordinator, epoch {epoch}")
-        if lease.owner_slot >= 0:
-            self.events.emit("takeover", f"took over from {lease.owner_name} (pid "
-                             f"{lease.owner_pid}, epoch {lease.epoch}): its lease had lapsed",
-                             level="warning")
-        if volume.used_copy:
-            self.events.emit("superblock", "primary superblock unusable; running on its copy "
-                             "(csvfs fsck --repair restores it)", level="warning")
-        self.service = MetadataService(volume, recovered, epoch, self.events)
-
-    def _recover(self) -> recovery.Recovered:
+        self.key = read_key(self.config.key_path)
+        self.volume.check_key(self.key)
+        self.election = Election(self.volume, self.config.name, self.config.lease_seconds)
         try:
-            recovered = recovery.load(self.volume)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise VolumeError(f"{self.config.image}: metadata does not load ({exc}); "
-                              "run csvfs fsck") from None
-        if recovered.state.damage:
-            raise VolumeError(f"{self.config.image}: metadata is inconsistent "
-                              f"({recovered.state.damage[0]}); "
-                              f"run 'csvfs fsck --repair {self.config.image}'")
-        if recovered.replay.corrupt is not None:
-            raise VolumeError(f"{self.config.image}: {recovered.replay.corrupt}; "
-                              f"run 'csvfs fsck --repair {self.config.image}'")
-        for problem in recovered.checkpoint_problems:
-            log.warning("%s", problem)
-        return recovered
+            self.election.claim_slot()
+        except OSError as exc:
+            raise VolumeBusyError(f"{self.config.image}: {exc}") from None
+        self._check_name_free()
+
+    def _check_name_free(self) -> None:
+        """Node names identify sessions: two live nodes must not share one."""
+        for slot in range(fmt.MAX_NODES):
+            if slot == self.election.slot or not slot_alive(self.volume, slot):
+                continue
+            record = read_slot(self.volume, slot)
+            if record and record.get("name") == self.config.name:
+                raise VolumeBusyError(
+                    f"{self.config.image} is already mounted by a node named "
+                    f"{self.config.name} (pid {record.get('pid')}); choose another --name")
 
     # -- serving ------------------------------------------------------------------------
 
     async def serve(self, ready=lambda: None) -> None:
-        service = self.service
-        name = self.config.name
-
-        async def meta(method: str, **args):
-            return await service.call(name, method, args)
-
+        config = self.config
+        server = RpcServer(self.key, rpc_handler(lambda: self.membership), *config.listen,
+                           on_disconnect=self._peer_gone)
+        try:
+            self.election.address = await server.bind()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {config.listen_text}: {exc.strerror}") from None
         sb = self.volume.sb
-        datapath = DataPath(name, self.volume.fd, sb.data.offset, sb.unit_size, meta)
-        service.register(datapath)
-        service.on_fenced.append(datapath.fence)
-        self.datapath = datapath
-        datapath.revalidate = self._revalidate_data_path
-        self._move_deadlines()
-        service.renew_lease = self._renew_now
-        await service.start()
-        operations = CsvfsOperations(datapath, meta)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve)
+            datapath = DataPath(config.name, self.volume.fd, sb.data.offset, sb.unit_size,
+                                self._meta)
+            membership = Membership(config.name, self.volume, self.election, datapath,
+                                    self.key, config.lease_seconds, nursery)
+            datapath.revalidate = membership.revalidate
+            self.datapath, self.membership = datapath, membership
+            await membership.start()
+            await self._mount_and_serve(ready)
+            nursery.cancel_scope.cancel()
+        self.volume.close()
+
+    async def _meta(self, method: str, **args):
+        return await self.membership.meta(method, **args)
+
+    def _peer_gone(self, peer) -> None:
+        membership = self.membership
+        if membership is not None and membership.endpoint is not None:
+            membership.endpoint.disconnected(peer)
+
+    async def _mount_and_serve(self, ready) -> None:
+        operations = CsvfsOperations(self.datapath, self._meta)
         fuse_fallocate.set_handler(operations.fallocate)
         options = set(pyfuse3.default_options)
         options |= {"fsname=csvfs", "subtype=csvfs", "allow_other"}
         try:
             pyfuse3.init(operations, str(self.config.mountpoint), options)
         except RuntimeError as exc:
+            await self.membership.close()
             raise MountpointError(f"cannot mount on {self.config.mountpoint}: {exc}") from None
-        self.events.emit("mount", f"{name} mounted {self.config.mountpoint}")
+        log.info("%s mounted %s (%s)", self.config.name, self.config.mountpoint,
+                 self.membership.role)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._renew_lease)
                 nursery.start_soon(self._stop_on_signal)
                 ready()
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
-            await self._shut_down()
-
-    async def _renew_lease(self) -> None:
-        """Renew several times per lease period; stop committing before the lease can lapse."""
-        while not self.service.fenced:
-            await trio.sleep(self.config.lease_seconds / 3)
-            try:
-                self._renew_now()  # fences the node if the lease is someone else's
-            except OSError as exc:
-                log.warning("cannot renew the coordinator lease: %s", exc)
-                # commits and direct I/O stop by themselves once the deadlines pass
-
-    def _renew_now(self) -> bool:
-        """Renew the lease; on success move the commit deadline on."""
-        if not self.election.renew():
-            self.service.fence("another node holds the coordinator lease now")
-            return False
-        self._move_deadlines()
-        return True
-
-    def _revalidate_data_path(self) -> float | None:
-        """The data path's deadline after a fresh renewal; None once fenced."""
-        return self.datapath.valid_until if self._renew_now() else None
-
-    def _move_deadlines(self) -> None:
-        """Commit and do direct I/O only while well inside the lease, so that a stall
-        cannot outlive it unnoticed."""
-        margin = self.config.lease_seconds * 0.8
-        self.service.lease_deadline = trio.current_time() + margin
-        self.datapath.valid_until = time.monotonic() + margin
-
-
+            with trio.CancelScope(shield=True):
+                await self.membership.close()
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -193,20 +160,6 @@ class Node:
                 log.info("received %s: unmounting", signal.Signals(signum).name)
                 pyfuse3.terminate()
                 return
-
-    async def _shut_down(self) -> None:
-        """Clean unmount: a checkpoint makes the next mount fast, then give up the lease."""
-        try:
-            if self.service.fenced:
-                log.warning("unmounting a fenced node: the volume belongs to another now")
-                return  # write nothing at all: not a checkpoint, not an event, not the lease
-            await self.service.checkpoint_now()
-            self.events.emit("unmount", f"{self.config.name} unmounted cleanly")
-            self.election.release()
-        except OSError as exc:
-            log.error("clean shutdown failed: %s (the next mount replays the journal)", exc)
-        finally:
-            self.volume.close()
 
     def close(self) -> None:
         if self.volume is not None:
@@ -217,11 +170,18 @@ def run_foreground(config: NodeConfig, ready=lambda: None) -> None:
     node = Node(config)
     try:
         node.open_volume()
-        node.become_coordinator()
-    except BaseException:
+        trio.run(node.serve, ready)
+    except BaseExceptionGroup as group:  # a nursery wraps what start-up raised
+        raise _single(group) from None
+    finally:
         node.close()
-        raise
-    trio.run(node.serve, ready)
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside nested groups, or the group itself."""
+    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+        group = group.exceptions[0]
+    return group
 
 
 def mount(config: NodeConfig, foreground: bool) -> None:

@@ -103,6 +103,25 @@ class Node:
         if self.process is not None and self.process.stderr:
             self.process.stderr.close()
 
+    def slot(self) -> dict:
+        """This node's record in the volume's lease region."""
+        from coordinator.election import read_slot
+        from csvfs import format as fmt
+        from csvfs.volume import Volume
+
+        volume = Volume.open(self.image)
+        try:
+            for slot in range(fmt.MAX_NODES):
+                record = read_slot(volume, slot)
+                if record and record["name"] == self.name and record["pid"] == self.process.pid:
+                    return record
+        finally:
+            volume.close()
+        raise AssertionError(f"node {self.name} has no slot")
+
+    def rpc_address(self) -> str:
+        return self.slot()["address"]
+
     def log_problems(self) -> list[str]:
         if not self.log.exists():
             return []

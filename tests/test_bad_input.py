@@ -152,12 +152,25 @@ def test_busy_and_missing_mountpoint(small_image, tmp_path, nodes):
     refused_without_write(second, tmp_path / "absent", BAD_MOUNTPOINT, "does not exist")
 
 
-def test_volume_already_mounted_elsewhere(small_image, tmp_path, nodes):
+def test_node_name_already_in_use(small_image, tmp_path, nodes):
     first = nodes.start(small_image)
     other = tmp_path / "mnt-other"
     other.mkdir()
-    result = csvfs("mount", small_image, other, check=False)
+    result = csvfs("mount", small_image, other, "--name", first.name, check=False)
     assert_one_line_error(result, VOLUME_BUSY, "already mounted", first.name)
+    assert not is_mounted(other)
+
+
+def test_bad_listen_and_lease_arguments(small_image, tmp_path, nodes):
+    first = nodes.start(small_image)
+    other = tmp_path / "mnt-other"
+    other.mkdir()
+    for args in (["--listen", "nowhere"], ["--listen", "127.0.0.1:99999"], ["--lease", "0"],
+                 ["--lease", "abc"]):
+        assert_one_line_error(csvfs("mount", small_image, other, *args, check=False), USAGE)
+    taken = first.rpc_address()
+    result = csvfs("mount", small_image, other, "--listen", taken, check=False)
+    assert_one_line_error(result, USAGE, "cannot listen", taken)
     assert not is_mounted(other)
 
 

@@ -45,13 +45,20 @@ async def test_expired_session_revalidates_before_any_byte_reaches_the_image(ima
     data = make_datapath(image_fd, calls)
     handle = data.opened(7, size=UNIT, runs=[[0, 2, 1]], version=1)
     answers = []
-    data.revalidate = lambda: answers.append("asked") or time.monotonic() + 10
+    async def revalidate():
+        answers.append("asked")
+        return time.monotonic() + 10
+
+    async def shut_down():
+        return None
+
+    data.revalidate = revalidate
     data.valid_until = time.monotonic() - 1  # a stall outlived the lease
     assert data.write_direct(handle, 0, b"x") is False  # the fast path refuses
     assert await data.write(handle, 0, b"ok") == 2  # revalidated, then written
     assert answers == ["asked"]
 
-    data.revalidate = lambda: None  # someone else owns the volume now
+    data.revalidate = shut_down  # the node is unmounting
     data.valid_until = time.monotonic() - 1
     with pytest.raises(OSError) as failure:
         await data.write(handle, 0, b"stale")

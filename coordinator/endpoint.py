@@ -1,0 +1,185 @@
+"""The coordinator's face on the network: RPC requests in, notifications out.
+
+Every node other than the coordinator's own reaches the metadata service
+through here. A node first calls `register` with the files it has open;
+that makes it a session: it gets pushed pause, map and resume notifications
+for those files, and it must renew its grant with `heartbeat`. The grant
+bounds how long the node may do direct I/O without hearing from us, so
+that a node we cut off is known to have stopped writing once it runs out.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import trio
+
+from coordinator.errors import MetaError
+from coordinator.rpc import Peer, RpcDisconnected
+from coordinator.service import MetadataService
+
+log = logging.getLogger(__name__)
+
+# Requests the endpoint answers itself; everything else goes to the service.
+SESSION_METHODS = ("register", "heartbeat", "paused", "goodbye", "status")
+
+
+class RemoteSession:
+    """A node on the other end of an RPC connection, as the service sees it."""
+
+    def __init__(self, peer: Peer, slot: int, grant_seconds: float):
+        self.name = peer.name
+        self.peer = peer
+        self.slot = slot
+        self.grant_seconds = grant_seconds
+        self.valid_until = trio.current_time() + grant_seconds
+        self.joined_ns = time.time_ns()
+        self._outbox_send, self._outbox = trio.open_memory_channel(math.inf)
+        self._acks: dict[int, trio.Event] = {}
+        self._tokens = itertools.count(1)
+
+    def renew(self) -> None:
+        """The node heard from us now: it may do I/O until the grant it computes,
+        which starts before this moment and is shorter."""
+        self.valid_until = trio.current_time() + self.grant_seconds
+
+    async def send_notifications(self) -> None:
+        """Push notifications in order; ends when the connection does."""
+        async for kind, body in self._outbox:
+            try:
+                await self.peer.notify(kind, body)
+            except RpcDisconnected:
+                return
+
+    # -- NodeSession ------------------------------------------------------------------
+
+    async def pause(self, ino: int) -> None:
+        if self.peer.closed:
+            raise RpcDisconnected(f"{self.peer} is gone")
+        token = next(self._tokens)
+        acked = self._acks[token] = trio.Event()
+        self._outbox_send.send_nowait(("pause", {"ino": ino, "token": token}))
+        try:
+            async with trio.open_nursery() as nursery:
+                async def give_up_when_closed():
+                    await self.peer.wait_closed()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(give_up_when_closed)
+                await acked.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._acks.pop(token, None)
+        if not acked.is_set():
+            raise RpcDisconnected(f"{self.peer} left before pausing inode {ino}")
+
+    def paused(self, token: int) -> None:
+        acked = self._acks.get(token)
+        if acked is not None:
+            acked.set()
+
+    def update_map(self, ino: int, size: int, runs: list, version: int) -> None:
+        self._outbox_send.send_nowait(("map", {"ino": ino, "size": size, "runs": runs,
+                                               "version": version}))
+
+    def resume(self, ino: int) -> None:
+        self._outbox_send.send_nowait(("resume", {"ino": ino}))
+
+    def evict(self, reason: str) -> float | None:
+        self.peer.close(f"evicted: {reason}")
+        self._outbox_send.close()
+        return self.valid_until
+
+    def close(self) -> None:
+        self._outbox_send.close()
+
+
+class CoordinatorEndpoint:
+    """Serves one coordinator epoch. `slot_alive(slot)` tells whether a node's
+    process provably still lives (its liveness lock on the volume is held)."""
+
+    def __init__(self, service: MetadataService, nursery: trio.Nursery, grant_seconds: float,
+                 slot_alive: Callable[[int], bool], status: Callable[[], dict]):
+        self.service = service
+        self.nursery = nursery
+        self.grant_seconds = grant_seconds
+        self.slot_alive = slot_alive
+        self.status = status
+        self.sessions: dict[str, RemoteSession] = {}
+
+    async def handle(self, peer: Peer, method: str, args: dict):
+        if method in SESSION_METHODS:
+            return await getattr(self, f"_{method}")(peer, **args)
+        session = self.sessions.get(peer.name)
+        if session is None or session.peer is not peer:
+            raise MetaError(errno.EPERM, "register first")
+        return await self.service.call(peer.name, method, args)
+
+    async def _register(self, peer: Peer, slot: int, opens: list) -> dict:
+        old = self.sessions.get(peer.name)
+        if old is not None and old.peer is not peer:  # it reconnected before we noticed
+            old.peer.close("replaced by a new connection from the same node")
+            old.close()
+        session = RemoteSession(peer, slot, self.grant_seconds)
+        self.sessions[peer.name] = session
+        self.nursery.start_soon(session.send_notifications)
+        maps = await self.service.join(session, opens)
+        log.info("%s joined with %d open files", peer, len(opens))
+        self.service.events.emit("join", f"{peer.name} joined from {peer.address} "
+                                 f"with {len(opens)} open files")
+        return {"epoch": self.service.epoch, "grant_seconds": self.grant_seconds,
+                "maps": maps}
+
+    def _session(self, peer: Peer) -> RemoteSession:
+        session = self.sessions.get(peer.name)
+        if session is None or session.peer is not peer:
+            raise MetaError(errno.EPERM, "no session: register first")
+        return session
+
+    async def _heartbeat(self, peer: Peer) -> dict:
+        session = self._session(peer)
+        session.renew()
+        return {"epoch": self.service.epoch, "grant_seconds": session.grant_seconds}
+
+    async def _paused(self, peer: Peer, token: int) -> None:
+        self._session(peer).paused(token)
+
+    async def _goodbye(self, peer: Peer) -> None:
+        """A clean unmount: the node has stopped all I/O and closed every file."""
+        session = self._session(peer)
+        del self.sessions[peer.name]
+        session.close()
+        await self.service.leave(peer.name)
+        self.service.events.emit("leave", f"{peer.name} left")
+
+    async def _status(self, peer: Peer) -> dict:
+        return self.status()
+
+    def disconnected(self, peer: Peer) -> None:
+        """RpcServer on_disconnect: a session ends with its connection."""
+        session = self.sessions.get(peer.name)
+        if session is None or session.peer is not peer:
+            return
+        del self.sessions[peer.name]
+        session.close()
+        # A dead node writes nothing more; a live one may until its grant runs out.
+        until = session.valid_until if self.slot_alive(session.slot) else None
+        log.info("%s disconnected (%s)", peer, peer.close_reason)
+        self.nursery.start_soon(self._leave, peer.name, until)
+
+    async def _leave(self, name: str, until: float | None) -> None:
+        try:
+            await self.service.leave(name, until)
+        except MetaError as exc:  # e.g. we stepped down meanwhile
+            log.info("forgetting %s's open files: %s", name, exc)
+
+    def close(self) -> None:
+        for session in self.sessions.values():
+            session.peer.close("the coordinator is stepping down")
+            session.close()
+        self.sessions.clear()

@@ -1,0 +1,147 @@
+"""`csvfs status`: who serves a volume, from any shell, with no mount of its own.
+
+The lease region names the coordinator and every node that ever took a slot
+(name, pid, RPC address, I/O mode, heartbeat); a slot is alive while its
+node holds the slot's liveness lock. The coordinator itself, asked over RPC
+with the cluster key, adds its sessions and its open-file table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import trio
+
+from coordinator.election import read_lease, read_slot, slot_alive
+from coordinator.errors import MetaError
+from coordinator.rpc import RpcClient, RpcError, split_address
+from csvfs import format as fmt
+from csvfs.errors import ExitCode, UserError
+from csvfs.volume import Volume, read_key
+
+ASK_TIMEOUT = 3.0
+
+
+class CoordinatorUnreachable(UserError):
+    exit_code = ExitCode.UNREACHABLE
+
+
+def gather(image: Path, key_path: Path) -> dict:
+    """Everything status shows, as one JSON-ready dict."""
+    volume = Volume.open(image)
+    try:
+        lease = read_lease(volume)
+        nodes = [_node(volume, slot, lease) for slot in range(fmt.MAX_NODES)]
+        nodes = [node for node in nodes if node is not None]
+        report = {
+            "volume": str(volume.sb.uuid),
+            "image": str(image),
+            "coordinator": None,
+            "nodes": nodes,
+            "open_files": [],
+        }
+        owner = next((n for n in nodes if n["coordinator"]), None)
+        if owner is None:
+            return report
+        key = read_key(key_path)
+        volume.check_key(key)
+    finally:
+        volume.close()
+    report["coordinator"] = {"name": owner["name"], "slot": owner["slot"], "epoch": lease.epoch,
+                             "address": owner["address"],
+                             "lease_left_s": round((lease.expiry_ns - time.time_ns()) / 1e9, 3)}
+    try:
+        answer = trio.run(_ask, owner["address"], key)
+    except (RpcError, MetaError, OSError, ValueError, trio.TooSlowError) as exc:
+        report["error"] = f"coordinator {owner['name']} at {owner['address']} did not answer: " \
+                          f"{exc or 'timed out'}"
+        return report
+    _merge(report, answer)
+    return report
+
+
+def _node(volume: Volume, slot: int, lease) -> dict | None:
+    record = read_slot(volume, slot)
+    if record is None:
+        return None
+    alive = slot_alive(volume, slot)
+    coordinator = alive and lease.owner_slot == slot and lease.expiry_ns > time.time_ns()
+    mode = record.get("mode", "?") if alive else "-"
+    return {
+        "slot": slot,
+        "name": record.get("name", "?"),
+        "pid": record.get("pid", 0),
+        "address": record.get("address", ""),
+        "alive": alive,
+        "state": "alive" if alive else ("stopped" if record.get("mode") == "stopped" else "dead"),
+        "coordinator": coordinator,
+        "io_mode": mode,
+        "heartbeat_age_s": round((time.time_ns() - record.get("heartbeat_ns", 0)) / 1e9, 3),
+        "session": coordinator,
+    }
+
+
+async def _ask(address: str, key: bytes) -> dict:
+    host, port = split_address(address)
+    with trio.fail_after(ASK_TIMEOUT):
+        async with await RpcClient.connect(host, port, key, f"status-{os.getpid()}",
+                                           timeout=ASK_TIMEOUT) as client:
+            return await client.call("status", timeout=ASK_TIMEOUT)
+
+
+def _merge(report: dict, answer: dict) -> None:
+    members = {session["name"] for session in answer["sessions"]}
+    for node in report["nodes"]:
+        node["session"] = node["name"] in members and node["alive"]
+    report["coordinator"]["epoch"] = answer["epoch"]
+    report["lingering"] = answer.get("lingering", [])
+    report["open_files"] = [{"ino": ino, "path": path, "nodes": nodes}
+                            for ino, path, nodes in answer["open_files"]]
+
+
+def render(report: dict) -> str:
+    lines = [f"volume {report['volume']} ({report['image']})"]
+    coordinator = report["coordinator"]
+    if coordinator is None:
+        lines.append("coordinator: none (no node has the volume mounted)")
+    else:
+        lines.append(f"coordinator: {coordinator['name']} at {coordinator['address']}, "
+                     f"epoch {coordinator['epoch']}, lease valid for "
+                     f"{max(coordinator['lease_left_s'], 0):.1f} s more")
+    lines.append("")
+    rows = [["NODE", "SLOT", "PID", "ADDRESS", "STATE", "ROLE", "I/O MODE", "HEARTBEAT"]]
+    for node in report["nodes"]:
+        role = "coordinator" if node["coordinator"] else ("member" if node["session"] else "-")
+        age = f"{node['heartbeat_age_s']:.1f} s ago" if node["alive"] else "-"
+        rows.append([node["name"], str(node["slot"]), str(node["pid"]), node["address"] or "-",
+                     node["state"], role, node["io_mode"], age])
+    lines += _table(rows)
+    if coordinator is not None and "error" not in report:
+        lines.append("")
+        if report["open_files"]:
+            rows = [["INODE", "PATH", "OPEN ON"]]
+            for entry in report["open_files"]:
+                holders = ", ".join(f"{name} ({count})"
+                                    for name, count in sorted(entry["nodes"].items()))
+                rows.append([str(entry["ino"]), entry["path"] or "(unlinked)", holders])
+            lines += _table(rows)
+        else:
+            lines.append("no open files")
+    return "\n".join(lines)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def run_status(image: Path, key_path: Path, as_json: bool) -> int:
+    report = gather(image, key_path)
+    print(json.dumps(report, indent=2) if as_json else render(report))
+    if "error" in report:
+        raise CoordinatorUnreachable(report["error"])
+    return 0

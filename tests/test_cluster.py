@@ -1,0 +1,264 @@
+"""Several nodes on one volume, on real mounts: coherence, quiesce, eviction, status."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.cluster import csvfs, make_volume
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def start_cluster(nodes, image, count, *extra, env=None):
+    """The first node becomes coordinator; the others join it."""
+    return [nodes.start(image, f"n{index}", *extra, env=env) for index in range(1, count + 1)]
+
+
+def status(image) -> dict:
+    return json.loads(csvfs("status", image, "--json").stdout)
+
+
+def events(image) -> list[dict]:
+    return [json.loads(line) for line in csvfs("events", image, "--json").stdout.splitlines()]
+
+
+# -- joining ------------------------------------------------------------------------------
+
+
+def test_second_node_joins_and_status_shows_both(image, nodes):
+    first, second = start_cluster(nodes, image, 2)
+    report = status(image)
+    assert report["coordinator"]["name"] == "n1"
+    assert report["coordinator"]["epoch"] == 1
+    by_name = {node["name"]: node for node in report["nodes"]}
+    assert by_name["n1"]["coordinator"] and by_name["n1"]["alive"]
+    assert by_name["n2"]["session"] and not by_name["n2"]["coordinator"]
+    assert by_name["n2"]["io_mode"] == "direct"
+    assert by_name["n2"]["pid"] == second.process.pid
+    assert by_name["n2"]["address"] == second.rpc_address()
+
+    with open(second.path("held"), "wb") as held:
+        held.write(b"x")
+        table = csvfs("status", image).stdout
+        open_files = status(image)["open_files"]
+    assert open_files == [{"ino": open_files[0]["ino"], "path": "/held", "nodes": {"n2": 1}}]
+    assert "coordinator: n1" in table and "/held" in table and "n2 (1)" in table
+    assert any(e["kind"] == "join" and e["msg"].startswith("n2 joined") for e in events(image))
+
+
+def test_status_without_a_mount(image):
+    report = status(image)
+    assert report["coordinator"] is None and report["nodes"] == []
+    assert "coordinator: none" in csvfs("status", image).stdout
+
+
+# -- coherence: a change on one node shows on every other at once --------------------------
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_namespace_and_attributes_are_coherent(image, nodes, count):
+    cluster = start_cluster(nodes, image, count)
+    for step in range(count):
+        actor = cluster[step]
+        others = [node for node in cluster if node is not actor]
+        name = f"s{step}"
+
+        actor.path(f"{name}-file").write_bytes(b"made on " + actor.name.encode())
+        os.mkdir(actor.path(f"{name}-dir"))
+        for other in others:
+            assert other.path(f"{name}-file").read_bytes() == b"made on " + actor.name.encode()
+            assert other.path(f"{name}-dir").is_dir()
+            assert f"{name}-file" in os.listdir(other.mountpoint)
+
+        os.rename(actor.path(f"{name}-file"), actor.path(f"{name}-dir", "moved"))
+        for other in others:
+            assert not other.path(f"{name}-file").exists()
+            assert other.path(f"{name}-dir", "moved").exists()
+
+        os.chmod(actor.path(f"{name}-dir", "moved"), 0o600)
+        os.utime(actor.path(f"{name}-dir", "moved"), ns=(10**18, 2 * 10**18))
+        for other in others:
+            info = os.stat(other.path(f"{name}-dir", "moved"))
+            assert stat.S_IMODE(info.st_mode) == 0o600
+            assert info.st_mtime_ns == 2 * 10**18 and info.st_atime_ns == 10**18
+
+        os.unlink(actor.path(f"{name}-dir", "moved"))
+        os.rmdir(actor.path(f"{name}-dir"))
+        for other in others:
+            assert not other.path(f"{name}-dir").exists()
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_sizes_and_data_are_coherent_on_open_files(image, nodes, count):
+    cluster = start_cluster(nodes, image, count)
+    cluster[0].path("shared").write_bytes(b"")
+    fds = [os.open(node.path("shared"), os.O_RDWR) for node in cluster]
+    try:
+        data = b""
+        for step in range(3 * count):
+            writer = step % count
+            chunk = bytes([65 + step]) * random.Random(step).choice([100, 5000, 1 << 20])
+            os.pwrite(fds[writer], chunk, len(data))  # an extend
+            data += chunk
+            for index, node in enumerate(cluster):
+                assert os.fstat(fds[index]).st_size == len(data), node.name
+                assert os.stat(node.path("shared")).st_size == len(data)
+                assert os.pread(fds[index], len(data) + 10, 0) == data, node.name
+            # new data inside the allocated size, no extend: read at once elsewhere
+            os.pwrite(fds[writer], b"overwritten", 3)
+            data = data[:3] + b"overwritten" + data[14:]
+            for index in range(count):
+                assert os.pread(fds[index], 20, 0) == data[:20]
+            # a truncate on another node: everybody sees the shorter file
+            cutter = (step + 1) % count
+            os.ftruncate(fds[cutter], len(data) // 2)
+            data = data[: len(data) // 2]
+            for index in range(count):
+                assert os.fstat(fds[index]).st_size == len(data)
+                assert os.pread(fds[index], len(data) + 100, 0) == data
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# -- the hard rule: no write lands in a unit freed or given to another file ----------------
+
+
+def test_truncate_while_another_node_writes_never_touches_other_files(tmp_path, nodes):
+    # A small volume with small units: the allocator's cursor comes round fast, so units
+    # freed by the shrink go to the other files within moments.
+    image = make_volume(tmp_path, size="24M", unit="64K")
+    shrinker, writer = start_cluster(nodes, image, 2)
+    shrinker.path("contested").write_bytes(b"")
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    counts = {"cycles": 0, "writes": 0, "others": 0}
+
+    def guarded(work):
+        def run():
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+                stop.set()
+        return threading.Thread(target=run)
+
+    def shrink_and_grow():
+        path = shrinker.path("contested")
+        while not stop.is_set():
+            os.truncate(path, 0)
+            os.truncate(path, 256 << 10)
+            counts["cycles"] += 1
+
+    def write_contested():
+        fd = os.open(writer.path("contested"), os.O_WRONLY)
+        rng = random.Random(1)
+        try:
+            while not stop.is_set():
+                # a few units, known to the writer's map from its first writes: without
+                # the pause and the new map it would go on writing to them once freed
+                os.pwrite(fd, b"\xee" * 4096, rng.randrange(0, 256 << 10, 4096))
+                counts["writes"] += 1
+        finally:
+            os.close(fd)
+
+    checksums: dict[str, str] = {}
+    damaged: list[str] = []
+
+    def create_and_extend_others():
+        rng = random.Random(2)
+        index = 0
+        while not stop.is_set():
+            node = (shrinker, writer)[index % 2]
+            name = f"other-{index}"
+            data = rng.randbytes(rng.choice([30000, 200000, 500000]))
+            with open(node.path(name), "wb") as handle:
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                handle.write(data[len(data) // 2 :])  # the second half extends the file
+            checksums[name] = hashlib.sha256(data).hexdigest()
+            if index >= 4:  # keep space churning: check an old one, then free it
+                victim = f"other-{index - 4}"
+                seen = hashlib.sha256(node.path(victim).read_bytes()).hexdigest()
+                if seen != checksums.pop(victim):
+                    damaged.append(victim)
+                os.unlink(node.path(victim))
+            index += 1
+            counts["others"] += 1
+
+    threads = [guarded(shrink_and_grow), guarded(write_contested),
+               guarded(create_and_extend_others)]
+    for thread in threads:
+        thread.start()
+    time.sleep(4)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not failures, failures
+    assert not damaged, f"other files changed while the contested one was cut: {damaged}"
+    assert counts["cycles"] > 20 and counts["writes"] > 200 and counts["others"] > 10, counts
+    for name, digest in checksums.items():
+        for node in (shrinker, writer):
+            assert hashlib.sha256(node.path(name).read_bytes()).hexdigest() == digest, \
+                f"{name} changed, seen from {node.name}"
+    contested = shrinker.path("contested").read_bytes()
+    assert set(contested) <= {0, 0xEE}  # only the writer's bytes, or zeros
+    for node in (shrinker, writer):
+        node.unmount()
+    report = csvfs("fsck", image, check=False)
+    assert report.returncode == 0, report.stdout
+
+
+# -- eviction: a node that does not pause in time is cut off, and rejoins --------------------
+
+
+def _ask(holder, command):
+    holder.stdin.write(command + "\n")
+    holder.stdin.flush()
+    return holder.stdout.readline().strip()
+
+
+def test_node_that_does_not_pause_is_evicted_and_rejoins(tmp_path, nodes):
+    image = make_volume(tmp_path, size="48M", unit="64K")
+    coordinator, sleeper = start_cluster(nodes, image, 2)
+    holder = subprocess.Popen([sys.executable, "-m", "tests.fd_holder",
+                               str(sleeper.path("held"))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(64):  # 512 KiB: eight units
+            assert _ask(holder, "write") == "ok"
+        sleeper.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        os.truncate(coordinator.path("held"), 0)  # needs the stopped node to pause
+        waited = time.monotonic() - started
+        # the freed units go to another file at once
+        fresh = random.Random(3).randbytes(3 << 20)
+        coordinator.path("fresh").write_bytes(fresh)
+        assert any(e["kind"] == "evict" and "n2" in e["msg"] for e in events(image))
+        sleeper.process.send_signal(signal.SIGCONT)
+        assert _ask(holder, "poke") == "ok"  # after rejoining, with the new map
+    finally:
+        sleeper.process.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait(timeout=10)
+        holder.stdin.close()
+        holder.stdout.close()
+    assert 1.5 < waited < 10, waited  # the pause timeout, then the rest of the grant
+    assert coordinator.path("held").read_bytes() == b"x" * 10
+    for node in (coordinator, sleeper):
+        assert node.path("fresh").read_bytes() == fresh
+    assert "joined coordinator n1" in sleeper.log.read_text()
+    for node in (coordinator, sleeper):
+        node.unmount()
+    assert csvfs("fsck", image, check=False).returncode == 0
