@@ -95,14 +95,25 @@ def new_journal_gen() -> int:
 def write_checkpoint(volume: Volume, slot: int, epoch: int, seq: int, state: MetadataState,
                      gen: int = 0) -> None:
     """Write a full metadata image to `slot`, opening journal generation `gen`; make it durable."""
+    write_blob(volume, *checkpoint_blob(volume, slot, epoch, seq, state, gen))
+
+
+def checkpoint_blob(volume: Volume, slot: int, epoch: int, seq: int, state: MetadataState,
+                    gen: int = 0) -> tuple[int, bytes]:
+    """Where a checkpoint of `state` goes, and its bytes; raises OSError if it does not fit."""
     image = state.to_image()
     image[JOURNAL_GEN] = gen
     blob = fmt.encode_checkpoint(epoch, seq, image)
     region = volume.sb.checkpoint_slots()[slot]
     if len(blob) > region.length:
         raise OSError(f"metadata ({len(blob)} bytes) no longer fits a checkpoint slot")
+    return region.offset, blob
+
+
+def write_blob(volume: Volume, offset: int, blob: bytes) -> None:
+    """Write and make durable; blocking, so the coordinator runs it in a worker thread."""
     started = time.monotonic()
-    volume.write(region.offset, blob)
+    volume.write(offset, blob)
     volume.sync()
-    log.debug("checkpoint seq %d in slot %s: %d bytes, %.1f ms", seq, "AB"[slot],
-              len(blob), (time.monotonic() - started) * 1000)
+    log.debug("checkpoint of %d bytes at %d: %.1f ms", len(blob), offset,
+              (time.monotonic() - started) * 1000)

@@ -269,7 +269,7 @@ class MetadataService:
         async with self._lock:
             if self.journal.used_fraction > CHECKPOINT_AT:
                 await self._durable()
-                self.checkpoint()
+                await self.checkpoint()
             yield
 
     def _append(self, op: dict) -> int:
@@ -295,14 +295,17 @@ class MetadataService:
         except OSError as exc:
             raise MetaError(errno.EIO, str(exc)) from None
 
-    def checkpoint(self) -> None:
+    async def checkpoint(self) -> None:
         """Write the whole state to the other slot, then restart the journal.
 
         Called with the lock held and nothing pending, so the image is exactly
-        the state after journal record next_seq - 1.
+        the state after journal record next_seq - 1, and stays so while a worker
+        thread writes it (the fdatasync would otherwise stall every request).
         """
         if self.journal.durable_seq != self.journal.next_seq - 1:
             raise AssertionError("checkpoint with records still pending")
+        if not self._lease_held():  # a stale coordinator must not overwrite a checkpoint
+            raise NotCoordinator("the coordinator lease is gone")
         seq = self.journal.next_seq - 1
         if seq == self._checkpointed_seq:
             # Nothing appended since our last checkpoint: both slots will hold this
@@ -311,8 +314,12 @@ class MetadataService:
             gen = self.journal.gen
         else:
             gen = recovery.new_journal_gen()
-        recovery.write_checkpoint(self.volume, self._checkpoint_slot, self.epoch, seq,
-                                  self.state, gen)
+        offset, blob = recovery.checkpoint_blob(self.volume, self._checkpoint_slot, self.epoch,
+                                                seq, self.state, gen)
+        try:
+            await trio.to_thread.run_sync(recovery.write_blob, self.volume, offset, blob)
+        except OSError as exc:
+            raise MetaError(errno.EIO, f"checkpoint failed: {exc}") from None
         self._checkpoint_slot = 1 - self._checkpoint_slot
         self._checkpointed_seq = seq
         self.journal.restart_after_checkpoint(gen)
@@ -320,7 +327,7 @@ class MetadataService:
     async def checkpoint_now(self) -> None:
         async with self._lock:
             await self._durable()
-            self.checkpoint()
+            await self.checkpoint()
 
     # -- helpers ---------------------------------------------------------------------------
 

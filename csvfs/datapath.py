@@ -289,8 +289,10 @@ class DataPath:
             os.pwrite(self.fd, view[start - offset : end - offset], position)
         return True
 
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
+    async def sync(self) -> None:
+        """fsync: in a worker thread, since flushing the image may take long and every
+        other request (and the lease renewal) would wait behind it."""
+        await trio.to_thread.run_sync(os.fdatasync, self.fd)
 
 
 async def _always_valid() -> float:

@@ -311,7 +311,7 @@ class CsvfsOperations(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if handle is not None:
             await self._flush_mtime(handle.ino)
-        self.data.sync()
+        await self.data.sync()
         await self.meta("sync")
 
     @_errors

@@ -141,7 +141,7 @@ class Membership:
                     return
                 except (RpcError, MetaError, OSError, ValueError, trio.TooSlowError) as exc:
                     log.info("cannot join %s yet: %s", outcome.owner_name or "?",
-                             exc or "no answer in time")
+                             str(exc) or "no answer in time")
                     await trio.sleep(RETRY_PAUSE)
                     continue
             await self._become_coordinator(*outcome)

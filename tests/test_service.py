@@ -592,13 +592,13 @@ async def test_checkpoint_when_the_journal_fills(cluster):
 async def test_checkpoints_alternate_with_many_small_ops(cluster, monkeypatch):
     monkeypatch.setattr(service_mod, "CHECKPOINT_AT", 0.01)  # ~80 records of 512 bytes
     written = []
-    real = service_mod.recovery.write_checkpoint
+    real = service_mod.recovery.checkpoint_blob
 
     def spy(volume, slot, epoch, seq, state, gen):
         written.append((slot, seq))
-        real(volume, slot, epoch, seq, state, gen)
+        return real(volume, slot, epoch, seq, state, gen)
 
-    monkeypatch.setattr(service_mod.recovery, "write_checkpoint", spy)
+    monkeypatch.setattr(service_mod.recovery, "checkpoint_blob", spy)
     directory = await cluster.mkdir(b"d")
     for index in range(400):
         await cluster.mknod(b"%04d" % index, parent=directory["ino"])
