@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import trio
 
-from coordinator.errors import MetaError
+from coordinator.errors import MetaError, NotCoordinator
 from coordinator.rpc import Peer, RpcDisconnected
 from coordinator.service import MetadataService
 
@@ -120,7 +120,9 @@ class CoordinatorEndpoint:
             raise MetaError(errno.EPERM, "register first")
         return await self.service.call(peer.name, method, args)
 
-    async def _register(self, peer: Peer, slot: int, opens: list) -> dict:
+    async def _register(self, peer: Peer, slot: int, opens: list, epoch: int = 0) -> dict:
+        if epoch > self.service.epoch:  # the node has seen a newer coordinator than us
+            raise NotCoordinator(f"epoch {self.service.epoch} is stale: the node saw {epoch}")
         old = self.sessions.get(peer.name)
         if old is not None and old.peer is not peer:  # it reconnected before we noticed
             old.peer.close("replaced by a new connection from the same node")

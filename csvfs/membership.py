@@ -66,6 +66,7 @@ class Membership:
         self.events: EventLog | None = None
         self.client: RpcClient | None = None
         self.grant_seconds = lease_seconds
+        self.epoch = 0  # of the coordinator this node is registered with
         self.closing = False
         self._settled = trio.Event()
         self._electing = False
@@ -291,6 +292,7 @@ class Membership:
             try:
                 started = time.monotonic()
                 reply = await client.call("register", {"slot": self.election.slot,
+                                                       "epoch": lease.epoch,
                                                        "opens": self.datapath.open_counts()})
             except BaseException:
                 with trio.CancelScope(shield=True):
@@ -298,6 +300,7 @@ class Membership:
                 raise
         self.datapath.rejoined(reply["maps"])
         self.grant_seconds = reply["grant_seconds"]
+        self.epoch = reply["epoch"]
         self.datapath.valid_until = started + GRANT_USE * self.grant_seconds
         self.datapath.refresh_on_miss = True
         self.client = client
@@ -320,9 +323,12 @@ class Membership:
         """Renew the grant; False (and the session dropped) if the coordinator is gone."""
         started = time.monotonic()
         try:
-            await client.call("heartbeat", timeout=self.grant_seconds / 3)
+            reply = await client.call("heartbeat", timeout=self.grant_seconds / 3)
         except (RpcError, MetaError) as exc:
             self._lost(client, f"heartbeat failed: {exc}")
+            return False
+        if reply["epoch"] != self.epoch:  # not the coordinator we registered with
+            self._lost(client, f"the coordinator's epoch changed to {reply['epoch']}")
             return False
         if client is not self.client:
             return False

@@ -15,9 +15,11 @@ def nodes(tmp_path):
     A test fails if a node logged an error or a traceback it did not expect.
     """
     started: list[Node] = []
+    started_nodes = started
 
     class Starter:
         allow_log_errors = False
+        started = started_nodes
 
         def start(self, image, name="node1", *extra, env=None):
             node = Node(image, tmp_path / f"mnt-{name}", name, *extra, env=env)

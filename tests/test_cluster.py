@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -262,3 +263,36 @@ def test_node_that_does_not_pause_is_evicted_and_rejoins(tmp_path, nodes):
     for node in (coordinator, sleeper):
         node.unmount()
     assert csvfs("fsck", image, check=False).returncode == 0
+
+
+# -- the coordinator's RPC port faces bad peers and goes on serving ---------------------------
+
+
+def _closed_by_peer(sock) -> bool:
+    sock.settimeout(10)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_coordinator_cuts_off_bad_peers_and_keeps_serving(image, nodes):
+    coordinator, member = start_cluster(nodes, image, 2)
+    host, port = coordinator.rpc_address().rsplit(":", 1)
+    bad_frames = {
+        "garbage": b"\x00\x00\x00\x05" + b"\xc1" * 5,  # 0xc1 is never valid msgpack
+        "oversized": (1 << 30).to_bytes(4, "big"),
+        "not a handshake": b"\x00\x00\x00\x04" + b"\x93\x01\x02\x03",
+    }
+    for frame in bad_frames.values():
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(frame)
+            assert _closed_by_peer(sock)
+    member.path("still-served").write_bytes(b"yes")
+    assert coordinator.path("still-served").read_bytes() == b"yes"
+    third = nodes.start(image, "n3")
+    assert third.path("still-served").read_bytes() == b"yes"
+    log = coordinator.log.read_text()
+    assert log.count("cut off 127.0.0.1:") >= len(bad_frames), log

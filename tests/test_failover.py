@@ -145,3 +145,58 @@ def test_hung_coordinator_is_replaced_and_rejoins(tmp_path, image, nodes):
     new = [record.seq for record in records if record.epoch == 2]
     assert new, "the new coordinator committed nothing"
     assert not old or max(old) < min(new), "the hung coordinator committed after the takeover"
+
+
+def _ask(holder, command):
+    holder.stdin.write(command + "\n")
+    holder.stdin.flush()
+    return holder.stdout.readline().strip()
+
+
+def test_open_unlinked_file_survives_a_takeover_then_is_reclaimed(image, nodes):
+    lease = 1.0
+    # With a third node, whichever survivor takes over, the orphan must stay: either the
+    # keeper itself registers it, or the other waits for the keeper's re-registration.
+    victim, keeper, _ = (nodes.start(image, name, "--lease", str(lease))
+                         for name in ("n1", "n2", "n3"))
+    free_before = os.statvfs(keeper.mountpoint).f_bfree
+    holder = subprocess.Popen([sys.executable, "-m", "tests.fd_holder",
+                               str(keeper.path("scratch"))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(256):  # 2 MiB
+            assert _ask(holder, "write") == "ok"
+        os.unlink(victim.path("scratch"))
+        victim.kill(signal.SIGKILL)
+        time.sleep(3 * lease)  # past the new coordinator's wait for re-registrations
+        assert _ask(holder, "poke") == "ok"  # still open, still its own units
+        assert status(image)["open_files"][0]["nodes"] == {"n2": 1}
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        holder.stdin.close()
+        holder.stdout.close()
+    deadline = time.monotonic() + 10
+    while os.statvfs(keeper.mountpoint).f_bfree != free_before:  # the last close reclaims
+        assert time.monotonic() < deadline, "the orphan was not reclaimed after its last close"
+        time.sleep(0.1)
+    for node in nodes.started[1:]:
+        node.unmount()
+    assert csvfs("fsck", image, check=False).returncode == 0
+
+
+def test_clean_unmount_of_the_coordinator_hands_the_volume_over(image, nodes):
+    leaving, staying, third = (nodes.start(image, name) for name in ("n1", "n2", "n3"))
+    staying.path("before").write_bytes(b"1")
+    assert leaving.unmount() == 0
+    started = time.monotonic()
+    staying.path("after").write_bytes(b"2")
+    assert time.monotonic() - started < 2  # the lease was given back: no waiting it out
+    assert third.path("after").read_bytes() == b"2" and third.path("before").exists()
+    report = status(image)
+    assert report["coordinator"]["name"] in ("n2", "n3")
+    states = {node["name"]: node["state"] for node in report["nodes"]}
+    assert states == {"n1": "stopped", "n2": "alive", "n3": "alive"}
+    takeovers = [e for e in map(json.loads, csvfs("events", image, "--json").stdout.splitlines())
+                 if e["kind"] == "takeover"]
+    assert takeovers == []  # a handover, not a takeover
