@@ -1,8 +1,9 @@
 VENV := .venv
 PY := $(VENV)/bin/python
+N ?= 3
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc
 
-.PHONY: setup test bench lint clean
+.PHONY: setup test bench lint clean cluster cluster-down
 
 setup:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -23,6 +24,12 @@ test:
 
 bench:
 	$(PY) scripts/bench.py
+
+cluster:
+	$(PY) scripts/cluster.py up -n $(N)
+
+cluster-down:
+	$(PY) scripts/cluster.py down
 
 lint:
 	$(VENV)/bin/ruff check csvfs coordinator scripts tests

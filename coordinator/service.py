@@ -47,7 +47,7 @@ PAUSE_TIMEOUT = 2.0  # a node that has not paused by then is evicted
 
 # Requests that must not run twice: a node that lost its coordinator mid-call
 # sends them again, with the same request id, to the next one.
-ONCE_ONLY = frozenset({"mknod", "link", "unlink", "rename", "removexattr"})
+ONCE_ONLY = frozenset({"mknod", "create", "link", "unlink", "rename", "removexattr"})
 _request_token: contextvars.ContextVar = contextvars.ContextVar("request_token", default=None)
 
 FALLOC_KEEP_SIZE = 0x01
@@ -133,19 +133,24 @@ class MetadataService:
         if method in ONCE_ONLY and request is not None:
             done = self.state.done.get(session, {}).get(request)
             if done is not None:
-                return await self._answer_again(method, args, done)
+                return await self._answer_again(session, method, args, done)
             _request_token.set([session, request])
         try:
             return await handler(session, **args)
         except TypeError as exc:  # the arguments do not fit the method
             raise MetaError(errno.EINVAL, f"bad arguments for {method}: {exc}") from None
 
-    async def _answer_again(self, method: str, args: dict, ino: int):
+    async def _answer_again(self, session: str, method: str, args: dict, ino: int):
         """The reply to a request that was carried out before its node lost the answer."""
         await self._durable()
         log.info("%s request answered again after a reconnect", method)
         if method == "mknod" or method == "link":
             return self._attrs(self._inode(ino or args.get("ino", 0)))
+        if method == "create":  # the open it made was lost with the session: count it again
+            async with self._lock:
+                inode = self._inode(ino)
+                self._count_open(session, ino)
+                return self._open_reply(inode)
         return None
 
     def _lease_held(self) -> bool:
@@ -423,7 +428,8 @@ class MetadataService:
     # -- namespace changes ---------------------------------------------------------------------
 
     async def op_mknod(self, session: str, parent: int, name: bytes, mode: int, uid: int,
-                       gid: int, rdev: int = 0, target: bytes = b"") -> dict:
+                       gid: int, rdev: int = 0, target: bytes = b"", *,
+                       opened: bool = False) -> dict:
         self._check_name(name)
         async with self._mutation():
             names = self._dir(parent)
@@ -439,8 +445,25 @@ class MetadataService:
                   "uid": uid, "gid": gid, "rdev": rdev, "target": target, "t": self._now()}
             seq = self._append(op)
             attrs = self._attrs(self.state.inodes[ino])
+            if opened:
+                self._count_open(session, ino)
         await self._durable(seq)
         return attrs
+
+    async def op_create(self, session: str, parent: int, name: bytes, mode: int, uid: int,
+                        gid: int) -> dict:
+        """Make a regular file and open it for the session, in one round trip. The open
+        counts from the moment the file exists, so nobody can reclaim it in between."""
+        if not stat.S_ISREG(mode):
+            raise MetaError(errno.EINVAL, "create makes regular files only")
+        attrs = await self.op_mknod(session, parent, name, mode, uid, gid, opened=True)
+        return self._open_reply(self._inode(attrs["ino"]))
+
+    def _count_open(self, session: str, ino: int) -> None:
+        self.open_files.setdefault(ino, Counter())[session] += 1
+
+    def _open_reply(self, inode: Inode) -> dict:
+        return dict(self._map_reply(inode), attrs=self._attrs(inode))
 
     async def op_link(self, session: str, ino: int, parent: int, name: bytes) -> dict:
         self._check_name(name)
@@ -605,8 +628,8 @@ class MetadataService:
         async with self._lock:
             await self._durable()
             inode = self._inode(ino)
-            self.open_files.setdefault(ino, Counter())[session] += 1
-            return dict(self._map_reply(inode), attrs=self._attrs(inode))
+            self._count_open(session, ino)
+            return self._open_reply(inode)
 
     async def op_getmap(self, session: str, ino: int) -> dict:
         """The current size and map of a file the node has open (after a miss)."""

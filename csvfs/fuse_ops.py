@@ -230,10 +230,15 @@ class CsvfsOperations(pyfuse3.Operations):
     async def _open_handle(self, ino: int, setid_killer: list[int] | None) -> int:
         async with self.data.opening(ino):
             reply = await self.meta("open", ino=ino)
-            attrs = reply["attrs"]
-            handle = None
-            if attrs["mode"] & 0o170000 == 0o100000:
-                handle = self.data.opened(ino, attrs["size"], reply["runs"], reply["version"])
+            return self._new_handle(reply, setid_killer)
+
+    def _new_handle(self, reply: dict, setid_killer: list[int] | None) -> int:
+        """A file handle for the reply of an open or a create."""
+        attrs = reply["attrs"]
+        ino = attrs["ino"]
+        handle = None
+        if attrs["mode"] & 0o170000 == 0o100000:
+            handle = self.data.opened(ino, attrs["size"], reply["runs"], reply["version"])
         fh = self._new_fh()
         self._handles[fh] = _Handle(ino, handle)
         if handle is not None:
@@ -261,10 +266,13 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        attrs = await self.meta("mknod", parent=parent_inode, name=name, mode=mode,
+        # A brand-new file has no units: a pause or map pushed before this reply is
+        # processed has nothing stale to protect, so no data.opening() is needed here.
+        reply = await self.meta("create", parent=parent_inode, name=name, mode=mode,
                                 uid=ctx.uid, gid=ctx.gid)
-        fh = await self._open_handle(attrs["ino"], self._writer_setid_killer(flags, ctx))
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry(attrs)
+        fh = self._new_handle(reply, self._writer_setid_killer(flags, ctx))
+        return (pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False),
+                self._entry(reply["attrs"]))
 
     # read and write are the hot path: no decorator layer, one dict lookup for the
     # handle, then the data path's synchronous fast path; coroutines only when slow.

@@ -1,0 +1,184 @@
+"""scripts/cluster.py: a local cluster brought up, used, refused twice and brought down."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import LOG_PROBLEMS, csvfs, force_unmount
+
+pytestmark = pytest.mark.timeout(90)
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "cluster.py"
+NAMES = ["node1", "node2", "node3"]
+
+
+def run_script(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.fspath(SCRIPT), *args, "--dir", os.fspath(directory)],
+                          capture_output=True, text=True, timeout=75, stdin=subprocess.DEVNULL)
+
+
+def mounts_under(directory: Path) -> list[str]:
+    prefix = os.fspath(directory) + "/"
+    with open("/proc/mounts") as mounts:
+        return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+
+
+def running(pid: int) -> bool:
+    """pid exists and has not exited (a zombie has: nobody may ever reap a daemon)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def processes_under(directory: Path) -> list[int]:
+    """Live processes with this test's own directory in their argv: only ours can have it."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or not running(int(entry)):
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(arg.startswith(os.fspath(directory)) for arg in argv):
+            found.append(int(entry))
+    return found
+
+
+def recorded(directory: Path) -> dict:
+    return json.loads((directory / "cluster.json").read_text())
+
+
+@pytest.fixture
+def cluster_dir(tmp_path):
+    """The cluster's DIR; whatever the test leaves running or mounted is cleaned up by force."""
+    directory = tmp_path / "cluster"
+    pids: set[int] = set()
+    yield directory, pids
+    for mountpoint in mounts_under(directory):
+        force_unmount(Path(mountpoint))
+    pids.update(processes_under(directory))
+    pids = {pid for pid in pids if running(pid)}
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
+    for mountpoint in mounts_under(directory):
+        force_unmount(Path(mountpoint))
+
+
+def log_problems(directory: Path) -> list[str]:
+    return [line for log in sorted(directory.glob("node*.log"))
+            for line in log.read_text().splitlines()
+            if any(marker in line for marker in LOG_PROBLEMS)]
+
+
+def test_up_use_refuse_down(cluster_dir):
+    directory, pids = cluster_dir
+    up = run_script(directory, "up", "-n", "3", "--size", "256M")
+    if (directory / "cluster.json").exists():
+        pids.update(node["pid"] for node in recorded(directory)["nodes"])
+    assert up.returncode == 0, up.stderr
+    assert up.stderr == ""
+    assert "coordinator: node1" in up.stdout  # up ends with `csvfs status`
+    state = recorded(directory)
+    assert state["image"] == os.fspath(directory / "vol.img")
+    assert [node["name"] for node in state["nodes"]] == NAMES
+    assert [node["mountpoint"] for node in state["nodes"]] == \
+        [os.fspath(directory / name) for name in NAMES]
+    assert sorted(mounts_under(directory)) == [os.fspath(directory / name) for name in NAMES]
+
+    status = run_script(directory, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    alive = [node for node in report["nodes"] if node["state"] == "alive"]
+    assert sorted(node["name"] for node in alive) == NAMES
+    assert [node["name"] for node in alive if node["coordinator"]] == ["node1"]
+    assert report["coordinator"]["name"] == "node1"
+    assert {node["name"]: node["pid"] for node in alive} == \
+        {node["name"]: node["pid"] for node in state["nodes"]}
+    table = run_script(directory, "status")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.count(" alive ") == 3 and table.stdout.count(" coordinator ") == 1
+
+    data = os.urandom(3 * 65536 + 17)
+    (directory / "node1" / "hello.bin").write_bytes(data)
+    assert (directory / "node3" / "hello.bin").read_bytes() == data
+
+    again = run_script(directory, "up", "-n", "3", "--size", "256M")
+    assert again.returncode == 3
+    assert len(again.stderr.splitlines()) == 1 and "already up" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert recorded(directory) == state
+    assert all(running(node["pid"]) for node in state["nodes"])
+
+    down = run_script(directory, "down")
+    assert down.returncode == 0, down.stderr
+    for name in NAMES:
+        assert f"{name} (pid" in down.stdout
+    assert down.stdout.index("node1 (pid") > down.stdout.index("node3 (pid")  # coordinator last
+    assert mounts_under(directory) == []
+    assert not [pid for pid in pids if running(pid)]
+    assert processes_under(directory) == []
+    assert not (directory / "cluster.json").exists()
+    assert (directory / "vol.img").exists()
+
+    kinds = [event["kind"] for event in
+             map(json.loads, csvfs("events", directory / "vol.img", "--json").stdout.splitlines())]
+    assert kinds.count("election") == 1 and "takeover" not in kinds  # no needless failover
+    assert kinds.count("leave") == 2 and kinds.count("unmount") == 1
+    assert log_problems(directory) == []
+
+    nothing = run_script(directory, "down")
+    assert nothing.returncode == 0 and "nothing to stop" in nothing.stdout
+    gone = run_script(directory, "status")
+    assert gone.returncode == 4 and len(gone.stderr.splitlines()) == 1
+
+
+def test_failed_node_stops_the_started_ones(cluster_dir):
+    directory, pids = cluster_dir
+    directory.mkdir()
+    (directory / "node2").write_text("not a directory")
+    up = run_script(directory, "up", "-n", "3", "--size", "256M")
+    pids.update(processes_under(directory))
+    assert up.returncode == 5
+    assert len(up.stderr.splitlines()) == 1
+    assert "node2 failed to start" in up.stderr and "not a directory" in up.stderr
+    assert "node1 (pid" in up.stdout  # stopped again
+    assert mounts_under(directory) == []
+    assert processes_under(directory) == []
+    assert not (directory / "cluster.json").exists()
+
+
+def test_down_cleans_up_after_a_killed_node(cluster_dir):
+    directory, pids = cluster_dir
+    up = run_script(directory, "up", "-n", "2", "--size", "256M")
+    assert up.returncode == 0, up.stderr
+    member = recorded(directory)["nodes"][1]
+    pids.update(node["pid"] for node in recorded(directory)["nodes"])
+    os.kill(member["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while running(member["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    down = run_script(directory, "down")
+    assert down.returncode == 0, down.stderr
+    assert "node2 (pid" in down.stdout and "had already exited" in down.stdout
+    assert mounts_under(directory) == []
+    assert processes_under(directory) == []
+    assert not (directory / "cluster.json").exists()
