@@ -3,9 +3,10 @@
 Every node other than the coordinator's own reaches the metadata service
 through here. A node first calls `register` with the files it has open;
 that makes it a session: it gets pushed pause, map and resume notifications
-for those files, and it must renew its grant with `heartbeat`. The grant
-bounds how long the node may do direct I/O without hearing from us, so
-that a node we cut off is known to have stopped writing once it runs out.
+for those files and invalidations of the directory attributes its kernel
+caches, and it must renew its grant with `heartbeat`. The grant bounds how
+long the node may do direct I/O without hearing from us, so that a node we
+cut off is known to have stopped writing once it runs out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from coordinator.service import MetadataService
 log = logging.getLogger(__name__)
 
 # Requests the endpoint answers itself; everything else goes to the service.
-SESSION_METHODS = ("register", "heartbeat", "paused", "goodbye", "status")
+SESSION_METHODS = ("register", "heartbeat", "ack", "goodbye", "status")
 
 
 class RemoteSession:
@@ -59,11 +60,21 @@ class RemoteSession:
     # -- NodeSession ------------------------------------------------------------------
 
     async def pause(self, ino: int) -> None:
+        await self._acknowledged("pause", {"ino": ino})
+
+    async def invalidate(self, stale: dict, wait: bool) -> None:
+        if wait:
+            await self._acknowledged("invalidate", stale)
+        else:
+            self._outbox_send.send_nowait(("invalidate", stale))
+
+    async def _acknowledged(self, kind: str, body: dict) -> None:
+        """Push a notification and wait until the node says it has carried it out."""
         if self.peer.closed:
             raise RpcDisconnected(f"{self.peer} is gone")
         token = next(self._tokens)
         acked = self._acks[token] = trio.Event()
-        self._outbox_send.send_nowait(("pause", {"ino": ino, "token": token}))
+        self._outbox_send.send_nowait((kind, dict(body, token=token)))
         try:
             async with trio.open_nursery() as nursery:
                 async def give_up_when_closed():
@@ -76,9 +87,9 @@ class RemoteSession:
         finally:
             self._acks.pop(token, None)
         if not acked.is_set():
-            raise RpcDisconnected(f"{self.peer} left before pausing inode {ino}")
+            raise RpcDisconnected(f"{self.peer} left before it acknowledged a {kind}")
 
-    def paused(self, token: int) -> None:
+    def acknowledged(self, token: int) -> None:
         acked = self._acks.get(token)
         if acked is not None:
             acked.set()
@@ -148,8 +159,8 @@ class CoordinatorEndpoint:
         session.renew()
         return {"epoch": self.service.epoch, "grant_seconds": session.grant_seconds}
 
-    async def _paused(self, peer: Peer, token: int) -> None:
-        self._session(peer).paused(token)
+    async def _ack(self, peer: Peer, token: int) -> None:
+        self._session(peer).acknowledged(token)
 
     async def _goodbye(self, peer: Peer) -> None:
         """A clean unmount: the node has stopped all I/O and closed every file."""

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 SCAN_CHUNK = 1 << 20
 
 
+class LeaseLost(OSError):
+    """The coordinator may no longer commit: another node may hold the lease."""
+
+
 class JournalFull(Exception):
     pass
 
@@ -158,8 +162,7 @@ class Journal:
 
     def append(self, op: dict) -> int:
         """Queue a record; returns its seq. Call `wait_durable(seq)` before exposing it."""
-        if self.broken is not None:
-            raise OSError(f"journal is unusable after an I/O error: {self.broken}")
+        self._check_usable()
         if not self._pending:
             self._batch_first = self.next_seq
         record = fmt.JournalRecord(self.epoch, self.next_seq, self._batch_first, op, self.gen)
@@ -177,12 +180,17 @@ class Journal:
     async def wait_durable(self, seq: int | None = None) -> None:
         target = self.next_seq - 1 if seq is None else seq
         while self.durable_seq < target:
-            if self.broken is not None:
-                raise OSError(f"journal write failed: {self.broken}")
+            self._check_usable()
             if self._flushing:
                 await self._flushed.wait()
             else:
                 await self._flush()
+
+    def _check_usable(self) -> None:
+        if isinstance(self.broken, LeaseLost):
+            raise LeaseLost(str(self.broken))
+        if self.broken is not None:
+            raise OSError(f"journal write failed: {self.broken}")
 
     async def _flush(self) -> None:
         self._flushing = True
@@ -190,9 +198,12 @@ class Journal:
         self._pending, self._pending_bytes = [], 0
         try:
             if not self.may_write():
-                raise OSError("the coordinator lease has lapsed; not committing")
+                raise LeaseLost("the coordinator lease has lapsed; not committing")
             self.volume.write(self.region.offset + self.offset, batch)
             await trio.to_thread.run_sync(os.fdatasync, self.volume.fd)
+        except LeaseLost as exc:  # stepping down: the requests go to the next coordinator
+            self.broken = exc
+            log.warning("%s", exc)
         except OSError as exc:
             self.broken = exc
             log.error("journal commit failed: %s", exc)

@@ -110,6 +110,15 @@ class _EventReader:
 # -- server ----------------------------------------------------------------------------------
 
 
+async def _acquire(lock) -> None:
+    """Take a trio Lock or Semaphore; unlike acquire(), without a trip through the
+    scheduler when it is free (a request's round trip takes several of those)."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 class _FrameWriter:
     """Writes whole frames, one at a time (trio.Lock is FIFO, so order holds).
 
@@ -124,12 +133,15 @@ class _FrameWriter:
         self._lock = trio.Lock()
 
     async def send(self, data: bytes) -> str | None:
-        async with self._lock:
+        await _acquire(self._lock)
+        try:
             try:
                 with trio.move_on_after(self._stall_timeout) as timer:
                     await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 return f"send failed: {exc}"
+        finally:
+            self._lock.release()
         if timer.cancelled_caught:
             return f"not reading: a send blocked for {self._stall_timeout:g} s"
         return None
@@ -325,7 +337,7 @@ class RpcServer:
     async def _read_requests(self, peer: Peer) -> None:
         while (request := await peer._reader.next_event()) is not None:
             # A full house stops the reading, so a flood backs up into the peer's socket.
-            await peer._slots.acquire()
+            await _acquire(peer._slots)
             self._nursery.start_soon(self._dispatch, peer, request)
 
     async def _dispatch(self, peer: Peer, request: Request) -> None:

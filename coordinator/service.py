@@ -23,6 +23,7 @@ import os
 import stat
 import time
 from collections import Counter
+from functools import partial
 from typing import Protocol
 
 import trio
@@ -31,7 +32,7 @@ from coordinator import recovery
 from coordinator.allocator import NoSpace
 from coordinator.errors import MetaError, NotCoordinator
 from coordinator.events import EventLog
-from coordinator.journal import Journal, JournalFull
+from coordinator.journal import Journal, JournalFull, LeaseLost
 from coordinator.model import ROOT_INO, Inode, MetadataState
 from csvfs.extents import pieces, to_runs
 from csvfs.volume import Volume
@@ -70,6 +71,11 @@ class NodeSession(Protocol):
 
     def resume(self, ino: int) -> None:
         """Let I/O on ino go on."""
+
+    async def invalidate(self, stale: dict, wait: bool) -> None:
+        """Make the node's kernel forget what it caches of directories: the attributes
+        of stale["inos"] and the names stale["entries"] ([parent, name] pairs). With
+        `wait`, return once it has."""
 
     def evict(self, reason: str) -> float | None:
         """Cut the session off. Returns the trio time until which the node may still be
@@ -286,6 +292,8 @@ class MetadataService:
             seq = self.journal.append(op)
         except JournalFull:
             raise MetaError(errno.ENOSPC, "metadata journal is full") from None
+        except LeaseLost as exc:
+            raise NotCoordinator(str(exc)) from None
         self.state.apply(op)
         return seq
 
@@ -297,6 +305,8 @@ class MetadataService:
     async def _durable(self, seq: int | None = None) -> None:
         try:
             await self.journal.wait_durable(seq)
+        except LeaseLost as exc:  # the node retries with whoever holds the lease now
+            raise NotCoordinator(str(exc)) from None
         except OSError as exc:
             raise MetaError(errno.EIO, str(exc)) from None
 
@@ -445,9 +455,11 @@ class MetadataService:
                   "uid": uid, "gid": gid, "rdev": rdev, "target": target, "t": self._now()}
             seq = self._append(op)
             attrs = self._attrs(self.state.inodes[ino])
+            attrs["parent_attrs"] = [self._attrs(parent_inode)]
             if opened:
                 self._count_open(session, ino)
         await self._durable(seq)
+        await self._forget(session, wait=False, inos=[parent])
         return attrs
 
     async def op_create(self, session: str, parent: int, name: bytes, mode: int, uid: int,
@@ -457,7 +469,8 @@ class MetadataService:
         if not stat.S_ISREG(mode):
             raise MetaError(errno.EINVAL, "create makes regular files only")
         attrs = await self.op_mknod(session, parent, name, mode, uid, gid, opened=True)
-        return self._open_reply(self._inode(attrs["ino"]))
+        return dict(self._open_reply(self._inode(attrs["ino"])),
+                    parent_attrs=attrs["parent_attrs"])
 
     def _count_open(self, session: str, ino: int) -> None:
         self.open_files.setdefault(ino, Counter())[session] += 1
@@ -477,11 +490,12 @@ class MetadataService:
                 raise MetaError(errno.EEXIST)
             seq = self._append({"op": "link", "ino": ino, "parent": parent, "name": name,
                                 "t": self._now()})
-            attrs = self._attrs(inode)
+            attrs = dict(self._attrs(inode), parent_attrs=[self._attrs(self._inode(parent))])
         await self._durable(seq)
+        await self._forget(session, wait=False, inos=[parent])
         return attrs
 
-    async def op_unlink(self, session: str, parent: int, name: bytes, is_dir: bool) -> None:
+    async def op_unlink(self, session: str, parent: int, name: bytes, is_dir: bool) -> dict:
         async with self._mutation():
             ino = self._dir(parent).get(name)
             if ino is None:
@@ -490,7 +504,13 @@ class MetadataService:
             self._check_removable(inode, want_dir=is_dir)
             seq = self._append({"op": "unlink", "parent": parent, "name": name,
                                 "t": self._now(), "reclaim": self._reclaimable(inode)})
+            reply = {"parent_attrs": [self._attrs(self._inode(parent))]}
         await self._durable(seq)
+        if inode.is_dir:
+            await self._forget(session, wait=True, inos=[parent], entries=[(parent, name)])
+        else:
+            await self._forget(session, wait=False, inos=[parent])
+        return reply
 
     def _check_removable(self, inode: Inode, want_dir: bool) -> None:
         if want_dir and not inode.is_dir:
@@ -508,14 +528,28 @@ class MetadataService:
         return last_name and (inode.is_dir or not self._is_open(inode.ino))
 
     async def op_rename(self, session: str, old_parent: int, old_name: bytes, new_parent: int,
-                        new_name: bytes, flags: int = 0) -> None:
+                        new_name: bytes, flags: int = 0) -> dict | None:
         self._check_name(new_name)
         async with self._mutation():
             op = self._rename_record(old_parent, old_name, new_parent, new_name, flags)
             if op is None:
                 return
+            names_a_directory = any(self._names_directory(parent, name) for parent, name in
+                                    ((old_parent, old_name), (new_parent, new_name)))
             seq = self._append(op)
+            parents = sorted({old_parent, new_parent})
+            reply = {"parent_attrs": [self._attrs(self._inode(ino)) for ino in parents]}
         await self._durable(seq)
+        if names_a_directory:
+            await self._forget(session, wait=True, inos=parents,
+                               entries=[(old_parent, old_name), (new_parent, new_name)])
+        else:
+            await self._forget(session, wait=False, inos=parents)
+        return reply
+
+    def _names_directory(self, parent: int, name: bytes) -> bool:
+        ino = self.state.entries.get(parent, {}).get(name)
+        return ino is not None and self.state.inodes[ino].is_dir
 
     def _rename_record(self, old_parent: int, old_name: bytes, new_parent: int,
                        new_name: bytes, flags: int) -> dict | None:
@@ -574,6 +608,8 @@ class MetadataService:
                 seq = self._append(dict(fields, op="setattr", ino=ino))
             attrs = self._attrs(inode)
         await self._durable(seq)
+        if inode.is_dir and seq is not None:
+            await self._forget(session, wait=True, inos=[ino])
         return attrs
 
     @staticmethod
@@ -795,12 +831,44 @@ class MetadataService:
                     self.sessions[name].resume(ino)
 
     async def _pause_one(self, name: str, ino: int, paused: list) -> None:
-        session = self.sessions[name]
-        with trio.move_on_after(self.pause_timeout):
-            await session.pause(ino)
+        if await self._acknowledged(name, "pause", ino):
             paused.append(name)
+
+    async def _acknowledged(self, name: str, what: str, ino: int, stale=None) -> bool:
+        """Ask a node to pause ino or to drop its cached attributes, and wait for it to
+        say done. A node that does not answer in time is evicted; False then."""
+        session = self.sessions.get(name)
+        if session is None:
+            return False
+        with trio.move_on_after(self.pause_timeout):
+            try:
+                if what == "pause":
+                    await session.pause(ino)
+                else:
+                    await session.invalidate(stale, wait=True)
+                return True
+            except Exception as exc:  # its connection broke: it is going anyway
+                log.info("%s did not acknowledge %s of inode %d: %s", name, what, ino, exc)
+        self.evict(name, f"did not acknowledge {what} of inode {ino} within "
+                   f"{self.pause_timeout:g} s")
+        return False
+
+    async def _forget(self, requester: str, wait: bool, inos=(), entries=()) -> None:
+        """Other nodes' kernels cache what there is of directories: their attributes,
+        and the names that lead to them (never names of files, nor attributes of
+        files). Make them drop what a change made stale. `wait` where the change must
+        show at once: a directory renamed, removed, or chmod/chown/utimens'd. Times and
+        link counts that other namespace changes move are pushed without waiting."""
+        stale = {"inos": list(inos), "entries": [[parent, name] for parent, name in entries]}
+        names = [name for name in self.sessions if name != requester]
+        if not wait:
+            for name in names:
+                await self.sessions[name].invalidate(stale, wait=False)
             return
-        self.evict(name, f"did not pause inode {ino} within {self.pause_timeout:g} s")
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(partial(self._acknowledged, name, "invalidate",
+                                           (list(inos) or [0])[0], stale=stale))
 
     async def _outlast_lingering(self, ino: int) -> None:
         """Nodes cut off while holding ino may still write to it until their grant ends."""

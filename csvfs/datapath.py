@@ -76,6 +76,10 @@ class DataPath:
         # before the open's reply arrives. Such notifications wait here for it.
         self._opening: Counter[int] = Counter()
         self._early: dict[int, dict] = {}
+        # Makes this node's kernel forget what it caches of some directories (see
+        # MetadataService._forget); the node plugs FUSE in here, since the data path
+        # itself knows nothing of FUSE.
+        self.forget_in_kernel: Callable[[dict], Awaitable[None]] = _nothing_to_forget
 
     # -- open files ------------------------------------------------------------------
 
@@ -144,6 +148,10 @@ class DataPath:
         elif handle.paused and not self.fenced:
             handle.paused = False
             handle.resumed.set()
+
+    async def invalidate(self, stale: dict, wait: bool) -> None:
+        """As the coordinator's session in this process: drop what the kernel caches."""
+        await self.forget_in_kernel(stale)
 
     def _note_early(self, ino: int, **change) -> None:
         if self._opening[ino]:
@@ -297,6 +305,10 @@ class DataPath:
 
 async def _always_valid() -> float:
     return math.inf
+
+
+async def _nothing_to_forget(stale: dict) -> None:
+    return None
 
 
 class _Opening:

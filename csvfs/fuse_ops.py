@@ -12,6 +12,8 @@ import errno
 import functools
 import logging
 import os
+import stat
+import time
 
 import pyfuse3
 
@@ -20,12 +22,17 @@ from csvfs.datapath import DataPath, OpenFile
 
 log = logging.getLogger(__name__)
 
-# No kernel caching of names or attributes: other nodes change them behind this
-# kernel's back, and a change must show on every node the moment it returns. So
-# every lookup and stat asks the coordinator; file data is never cached either
-# (direct_io), nor are directory listings.
+# Other nodes change metadata behind this kernel's back, and a change must show on
+# every node the moment it returns. So the kernel caches no names of files and no
+# attributes of files: every lookup and stat of a file asks the coordinator. File
+# data is never cached either (direct_io), nor are directory listings. What a path
+# walk needs at every step, the names and attributes of directories, is cached: the
+# coordinator makes every other node drop them when they change, and waits for that
+# where it matters (a directory renamed or removed, or its mode, owner or times set).
 ENTRY_TIMEOUT = 0
 ATTR_TIMEOUT = 0
+DIR_ENTRY_TIMEOUT = 1.0
+DIR_ATTR_TIMEOUT = 1.0
 CAP_FSETID = 4
 
 
@@ -89,15 +96,49 @@ class CsvfsOperations(pyfuse3.Operations):
         self._dir_listings: dict[int, list] = {}
         self._setid_killers: dict[int, list[int]] = {}  # fh -> groups, until its first write
         self._next_fh = 1
+        # Directory attributes, kept like the kernel keeps them (same timeout, dropped by
+        # the same invalidations), so that the kernel's permission checks on a directory
+        # this node just changed need no round trip: own changes return the parent's
+        # new attributes.
+        self._dir_attrs: dict[int, tuple[dict, float]] = {}
+        # Invalidations received so far. A reply that was in flight when one arrived may
+        # predate it, so the kernel must not cache what that reply says.
+        self._forgets = 0
+
+    def drop_stale(self, stale: dict) -> None:
+        """The coordinator says what other nodes changed: drop it (the node then tells
+        the kernel)."""
+        self._forgets += 1
+        for ino in stale["inos"]:
+            self._dir_attrs.pop(ino, None)
+
+    async def _ask(self, method: str, **args):
+        """meta(), and whether what comes back may be cached."""
+        mark = self._forgets
+        reply = await self.meta(method, **args)
+        return reply, self._forgets == mark
+
+    def _remember_dirs(self, reply, cacheable: bool) -> None:
+        """Take the parents' attributes a namespace change returns."""
+        for attrs in (reply or {}).get("parent_attrs", ()):
+            if cacheable:
+                self._dir_attrs[attrs["ino"]] = (attrs, time.monotonic() + DIR_ATTR_TIMEOUT)
+            else:
+                self._dir_attrs.pop(attrs["ino"], None)
 
     # -- attributes -------------------------------------------------------------------
 
-    def _entry(self, attrs: dict) -> pyfuse3.EntryAttributes:
+    def _entry(self, attrs: dict, cacheable: bool = False,
+               cache_for: float = DIR_ATTR_TIMEOUT) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attrs["ino"]
         entry.generation = 0
-        entry.entry_timeout = ENTRY_TIMEOUT
-        entry.attr_timeout = ATTR_TIMEOUT
+        if stat.S_ISDIR(attrs["mode"]) and cacheable:
+            entry.entry_timeout, entry.attr_timeout = DIR_ENTRY_TIMEOUT, cache_for
+            if cache_for == DIR_ATTR_TIMEOUT:
+                self._dir_attrs[attrs["ino"]] = (attrs, time.monotonic() + cache_for)
+        else:
+            entry.entry_timeout, entry.attr_timeout = ENTRY_TIMEOUT, ATTR_TIMEOUT
         entry.st_mode = attrs["mode"]
         entry.st_nlink = attrs["nlink"]
         entry.st_uid = attrs["uid"]
@@ -117,11 +158,17 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode, ctx=None):
-        return self._entry(await self.meta("getattr", ino=inode))
+        cached = self._dir_attrs.get(inode)
+        if cached is not None:
+            left = cached[1] - time.monotonic()
+            if left > 0.01:
+                return self._entry(cached[0], cacheable=True, cache_for=left)
+            del self._dir_attrs[inode]
+        return self._entry(*await self._ask("getattr", ino=inode))
 
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._entry(await self.meta("lookup", parent=parent_inode, name=name))
+        return self._entry(*await self._ask("lookup", parent=parent_inode, name=name))
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -144,7 +191,7 @@ class CsvfsOperations(pyfuse3.Operations):
                 handle.dirty_mtime = 0  # an explicit time wins over earlier writes
         if fields.update_ctime:
             changes["ctime_ns"] = attr.st_ctime_ns
-        return self._entry(await self.meta("setattr", ino=inode, changes=changes))
+        return self._entry(*await self._ask("setattr", ino=inode, changes=changes))
 
     async def _flush_mtime(self, inode: int) -> None:
         """Send the time of this node's last write to the coordinator."""
@@ -157,9 +204,10 @@ class CsvfsOperations(pyfuse3.Operations):
     # -- namespace --------------------------------------------------------------------
 
     async def _make(self, parent, name, mode, ctx, rdev=0, target=b""):
-        attrs = await self.meta("mknod", parent=parent, name=name, mode=mode, uid=ctx.uid,
-                                gid=ctx.gid, rdev=rdev, target=target)
-        return self._entry(attrs)
+        attrs, cacheable = await self._ask("mknod", parent=parent, name=name, mode=mode,
+                                           uid=ctx.uid, gid=ctx.gid, rdev=rdev, target=target)
+        self._remember_dirs(attrs, cacheable)
+        return self._entry(attrs, cacheable)
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -179,21 +227,26 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._entry(await self.meta("link", ino=inode, parent=new_parent_inode,
-                                           name=new_name))
+        attrs, cacheable = await self._ask("link", ino=inode, parent=new_parent_inode,
+                                           name=new_name)
+        self._remember_dirs(attrs, cacheable)
+        return self._entry(attrs)
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
-        await self.meta("unlink", parent=parent_inode, name=name, is_dir=False)
+        self._remember_dirs(*await self._ask("unlink", parent=parent_inode, name=name,
+                                             is_dir=False))
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
-        await self.meta("unlink", parent=parent_inode, name=name, is_dir=True)
+        self._remember_dirs(*await self._ask("unlink", parent=parent_inode, name=name,
+                                             is_dir=True))
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self.meta("rename", old_parent=parent_inode_old, old_name=name_old,
-                        new_parent=parent_inode_new, new_name=name_new, flags=flags)
+        self._remember_dirs(*await self._ask(
+            "rename", old_parent=parent_inode_old, old_name=name_old,
+            new_parent=parent_inode_new, new_name=name_new, flags=flags))
 
     # -- directories ------------------------------------------------------------------
 
@@ -209,6 +262,7 @@ class CsvfsOperations(pyfuse3.Operations):
         listing = self._dir_listings.get(fh, [])
         for index in range(start_id, len(listing)):
             name, attrs = listing[index]
+            # not cached: the listing may be older than an invalidation since
             if not pyfuse3.readdir_reply(token, name, self._entry(attrs), index + 1):
                 break
 
@@ -268,8 +322,9 @@ class CsvfsOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         # A brand-new file has no units: a pause or map pushed before this reply is
         # processed has nothing stale to protect, so no data.opening() is needed here.
-        reply = await self.meta("create", parent=parent_inode, name=name, mode=mode,
-                                uid=ctx.uid, gid=ctx.gid)
+        reply, cacheable = await self._ask("create", parent=parent_inode, name=name, mode=mode,
+                                           uid=ctx.uid, gid=ctx.gid)
+        self._remember_dirs(reply, cacheable)
         fh = self._new_handle(reply, self._writer_setid_killer(flags, ctx))
         return (pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False),
                 self._entry(reply["attrs"]))

@@ -430,19 +430,23 @@ class _Link:
         datapath = self.membership.datapath
         if kind == "pause":
             await datapath.pause(body["ino"])
-            self.membership.nursery.start_soon(self._ack, body["token"])
+        elif kind == "invalidate":
+            await datapath.forget_in_kernel(body)
         elif kind == "map":
             datapath.update_map(body["ino"], body["size"], body["runs"], body["version"])
         elif kind == "resume":
             datapath.resume(body["ino"])
         else:
             log.warning("ignoring an unknown %r notification", kind)
+            return
+        if "token" in body:  # the coordinator waits for this one to be done
+            self.membership.nursery.start_soon(self._ack, body["token"])
 
     async def _ack(self, token: int) -> None:
         try:
-            await self.client.call("paused", {"token": token}, timeout=CALL_TIMEOUT)
+            await self.client.call("ack", {"token": token}, timeout=CALL_TIMEOUT)
         except (RpcError, MetaError) as exc:  # the coordinator evicts us; we rejoin
-            log.info("pause ack not delivered: %s", exc)
+            log.info("acknowledgement not delivered: %s", exc)
 
 
 def rpc_handler(membership_ref: Callable[[], Membership | None]):

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -141,6 +142,8 @@ class Node:
         except RuntimeError as exc:
             await self.membership.close()
             raise MountpointError(f"cannot mount on {self.config.mountpoint}: {exc}") from None
+        # only now that there is a kernel to tell
+        self.datapath.forget_in_kernel = partial(_forget_in_kernel, operations)
         log.info("%s mounted %s (%s)", self.config.name, self.config.mountpoint,
                  self.membership.role)
         try:
@@ -164,6 +167,29 @@ class Node:
     def close(self) -> None:
         if self.volume is not None:
             self.volume.close()
+
+
+async def _forget_in_kernel(operations: CsvfsOperations, stale: dict) -> None:
+    """Drop cached directory attributes and names. Never called from inside a FUSE
+    handler: only for changes other nodes made, from RPC tasks."""
+    operations.drop_stale(stale)
+    for ino in stale["inos"]:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)  # never blocks without writeback
+        except OSError:
+            pass  # the kernel does not know the inode: nothing cached
+    if stale["entries"]:
+        # This one locks the parent directory in the kernel, and a request of ours that
+        # holds that lock may be waiting for the coordinator: never block trio on it.
+        await trio.to_thread.run_sync(_forget_entries, stale["entries"])
+
+
+def _forget_entries(entries: list) -> None:
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError:
+            pass  # not cached
 
 
 def run_foreground(config: NodeConfig, ready=lambda: None) -> None:

@@ -101,6 +101,46 @@ def test_namespace_and_attributes_are_coherent(image, nodes, count):
 
 
 @pytest.mark.parametrize("count", [2, 3])
+def test_directories_cached_by_kernels_are_coherent(image, nodes, count):
+    """Directory names and attributes are the one thing kernels cache: every change
+    to them must still show on the other nodes at once."""
+    cluster = start_cluster(nodes, image, count)
+    for step in range(count):
+        actor = cluster[step]
+        others = [node for node in cluster if node is not actor]
+        os.makedirs(actor.path(f"top{step}", "sub"))
+        actor.path(f"top{step}", "sub", "file").write_bytes(b"x")
+        for other in others:  # walk the path, so that each kernel caches it
+            assert other.path(f"top{step}", "sub", "file").read_bytes() == b"x"
+            assert stat.S_IMODE(os.stat(other.path(f"top{step}")).st_mode) == 0o755
+
+        os.chmod(actor.path(f"top{step}"), 0o711)
+        os.utime(actor.path(f"top{step}"), ns=(10**18, 3 * 10**18))
+        for other in others:
+            info = os.stat(other.path(f"top{step}"))
+            assert stat.S_IMODE(info.st_mode) == 0o711, other.name
+            assert info.st_mtime_ns == 3 * 10**18
+
+        os.rename(actor.path(f"top{step}"), actor.path(f"moved{step}"))
+        for other in others:
+            assert not other.path(f"top{step}").exists(), other.name
+            assert other.path(f"moved{step}", "sub", "file").read_bytes() == b"x"
+
+        os.unlink(actor.path(f"moved{step}", "sub", "file"))
+        os.rmdir(actor.path(f"moved{step}", "sub"))
+        actor.path(f"moved{step}", "sub").write_bytes(b"now a file")
+        for other in others:
+            assert other.path(f"moved{step}", "sub").read_bytes() == b"now a file"
+        before = os.stat(others[0].path(f"moved{step}")).st_mtime_ns
+        os.mkdir(actor.path(f"moved{step}", "another"))
+        for other in others:  # pushed without waiting: a moment later at most
+            deadline = time.monotonic() + 2
+            while os.stat(other.path(f"moved{step}")).st_mtime_ns == before:
+                assert time.monotonic() < deadline, "directory mtime never changed"
+                time.sleep(0.01)
+
+
+@pytest.mark.parametrize("count", [2, 3])
 def test_sizes_and_data_are_coherent_on_open_files(image, nodes, count):
     cluster = start_cluster(nodes, image, count)
     cluster[0].path("shared").write_bytes(b"")

@@ -63,8 +63,11 @@ class Cluster:
         return await self.service.call(session, method, args)
 
     async def mknod(self, name: bytes, parent: int = ROOT_INO, mode: int = FILE, **extra):
-        return await self.call("mknod", parent=parent, name=name, mode=mode, uid=1000,
-                               gid=100, **extra)
+        """The new inode's attributes (without the parent's, which mknod returns too)."""
+        attrs = await self.call("mknod", parent=parent, name=name, mode=mode, uid=1000,
+                                gid=100, **extra)
+        attrs.pop("parent_attrs")
+        return attrs
 
     async def mkdir(self, name: bytes, parent: int = ROOT_INO):
         return await self.mknod(name, parent, DIR)
@@ -104,7 +107,9 @@ async def _errno(coroutine) -> int:
 
 
 async def test_mknod_lookup_getattr(cluster):
-    attrs = await cluster.mknod(b"file")
+    attrs = await cluster.call("mknod", parent=ROOT_INO, name=b"file", mode=FILE, uid=1000,
+                               gid=100)
+    parent_attrs = attrs.pop("parent_attrs")
     assert attrs["ino"] > ROOT_INO
     assert stat.S_ISREG(attrs["mode"]) and attrs["nlink"] == 1 and attrs["size"] == 0
     assert (attrs["uid"], attrs["gid"]) == (1000, 100)
@@ -112,6 +117,7 @@ async def test_mknod_lookup_getattr(cluster):
     assert await cluster.call("getattr", ino=attrs["ino"]) == attrs
     root = await cluster.call("getattr", ino=ROOT_INO)
     assert root["mtime_ns"] == attrs["ctime_ns"]
+    assert parent_attrs == [root]  # the parent as the change left it
     directory = await cluster.mkdir(b"dir")
     assert directory["nlink"] == 2
     assert (await cluster.call("getattr", ino=ROOT_INO))["nlink"] == 3
