@@ -13,13 +13,26 @@ round, and the median is reported as a Markdown table on stdout and in
 bench-results/latest.md (the logs of the mounts are copied next to it). Progress and
 errors go to stderr. Every mount and child process is torn down on exit, including on
 failure and Ctrl-C. A target that cannot be set up is reported as n/a.
+
+Unless --no-cluster is given, a second csvfs volume is mounted by several nodes (A, the
+coordinator, then B, a member, later C) and four more sections are measured:
+
+  member data path   the same fio workloads on B's mount, interleaved with the others in
+                     the same rounds, as a ratio to single-node csvfs
+  member metadata    metabench on B's mount next to A's, rounds interleaved
+  quiesce            shrinking truncates on A with and without B holding the file, and
+                     B's paced 4 KiB writes to another file with A idle or truncating
+  aggregate writes   fio seq write 1 MiB from 1, 2 and 3 nodes at once, one file each
 """
 
 import argparse
 import contextlib
+import functools
 import json
+import math
 import os
 import platform
+import select
 import shutil
 import signal
 import statistics
@@ -43,6 +56,15 @@ MOUNT_TIMEOUT = 30.0  # seconds for a mount to appear
 COMMAND_TIMEOUT = 120.0  # seconds for csvfs mkfs/mount to return
 LAYOUT_TIMEOUT = 600.0  # seconds to write the test file once
 STOP_TIMEOUT = 15.0  # seconds for a daemon to exit after unmount or SIGTERM
+
+# The cluster sections (--no-cluster skips them)
+METABENCH = Path(metabench.__file__).resolve()
+MEMBER = "member"  # the data-path target on member node B of the cluster
+CLUSTER_NODES = ("A", "B", "C")  # mounted in this order: A is the coordinator
+QUIESCE_BIG = 4 * 2**20  # the truncate loop cuts the file from this size ...
+QUIESCE_SMALL = 2**20  # ... to this one, then writes it back
+WRITER_INTERVAL_MS = 1.0  # B's paced writer: one 4 KiB pwrite per this many ms
+WRITER_TIMEOUT = 30.0  # seconds for a writer to start, or to report after it is stopped
 
 
 @dataclass(frozen=True)
@@ -294,40 +316,329 @@ def stop_csvfs(proc: subprocess.Popen, mountpoint: Path, image: Path) -> None:
 SETUP = {"raw": setup_raw, "passthrough": setup_passthrough, "csvfs": setup_csvfs}
 
 
+# --- cluster ----------------------------------------------------------------------------
+
+
+class Cluster:
+    """One csvfs volume mounted by several nodes, each a `csvfs mount --foreground` child.
+
+    The first node mounted becomes the coordinator and the later ones join it as members.
+    Each node's teardown goes on the ExitStack when it starts, so the members are
+    unmounted before the coordinator and none of them takes over the role meanwhile.
+    """
+
+    def __init__(self, scratch: Path, cleanup: contextlib.ExitStack, args):
+        csvfs = shutil.which(args.csvfs)
+        if csvfs is None:
+            raise BenchError(f"csvfs command not found: {args.csvfs} (run `make setup`)")
+        self.csvfs, self.scratch, self.cleanup = csvfs, scratch, cleanup
+        self.image = scratch / "cluster.img"
+        self.mountpoints: dict[str, Path] = {}
+        # the member's fio file, one file per node for the aggregate, and a little more
+        size_mib = max(1024, 4 * args.size_mib + 512)
+        log_path = scratch / "cluster-mkfs.log"
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.run(
+                [csvfs, "mkfs", str(self.image), "--size", f"{size_mib}M"],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                timeout=COMMAND_TIMEOUT, check=False,
+            )
+        if proc.returncode != 0:
+            raise BenchError(f"`csvfs mkfs` exited with {proc.returncode}: {tail(log_path)}")
+
+    def mount(self, name: str) -> Path:
+        mountpoint = self.scratch / f"cluster-{name}-mnt"
+        mountpoint.mkdir()
+        log_path = self.scratch / f"cluster-{name}.log"  # the node's log and its stderr
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                [self.csvfs, "mount", str(self.image), str(mountpoint), "--name", name,
+                 "--log", str(log_path), "--foreground"],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us, and we tear it down in order
+            )
+        self.cleanup.callback(stop_node, proc, mountpoint, self.image)
+        if not wait_until(lambda: proc.poll() is not None or is_mounted(mountpoint),
+                          MOUNT_TIMEOUT):
+            raise BenchError(f"node {name} did not mount within {MOUNT_TIMEOUT:.0f} s")
+        if not is_mounted(mountpoint):
+            raise BenchError(f"node {name} exited with {proc.returncode}: {tail(log_path)} "
+                             f"(see bench-results/{log_path.name})")
+        self.mountpoints[name] = mountpoint
+        return mountpoint
+
+    def check_roles(self) -> None:
+        """The first node mounted must be the coordinator, every other one a member."""
+        proc = subprocess.run(
+            [self.csvfs, "status", str(self.image), "--json"], stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False,
+        )
+        try:
+            status = json.loads(proc.stdout)
+            coordinator = status["coordinator"]["name"]
+            sessions = {n["name"] for n in status["nodes"] if n.get("alive")}
+        except (ValueError, KeyError, TypeError):
+            log(f"warning: cannot read `csvfs status` ({proc.returncode}); roles not checked")
+            return
+        first = next(iter(self.mountpoints))
+        if coordinator != first:
+            raise BenchError(f"the coordinator is {coordinator}, not {first}")
+        missing = set(self.mountpoints) - sessions
+        if missing:
+            raise BenchError(f"not in the cluster: {', '.join(sorted(missing))}")
+
+
+def stop_node(proc: subprocess.Popen, mountpoint: Path, image: Path) -> None:
+    """Clean unmount of one node, lazy unmount if that fails, then stop what is left."""
+    pids = daemon_pids(proc.pid, [mountpoint, image])
+    if is_mounted(mountpoint):
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=STOP_TIMEOUT, check=False)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_TIMEOUT)
+    lazy_unmount(mountpoint)
+    stop_child(proc)
+    stop_pids(pids | daemon_pids(proc.pid, [mountpoint, image]))
+
+
+@dataclass
+class ClusterResults:
+    error: str | None = None  # why there are no cluster numbers at all
+    meta: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # node -> op
+    truncate: dict[str, list[float]] = field(default_factory=dict)  # condition -> ms
+    writes: dict[str, list[float]] = field(default_factory=dict)  # condition -> ms
+    aggregate: dict[int, list[list[Result]]] = field(default_factory=dict)  # writers -> rounds
+    notes: list[str] = field(default_factory=list)
+
+
+def run_cluster_metadata(mountpoints: dict[str, Path], args) -> dict[str, dict[str, list]]:
+    """metabench on each node's mount, in --repeat rounds with the node order rotated."""
+    names = list(mountpoints)
+    latencies: dict[str, dict[str, list[float]]] = {name: {} for name in names}
+    per_round = max(2, math.ceil(args.meta_count / args.repeat))
+    for name in names:
+        (mountpoints[name] / f"meta-{name}").mkdir()
+    for round_no in range(args.repeat):
+        shift = round_no % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples = metabench.measure(mountpoints[name] / f"meta-{name}", per_round)
+            for operation, values in samples.items():
+                latencies[name].setdefault(operation, []).extend(values)
+            log(f"[{round_no + 1}/{args.repeat}] metadata on node {name}: "
+                f"{per_round} of each")
+    return latencies
+
+
+@contextlib.contextmanager
+def paced_writer(path: Path, span: int):
+    """Run `metabench.py writer` on *path* in its own process for the body of the block.
+
+    Yields a list that holds the write latencies (ms) once the block has ended.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, str(METABENCH), "writer", str(path), "--span", str(span),
+         "--interval-ms", str(WRITER_INTERVAL_MS)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    latencies: list[float] = []
+    try:
+        line = b""
+        deadline = time.monotonic() + WRITER_TIMEOUT
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+                raise BenchError(f"the writer on {path.name} did not start")
+            chunk = os.read(proc.stdout.fileno(), 64)
+            if not chunk:
+                proc.wait(STOP_TIMEOUT)
+                raise BenchError(f"the writer on {path.name} exited with {proc.returncode}: "
+                                 + " | ".join(proc.stderr.read().decode().splitlines()[-1:]))
+            line += chunk
+        yield latencies
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=WRITER_TIMEOUT)
+        if proc.returncode != 0:
+            raise BenchError(f"the writer on {path.name} exited with {proc.returncode}: "
+                             + " | ".join(err.decode().splitlines()[-1:]))
+        try:
+            latencies.extend(json.loads(out))
+        except ValueError as exc:
+            raise BenchError(f"cannot parse the writer's output: {exc}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def run_quiesce(node_a: Path, node_b: Path, args) -> tuple[dict, dict]:
+    """Shrinking truncates on A, and B's paced writes, under the conditions of the report.
+
+    truncate latencies, per condition:
+      idle   nobody but A has the file open, B is idle
+      other  B writes another file meanwhile (B is no holder of the truncated file)
+      held   B has the truncated file open and writes to it (inside what stays)
+    B's write latencies, per condition:
+      idle     to the other file, A idle (as long as the `idle` truncate loop took)
+      busy     to the other file, while A runs the truncate loop
+      rewrite  to the other file, while A runs the loop's writes, each with an fsync,
+               without the truncates (as long; a control: a similar load on A and on
+               the image, but no metadata change and no quiesce)
+      held     to the truncated file, while A runs the truncate loop
+    """
+    (node_a / "quiesce").mkdir()
+    shrink_a, shrink_b = (n / "quiesce" / "shrink.dat" for n in (node_a, node_b))
+    other_a, other_b = (n / "quiesce" / "other.dat" for n in (node_a, node_b))
+    for path in (shrink_a, other_a):  # allocated, so that B's writes are all overwrites
+        with open(path, "wb") as f:
+            f.write(b"\x42" * QUIESCE_BIG)
+    truncate = {"idle": [], "other": [], "held": []}
+    writes = {"idle": [], "busy": [], "rewrite": [], "held": []}
+    per_round = max(2, math.ceil(args.quiesce_count / args.repeat))
+
+    def shrink() -> list[float]:
+        return metabench.shrink_loop(shrink_a, per_round, QUIESCE_BIG, QUIESCE_SMALL)
+
+    def busy() -> None:
+        with paced_writer(other_b, QUIESCE_BIG) as latencies:
+            truncate["other"].extend(shrink())
+        writes["busy"].extend(latencies)
+
+    def quiet(seconds: float) -> None:
+        with paced_writer(other_b, QUIESCE_BIG) as latencies:
+            time.sleep(seconds)
+        writes["idle"].extend(latencies)
+
+    def rewrite(seconds: float) -> None:
+        with paced_writer(other_b, QUIESCE_BIG) as latencies:
+            metabench.rewrite_loop(shrink_a, seconds, QUIESCE_BIG, QUIESCE_SMALL)
+        writes["rewrite"].extend(latencies)
+
+    for round_no in range(args.repeat):
+        started = time.monotonic()
+        truncate["idle"] += shrink()
+        seconds = time.monotonic() - started
+        steps = [busy, functools.partial(quiet, seconds), functools.partial(rewrite, seconds)]
+        shift = round_no % len(steps)  # rotate which goes first
+        for step in steps[shift:] + steps[:shift]:
+            step()
+        with paced_writer(shrink_b, QUIESCE_SMALL) as latencies:
+            truncate["held"] += shrink()
+        writes["held"] += latencies
+        log(f"[{round_no + 1}/{args.repeat}] quiesce: {per_round} truncates per condition")
+    return truncate, writes
+
+
+def run_aggregate(files: list[Path], args) -> dict[int, list[list[Result]]]:
+    """fio seq write 1 MiB on files[:k] at once, for every k, in rotated rounds."""
+    counts = list(range(1, len(files) + 1))
+    rounds: dict[int, list[list[Result]]] = {k: [] for k in counts}
+    for round_no in range(args.repeat):
+        shift = round_no % len(counts)
+        for k in counts[shift:] + counts[:shift]:
+            os.sync()
+            results = run_fio_jobs(files[:k], "write", "1M", args.size_mib, args.runtime,
+                                   args.runtime + 60)
+            rounds[k].append(results)
+            log(f"[{round_no + 1}/{args.repeat}] aggregate seq write, {k} node(s): "
+                f"{sum(r.mib_s for r in results):9.1f} MiB/s")
+    return rounds
+
+
+def run_cluster(cluster: Cluster, args) -> ClusterResults:
+    """The cluster sections after the data-path rounds; a failed one becomes a note."""
+    results = ClusterResults()
+    mounts = cluster.mountpoints
+    steps = [
+        ("member metadata", lambda: results.meta.update(
+            run_cluster_metadata({n: mounts[n] for n in CLUSTER_NODES[:2]}, args))),
+        ("quiesce", lambda: _store_quiesce(results, run_quiesce(mounts["A"], mounts["B"],
+                                                                args))),
+        ("aggregate writes", lambda: results.aggregate.update(_aggregate(cluster, args))),
+    ]
+    for what, step in steps:
+        log(f"cluster: {what} ...")
+        try:
+            step()
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            results.notes.append(f"- cluster, {what}: {exc}")
+            log(f"cluster: {what} failed: {exc}")
+    return results
+
+
+def _store_quiesce(results: ClusterResults, measured: tuple[dict, dict]) -> None:
+    results.truncate, results.writes = measured
+
+
+def _aggregate(cluster: Cluster, args) -> dict[int, list[list[Result]]]:
+    for name in CLUSTER_NODES:
+        if name not in cluster.mountpoints:
+            cluster.mount(name)
+    cluster.check_roles()
+    files = []
+    for name in CLUSTER_NODES:
+        target = Target(f"node {name}", cluster.mountpoints[name] / f"agg-{name}.dat")
+        layout(target, args.size_mib)
+        files.append(target.file)
+    return run_aggregate(files, args)
+
+
 # --- fio --------------------------------------------------------------------------------
 
 
 def run_fio(path: Path, rw: str, bs: str, size_mib: int, runtime: int | None,
             timeout: float) -> Result:
     """Run one fio job on *path*, time-based unless *runtime* is None; return its numbers."""
+    return run_fio_jobs([path], rw, bs, size_mib, runtime, timeout)[0]
+
+
+def run_fio_jobs(paths: list[Path], rw: str, bs: str, size_mib: int, runtime: int | None,
+                 timeout: float) -> list[Result]:
+    """Run one fio job per path, all started together by one fio; their numbers in order."""
     command = [
-        "fio", f"--name={rw}-{bs}", "--filename=" + str(path).replace(":", "\\:"),
-        f"--rw={rw}", f"--bs={bs}", f"--size={size_mib}M", "--ioengine=psync", "--direct=0",
-        "--invalidate=0", "--fallocate=none", "--output-format=json",
+        "fio", f"--rw={rw}", f"--bs={bs}", f"--size={size_mib}M", "--ioengine=psync",
+        "--direct=0", "--invalidate=0", "--fallocate=none", "--output-format=json",
     ]
     if runtime is None:
         command.append("--end_fsync=1")
     else:
         command += ["--time_based", f"--runtime={runtime}"]
-    proc = subprocess.run(
-        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-        check=False,
-    )
+    for index, path in enumerate(paths):  # options before the first --name are global
+        command += [f"--name={rw}-{bs}-{index}", "--filename=" + str(path).replace(":", "\\:")]
+    # fio forks a process per job: give them a group of their own, and kill the whole
+    # group if anything (a timeout, Ctrl-C) cuts the run short, or none would be left
+    # holding a file open on a mount we are about to take down.
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # fio is not reaped yet: the group is ours
+        proc.communicate()
+        raise
     if proc.returncode != 0:
-        message = " | ".join(proc.stderr.strip().splitlines()[-2:])
+        message = " | ".join(stderr.strip().splitlines()[-2:])
         raise BenchError(f"fio exited with {proc.returncode}" + (f": {message}" if message else ""))
     try:
         # fio may print warnings before the JSON document
-        report, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])
-        job = report["jobs"][0]
-        side = job["read" if "read" in rw else "write"]
-    except (ValueError, KeyError, IndexError) as exc:
+        report, _ = json.JSONDecoder().raw_decode(stdout[stdout.index("{"):])
+        jobs = report["jobs"]
+        sides = [job["read" if "read" in rw else "write"] for job in jobs]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise BenchError(f"cannot parse fio output: {exc}") from None
-    if job.get("error"):
-        raise BenchError(f"fio job error {job['error']}")
-    if side["io_bytes"] == 0:
-        raise BenchError("fio did no I/O")
-    return Result(side["bw_bytes"] / 2**20, side["iops"], side["io_bytes"])
+    if len(jobs) != len(paths):
+        raise BenchError(f"fio reported {len(jobs)} jobs, not {len(paths)}")
+    results = []
+    for job, side in zip(jobs, sides, strict=True):
+        if job.get("error"):
+            raise BenchError(f"fio job error {job['error']}")
+        if side["io_bytes"] == 0:
+            raise BenchError("fio did no I/O")
+        results.append(Result(side["bw_bytes"] / 2**20, side["iops"], side["io_bytes"]))
+    return results
 
 
 def layout(target: Target, size_mib: int) -> None:
@@ -335,6 +646,26 @@ def layout(target: Target, size_mib: int) -> None:
     result = run_fio(target.file, "write", "1M", size_mib, None, LAYOUT_TIMEOUT)
     if result.io_bytes != size_mib * 2**20:
         raise BenchError(f"layout wrote {result.io_bytes} bytes, not {size_mib} MiB")
+
+
+def setup_cluster(scratch: Path, cleanup: contextlib.ExitStack, args,
+                  targets: list[Target]) -> Cluster | None:
+    """Mount nodes A and B of a new volume; B's mount becomes the `member` fio target."""
+    member = Target(MEMBER)
+    targets.append(member)
+    log("setting up the cluster (nodes A and B) ...")
+    try:
+        cluster = Cluster(scratch, cleanup, args)
+        for name in CLUSTER_NODES[:2]:
+            cluster.mount(name)
+        cluster.check_roles()
+        member.file = cluster.mountpoints["B"] / "bench.dat"
+        layout(member, args.size_mib)
+    except (BenchError, OSError, subprocess.SubprocessError) as exc:
+        member.error = f"cluster setup failed: {exc}"
+        log(f"{member.name}: {member.error}")
+        return None
+    return cluster
 
 
 def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
@@ -370,7 +701,7 @@ def run_metadata(targets: list[Target], args) -> dict[str, dict[str, list[float]
     """Single-operation metadata latencies on every target that is up."""
     latencies = {}
     for target in targets:
-        if target.error or target.file is None:
+        if target.error or target.file is None or target.name not in TARGETS:
             continue
         try:
             latencies[target.name] = metabench.measure(target.file.parent, args.meta_count)
@@ -451,6 +782,170 @@ def build_table(samples: dict[tuple[str, str], Samples]) -> str:
     return "\n".join(rows)
 
 
+def p50_p99(values: list[float] | None) -> tuple[float, float] | None:
+    return metabench.percentiles(values) if values and len(values) >= 2 else None
+
+
+def format_p50_p99(values: list[float] | None) -> str:
+    cut = p50_p99(values)
+    return "n/a" if cut is None else f"{cut[0]:.3f} / {cut[1]:.3f}"
+
+
+def format_quotient(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None or not b else f"{a / b:.2f}"
+
+
+def build_member_table(samples: dict[tuple[str, str], Samples]) -> str:
+    rows = [
+        "| workload | csvfs single-node MiB/s | csvfs member node B MiB/s "
+        "| member/single-node (target >= 0.9) |",
+        "|---|---:|---:|---:|",
+    ]
+    for workload in WORKLOADS:
+        single, member = samples.get(("csvfs", workload.name)), samples.get((MEMBER,
+                                                                             workload.name))
+        cells = [format_cell(cell.median() if cell else None, workload.show_iops)
+                 for cell in (single, member)]
+        ratio = format_ratio(paired_ratio(member, single))
+        rows.append(f"| {workload.name} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(rows)
+
+
+def build_cluster_meta_table(meta: dict[str, dict[str, list[float]]]) -> str:
+    rows = ["| operation | coordinator A | member B | B/A p50 | B/A p99 |",
+            "|---|---:|---:|---:|---:|"]
+    for operation in metabench.OPERATIONS:
+        a, b = (meta.get(name, {}).get(operation) for name in CLUSTER_NODES[:2])
+        cut_a, cut_b = p50_p99(a), p50_p99(b)
+        ratios = [format_quotient(cut_b and cut_b[i], cut_a and cut_a[i]) for i in (0, 1)]
+        rows.append(f"| {operation} | {format_p50_p99(a)} | {format_p50_p99(b)} | "
+                    + " | ".join(ratios) + " |")
+    return "\n".join(rows)
+
+
+TRUNCATE_CONDITIONS = (
+    ("idle", "no other node has the file open, B idle"),
+    ("other", "B writes another file meanwhile (not a holder)"),
+    ("held", "B has the file open and writes to it"),
+)
+WRITE_CONDITIONS = (
+    ("idle", "the other file (allocated, inside its size)", "idle"),
+    ("busy", "the other file (allocated, inside its size)", "truncate loop"),
+    ("rewrite", "the other file (allocated, inside its size)",
+     "rewriting + fsync, no truncate (control)"),
+    ("held", "the truncated file (its first MiB)", "truncate loop"),
+)
+
+
+def build_truncate_table(truncate: dict[str, list[float]]) -> str:
+    rows = ["| truncate 4 MiB -> 1 MiB on A | count | p50 ms | p99 ms | p50 ratio | p99 ratio |",
+            "|---|---:|---:|---:|---:|---:|"]
+    base = p50_p99(truncate.get("idle"))
+    for key, label in TRUNCATE_CONDITIONS:
+        values = truncate.get(key) or []
+        cut = p50_p99(values)
+        if cut is None:
+            rows.append(f"| {label} | {len(values)} | n/a | n/a | n/a | n/a |")
+            continue
+        ratios = [format_quotient(cut[i], base and base[i]) for i in (0, 1)]
+        rows.append(f"| {label} | {len(values)} | {cut[0]:.3f} | {cut[1]:.3f} | "
+                    + " | ".join(ratios) + " |")
+    return "\n".join(rows)
+
+
+def build_write_table(writes: dict[str, list[float]]) -> str:
+    rows = ["| B's 4 KiB pwrites to | while A is | writes | p50 ms | p99 ms | max ms |",
+            "|---|---|---:|---:|---:|---:|"]
+    for key, target, node_a in WRITE_CONDITIONS:
+        values = writes.get(key) or []
+        cut = p50_p99(values)
+        cells = ("n/a", "n/a", "n/a") if cut is None else (
+            f"{cut[0]:.3f}", f"{cut[1]:.3f}", f"{max(values):.3f}")
+        rows.append(f"| {target} | {node_a} | {len(values)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def stall_summary(writes: dict[str, list[float]]) -> str:
+    idle, busy = p50_p99(writes.get("idle")), p50_p99(writes.get("busy"))
+    if idle is None or busy is None:
+        return "Stall on another file: n/a."
+    text = (f"Stall on another file: p99 while A truncates / p99 while A is idle = "
+            f"**{busy[1] / idle[1]:.2f}** (p50 ratio {busy[0] / idle[0]:.2f}; target: no "
+            "measurable stall, a ratio near 1).")
+    control = p50_p99(writes.get("rewrite"))
+    if control is not None:
+        text += (f" Against the control with the same kind of load on A but no truncates: "
+                 f"p99 ratio **{busy[1] / control[1]:.2f}** (p50 ratio "
+                 f"{busy[0] / control[0]:.2f}); what is left above 1 there is what the "
+                 "quiesces themselves cost B.")
+    return text
+
+
+def build_aggregate_table(aggregate: dict[int, list[list[Result]]]) -> str:
+    rows = ["| writers at once | nodes | aggregate MiB/s | per node MiB/s | aggregate / 1 node |",
+            "|---:|---|---:|---:|---:|"]
+    totals = {k: [sum(r.mib_s for r in results) for results in rounds]
+              for k, rounds in aggregate.items() if rounds}
+    for k, values in sorted(totals.items()):
+        base = totals.get(1)
+        if base and len(base) == len(values):
+            ratio = format_ratio(statistics.median(v / b for v, b in zip(values, base,
+                                                                           strict=True)))
+        else:
+            ratio = format_quotient(statistics.median(values), base and statistics.median(base))
+        total = statistics.median(values)
+        rows.append(f"| {k} | {', '.join(CLUSTER_NODES[:k])} | {total:.1f} | {total / k:.1f} | "
+                    f"{ratio} |")
+    return "\n".join(rows)
+
+
+def cluster_report(args, samples: dict[tuple[str, str], Samples],
+                   results: ClusterResults | None) -> str:
+    if results is None:
+        return ""
+    if results.error:
+        return f"\n## Cluster\n\nNot measured: {results.error}\n"
+    return (
+        "\n## Cluster\n\n"
+        "A second volume, mounted by node A first (the coordinator) and node B second (a "
+        "member that reaches the coordinator over RPC); node C joins for the aggregate "
+        "only. Roles are checked with `csvfs status`.\n\n"
+        "### Data path on a member node\n\n"
+        "The fio workloads above on B's mount, in the same rounds as the single-node "
+        "targets (interleaved; the ratio is the median of the per-round ratios).\n\n"
+        f"{build_member_table(samples)}\n\n"
+        "### Metadata latency on a member node\n\n"
+        f"metabench on B's mount and on A's, {args.meta_count} of each operation per node "
+        f"in {args.repeat} rounds with the node order rotated, p50 / p99 in ms.\n\n"
+        f"{build_cluster_meta_table(results.meta)}\n\n"
+        "### Quiesce\n\n"
+        "(a) Pause time: the latency of a shrinking truncate (4 MiB -> 1 MiB, then written "
+        "back to 4 MiB, not timed) on A, "
+        f"{args.quiesce_count} per condition in {args.repeat} rounds. Ratios are to the "
+        "first row. B's writers are separate processes doing one 4 KiB pwrite every "
+        f"{WRITER_INTERVAL_MS:g} ms.\n\n"
+        f"{build_truncate_table(results.truncate)}\n\n"
+        "(b) Stall on a different file: B's paced 4 KiB pwrites, with A idle, with A "
+        "running the truncate loop, and, as a control, with A running only the loop's "
+        "writes, each 1 MiB followed by an fsync (overwrites: no metadata change, no "
+        "quiesce, but a flush of the image like a journal commit), each for as long as "
+        "the idle truncate loop took; the conditions are rotated each round. On a "
+        "machine with few CPUs, A's loop takes CPU from B, so compare with the control "
+        "too. The last row is the writes to the truncated file itself, paused by every "
+        "quiesce.\n\n"
+        f"{build_write_table(results.writes)}\n\n"
+        f"{stall_summary(results.writes)}\n\n"
+        "### Aggregate write throughput\n\n"
+        "fio seq write 1 MiB (psync, direct=0), each node writing its own "
+        f"{args.size_mib} MiB file (written once up front, so these are overwrites) on its "
+        f"own mount, all started together by one fio, {args.runtime} s, median of "
+        f"{args.repeat} rounds with the configurations rotated; all three nodes stay "
+        "mounted throughout, the idle ones only listen.\n\n"
+        f"{build_aggregate_table(results.aggregate)}\n"
+        + ("\n" + "\n".join(results.notes) + "\n" if results.notes else "")
+    )
+
+
 def describe_run(args, scratch_parent: str) -> str:
     fio_version = subprocess.run(["fio", "--version"], capture_output=True, text=True,
                                  check=False).stdout.strip()
@@ -510,27 +1005,55 @@ def parse_args(argv=None):
     )
     parser.add_argument("--targets", type=target_list, default=list(TARGETS),
                         help=f"comma-separated subset of {','.join(TARGETS)} (default: all)")
-    parser.add_argument("--runtime", type=positive_int, default=4,
-                        help="seconds per fio job (default: 4)")
-    parser.add_argument("--repeat", type=positive_int, default=3,
-                        help="runs per target and workload; the median is reported (default: 3)")
-    parser.add_argument("--size-mib", type=positive_int, default=256,
-                        help="size of the test file in MiB (default: 256)")
+    parser.add_argument("--runtime", type=positive_int,
+                        help="seconds per fio job (default: 4; --quick: 1)")
+    parser.add_argument("--repeat", type=positive_int,
+                        help="runs per target and workload; the median is reported "
+                             "(default: 3; --quick: 1)")
+    parser.add_argument("--size-mib", type=positive_int,
+                        help="size of the test file in MiB (default: 256; --quick: 64)")
     parser.add_argument("--csvfs", default=str(PROJECT_ROOT / ".venv" / "bin" / "csvfs"),
                         help="the csvfs command (default: .venv/bin/csvfs)")
-    parser.add_argument("--meta-count", type=positive_int, default=300,
-                        help="operations of each kind for metadata latency (default 300)")
+    parser.add_argument("--meta-count", type=positive_int,
+                        help="operations of each kind for metadata latency "
+                             "(default: 300; --quick: 50)")
+    parser.add_argument("--quiesce-count", type=positive_int,
+                        help="shrinking truncates per quiesce condition (default: 200; "
+                             "--quick: 40)")
+    parser.add_argument("--no-cluster", dest="cluster", action="store_false",
+                        help="skip the cluster sections (member data path and metadata, "
+                             "quiesce, aggregate writes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short smoke run: small defaults for everything not given")
     parser.add_argument("--dir", default="/var/tmp",
                         help="directory on the disk to test; a fresh scratch directory is "
                              "created (and removed) inside it (default: /var/tmp)")
     args = parser.parse_args(argv)
+    defaults = (dict(runtime=1, repeat=1, size_mib=64, meta_count=50, quiesce_count=40)
+                if args.quick else
+                dict(runtime=4, repeat=3, size_mib=256, meta_count=300, quiesce_count=200))
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if not os.path.isdir(args.dir):
         parser.error(f"--dir: not a directory: {args.dir}")
     if shutil.which("fio") is None:
         parser.error("fio not found (run `make setup`)")
-    if set(args.targets) - {"raw"} and shutil.which("fusermount3") is None:
+    if (args.cluster or set(args.targets) - {"raw"}) and shutil.which("fusermount3") is None:
         parser.error("fusermount3 not found (run `make setup`)")
     return args
+
+
+def run_failover(args) -> str:
+    """scripts/failoverbench.py, in a process of its own (it has its own teardown)."""
+    log("measuring failover ...")
+    rounds = ["--rounds", "2", "--hang-rounds", "1"] if args.quick else []
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "failoverbench.py"),
+                           "--csvfs", args.csvfs, "--dir", args.dir, *rounds],
+                          capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        return f"\n## Failover\n\nNot measured: {proc.stderr.strip()}\n"
+    return f"\n## Failover\n\n{proc.stdout}"
 
 
 def raise_on_sigterm(signum, frame):
@@ -560,8 +1083,13 @@ def main(argv=None) -> int:
             except (BenchError, OSError, subprocess.SubprocessError) as exc:
                 target.error = f"setup failed: {exc}"
                 log(f"{target.name}: {target.error}")
+        cluster = setup_cluster(scratch, cleanup, args, targets) if args.cluster else None
         samples = run_rounds(targets, args)
         latencies = run_metadata(targets, args)
+        cluster_results = None
+        if args.cluster:
+            cluster_results = (run_cluster(cluster, args) if cluster is not None else
+                               ClusterResults(error=targets[-1].error))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -587,6 +1115,9 @@ def main(argv=None) -> int:
     notes = target_notes(targets, samples)
     if notes:
         report += f"\n{notes}\n"
+    report += cluster_report(args, samples, cluster_results)
+    if args.cluster:
+        report += run_failover(args)
     RESULTS_FILE.write_text(report)
     print(report, end="")
     log(f"written to {RESULTS_FILE.relative_to(PROJECT_ROOT)}")

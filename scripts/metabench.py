@@ -2,7 +2,9 @@
 
 Used by bench.py for every target. Each operation is timed on its own, so the
 percentiles show the cost of one round trip to the filesystem (and, for
-csvfs, to its coordinator and journal).
+csvfs, to its coordinator and journal). The cluster sections of bench.py also use
+`shrink_loop`, and `writer` (run as `metabench.py writer`, in a process of its own)
+to measure quiesce pauses and stalls.
 """
 
 from __future__ import annotations
@@ -63,3 +65,125 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     """p50 and p99 in milliseconds."""
     cuts = statistics.quantiles(values, n=100, method="inclusive")
     return statistics.median(values), cuts[98]
+
+
+# --- quiesce: shrinking truncates, and paced writes from another node --------------------
+
+WRITE_BLOCK = 4096
+REFILL_CHUNK = 2**20
+
+
+def shrink_loop(path: Path, count: int, big: int, small: int) -> list[float]:
+    """Latencies of `count` shrinking truncates of `path` from `big` to `small` bytes.
+
+    Before each one the file is written back up to `big` bytes (not timed), so every
+    truncate frees allocated units, which on csvfs pauses I/O on the inode at every node
+    that has it open. The file is left `big` bytes long.
+    """
+    fd = os.open(path, os.O_RDWR)
+    chunk = b"\xa5" * REFILL_CHUNK
+    latencies = []
+    try:
+        for _ in range(count):
+            _refill(fd, small, big, chunk)
+            latencies.append(_timed(lambda: os.ftruncate(fd, small)))
+        _refill(fd, small, big, chunk)
+    finally:
+        os.close(fd)
+    return latencies
+
+
+def rewrite_loop(path: Path, seconds: float, big: int, small: int) -> int:
+    """The refill writes of `shrink_loop`, each followed by an fsync, for `seconds`.
+
+    Overwrites only (the file must be `big` bytes long already), so no metadata changes
+    and no quiesce; the fsyncs stand in for the journal commits of the extends and the
+    truncate, which flush the same image. A control with a similar load on the node.
+    Returns the rounds done.
+    """
+    fd = os.open(path, os.O_RDWR)
+    chunk = b"\xa5" * REFILL_CHUNK
+    rounds = 0
+    try:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            _refill(fd, small, big, chunk, sync=True)
+            rounds += 1
+    finally:
+        os.close(fd)
+    return rounds
+
+
+def _refill(fd: int, start: int, end: int, chunk: bytes, sync: bool = False) -> None:
+    for offset in range(start, end, len(chunk)):
+        data = chunk[:end - offset]
+        if os.pwrite(fd, data, offset) != len(data):
+            raise OSError(f"short write at {offset}")
+        if sync:
+            os.fsync(fd)
+
+
+def paced_writes(fd: int, span: int, interval: float, stop: Callable[[], bool],
+                 max_seconds: float) -> list[float]:
+    """Latencies of 4 KiB pwrites cycling through [0, span), one every `interval` seconds.
+
+    A write that comes late does not make the next ones burst to catch up. Stops when
+    `stop()` is true or after `max_seconds`.
+    """
+    block = b"\x3c" * WRITE_BLOCK
+    blocks = max(1, span // WRITE_BLOCK)
+    latencies = []
+    started = next_at = time.perf_counter()
+    index = 0
+    while not stop() and next_at - started < max_seconds:
+        offset = (index % blocks) * WRITE_BLOCK
+        latencies.append(_timed(lambda offset=offset: os.pwrite(fd, block, offset)))
+        index += 1
+        next_at += interval
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            next_at = time.perf_counter()
+    return latencies
+
+
+def writer_main(argv: list[str] | None = None) -> int:
+    """`metabench.py writer PATH ...`: paced writes until SIGUSR1 or SIGTERM.
+
+    Prints "ready" once the file is open, and the latencies in ms as a JSON list at the
+    end. bench.py runs it as a separate process, so that its timing does not share an
+    interpreter (and a GIL) with the process it measures against.
+    """
+    import argparse
+    import json
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(prog="metabench.py writer")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--span", type=int, required=True, help="bytes to cycle through")
+    parser.add_argument("--interval-ms", type=float, default=1.0)
+    parser.add_argument("--max-seconds", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    stopped = []
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.append(True))
+    fd = os.open(args.path, os.O_WRONLY)
+    try:
+        print("ready", flush=True)
+        latencies = paced_writes(fd, args.span, args.interval_ms / 1000,
+                                 lambda: bool(stopped), args.max_seconds)
+    finally:
+        os.close(fd)
+    json.dump(latencies, sys.stdout)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] != "writer":
+        sys.exit("usage: metabench.py writer PATH --span BYTES [--interval-ms MS]")
+    sys.exit(writer_main(sys.argv[2:]))
