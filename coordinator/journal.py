@@ -162,7 +162,7 @@ class Journal:
 
     def append(self, op: dict) -> int:
         """Queue a record; returns its seq. Call `wait_durable(seq)` before exposing it."""
-        self._check_usable()
+        self._check_usable(appending=True)
         if not self._pending:
             self._batch_first = self.next_seq
         record = fmt.JournalRecord(self.epoch, self.next_seq, self._batch_first, op, self.gen)
@@ -186,9 +186,11 @@ class Journal:
             else:
                 await self._flush()
 
-    def _check_usable(self) -> None:
+    def _check_usable(self, appending: bool = False) -> None:
         if isinstance(self.broken, LeaseLost):
             raise LeaseLost(str(self.broken))
+        if self.broken is not None and appending:
+            raise OSError(f"journal is unusable after an I/O error: {self.broken}")
         if self.broken is not None:
             raise OSError(f"journal write failed: {self.broken}")
 
