@@ -127,3 +127,36 @@ class Node:
             return []
         return [line for line in self.log.read_text().splitlines()
                 if any(marker in line for marker in LOG_PROBLEMS)]
+
+
+class FdHolder:
+    """tests/fd_holder.py: a file held open on a mount by a process of its own.
+
+    Use it as a context manager; it is killed on the way out. See fd_holder.py for
+    why the test process must not hold the file itself.
+    """
+
+    def __init__(self, path: Path):
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.fd_holder", str(path)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+
+    def send(self, command: str) -> None:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def answer(self) -> str:
+        return self.process.stdout.readline().strip()
+
+    def ask(self, command: str) -> str:
+        self.send(command)
+        return self.answer()
+
+    def __enter__(self) -> FdHolder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.process.stdin.close()
+        self.process.stdout.close()

@@ -9,14 +9,12 @@ import random
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from tests.cluster import csvfs, make_volume
+from tests.cluster import FdHolder, csvfs, make_volume
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -264,37 +262,25 @@ def test_truncate_while_another_node_writes_never_touches_other_files(tmp_path, 
 # -- eviction: a node that does not pause in time is cut off, and rejoins --------------------
 
 
-def _ask(holder, command):
-    holder.stdin.write(command + "\n")
-    holder.stdin.flush()
-    return holder.stdout.readline().strip()
-
-
 def test_node_that_does_not_pause_is_evicted_and_rejoins(tmp_path, nodes):
     image = make_volume(tmp_path, size="48M", unit="64K")
     coordinator, sleeper = start_cluster(nodes, image, 2)
-    holder = subprocess.Popen([sys.executable, "-m", "tests.fd_holder",
-                               str(sleeper.path("held"))],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        for _ in range(64):  # 512 KiB: eight units
-            assert _ask(holder, "write") == "ok"
-        sleeper.process.send_signal(signal.SIGSTOP)
-        started = time.monotonic()
-        os.truncate(coordinator.path("held"), 0)  # needs the stopped node to pause
-        waited = time.monotonic() - started
-        # the freed units go to another file at once
-        fresh = random.Random(3).randbytes(3 << 20)
-        coordinator.path("fresh").write_bytes(fresh)
-        assert any(e["kind"] == "evict" and "n2" in e["msg"] for e in events(image))
-        sleeper.process.send_signal(signal.SIGCONT)
-        assert _ask(holder, "poke") == "ok"  # after rejoining, with the new map
-    finally:
-        sleeper.process.send_signal(signal.SIGCONT)
-        holder.kill()
-        holder.wait(timeout=10)
-        holder.stdin.close()
-        holder.stdout.close()
+    with FdHolder(sleeper.path("held")) as holder:
+        try:
+            for _ in range(64):  # 512 KiB: eight units
+                assert holder.ask("write") == "ok"
+            sleeper.process.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            os.truncate(coordinator.path("held"), 0)  # needs the stopped node to pause
+            waited = time.monotonic() - started
+            # the freed units go to another file at once
+            fresh = random.Random(3).randbytes(3 << 20)
+            coordinator.path("fresh").write_bytes(fresh)
+            assert any(e["kind"] == "evict" and "n2" in e["msg"] for e in events(image))
+            sleeper.process.send_signal(signal.SIGCONT)
+            assert holder.ask("poke") == "ok"  # after rejoining, with the new map
+        finally:
+            sleeper.process.send_signal(signal.SIGCONT)
     assert 1.5 < waited < 10, waited  # the pause timeout, then the rest of the grant
     assert coordinator.path("held").read_bytes() == b"x" * 10
     for node in (coordinator, sleeper):

@@ -14,7 +14,7 @@ import pytest
 from coordinator.journal import raw_records
 from csvfs.volume import Volume
 from tests import storm
-from tests.cluster import csvfs
+from tests.cluster import FdHolder, csvfs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,12 +147,6 @@ def test_hung_coordinator_is_replaced_and_rejoins(tmp_path, image, nodes):
     assert not old or max(old) < min(new), "the hung coordinator committed after the takeover"
 
 
-def _ask(holder, command):
-    holder.stdin.write(command + "\n")
-    holder.stdin.flush()
-    return holder.stdout.readline().strip()
-
-
 def test_open_unlinked_file_survives_a_takeover_then_is_reclaimed(image, nodes):
     lease = 1.0
     # With a third node, whichever survivor takes over, the orphan must stay: either the
@@ -160,22 +154,14 @@ def test_open_unlinked_file_survives_a_takeover_then_is_reclaimed(image, nodes):
     victim, keeper, _ = (nodes.start(image, name, "--lease", str(lease))
                          for name in ("n1", "n2", "n3"))
     free_before = os.statvfs(keeper.mountpoint).f_bfree
-    holder = subprocess.Popen([sys.executable, "-m", "tests.fd_holder",
-                               str(keeper.path("scratch"))],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
+    with FdHolder(keeper.path("scratch")) as holder:
         for _ in range(256):  # 2 MiB
-            assert _ask(holder, "write") == "ok"
+            assert holder.ask("write") == "ok"
         os.unlink(victim.path("scratch"))
         victim.kill(signal.SIGKILL)
         time.sleep(3 * lease)  # past the new coordinator's wait for re-registrations
-        assert _ask(holder, "poke") == "ok"  # still open, still its own units
+        assert holder.ask("poke") == "ok"  # still open, still its own units
         assert status(image)["open_files"][0]["nodes"] == {"n2": 1}
-    finally:
-        holder.kill()
-        holder.wait(timeout=10)
-        holder.stdin.close()
-        holder.stdout.close()
     deadline = time.monotonic() + 10
     while os.statvfs(keeper.mountpoint).f_bfree != free_before:  # the last close reclaims
         assert time.monotonic() < deadline, "the orphan was not reclaimed after its last close"

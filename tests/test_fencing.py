@@ -3,55 +3,38 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from coordinator.journal import raw_records
 from csvfs.volume import Volume
-from tests.cluster import csvfs
+from tests.cluster import FdHolder, csvfs
 
 pytestmark = pytest.mark.timeout(60)
 LEASE = "1"
 
 
-def _send(holder, command):
-    holder.stdin.write(command + "\n")
-    holder.stdin.flush()
-
-
-def _ask(holder, command):
-    _send(holder, command)
-    return holder.stdout.readline().strip()
-
-
 def test_stalled_coordinator_steps_down_and_rejoins_after_a_takeover(image, nodes):
     stale = nodes.start(image, "stale", "--lease", LEASE)
-    holder = subprocess.Popen([sys.executable, "-m", "tests.fd_holder", str(stale.path("shared"))],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert _ask(holder, "write") == "ok"
-        stale.process.send_signal(signal.SIGSTOP)
-        time.sleep(1.5)  # the lease lapses while the node is stopped
-        fresh = nodes.start(image, "fresh", "--lease", LEASE)
-        fresh.path("from-fresh").write_bytes(b"fresh")
-        # Queue a write while the node is stopped, so that it is the first thing the
-        # node sees when it wakes, before its lease timer. The data path must find the
-        # lease gone before it touches the image, step down, rejoin under the new
-        # coordinator and only then write, through the maps that coordinator gives it.
-        _send(holder, "poke")
-        time.sleep(0.2)
-        stale.process.send_signal(signal.SIGCONT)
-        assert holder.stdout.readline().strip() == "ok"
-        os.mkdir(stale.path("after-stepping-down"))
-    finally:
-        stale.process.send_signal(signal.SIGCONT)
-        holder.kill()
-        holder.wait(timeout=10)
-        holder.stdin.close()
-        holder.stdout.close()
+    with FdHolder(stale.path("shared")) as holder:
+        try:
+            assert holder.ask("write") == "ok"
+            stale.process.send_signal(signal.SIGSTOP)
+            time.sleep(1.5)  # the lease lapses while the node is stopped
+            fresh = nodes.start(image, "fresh", "--lease", LEASE)
+            fresh.path("from-fresh").write_bytes(b"fresh")
+            # Queue a write while the node is stopped, so that it is the first thing the
+            # node sees when it wakes, before its lease timer. The data path must find the
+            # lease gone before it touches the image, step down, rejoin under the new
+            # coordinator and only then write, through the maps that coordinator gives it.
+            holder.send("poke")
+            time.sleep(0.2)
+            stale.process.send_signal(signal.SIGCONT)
+            assert holder.answer() == "ok"
+            os.mkdir(stale.path("after-stepping-down"))
+        finally:
+            stale.process.send_signal(signal.SIGCONT)
 
     assert fresh.path("after-stepping-down").is_dir()
     assert fresh.path("shared").read_bytes() == b"x" * 10 + b"a" * 8182
