@@ -50,6 +50,8 @@ PAUSE_TIMEOUT = 2.0  # a node that has not paused by then is evicted
 # sends them again, with the same request id, to the next one.
 ONCE_ONLY = frozenset({"mknod", "create", "link", "unlink", "rename", "removexattr"})
 _request_token: contextvars.ContextVar = contextvars.ContextVar("request_token", default=None)
+# The inodes the records of the request being served changed, to tell their holders.
+_touched: contextvars.ContextVar = contextvars.ContextVar("touched", default=None)
 
 FALLOC_KEEP_SIZE = 0x01
 FALLOC_PUNCH_HOLE = 0x02
@@ -118,6 +120,10 @@ class MetadataService:
         # time their last grant runs out. Their open files count until then.
         self.lingering: dict[str, float] = {}
         self.pause_timeout = PAUSE_TIMEOUT
+        # When an explicit mtime (utimens) was last set, per inode: a node's writes from
+        # before that must not override it when the node flushes their time later.
+        # Kept in memory only; after a restart, flushed write times win.
+        self._mtime_set: dict[int, int] = {}
         self.fenced = False
         # Trio clock time until which the lease is surely ours; the node moves it on
         # at every renewal. Unbounded until a node says otherwise (in-process tests).
@@ -141,10 +147,30 @@ class MetadataService:
             if done is not None:
                 return await self._answer_again(session, method, args, done)
             _request_token.set([session, request])
+        touched: set[int] = set()
+        _touched.set(touched)
         try:
-            return await handler(session, **args)
+            reply = await handler(session, **args)
         except TypeError as exc:  # the arguments do not fit the method
             raise MetaError(errno.EINVAL, f"bad arguments for {method}: {exc}") from None
+        finally:
+            _touched.set(None)
+        if touched:
+            await self._tell_holders(session, touched)
+        return reply
+
+    async def _tell_holders(self, requester: str, inos: set[int]) -> None:
+        """Nodes that have a file open let their kernel cache its attributes: make every
+        holder but the requester drop them, and wait until they have, so that the change
+        shows there the moment this request returns. A file open on one node only (a
+        VM's disk) costs nothing here."""
+        async with trio.open_nursery() as nursery:
+            for ino in inos:
+                stale = {"inos": [ino], "entries": []}
+                for name in self.open_files.get(ino, ()):
+                    if name != requester and name in self.sessions:
+                        nursery.start_soon(partial(self._acknowledged, name, "invalidate",
+                                                   ino, stale=stale))
 
     async def _answer_again(self, session: str, method: str, args: dict, ino: int):
         """The reply to a request that was carried out before its node lost the answer."""
@@ -294,8 +320,24 @@ class MetadataService:
             raise MetaError(errno.ENOSPC, "metadata journal is full") from None
         except LeaseLost as exc:
             raise NotCoordinator(str(exc)) from None
+        touched = _touched.get()
+        if touched is not None:
+            touched.update(self._files_changed_by(op))
         self.state.apply(op)
         return seq
+
+    def _files_changed_by(self, op: dict) -> list[int]:
+        """Inodes (before `op` applies) whose attributes it changes and that some node
+        may have open."""
+        entries = self.state.entries
+        if op["op"] == "unlink":
+            changed = [entries[op["parent"]].get(op["name"])]
+        elif op["op"] == "rename":
+            changed = [entries[op["old_parent"]].get(op["old_name"]),
+                       entries[op["new_parent"]].get(op["new_name"])]
+        else:
+            changed = [op.get("ino")]
+        return [ino for ino in changed if ino is not None and ino in self.open_files]
 
     async def _commit(self, op: dict) -> None:
         async with self._mutation():
@@ -362,7 +404,9 @@ class MetadataService:
         return names
 
     def _attrs(self, inode: Inode) -> dict:
-        return attributes(inode, self.unit)
+        attrs = attributes(inode, self.unit)
+        attrs["mtime_set_ns"] = self._mtime_set.get(inode.ino, 0)
+        return attrs
 
     @staticmethod
     def _now() -> int:
@@ -602,7 +646,12 @@ class MetadataService:
         async with self._mutation():
             inode = self._inode(ino)
             seq = None
-            if fields or "size" not in changes:
+            written = changes.get("written", False)  # a node's writes, flushed late
+            if written and fields.get("mtime_ns", 0) <= self._mtime_set.get(ino, 0):
+                pass  # an explicit time set since those writes wins
+            elif fields or "size" not in changes:
+                if "mtime_ns" in fields and not written:
+                    self._mtime_set[ino] = self._now()
                 self._drop_setid_on_chown(inode, fields)
                 fields.setdefault("ctime_ns", changes.get("ctime_ns", self._now()))
                 seq = self._append(dict(fields, op="setattr", ino=ino))

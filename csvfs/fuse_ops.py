@@ -33,6 +33,9 @@ ENTRY_TIMEOUT = 0
 ATTR_TIMEOUT = 0
 DIR_ENTRY_TIMEOUT = 1.0
 DIR_ATTR_TIMEOUT = 1.0
+# Attributes of a file open on this node may be cached too: the coordinator makes
+# this node drop them (and waits for it) whenever another node changes them.
+OPEN_FILE_ATTR_TIMEOUT = 1.0
 CAP_FSETID = 4
 
 
@@ -104,6 +107,8 @@ class CsvfsOperations(pyfuse3.Operations):
         # Invalidations received so far. A reply that was in flight when one arrived may
         # predate it, so the kernel must not cache what that reply says.
         self._forgets = 0
+        # Drops kernel attributes of inodes soon, outside this handler (the node sets it).
+        self.forget_later = lambda inos: None
 
     def drop_stale(self, stale: dict) -> None:
         """The coordinator says what other nodes changed: drop it (the node then tells
@@ -137,6 +142,8 @@ class CsvfsOperations(pyfuse3.Operations):
             entry.entry_timeout, entry.attr_timeout = DIR_ENTRY_TIMEOUT, cache_for
             if cache_for == DIR_ATTR_TIMEOUT:
                 self._dir_attrs[attrs["ino"]] = (attrs, time.monotonic() + cache_for)
+        elif cacheable and attrs["ino"] in self.data.files:
+            entry.entry_timeout, entry.attr_timeout = ENTRY_TIMEOUT, OPEN_FILE_ATTR_TIMEOUT
         else:
             entry.entry_timeout, entry.attr_timeout = ENTRY_TIMEOUT, ATTR_TIMEOUT
         entry.st_mode = attrs["mode"]
@@ -152,7 +159,8 @@ class CsvfsOperations(pyfuse3.Operations):
         entry.st_size = attrs["size"]
         handle = self.data.files.get(attrs["ino"])
         if handle is not None:
-            if handle.dirty_mtime > entry.st_mtime_ns:
+            # this node's writes, unless an explicit time set since supersedes them
+            if handle.dirty_mtime > max(entry.st_mtime_ns, attrs.get("mtime_set_ns", 0)):
                 entry.st_mtime_ns = entry.st_ctime_ns = handle.dirty_mtime
         return entry
 
@@ -199,7 +207,8 @@ class CsvfsOperations(pyfuse3.Operations):
         if handle is None or not handle.dirty_mtime:
             return
         mtime, handle.dirty_mtime = handle.dirty_mtime, 0
-        await self.meta("setattr", ino=inode, changes={"mtime_ns": mtime, "ctime_ns": mtime})
+        await self.meta("setattr", ino=inode, changes={"mtime_ns": mtime, "ctime_ns": mtime,
+                                                       "written": True})
 
     # -- namespace --------------------------------------------------------------------
 
@@ -327,7 +336,7 @@ class CsvfsOperations(pyfuse3.Operations):
         self._remember_dirs(reply, cacheable)
         fh = self._new_handle(reply, self._writer_setid_killer(flags, ctx))
         return (pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False),
-                self._entry(reply["attrs"]))
+                self._entry(reply["attrs"], cacheable))
 
     # read and write are the hot path: no decorator layer, one dict lookup for the
     # handle, then the data path's synchronous fast path; coroutines only when slow.
@@ -386,7 +395,11 @@ class CsvfsOperations(pyfuse3.Operations):
             return
         if handle.file is not None:
             await self._flush_mtime(handle.ino)
-            self.data.closed(handle.file)
+            if self.data.closed(handle.file):
+                # No more changes come to this node for it: the kernel must forget its
+                # attributes, and a reply on its way must not be cached either.
+                self._forgets += 1
+                self.forget_later([handle.ino])
         await self.meta("release", ino=handle.ino)
 
     async def fallocate(self, inode, mode, offset, length, fh):

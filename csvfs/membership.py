@@ -357,6 +357,9 @@ class Membership:
         """No role until a new election: no direct I/O, metadata calls wait."""
         self.role = None
         self.datapath.valid_until = -math.inf
+        # changes to open files will not be pushed here until the node is back
+        stale = {"inos": list(self.datapath.files), "entries": []}
+        self.nursery.start_soon(self.datapath.forget_in_kernel, stale)
         if self._settled.is_set():
             self._settled = trio.Event()
         if not self._electing and not self.closing:

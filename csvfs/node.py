@@ -144,6 +144,7 @@ class Node:
             raise MountpointError(f"cannot mount on {self.config.mountpoint}: {exc}") from None
         # only now that there is a kernel to tell
         self.datapath.forget_in_kernel = partial(_forget_in_kernel, operations)
+        operations.forget_later = partial(self._forget_later, operations)
         log.info("%s mounted %s (%s)", self.config.name, self.config.mountpoint,
                  self.membership.role)
         try:
@@ -156,6 +157,10 @@ class Node:
             pyfuse3.close(unmount=True)
             with trio.CancelScope(shield=True):
                 await self.membership.close()
+
+    def _forget_later(self, operations: CsvfsOperations, inos: list[int]) -> None:
+        stale = {"inos": inos, "entries": []}
+        self.membership.nursery.start_soon(_forget_in_kernel, operations, stale)
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

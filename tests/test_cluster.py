@@ -166,6 +166,13 @@ def test_sizes_and_data_are_coherent_on_open_files(image, nodes, count):
             for index in range(count):
                 assert os.fstat(fds[index]).st_size == len(data)
                 assert os.pread(fds[index], len(data) + 100, 0) == data
+            # attributes of a file open everywhere (each kernel may cache them)
+            os.fchmod(fds[cutter], 0o600 + step)
+            os.utime(cluster[cutter].path("shared"), ns=(10**18, 10**18 + step))
+            for index in range(count):
+                info = os.fstat(fds[index])
+                assert stat.S_IMODE(info.st_mode) == 0o600 + step, cluster[index].name
+                assert info.st_mtime_ns == 10**18 + step
     finally:
         for fd in fds:
             os.close(fd)
