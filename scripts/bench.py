@@ -487,6 +487,9 @@ def run_quiesce(node_a: Path, node_b: Path, args) -> tuple[dict, dict]:
                without the truncates (as long; a control: a similar load on A and on
                the image, but no metadata change and no quiesce)
       held     to the truncated file, while A runs the truncate loop
+      paused   to the other file, while B also writes the truncated file (so B holds it
+               and is paused for every truncate) and A runs the truncate loop: against
+               `busy`, the same load on A, this is what a quiesce costs I/O on another file
     """
     (node_a / "quiesce").mkdir()
     shrink_a, shrink_b = (n / "quiesce" / "shrink.dat" for n in (node_a, node_b))
@@ -495,7 +498,7 @@ def run_quiesce(node_a: Path, node_b: Path, args) -> tuple[dict, dict]:
         with open(path, "wb") as f:
             f.write(b"\x42" * QUIESCE_BIG)
     truncate = {"idle": [], "other": [], "held": []}
-    writes = {"idle": [], "busy": [], "rewrite": [], "held": []}
+    writes = {"idle": [], "busy": [], "rewrite": [], "held": [], "paused": []}
     per_round = max(2, math.ceil(args.quiesce_count / args.repeat))
 
     def shrink() -> list[float]:
@@ -527,6 +530,10 @@ def run_quiesce(node_a: Path, node_b: Path, args) -> tuple[dict, dict]:
         with paced_writer(shrink_b, QUIESCE_SMALL) as latencies:
             truncate["held"] += shrink()
         writes["held"] += latencies
+        with paced_writer(shrink_b, QUIESCE_SMALL), \
+                paced_writer(other_b, QUIESCE_BIG) as latencies:
+            shrink()
+        writes["paused"] += latencies
         log(f"[{round_no + 1}/{args.repeat}] quiesce: {per_round} truncates per condition")
     return truncate, writes
 
@@ -834,6 +841,8 @@ WRITE_CONDITIONS = (
     ("rewrite", "the other file (allocated, inside its size)",
      "rewriting + fsync, no truncate (control)"),
     ("held", "the truncated file (its first MiB)", "truncate loop"),
+    ("paused", "the other file, while B also writes the truncated one",
+     "truncate loop (B paused for each)"),
 )
 
 
@@ -865,7 +874,7 @@ def build_write_table(writes: dict[str, list[float]]) -> str:
     return "\n".join(rows)
 
 
-def stall_summary(writes: dict[str, list[float]]) -> str:
+def stall_summary(writes: dict[str, list[float]], truncate: dict[str, list[float]]) -> str:
     idle, busy = p50_p99(writes.get("idle")), p50_p99(writes.get("busy"))
     if idle is None or busy is None:
         return "Stall on another file: n/a."
@@ -876,8 +885,13 @@ def stall_summary(writes: dict[str, list[float]]) -> str:
     if control is not None:
         text += (f" Against the control with the same kind of load on A but no truncates: "
                  f"p99 ratio **{busy[1] / control[1]:.2f}** (p50 ratio "
-                 f"{busy[0] / control[0]:.2f}); what is left above 1 there is what the "
-                 "quiesces themselves cost B.")
+                 f"{busy[0] / control[0]:.2f}).")
+    paused = p50_p99(writes.get("paused"))
+    if paused is not None:
+        text += (f" What the quiesces themselves cost: B's writes to the other file while B "
+                 f"is paused for every truncate of the file it also writes, against the same "
+                 f"load on A with B holding nothing: p99 ratio **{paused[1] / busy[1]:.2f}** "
+                 f"(p50 ratio {paused[0] / busy[0]:.2f}).")
     return text
 
 
@@ -934,7 +948,7 @@ def cluster_report(args, samples: dict[tuple[str, str], Samples],
         "too. The last row is the writes to the truncated file itself, paused by every "
         "quiesce.\n\n"
         f"{build_write_table(results.writes)}\n\n"
-        f"{stall_summary(results.writes)}\n\n"
+        f"{stall_summary(results.writes, results.truncate)}\n\n"
         "### Aggregate write throughput\n\n"
         "fio seq write 1 MiB (psync, direct=0), each node writing its own "
         f"{args.size_mib} MiB file (written once up front, so these are overwrites) on its "
