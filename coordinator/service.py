@@ -120,6 +120,9 @@ class MetadataService:
         # time their last grant runs out. Their open files count until then.
         self.lingering: dict[str, float] = {}
         self.pause_timeout = PAUSE_TIMEOUT
+        # Inodes whose I/O is being paused for a change, each with an event set when
+        # that is over. Opens and registrations of such an inode wait for it.
+        self._quiescing: dict[int, trio.Event] = {}
         # When an explicit mtime (utimens) was last set, per inode: a node's writes from
         # before that must not override it when the node flushes their time later.
         # Kept in memory only; after a restart, flushed write times win.
@@ -234,9 +237,11 @@ class MetadataService:
 
         Whatever the node had registered before is replaced. The reply gives the
         current map of each of those files, or None for one that no longer exists.
-        Runs under the metadata lock, so no quiesce is half way through meanwhile.
+        It waits for any quiesce of those files to finish, so its maps are the new ones.
         """
-        async with self._lock:
+        while (busy := await self._lock_unless_quiescing(ino for ino, _ in opens)) is not None:
+            await busy.wait()
+        try:
             await self._durable()
             name = session.name
             self.sessions[name] = session
@@ -251,6 +256,17 @@ class MetadataService:
                 self.open_files.setdefault(ino, Counter())[name] = handles
                 maps.append([ino, self._map_reply(inode)])
             return maps
+        finally:
+            self._lock.release()
+
+    async def _lock_unless_quiescing(self, inos) -> trio.Event | None:
+        """Take the metadata lock, unless one of `inos` is being quiesced: then leave the
+        lock free and return the event to wait for before trying again."""
+        await self._lock.acquire()
+        busy = next((self._quiescing[ino] for ino in inos if ino in self._quiescing), None)
+        if busy is not None:
+            self._lock.release()
+        return busy
 
     async def leave(self, name: str, writing_until: float | None = None) -> None:
         """A node's session ended. If it may still be doing I/O until `writing_until`
@@ -708,13 +724,17 @@ class MetadataService:
     # -- open files ----------------------------------------------------------------------
 
     async def op_open(self, session: str, ino: int) -> dict:
-        # Under the lock: a quiesce in progress must count this node among the holders
-        # it pauses, or be over before the map in this reply is taken.
-        async with self._lock:
+        # A quiesce of ino counts this node among the holders it pauses, or is over
+        # before the map in this reply is taken.
+        while (busy := await self._lock_unless_quiescing([ino])) is not None:
+            await busy.wait()
+        try:
             await self._durable()
             inode = self._inode(ino)
             self._count_open(session, ino)
             return self._open_reply(inode)
+        finally:
+            self._lock.release()
 
     async def op_getmap(self, session: str, ino: int) -> dict:
         """The current size and map of a file the node has open (after a miss)."""
@@ -832,46 +852,63 @@ class MetadataService:
 
     async def _resize(self, ino: int, size: int) -> None:
         async with self._mutation():
-            inode = self._regular(ino)
-            if size >= inode.size:
-                op = {"op": "map", "ino": ino, "size": size, "t": self._now()}
-                seq = self._commit_map(inode, op)
-                reply = self._map_reply(inode)
-            else:
-                keep = -(-size // self.unit)
-                drop = [index for index in inode.units if index >= keep]
-                self._clean_tails.discard(ino)  # the cut unit keeps old bytes past EOF
-                op = {"op": "map", "ino": ino, "size": size, "t": self._now(),
-                      "drop": [[index, 1] for index in sorted(drop)]}
-                seq = await self._commit_quiesced(inode, op)
-                reply = None  # sent already, to every holder
-        await self._durable(seq)
-        if seq is not None and reply is not None:
-            self._broadcast_map(ino, reply)
-
-    async def _commit_quiesced(self, inode: Inode, op: dict, prepare=None) -> int:
-        """Commit a change that frees space while I/O on the inode is paused everywhere.
-
-        `prepare` runs once the pause holds, before the record is appended.
-        """
-        async with self._paused(inode.ino) as holders:
-            if prepare is not None:
-                prepare()
-            seq = self._append(op)
+            grows = size >= self._regular(ino).size
+            if grows:
+                seq, reply = self._grow(ino, size)
+        if grows:  # nothing to free: no quiesce
             await self._durable(seq)
-            self._send_map(inode.ino, self._map_reply(inode), holders)
-        return seq
+            if seq is not None:
+                self._broadcast_map(ino, reply)
+            return
+        async with self._quiesced(ino) as holders:
+            async with self._mutation():
+                inode = self._regular(ino)
+                if size >= inode.size:  # it grew meanwhile
+                    seq, reply = self._grow(ino, size)
+                else:
+                    keep = -(-size // self.unit)
+                    drop = [index for index in inode.units if index >= keep]
+                    self._clean_tails.discard(ino)  # the cut unit keeps old bytes past EOF
+                    seq = self._append({"op": "map", "ino": ino, "size": size,
+                                        "t": self._now(),
+                                        "drop": [[index, 1] for index in sorted(drop)]})
+                    reply = self._map_reply(inode)
+            await self._durable(seq)
+            if seq is not None:
+                self._send_map(ino, reply, holders)
+
+    def _grow(self, ino: int, size: int) -> tuple[int | None, dict]:
+        inode = self._inode(ino)
+        seq = self._commit_map(inode, {"op": "map", "ino": ino, "size": size, "t": self._now()})
+        return seq, self._map_reply(inode)
 
     @contextlib.asynccontextmanager
-    async def _paused(self, ino: int):
-        """Pause I/O on ino at every node that has it open. A node that does not ack
-        in time is evicted, and we wait until whatever it was granted has run out."""
+    async def _quiesced(self, ino: int):
+        """Hold I/O on ino paused at every node that has it open, for a change that frees
+        its space. Only this inode waits: the metadata lock is free while the nodes
+        answer (or while an evicted one's grant runs out), and one quiesce per inode
+        runs at a time. Yields the nodes that paused, to send the new map to."""
+        while (busy := await self._lock_unless_quiescing([ino])) is not None:
+            await busy.wait()
+        done = self._quiescing[ino] = trio.Event()
+        holders = [name for name in self.open_files.get(ino, ()) if name in self.sessions]
+        self._lock.release()
+        try:
+            async with self._paused(ino, holders) as paused:
+                yield paused
+        finally:
+            del self._quiescing[ino]
+            done.set()
+
+    @contextlib.asynccontextmanager
+    async def _paused(self, ino: int, holders: list[str]):
+        """Pause I/O on ino at these nodes. A node that does not ack in time is evicted,
+        and we wait until whatever it was granted has run out."""
         paused = []
         try:
             async with trio.open_nursery() as nursery:
-                for name in self.open_files.get(ino, ()):
-                    if name in self.sessions:
-                        nursery.start_soon(self._pause_one, name, ino, paused)
+                for name in holders:
+                    nursery.start_soon(self._pause_one, name, ino, paused)
             await self._outlast_lingering(ino)
             yield paused
         finally:
@@ -965,18 +1002,19 @@ class MetadataService:
         return reply
 
     async def _punch(self, ino: int, offset: int, end: int) -> None:
-        async with self._mutation():
-            inode = self._regular(ino)
-            first_whole, end_whole = -(-offset // self.unit), end // self.unit
-            drop = [index for index in inode.units if first_whole <= index < end_whole]
-            op = {"op": "map", "ino": ino, "t": self._now(),
-                  "drop": [[index, 1] for index in sorted(drop)]}
-
-            def zero_partial_units() -> None:
+        self._regular(ino)
+        async with self._quiesced(ino) as holders:
+            async with self._mutation():
+                inode = self._regular(ino)
+                first_whole, end_whole = -(-offset // self.unit), end // self.unit
+                drop = [index for index in inode.units if first_whole <= index < end_whole]
                 self._zero_mapped(inode, offset, min(end, first_whole * self.unit))
                 self._zero_mapped(inode, max(offset, end_whole * self.unit), end)
-
-            await self._commit_quiesced(inode, op, zero_partial_units)
+                seq = self._append({"op": "map", "ino": ino, "t": self._now(),
+                                    "drop": [[index, 1] for index in sorted(drop)]})
+                reply = self._map_reply(inode)
+            await self._durable(seq)
+            self._send_map(ino, reply, holders)
 
     def _zero_mapped(self, inode: Inode, start: int, end: int) -> None:
         for piece_start, piece_end, file_unit in pieces(start, end, self.unit):

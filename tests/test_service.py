@@ -716,6 +716,65 @@ def _check_invariants(service: MetadataService) -> None:
     assert state.allocator.used_units() == set(owners)
 
 
+class StoppedNode:
+    """A session that never pauses: a node stopped with SIGSTOP, say."""
+
+    def __init__(self, name: str, grant_left: float):
+        self.name = name
+        self.grant_left = grant_left
+        self.evicted_because: str | None = None
+        self.maps: list = []
+
+    async def pause(self, ino: int) -> None:
+        await trio.sleep_forever()
+
+    def update_map(self, ino, size, runs, version) -> None:
+        self.maps.append((ino, size))
+
+    def resume(self, ino: int) -> None:
+        pass
+
+    async def invalidate(self, stale: dict, wait: bool) -> None:
+        pass
+
+    def evict(self, reason: str) -> float:
+        self.evicted_because = reason
+        return trio.current_time() + self.grant_left
+
+
+async def test_a_stuck_quiesce_stalls_only_its_inode(cluster):
+    """A node that will not pause holds up the change to its file, and nothing else:
+    other files' metadata goes on, and an open of that file waits for the new map."""
+    service = cluster.service
+    service.pause_timeout = 0.4
+    stuck, other = await cluster.mknod(b"stuck"), await cluster.mknod(b"other")
+    await cluster.call("extend", ino=stuck["ino"], offset=0, end=3 * UNIT)
+    node = StoppedNode("n9", grant_left=0.4)
+    await service.join(node, [[stuck["ino"], 1]])
+    times = {}
+
+    async def truncate():
+        started = trio.current_time()
+        await cluster.call("setattr", ino=stuck["ino"], changes={"size": 0})
+        times["truncate"] = trio.current_time() - started
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(truncate)
+        await trio.sleep(0.1)  # the quiesce is waiting for n9 now
+        started = trio.current_time()
+        for step in range(1, 5):
+            await cluster.call("extend", ino=other["ino"], offset=0, end=step * UNIT)
+        await cluster.mknod(b"meanwhile")
+        times["others"] = trio.current_time() - started
+        opened = await cluster.call("open", ino=stuck["ino"])  # waits for the quiesce
+        times["open"] = trio.current_time() - started
+    assert times["others"] < 0.2, times  # not held up by the stuck quiesce
+    assert times["truncate"] >= 0.75, times  # the pause timeout, then the rest of the grant
+    assert times["open"] >= 0.6 and opened["size"] == 0 and opened["runs"] == []
+    assert "did not acknowledge pause" in node.evicted_because
+    assert node.maps == []  # an evicted node hears nothing more; it rejoins for its maps
+
+
 @pytest.mark.parametrize("seed", range(4))
 async def test_random_operations_keep_the_invariants(cluster, seed):
     rng = random.Random(seed)
