@@ -124,12 +124,13 @@ class CoordinatorEndpoint:
         self.sessions: dict[str, RemoteSession] = {}
 
     async def handle(self, peer: Peer, method: str, args: dict):
-        if method in SESSION_METHODS:
+        if method not in SESSION_METHODS:
+            self._session(peer)
+            return await self.service.call(peer.name, method, args)
+        try:
             return await getattr(self, f"_{method}")(peer, **args)
-        session = self.sessions.get(peer.name)
-        if session is None or session.peer is not peer:
-            raise MetaError(errno.EPERM, "register first")
-        return await self.service.call(peer.name, method, args)
+        except TypeError as exc:  # the arguments do not fit the method
+            raise MetaError(errno.EINVAL, f"bad arguments for {method}: {exc}") from None
 
     async def _register(self, peer: Peer, slot: int, opens: list, epoch: int = 0) -> dict:
         if epoch > self.service.epoch:  # the node has seen a newer coordinator than us
@@ -149,10 +150,15 @@ class CoordinatorEndpoint:
                 "maps": maps}
 
     def _session(self, peer: Peer) -> RemoteSession:
-        session = self.sessions.get(peer.name)
-        if session is None or session.peer is not peer:
+        session = self._session_of(peer)
+        if session is None:
             raise MetaError(errno.EPERM, "no session: register first")
         return session
+
+    def _session_of(self, peer: Peer) -> RemoteSession | None:
+        """The session of this very connection (not an older one of the same node)."""
+        session = self.sessions.get(peer.name)
+        return session if session is not None and session.peer is peer else None
 
     async def _heartbeat(self, peer: Peer) -> dict:
         session = self._session(peer)
@@ -175,8 +181,8 @@ class CoordinatorEndpoint:
 
     def disconnected(self, peer: Peer) -> None:
         """RpcServer on_disconnect: a session ends with its connection."""
-        session = self.sessions.get(peer.name)
-        if session is None or session.peer is not peer:
+        session = self._session_of(peer)
+        if session is None:
             return
         del self.sessions[peer.name]
         session.close()

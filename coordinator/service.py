@@ -167,13 +167,10 @@ class MetadataService:
         holder but the requester drop them, and wait until they have, so that the change
         shows there the moment this request returns. A file open on one node only (a
         VM's disk) costs nothing here."""
-        async with trio.open_nursery() as nursery:
-            for ino in inos:
-                stale = {"inos": [ino], "entries": []}
-                for name in self.open_files.get(ino, ()):
-                    if name != requester and name in self.sessions:
-                        nursery.start_soon(partial(self._acknowledged, name, "invalidate",
-                                                   ino, stale=stale))
+        await self._invalidated([
+            (name, {"inos": [ino], "entries": []})
+            for ino in inos for name in self.open_files.get(ino, ())
+            if name != requester and name in self.sessions])
 
     async def _answer_again(self, session: str, method: str, args: dict, ino: int):
         """The reply to a request that was carried out before its node lost the answer."""
@@ -769,10 +766,15 @@ class MetadataService:
                 op["t"] = self._now()
             seq = self._commit_map(inode, op)
             reply = self._map_reply(inode)
+        await self._publish_map(ino, seq, reply, exclude=session)
+        return reply
+
+    async def _publish_map(self, ino: int, seq: int | None, reply: dict,
+                           exclude: str | None = None) -> None:
+        """Once the map record `seq` is durable, send its map to the file's holders."""
         await self._durable(seq)
         if seq is not None:
-            self._broadcast_map(ino, reply, exclude=session)
-        return reply
+            self._broadcast_map(ino, reply, exclude)
 
     def _map_reply(self, inode: Inode) -> dict:
         """Size and map with a version, so a node can drop a reply a newer map overtook."""
@@ -856,9 +858,7 @@ class MetadataService:
             if grows:
                 seq, reply = self._grow(ino, size)
         if grows:  # nothing to free: no quiesce
-            await self._durable(seq)
-            if seq is not None:
-                self._broadcast_map(ino, reply)
+            await self._publish_map(ino, seq, reply)
             return
         async with self._quiesced(ino) as holders:
             async with self._mutation():
@@ -917,27 +917,31 @@ class MetadataService:
                     self.sessions[name].resume(ino)
 
     async def _pause_one(self, name: str, ino: int, paused: list) -> None:
-        if await self._acknowledged(name, "pause", ino):
+        if await self._acknowledged(name, f"pause of inode {ino}",
+                                    lambda session: session.pause(ino)):
             paused.append(name)
 
-    async def _acknowledged(self, name: str, what: str, ino: int, stale=None) -> bool:
-        """Ask a node to pause ino or to drop its cached attributes, and wait for it to
-        say done. A node that does not answer in time is evicted; False then."""
+    async def _acknowledged(self, name: str, what: str, ask) -> bool:
+        """`await ask(session)`: a request the node says it has carried out (a pause, an
+        invalidation). A node that does not answer in time is evicted; False then."""
         session = self.sessions.get(name)
         if session is None:
             return False
         with trio.move_on_after(self.pause_timeout):
             try:
-                if what == "pause":
-                    await session.pause(ino)
-                else:
-                    await session.invalidate(stale, wait=True)
+                await ask(session)
                 return True
             except Exception as exc:  # its connection broke: it is going anyway
-                log.info("%s did not acknowledge %s of inode %d: %s", name, what, ino, exc)
-        self.evict(name, f"did not acknowledge {what} of inode {ino} within "
-                   f"{self.pause_timeout:g} s")
+                log.info("%s did not acknowledge %s: %s", name, what, exc)
+        self.evict(name, f"did not acknowledge {what} within {self.pause_timeout:g} s")
         return False
+
+    async def _invalidated(self, targets: list[tuple[str, dict]]) -> None:
+        """Push each (node, stale) invalidation and wait until every node has done it."""
+        async with trio.open_nursery() as nursery:
+            for name, stale in targets:
+                nursery.start_soon(self._acknowledged, name, f"invalidation of {stale}",
+                                   partial(_invalidate_now, stale))
 
     async def _forget(self, requester: str, wait: bool, inos=(), entries=()) -> None:
         """Other nodes' kernels cache what there is of directories: their attributes,
@@ -947,14 +951,11 @@ class MetadataService:
         link counts that other namespace changes move are pushed without waiting."""
         stale = {"inos": list(inos), "entries": [[parent, name] for parent, name in entries]}
         names = [name for name in self.sessions if name != requester]
-        if not wait:
+        if wait:
+            await self._invalidated([(name, stale) for name in names])
+        else:
             for name in names:
                 await self.sessions[name].invalidate(stale, wait=False)
-            return
-        async with trio.open_nursery() as nursery:
-            for name in names:
-                nursery.start_soon(partial(self._acknowledged, name, "invalidate",
-                                           (list(inos) or [0])[0], stale=stale))
 
     async def _outlast_lingering(self, ino: int) -> None:
         """Nodes cut off while holding ino may still write to it until their grant ends."""
@@ -996,9 +997,7 @@ class MetadataService:
                 op["t"] = self._now()
             seq = self._commit_map(inode, op)
             reply = self._map_reply(inode)
-        await self._durable(seq)
-        if seq is not None:
-            self._broadcast_map(ino, reply, exclude=session)
+        await self._publish_map(ino, seq, reply, exclude=session)
         return reply
 
     async def _punch(self, ino: int, offset: int, end: int) -> None:
@@ -1022,6 +1021,10 @@ class MetadataService:
             if mapped is not None:
                 within = piece_start % self.unit
                 self.volume.zero(self._unit_offset(mapped) + within, piece_end - piece_start)
+
+
+async def _invalidate_now(stale: dict, session: NodeSession) -> None:
+    await session.invalidate(stale, wait=True)
 
 
 def _without_setid(mode: int, drop_setgid: bool) -> int:

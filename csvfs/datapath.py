@@ -199,16 +199,25 @@ class DataPath:
     async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
         fresh = False
         while (data := self.read_direct(handle, offset, length, fresh)) is None:
-            self.check_handle(handle)
-            if await self._ensure_valid():
+            if await self._waited(handle):
                 continue
-            if handle.paused:
-                await handle.resumed.wait()
-                continue
-            reply = await self.meta("getmap", ino=handle.ino)
-            self.update_map(handle.ino, reply["size"], reply["runs"], reply["version"])
+            self._take_map(handle, await self.meta("getmap", ino=handle.ino))
             fresh = True
         return data
+
+    async def _waited(self, handle: OpenFile) -> bool:
+        """What keeps I/O off the fast path other than the map: True if it had to wait
+        (for a revalidated session, or the end of a pause), so the caller retries."""
+        self.check_handle(handle)
+        if await self._ensure_valid():
+            return True
+        if handle.paused:
+            await handle.resumed.wait()
+            return True
+        return False
+
+    def _take_map(self, handle: OpenFile, reply: dict) -> None:
+        self.update_map(handle.ino, reply["size"], reply["runs"], reply["version"])
 
     async def _ensure_valid(self) -> bool:
         """Raise EIO if shut down or the file is gone; revalidate an expired session.
@@ -267,14 +276,10 @@ class DataPath:
     async def write(self, handle: OpenFile, offset: int, data: bytes) -> int:
         end = offset + len(data)
         while not self.write_direct(handle, offset, data):
-            self.check_handle(handle)
-            if await self._ensure_valid():
+            if await self._waited(handle):
                 continue
-            if handle.paused:
-                await handle.resumed.wait()
-                continue
-            reply = await self.meta("extend", ino=handle.ino, offset=offset, end=end)
-            self.update_map(handle.ino, reply["size"], reply["runs"], reply["version"])
+            self._take_map(handle, await self.meta("extend", ino=handle.ino, offset=offset,
+                                                   end=end))
         return len(data)
 
     def _write_direct(self, handle: OpenFile, offset: int, data: bytes) -> bool:

@@ -127,21 +127,23 @@ class CsvfsOperations(pyfuse3.Operations):
         """Take the parents' attributes a namespace change returns."""
         for attrs in (reply or {}).get("parent_attrs", ()):
             if cacheable:
-                self._dir_attrs[attrs["ino"]] = (attrs, time.monotonic() + DIR_ATTR_TIMEOUT)
+                self._remember_dir(attrs)
             else:
                 self._dir_attrs.pop(attrs["ino"], None)
 
+    def _remember_dir(self, attrs: dict) -> None:
+        self._dir_attrs[attrs["ino"]] = (attrs, time.monotonic() + DIR_ATTR_TIMEOUT)
+
     # -- attributes -------------------------------------------------------------------
 
-    def _entry(self, attrs: dict, cacheable: bool = False,
-               cache_for: float = DIR_ATTR_TIMEOUT) -> pyfuse3.EntryAttributes:
+    def _entry(self, attrs: dict, cacheable: bool = False) -> pyfuse3.EntryAttributes:
+        """The kernel's view of attrs; `cacheable` if no invalidation raced the reply."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attrs["ino"]
         entry.generation = 0
         if stat.S_ISDIR(attrs["mode"]) and cacheable:
-            entry.entry_timeout, entry.attr_timeout = DIR_ENTRY_TIMEOUT, cache_for
-            if cache_for == DIR_ATTR_TIMEOUT:
-                self._dir_attrs[attrs["ino"]] = (attrs, time.monotonic() + cache_for)
+            entry.entry_timeout, entry.attr_timeout = DIR_ENTRY_TIMEOUT, DIR_ATTR_TIMEOUT
+            self._remember_dir(attrs)
         elif cacheable and attrs["ino"] in self.data.files:
             entry.entry_timeout, entry.attr_timeout = ENTRY_TIMEOUT, OPEN_FILE_ATTR_TIMEOUT
         else:
@@ -167,11 +169,10 @@ class CsvfsOperations(pyfuse3.Operations):
     @_errors
     async def getattr(self, inode, ctx=None):
         cached = self._dir_attrs.get(inode)
-        if cached is not None:
-            left = cached[1] - time.monotonic()
-            if left > 0.01:
-                return self._entry(cached[0], cacheable=True, cache_for=left)
-            del self._dir_attrs[inode]
+        if cached is not None and (left := cached[1] - time.monotonic()) > 0.01:
+            entry = self._entry(cached[0])  # for no longer than the copy is good
+            entry.entry_timeout, entry.attr_timeout = DIR_ENTRY_TIMEOUT, left
+            return entry
         return self._entry(*await self._ask("getattr", ino=inode))
 
     @_errors

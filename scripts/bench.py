@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import metabench  # scripts/metabench.py: run as a script, this directory is on sys.path
+from mounts import is_mounted
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PASSTHROUGH = PROJECT_ROOT / "scripts" / "passthrough.py"
@@ -120,23 +121,6 @@ def log(message: str) -> None:
 
 
 # --- processes and mounts ---------------------------------------------------------------
-
-
-def _unescape_mount_field(text: str) -> str:
-    # /proc/mounts writes space, tab, newline and backslash as octal escapes
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        text = text.replace(code, chr(int(code[1:], 8)))
-    return text
-
-
-def is_mounted(mountpoint: Path) -> bool:
-    wanted = os.path.realpath(mountpoint)
-    with open("/proc/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 1 and _unescape_mount_field(fields[1]) == wanted:
-                return True
-    return False
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:

@@ -28,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mounts import is_mounted  # scripts/mounts.py: run as a script, this directory is on sys.path
+
 PROG = "cluster.py"
 REPO = Path(__file__).resolve().parent.parent
 STATE_FILE = "cluster.json"
@@ -194,11 +196,6 @@ def status_report(image: str) -> dict | None:
         return json.loads(stdout)
     except ValueError:
         return None
-
-
-def is_mounted(path: str) -> bool:
-    with open("/proc/mounts") as mounts:
-        return any(line.split()[1] == path for line in mounts)
 
 
 def process_state(pid: int) -> str | None:

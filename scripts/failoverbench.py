@@ -20,14 +20,11 @@ import threading
 import time
 from pathlib import Path
 
+from mounts import is_mounted  # scripts/mounts.py: run as a script, this directory is on sys.path
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT = 20.0
 OP_TIMEOUT = 30.0
-
-
-def is_mounted(path: Path) -> bool:
-    with open("/proc/mounts") as mounts:
-        return any(line.split()[1] == str(path) for line in mounts)
 
 
 class Node:

@@ -62,13 +62,11 @@ class Storm:
         return len(acked.tree)
 
 
-def first_success(action, timeout=20.0) -> float:
-    """Seconds until `action` (retried on nothing: it must not fail) returns."""
+def seconds_until_done(action) -> float:
+    """How long `action` takes; it must not fail (pytest-timeout bounds a hang)."""
     started = time.monotonic()
     action()
-    elapsed = time.monotonic() - started
-    assert elapsed < timeout
-    return elapsed
+    return time.monotonic() - started
 
 
 def test_coordinator_sigkill_under_load(tmp_path, image, nodes):
@@ -77,7 +75,7 @@ def test_coordinator_sigkill_under_load(tmp_path, image, nodes):
     try:
         time.sleep(1.5)
         victim.kill(signal.SIGKILL)
-        takeover = first_success(lambda: os.mkdir(second.path("first-after-kill")))
+        takeover = seconds_until_done(lambda: os.mkdir(second.path("first-after-kill")))
         time.sleep(1.5)  # the storms go on under the new coordinator
         assert all(s.still_running() for s in storms), [s.errors() for s in storms]
     finally:
