@@ -94,9 +94,14 @@ class RemoteSession:
         if acked is not None:
             acked.set()
 
-    def update_map(self, ino: int, size: int, runs: list, version: int) -> None:
-        self._outbox_send.send_nowait(("map", {"ino": ino, "size": size, "runs": runs,
-                                               "version": version}))
+    async def take_map(self, ino: int, reply: dict, resume: bool, forget: bool,
+                       wait: bool) -> None:
+        body = {"ino": ino, "size": reply["size"], "runs": reply["runs"],
+                "version": reply["version"], "resume": resume, "forget": forget}
+        if wait:
+            await self._acknowledged("map", body)
+        else:
+            self._outbox_send.send_nowait(("map", body))
 
     def resume(self, ino: int) -> None:
         self._outbox_send.send_nowait(("resume", {"ino": ino}))

@@ -68,8 +68,11 @@ class NodeSession(Protocol):
     async def pause(self, ino: int) -> None:
         """Stop new I/O on ino and return once in-flight I/O has drained."""
 
-    def update_map(self, ino: int, size: int, runs: list[list[int]], version: int) -> None:
-        """Replace the node's extent map and size for ino."""
+    async def take_map(self, ino: int, reply: dict, resume: bool, forget: bool,
+                       wait: bool) -> None:
+        """Replace the node's map of ino (a _map_reply), then lift its pause on ino if
+        `resume`, and make its kernel drop the attributes it caches of ino if `forget`.
+        With `wait`, return once the node has done all that."""
 
     def resume(self, ino: int) -> None:
         """Let I/O on ino go on."""
@@ -116,6 +119,8 @@ class MetadataService:
         self._lock = trio.Lock()
         self.sessions: dict[str, NodeSession] = {}
         self.open_files: dict[int, Counter[str]] = {}
+        # Files open on one node that a second node opened too: inode -> the first node
+        self._shared_from: dict[int, str] = {}
         # Nodes whose session ended while they may still be doing I/O: name -> the trio
         # time their last grant runs out. Their open files count until then.
         self.lingering: dict[str, float] = {}
@@ -530,7 +535,23 @@ class MetadataService:
                     parent_attrs=attrs["parent_attrs"])
 
     def _count_open(self, session: str, ino: int) -> None:
-        self.open_files.setdefault(ino, Counter())[session] += 1
+        holders = self.open_files.setdefault(ino, Counter())
+        if len(holders) == 1 and session not in holders:
+            self._shared_from[ino] = next(iter(holders))  # a handoff may be starting
+        holders[session] += 1
+
+    def _note_handoff(self, ino: int) -> None:
+        """A file open on one node, then on two, is now open on one again: if that is
+        the other node, the file was handed off (a VM's live migration, say)."""
+        holders = self.open_files.get(ino)
+        if holders is not None and len(holders) > 1:
+            return
+        source = self._shared_from.pop(ino, None)
+        target = next(iter(holders), None) if holders else None
+        if source is not None and target is not None and target != source:
+            path = self.state.paths([ino]).get(ino, f"inode {ino}")
+            self.events.emit("handoff", f"{path} (inode {ino}) handed off from {source} "
+                             f"to {target}")
 
     def _open_reply(self, inode: Inode) -> dict:
         return dict(self._map_reply(inode), attrs=self._attrs(inode))
@@ -653,7 +674,7 @@ class MetadataService:
 
     async def op_setattr(self, session: str, ino: int, changes: dict) -> dict:
         if "size" in changes:
-            await self._resize(ino, changes["size"])
+            await self._resize(session, ino, changes["size"])
         fields = {key: changes[key] for key in ("mode", "uid", "gid", "atime_ns", "mtime_ns")
                   if key in changes}
         async with self._mutation():
@@ -745,6 +766,7 @@ class MetadataService:
         holders[session] -= 1
         if holders[session] == 0:
             del holders[session]
+            self._note_handoff(ino)
         if not holders:
             del self.open_files[ino]
             await self._reclaim_if_unused(ino)
@@ -766,15 +788,41 @@ class MetadataService:
                 op["t"] = self._now()
             seq = self._commit_map(inode, op)
             reply = self._map_reply(inode)
-        await self._publish_map(ino, seq, reply, exclude=session)
+        await self._publish_map(ino, seq, reply, session)
         return reply
 
-    async def _publish_map(self, ino: int, seq: int | None, reply: dict,
-                           exclude: str | None = None) -> None:
-        """Once the map record `seq` is durable, send its map to the file's holders."""
+    async def _publish_map(self, ino: int, seq: int | None, reply: dict, requester: str,
+                           to_requester: bool = False) -> None:
+        """Once the map record `seq` is durable, hand its map to the file's holders."""
         await self._durable(seq)
         if seq is not None:
-            self._broadcast_map(ino, reply, exclude)
+            holders = self.open_files.get(ino, ())
+            await self._hand_out_map(ino, reply, requester, [
+                name for name in holders if to_requester or name != requester])
+
+    async def _hand_out_map(self, ino: int, reply: dict, requester: str, names: list[str],
+                            resume: bool = False) -> None:
+        """Send a durable map (taken when its record was appended) to these nodes, and
+        wait until they have it. Every one but the requester also drops the attributes
+        its kernel caches of ino; with `resume`, each lifts its pause on ino as well.
+        One acknowledged push per node: for a holder that is the whole cost of a change
+        to a file it has open. A node drops a map if a newer one got there first."""
+        names = [name for name in names if name in self.sessions]
+        if requester in names:  # it has nothing to forget, and waits for our reply anyway
+            await self.sessions[requester].take_map(ino, reply, resume, forget=False,
+                                                    wait=False)
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                if name != requester:
+                    nursery.start_soon(self._acknowledged, name, f"map of inode {ino}",
+                                       partial(_take_map_now, ino, reply, resume))
+        touched = _touched.get()
+        if touched is not None and not self._untold_holders(ino, requester, names):
+            touched.discard(ino)  # every holder has dropped what it cached
+
+    def _untold_holders(self, ino: int, requester: str, told: list[str]) -> list[str]:
+        return [name for name in self.open_files.get(ino, ())
+                if name in self.sessions and name != requester and name not in told]
 
     def _map_reply(self, inode: Inode) -> dict:
         """Size and map with a version, so a node can drop a reply a newer map overtook."""
@@ -840,25 +888,13 @@ class MetadataService:
     def _unit_offset(self, volume_unit: int) -> int:
         return self.volume.sb.data.offset + volume_unit * self.unit
 
-    def _broadcast_map(self, ino: int, reply: dict, exclude: str | None = None) -> None:
-        """Send a durable map (taken when its record was appended) to the nodes that
-        have the file open. A node drops it if a newer one got there first."""
-        holders = self.open_files.get(ino, ())
-        self._send_map(ino, reply, [name for name in holders if name != exclude])
-
-    def _send_map(self, ino: int, reply: dict, names) -> None:
-        for name in names:
-            if name in self.sessions:
-                self.sessions[name].update_map(ino, reply["size"], reply["runs"],
-                                               reply["version"])
-
-    async def _resize(self, ino: int, size: int) -> None:
+    async def _resize(self, session: str, ino: int, size: int) -> None:
         async with self._mutation():
             grows = size >= self._regular(ino).size
             if grows:
                 seq, reply = self._grow(ino, size)
         if grows:  # nothing to free: no quiesce
-            await self._publish_map(ino, seq, reply)
+            await self._publish_map(ino, seq, reply, session, to_requester=True)
             return
         async with self._quiesced(ino) as holders:
             async with self._mutation():
@@ -875,7 +911,14 @@ class MetadataService:
                     reply = self._map_reply(inode)
             await self._durable(seq)
             if seq is not None:
-                self._send_map(ino, reply, holders)
+                await self._resume_with_map(ino, reply, session, holders)
+
+    async def _resume_with_map(self, ino: int, reply: dict, requester: str,
+                               paused: list[str]) -> None:
+        """End a quiesce: the paused nodes take the new map and go on, in one push."""
+        names = list(paused)
+        paused.clear()  # nothing left for _paused to resume
+        await self._hand_out_map(ino, reply, requester, names, resume=True)
 
     def _grow(self, ino: int, size: int) -> tuple[int | None, dict]:
         inode = self._inode(ino)
@@ -974,7 +1017,7 @@ class MetadataService:
         if mode & FALLOC_PUNCH_HOLE:
             if not mode & FALLOC_KEEP_SIZE or mode & ~(FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE):
                 raise MetaError(errno.EOPNOTSUPP)
-            await self._punch(ino, offset, end)
+            await self._punch(session, ino, offset, end)
         elif mode & ~(FALLOC_KEEP_SIZE | FALLOC_ZERO_RANGE):
             raise MetaError(errno.EOPNOTSUPP)
         else:
@@ -997,10 +1040,10 @@ class MetadataService:
                 op["t"] = self._now()
             seq = self._commit_map(inode, op)
             reply = self._map_reply(inode)
-        await self._publish_map(ino, seq, reply, exclude=session)
+        await self._publish_map(ino, seq, reply, session)
         return reply
 
-    async def _punch(self, ino: int, offset: int, end: int) -> None:
+    async def _punch(self, session: str, ino: int, offset: int, end: int) -> None:
         self._regular(ino)
         async with self._quiesced(ino) as holders:
             async with self._mutation():
@@ -1013,7 +1056,7 @@ class MetadataService:
                                     "drop": [[index, 1] for index in sorted(drop)]})
                 reply = self._map_reply(inode)
             await self._durable(seq)
-            self._send_map(ino, reply, holders)
+            await self._resume_with_map(ino, reply, session, holders)
 
     def _zero_mapped(self, inode: Inode, start: int, end: int) -> None:
         for piece_start, piece_end, file_unit in pieces(start, end, self.unit):
@@ -1025,6 +1068,10 @@ class MetadataService:
 
 async def _invalidate_now(stale: dict, session: NodeSession) -> None:
     await session.invalidate(stale, wait=True)
+
+
+async def _take_map_now(ino: int, reply: dict, resume: bool, session: NodeSession) -> None:
+    await session.take_map(ino, reply, resume, forget=True, wait=True)
 
 
 def _without_setid(mode: int, drop_setgid: bool) -> int:

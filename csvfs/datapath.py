@@ -153,6 +153,16 @@ class DataPath:
         """As the coordinator's session in this process: drop what the kernel caches."""
         await self.forget_in_kernel(stale)
 
+    async def take_map(self, ino: int, reply: dict, resume: bool, forget: bool,
+                       wait: bool = True) -> None:
+        """A new map pushed by the coordinator (in this process it is always done once
+        this returns, `wait` or not)."""
+        self.update_map(ino, reply["size"], reply["runs"], reply["version"])
+        if resume:
+            self.resume(ino)
+        if forget:
+            await self.forget_in_kernel({"inos": [ino], "entries": []})
+
     def _note_early(self, ino: int, **change) -> None:
         if self._opening[ino]:
             self._early.setdefault(ino, {}).update(change)

@@ -436,7 +436,8 @@ class _Link:
         elif kind == "invalidate":
             await datapath.forget_in_kernel(body)
         elif kind == "map":
-            datapath.update_map(body["ino"], body["size"], body["runs"], body["version"])
+            await datapath.take_map(body["ino"], body, body.get("resume", False),
+                                    body.get("forget", False))
         elif kind == "resume":
             datapath.resume(body["ino"])
         else:

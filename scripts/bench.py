@@ -26,6 +26,7 @@ coordinator, then B, a member, later C) and four more sections are measured:
 """
 
 import argparse
+import bisect
 import contextlib
 import functools
 import json
@@ -414,18 +415,25 @@ def run_cluster_metadata(mountpoints: dict[str, Path], args) -> dict[str, dict[s
     return latencies
 
 
+class Paced(list):
+    """Write latencies in ms; start_ns holds when each began (time.monotonic_ns())."""
+
+    start_ns: list[int]
+
+
 @contextlib.contextmanager
 def paced_writer(path: Path, span: int):
     """Run `metabench.py writer` on *path* in its own process for the body of the block.
 
-    Yields a list that holds the write latencies (ms) once the block has ended.
+    Yields a Paced list that holds the write latencies (ms) once the block has ended.
     """
     proc = subprocess.Popen(
         [sys.executable, str(METABENCH), "writer", str(path), "--span", str(span),
          "--interval-ms", str(WRITER_INTERVAL_MS)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    latencies: list[float] = []
+    latencies = Paced()
+    latencies.start_ns = []
     try:
         line = b""
         deadline = time.monotonic() + WRITER_TIMEOUT
@@ -446,8 +454,10 @@ def paced_writer(path: Path, span: int):
             raise BenchError(f"the writer on {path.name} exited with {proc.returncode}: "
                              + " | ".join(err.decode().splitlines()[-1:]))
         try:
-            latencies.extend(json.loads(out))
-        except ValueError as exc:
+            report = json.loads(out)
+            latencies.extend(report["ms"])
+            latencies.start_ns.extend(report["start_ns"])
+        except (ValueError, KeyError, TypeError) as exc:
             raise BenchError(f"cannot parse the writer's output: {exc}") from None
     finally:
         if proc.poll() is None:
@@ -476,6 +486,10 @@ def run_quiesce(node_a: Path, node_b: Path, args) -> tuple[dict, dict]:
                `busy`, the same load on A, this is what a quiesce costs I/O on another file
       unpaused the same two writers on B, while A runs the loop on a third file that B
                does not have open: the same load everywhere, but B is never paused
+      during   the `paused` writes that overlapped a truncate on A, which is when B was
+               paused for it (its pause and resume lie within the truncate call)
+      between  the other `paused` writes, in the same run: against `during`, this is the
+               stall a quiesce causes on another file, with every other load the same
     """
     (node_a / "quiesce").mkdir()
     shrink_a, shrink_b = (n / "quiesce" / "shrink.dat" for n in (node_a, node_b))
@@ -486,7 +500,7 @@ def run_quiesce(node_a: Path, node_b: Path, args) -> tuple[dict, dict]:
             f.write(b"\x42" * QUIESCE_BIG)
     truncate = {"idle": [], "other": [], "held": []}
     writes = {"idle": [], "busy": [], "rewrite": [], "held": [], "paused": [],
-              "unpaused": []}
+              "unpaused": [], "during": [], "between": []}
     per_round = max(2, math.ceil(args.quiesce_count / args.repeat))
 
     def shrink() -> list[float]:
@@ -507,6 +521,22 @@ def run_quiesce(node_a: Path, node_b: Path, args) -> tuple[dict, dict]:
             metabench.rewrite_loop(shrink_a, seconds, QUIESCE_BIG, QUIESCE_SMALL)
         writes["rewrite"].extend(latencies)
 
+    def paused() -> None:
+        windows: list[tuple[int, int]] = []
+        with paced_writer(shrink_b, QUIESCE_SMALL), \
+                paced_writer(other_b, QUIESCE_BIG) as latencies:
+            metabench.shrink_loop(shrink_a, per_round, QUIESCE_BIG, QUIESCE_SMALL, windows)
+        writes["paused"] += latencies
+        during, between = split_by_windows(latencies, windows)
+        writes["during"] += during
+        writes["between"] += between
+
+    def unpaused() -> None:
+        with paced_writer(shrink_b, QUIESCE_SMALL), \
+                paced_writer(other_b, QUIESCE_BIG) as latencies:
+            metabench.shrink_loop(spare_a, per_round, QUIESCE_BIG, QUIESCE_SMALL)
+        writes["unpaused"] += latencies
+
     for round_no in range(args.repeat):
         started = time.monotonic()
         truncate["idle"] += shrink()
@@ -518,16 +548,25 @@ def run_quiesce(node_a: Path, node_b: Path, args) -> tuple[dict, dict]:
         with paced_writer(shrink_b, QUIESCE_SMALL) as latencies:
             truncate["held"] += shrink()
         writes["held"] += latencies
-        with paced_writer(shrink_b, QUIESCE_SMALL), \
-                paced_writer(other_b, QUIESCE_BIG) as latencies:
-            shrink()
-        writes["paused"] += latencies
-        with paced_writer(shrink_b, QUIESCE_SMALL), \
-                paced_writer(other_b, QUIESCE_BIG) as latencies:
-            metabench.shrink_loop(spare_a, per_round, QUIESCE_BIG, QUIESCE_SMALL)
-        writes["unpaused"] += latencies
+        pairs = [paused, unpaused] if round_no % 2 == 0 else [unpaused, paused]
+        for step in pairs:
+            step()
         log(f"[{round_no + 1}/{args.repeat}] quiesce: {per_round} truncates per condition")
     return truncate, writes
+
+
+def split_by_windows(writes: Paced, windows: list[tuple[int, int]]
+                     ) -> tuple[list[float], list[float]]:
+    """Split write latencies into those that overlapped one of the (start, end) windows
+    (sorted, in time.monotonic_ns()) and the rest."""
+    starts = [start for start, _ in windows]
+    during, between = [], []
+    for began, ms in zip(writes.start_ns, writes, strict=True):
+        ended = began + int(ms * 1e6)
+        last = bisect.bisect_right(starts, ended) - 1  # the last window begun by then
+        overlaps = last >= 0 and windows[last][1] >= began
+        (during if overlaps else between).append(ms)
+    return during, between
 
 
 def run_aggregate(files: list[Path], args) -> dict[int, list[list[Result]]]:
@@ -670,9 +709,12 @@ def setup_cluster(scratch: Path, cleanup: contextlib.ExitStack, args,
 def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
     samples = {(t.name, w.name): Samples() for t in targets for w in WORKLOADS}
     for round_no in range(args.repeat):
-        # rotate the target order each round so no target always runs first
+        # rotate the target order each round so no target always runs first, and
+        # reverse it every other round so no target always follows the same one
         shift = round_no % len(targets)
         order = targets[shift:] + targets[:shift]
+        if round_no % 2:
+            order.reverse()
         for workload in WORKLOADS:
             for target in order:
                 cell = samples[(target.name, workload.name)]
@@ -837,6 +879,10 @@ WRITE_CONDITIONS = (
      "truncate loop (B paused for each)"),
     ("unpaused", "the other file, while B also writes the truncated one",
      "truncate loop on a third file (control: B never paused)"),
+    ("during", "the other file (the `paused` run): writes that overlapped a truncate",
+     "in a truncate call (B paused for it)"),
+    ("between", "the other file (the `paused` run): the other writes",
+     "between truncates (refilling)"),
 )
 
 
@@ -869,25 +915,26 @@ def build_write_table(writes: dict[str, list[float]]) -> str:
 
 
 def stall_summary(writes: dict[str, list[float]], truncate: dict[str, list[float]]) -> str:
-    idle, busy = p50_p99(writes.get("idle")), p50_p99(writes.get("busy"))
-    if idle is None or busy is None:
+    during, between = p50_p99(writes.get("during")), p50_p99(writes.get("between"))
+    if during is None or between is None:
         return "Stall on another file: n/a."
-    text = (f"Stall on another file: p99 while A truncates / p99 while A is idle = "
-            f"**{busy[1] / idle[1]:.2f}** (p50 ratio {busy[0] / idle[0]:.2f}; target: no "
-            "measurable stall, a ratio near 1).")
-    control = p50_p99(writes.get("rewrite"))
-    if control is not None:
-        text += (f" Against the control with the same kind of load on A but no truncates: "
-                 f"p99 ratio **{busy[1] / control[1]:.2f}** (p50 ratio "
-                 f"{busy[0] / control[0]:.2f}).")
+    text = (f"Stall on another file: B's writes to the other file that overlapped a truncate "
+            f"of a file B holds, against B's other writes in the same run (the same load, "
+            f"only not paused): p50 ratio **{during[0] / between[0]:.2f}**, p99 ratio "
+            f"**{during[1] / between[1]:.2f}** (target: no measurable stall, a ratio "
+            f"near 1).")
     paused, unpaused = p50_p99(writes.get("paused")), p50_p99(writes.get("unpaused"))
     if paused is not None and unpaused is not None:
-        text += (f" What the quiesces themselves cost I/O on another file: B's writes to the "
-                 f"other file while B is paused for every truncate of a file it also writes, "
-                 f"against the same writers and the same truncate loop on a file B does not "
-                 f"hold: p99 ratio **{paused[1] / unpaused[1]:.2f}** (p50 ratio "
-                 f"{paused[0] / unpaused[0]:.2f}, max {max(writes['paused']):.2f} ms against "
-                 f"{max(writes['unpaused']):.2f} ms).")
+        text += (f" The whole `paused` run against its control, where B is never paused "
+                 f"(it also counts what B does for the refills, which extend a file it "
+                 f"holds): p50 ratio {paused[0] / unpaused[0]:.2f}, p99 ratio "
+                 f"{paused[1] / unpaused[1]:.2f}.")
+    idle, busy = p50_p99(writes.get("idle")), p50_p99(writes.get("busy"))
+    control = p50_p99(writes.get("rewrite"))
+    if idle is not None and busy is not None and control is not None:
+        text += (f" B not holding the truncated file: A's truncate loop against A idle, "
+                 f"p99 ratio {busy[1] / idle[1]:.2f}; against A rewriting with fsyncs, "
+                 f"{busy[1] / control[1]:.2f}.")
     return text
 
 

@@ -73,12 +73,14 @@ WRITE_BLOCK = 4096
 REFILL_CHUNK = 2**20
 
 
-def shrink_loop(path: Path, count: int, big: int, small: int) -> list[float]:
+def shrink_loop(path: Path, count: int, big: int, small: int,
+                windows: list[tuple[int, int]] | None = None) -> list[float]:
     """Latencies of `count` shrinking truncates of `path` from `big` to `small` bytes.
 
     Before each one the file is written back up to `big` bytes (not timed), so every
     truncate frees allocated units, which on csvfs pauses I/O on the inode at every node
-    that has it open. The file is left `big` bytes long.
+    that has it open. The file is left `big` bytes long. Each truncate's (start, end) in
+    time.monotonic_ns() goes into `windows` if given: the pause lies within it.
     """
     fd = os.open(path, os.O_RDWR)
     chunk = b"\xa5" * REFILL_CHUNK
@@ -86,7 +88,10 @@ def shrink_loop(path: Path, count: int, big: int, small: int) -> list[float]:
     try:
         for _ in range(count):
             _refill(fd, small, big, chunk)
+            started = time.monotonic_ns()
             latencies.append(_timed(lambda: os.ftruncate(fd, small)))
+            if windows is not None:
+                windows.append((started, time.monotonic_ns()))
         _refill(fd, small, big, chunk)
     finally:
         os.close(fd)
@@ -124,11 +129,12 @@ def _refill(fd: int, start: int, end: int, chunk: bytes, sync: bool = False) -> 
 
 
 def paced_writes(fd: int, span: int, interval: float, stop: Callable[[], bool],
-                 max_seconds: float) -> list[float]:
+                 max_seconds: float, starts: list[int] | None = None) -> list[float]:
     """Latencies of 4 KiB pwrites cycling through [0, span), one every `interval` seconds.
 
     A write that comes late does not make the next ones burst to catch up. Stops when
-    `stop()` is true or after `max_seconds`.
+    `stop()` is true or after `max_seconds`. Each write's time.monotonic_ns() when it
+    began goes into `starts` if given (the clock is the same in every process).
     """
     block = b"\x3c" * WRITE_BLOCK
     blocks = max(1, span // WRITE_BLOCK)
@@ -137,6 +143,8 @@ def paced_writes(fd: int, span: int, interval: float, stop: Callable[[], bool],
     index = 0
     while not stop() and next_at - started < max_seconds:
         offset = (index % blocks) * WRITE_BLOCK
+        if starts is not None:
+            starts.append(time.monotonic_ns())
         latencies.append(_timed(lambda offset=offset: os.pwrite(fd, block, offset)))
         index += 1
         next_at += interval
@@ -151,8 +159,9 @@ def paced_writes(fd: int, span: int, interval: float, stop: Callable[[], bool],
 def writer_main(argv: list[str] | None = None) -> int:
     """`metabench.py writer PATH ...`: paced writes until SIGUSR1 or SIGTERM.
 
-    Prints "ready" once the file is open, and the latencies in ms as a JSON list at the
-    end. bench.py runs it as a separate process, so that its timing does not share an
+    Prints "ready" once the file is open, and at the end a JSON object: "ms", the
+    latencies in ms, and "start_ns", when each write began in time.monotonic_ns().
+    bench.py runs it as a separate process, so that its timing does not share an
     interpreter (and a GIL) with the process it measures against.
     """
     import argparse
@@ -170,13 +179,14 @@ def writer_main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopped.append(True))
     fd = os.open(args.path, os.O_WRONLY)
+    starts: list[int] = []
     try:
         print("ready", flush=True)
         latencies = paced_writes(fd, args.span, args.interval_ms / 1000,
-                                 lambda: bool(stopped), args.max_seconds)
+                                 lambda: bool(stopped), args.max_seconds, starts)
     finally:
         os.close(fd)
-    json.dump(latencies, sys.stdout)
+    json.dump({"ms": latencies, "start_ns": starts}, sys.stdout)
     sys.stdout.flush()
     return 0
 

@@ -728,8 +728,8 @@ class StoppedNode:
     async def pause(self, ino: int) -> None:
         await trio.sleep_forever()
 
-    def update_map(self, ino, size, runs, version) -> None:
-        self.maps.append((ino, size))
+    async def take_map(self, ino, reply, resume, forget, wait) -> None:
+        self.maps.append((ino, reply["size"]))
 
     def resume(self, ino: int) -> None:
         pass
