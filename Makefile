@@ -19,7 +19,7 @@ setup:
 	$(PY) -m csvfs.fuse_fallocate --build
 
 test:
-	$(VENV)/bin/ruff check csvfs coordinator scripts tests
+	$(VENV)/bin/ruff check csvfs coordinator vmload scripts tests
 	$(PY) -m pytest -q
 
 bench:
@@ -32,7 +32,7 @@ cluster-down:
 	$(PY) scripts/cluster.py down
 
 lint:
-	$(VENV)/bin/ruff check csvfs coordinator scripts tests
+	$(VENV)/bin/ruff check csvfs coordinator vmload scripts tests
 
 clean:
 	rm -rf $(VENV) *.egg-info build

@@ -1,0 +1,5 @@
+import sys
+
+from vmload.cli import main
+
+sys.exit(main())

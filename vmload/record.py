@@ -1,0 +1,137 @@
+"""The VM's own record of what it wrote: a local log, kept off the volume under test.
+
+Why local, and not beside the disk on the volume: the record is the reference a disk
+is checked against, so it must not depend on the system being checked. Kept on the
+volume, a write csvfs lost could take the record of that write with it, and the loss
+would pass unseen. On this machine every node is a local process, so a local file is
+readable from "any node"; on several hosts it would go on storage of their own.
+
+STATE/NAME.log is a sequence of fixed-size entries, appended with O_APPEND:
+
+    W gen first count   a write of `count` sectors from `first`, logged before it is
+                        issued: every write logged before the last entry was acknowledged
+    S gen               an fsync of the disk returned: writes up to gen are durable
+    G size              the disk was grown to `size` bytes (logged once it was)
+    M number            the VM moved to another node (details in STATE/NAME.json)
+    E                   a clean end: nothing was in flight
+
+A VM issues one write at a time, so only a W that is the last entry of the log can be
+unacknowledged: the process died, or the node under it, while it was in flight. A torn
+last entry (the process died while appending it) is ignored.
+
+STATE/NAME.json holds what does not change per write: the disk's path on the mount,
+the pid of the `run` process, the mount it is on now, and the migrations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_ENTRY = struct.Struct("<cxxxIQQ")  # kind, count, gen (or size, or number), first
+WRITE, SYNC, GROW, MOVE, END = b"W", b"S", b"G", b"M", b"E"
+
+
+class RecordError(Exception):
+    """The record is missing or cannot be read."""
+
+
+@dataclass
+class Entry:
+    kind: bytes
+    value: int  # generation, size or migration number
+    first: int = 0
+    count: int = 0
+
+
+class Log:
+    """Appends entries to STATE/NAME.log."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, generation: int, first: int, count: int) -> None:
+        self._append(WRITE, count, generation, first)
+
+    def synced(self, generation: int) -> None:
+        self._append(SYNC, 0, generation, 0)
+
+    def grown(self, size: int) -> None:
+        self._append(GROW, 0, size, 0)
+
+    def moved(self, number: int) -> None:
+        self._append(MOVE, 0, number, 0)
+
+    def ended(self) -> None:
+        self._append(END, 0, 0, 0)
+
+    def flush(self) -> None:
+        """Make the log durable before the disk is: an fsynced write is always logged."""
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def _append(self, kind: bytes, count: int, value: int, first: int) -> None:
+        entry = _ENTRY.pack(kind, count, value, first)
+        if os.write(self._fd, entry) != len(entry):
+            raise OSError(f"short write to {self.path}")
+
+
+def read_log(path: Path) -> list[Entry]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RecordError(f"no record at {path}") from None
+    except OSError as exc:
+        raise RecordError(f"cannot read {path}: {exc.strerror}") from None
+    whole = len(data) - len(data) % _ENTRY.size  # a torn last entry is ignored
+    entries = []
+    for offset in range(0, whole, _ENTRY.size):
+        kind, count, value, first = _ENTRY.unpack_from(data, offset)
+        if kind not in (WRITE, SYNC, GROW, MOVE, END):
+            raise RecordError(f"{path}: unknown entry {kind!r} at byte {offset}")
+        entries.append(Entry(kind, value, first, count))
+    return entries
+
+
+@dataclass
+class Facts:
+    """STATE/NAME.json."""
+
+    vm: str
+    disk: str  # path of the disk relative to the mount
+    size: int  # bytes at creation
+    mount: str = ""  # where the VM runs now, or ran last
+    pid: int = 0
+    migrations: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> Facts:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise RecordError(f"no record at {path}") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise RecordError(f"cannot read {path}: {exc}") from None
+
+    def save(self, path: Path) -> None:
+        """Replace the file atomically: a reader sees the old or the new facts."""
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(self.__dict__, indent=1) + "\n")
+        os.replace(temporary, path)
+
+
+@dataclass
+class Paths:
+    log: Path
+    facts: Path
+    request: Path  # a migration request: the target mount, written by `vmload migrate`
+
+    @classmethod
+    def of(cls, state: Path, vm: str) -> Paths:
+        return cls(state / f"{vm}.log", state / f"{vm}.json", state / f"{vm}.migrate")

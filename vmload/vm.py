@@ -1,0 +1,311 @@
+"""One VM: a process that owns a disk file on a mount and writes it at random.
+
+One write at a time, like a guest with a queue depth of one: each is logged, then
+issued with pwrite. Now and then the VM fsyncs the disk, grows it, or moves to another
+node's mount (a live migration: the target opens the disk while the source may still be
+writing, then the source drains, fsyncs and closes, and the target carries on).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import signal
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import stamp
+from .record import WRITE, Entry, Facts, Log, Paths, read_log
+
+log = logging.getLogger(__name__)
+
+
+class VMError(Exception):
+    """The VM cannot start or go on; the message says why."""
+
+
+@dataclass
+class Settings:
+    mount: Path
+    vm: str
+    state: Path
+    size: int = 1 << 30
+    block_min: int = 4096
+    block_max: int = 65536
+    seconds: float = 30.0
+    fsync_every: int = 64  # writes between fsyncs
+    grow_every: float | None = None  # seconds between grows; None: never
+    grow_by: int = 64 << 20
+    max_size: int | None = None  # grows stop here; None: no limit
+    migrate_every: float | None = None  # seconds between moves to the next peer
+    peers: list[Path] = field(default_factory=list)
+    overlap: float = 0.0  # seconds both nodes hold the disk while the source writes on
+    seed: int | None = None
+
+
+@dataclass
+class Stats:
+    vm: str
+    seconds: float = 0.0
+    writes: int = 0
+    bytes: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    fsyncs: int = 0
+    grows: int = 0
+    size: int = 0
+    migrations: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    def summary(self) -> dict:
+        cuts = _p50_p99(self.latencies_ms)
+        seconds = self.seconds or 1e-9
+        return {
+            "vm": self.vm, "seconds": round(self.seconds, 3), "writes": self.writes,
+            "ops_s": round(self.writes / seconds, 1),
+            "mib_s": round(self.bytes / seconds / 2**20, 2),
+            "p50_ms": cuts and round(cuts[0], 3), "p99_ms": cuts and round(cuts[1], 3),
+            "fsyncs": self.fsyncs, "grows": self.grows, "size": self.size,
+            "migrations": self.migrations, "error": self.error,
+        }
+
+
+def _p50_p99(values: list[float]) -> tuple[float, float] | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0], values[0]
+    return statistics.median(values), statistics.quantiles(values, n=100)[98]
+
+
+class VM:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.paths = Paths.of(settings.state, settings.vm)
+        self.vm_id = stamp.vm_id(settings.vm)
+        self.random = random.Random(settings.seed)
+        self.blocks = _block_sizes(settings.block_min, settings.block_max)
+        self.stats = Stats(settings.vm)
+        self.generation = 0
+        self.mount = settings.mount
+        self.facts: Facts | None = None
+        self.log: Log | None = None
+        self.fd = -1
+        self.size = 0
+        self._stop = False
+        self._move_asked = False
+        self._since_sync = 0
+        self._next_grow: float | None = None
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the VM's disk and record, or take up an existing VM where it stopped."""
+        self.settings.state.mkdir(parents=True, exist_ok=True)
+        disk = self.mount / f"{self.settings.vm}.img"
+        if self.paths.facts.exists():
+            self._resume(disk)
+        else:
+            self._create(disk)
+        self.facts.mount, self.facts.pid = str(self.mount), os.getpid()
+        self.facts.save(self.paths.facts)
+        self.log = Log(self.paths.log)
+
+    def _create(self, disk: Path) -> None:
+        try:
+            self.fd = os.open(disk, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise VMError(f"{disk} exists but {self.paths.facts} does not: not a vmload "
+                          "disk of this state directory") from None
+        except OSError as exc:
+            raise VMError(f"cannot create {disk}: {exc.strerror}") from None
+        os.ftruncate(self.fd, self.settings.size)
+        self.size = self.settings.size
+        self.facts = Facts(self.settings.vm, disk.name, self.size)
+        self.paths.log.unlink(missing_ok=True)
+
+    def _resume(self, disk: Path) -> None:
+        self.facts = Facts.load(self.paths.facts)
+        if self.facts.pid != os.getpid() and is_vmload(self.facts.pid):
+            raise VMError(f"{self.settings.vm} is running already (pid {self.facts.pid})")
+        entries = read_log(self.paths.log) if self.paths.log.exists() else []
+        self.generation = max((e.value for e in entries if e.kind == WRITE), default=0)
+        try:
+            self.fd = os.open(self.mount / self.facts.disk, os.O_RDWR)
+        except OSError as exc:
+            raise VMError(f"cannot open {self.mount / self.facts.disk}: {exc.strerror}") from None
+        self.size = os.fstat(self.fd).st_size
+        if entries and entries[-1].kind == WRITE:
+            self._finish_unacknowledged(entries[-1])
+
+    def _finish_unacknowledged(self, entry: Entry) -> None:
+        """The last run died with this write in flight. Issue it again (same data), so
+        that it counts as acknowledged once later entries follow it in the log."""
+        data = stamp.sectors(self.vm_id, entry.first, entry.count, entry.value)
+        try:
+            if os.pwrite(self.fd, data, entry.first * stamp.SECTOR) != len(data):
+                raise OSError(errno.EIO, "short write")
+        except OSError as exc:
+            raise VMError(f"cannot finish the write left in flight: {exc.strerror}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass  # the node under the disk is gone; the descriptor is released anyway
+            self.fd = -1
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> Stats:
+        """Write until the time is up or a stop signal; the stats, with `error` set if
+        the disk failed under the VM."""
+        self._install_signals()
+        settings = self.settings
+        started = time.monotonic()
+        deadline = started + settings.seconds
+        self._next_grow = started + settings.grow_every if settings.grow_every else None
+        next_move = started + settings.migrate_every if settings.migrate_every else None
+        try:
+            while not self._stop and time.monotonic() < deadline:
+                if self._move_asked or (next_move is not None
+                                        and time.monotonic() >= next_move):
+                    self._migrate(self._next_mount())
+                    if settings.migrate_every:
+                        next_move = time.monotonic() + settings.migrate_every
+                self._step()
+            self._fsync()
+            self.log.ended()
+        except OSError as exc:
+            self.stats.error = f"{exc.strerror or exc} on {self.mount}"
+        finally:
+            self.stats.seconds = time.monotonic() - started
+            self.stats.size = self.size
+        return self.stats
+
+    def _install_signals(self) -> None:
+        def stop(*_):
+            self._stop = True
+
+        def move(*_):
+            self._move_asked = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGUSR1, move)
+
+    def _step(self) -> None:
+        """Grow the disk if it is time to, then write one block."""
+        if self._next_grow is not None and time.monotonic() >= self._next_grow:
+            self._grow()
+            self._next_grow = time.monotonic() + self.settings.grow_every
+        self._write_one()
+
+    def _write_one(self) -> None:
+        count = self.random.choice(self.blocks)
+        sectors = self.size // stamp.SECTOR
+        count = min(count, sectors)
+        first = self.random.randrange(0, sectors - count + 1)
+        self.generation += 1
+        data = stamp.sectors(self.vm_id, first, count, self.generation)
+        self.log.write(self.generation, first, count)
+        started = time.perf_counter()
+        written = os.pwrite(self.fd, data, first * stamp.SECTOR)
+        self.stats.latencies_ms.append((time.perf_counter() - started) * 1e3)
+        if written != len(data):
+            raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes)")
+        self.stats.writes += 1
+        self.stats.bytes += written
+        self._since_sync += 1
+        if self.settings.fsync_every and self._since_sync >= self.settings.fsync_every:
+            self._fsync()
+
+    def _fsync(self) -> None:
+        self.log.flush()  # the record is never behind what the disk has made durable
+        os.fsync(self.fd)
+        self.log.synced(self.generation)
+        self.stats.fsyncs += 1
+        self._since_sync = 0
+
+    def _grow(self) -> None:
+        settings = self.settings
+        new_size = self.size + settings.grow_by
+        if settings.max_size is not None:
+            new_size = min(new_size, settings.max_size)
+        if new_size <= self.size:
+            return
+        os.ftruncate(self.fd, new_size)
+        self.size = new_size
+        self.log.grown(new_size)
+        self.stats.grows += 1
+
+    # -- live migration ---------------------------------------------------------------------
+
+    def _next_mount(self) -> Path:
+        """The mount asked for with `vmload migrate`, else the next peer in turn."""
+        if self._move_asked:
+            self._move_asked = False
+            try:
+                target = Path(self.paths.request.read_text().strip())
+                self.paths.request.unlink()
+                return target
+            except OSError:
+                pass  # no request file: a bare SIGUSR1 moves to the next peer
+        ring = [self.settings.mount, *self.settings.peers]
+        if self.mount in ring:
+            return ring[(ring.index(self.mount) + 1) % len(ring)]
+        return ring[0]
+
+    def _migrate(self, target: Path) -> None:
+        if target == self.mount:
+            return
+        disk = self.facts.disk
+        began = time.monotonic()
+        new_fd = os.open(target / disk, os.O_RDWR)  # the target opens: both hold the disk
+        overlap_end = began + self.settings.overlap
+        while time.monotonic() < overlap_end and not self._stop:
+            self._step()  # the source runs on meanwhile, as a VM does during pre-copy
+        switch = time.monotonic()
+        self._fsync()  # the source drains (one write at a time: nothing is in flight)
+        os.close(self.fd)
+        self.fd = new_fd
+        self.size = os.fstat(self.fd).st_size
+        ended = time.monotonic()
+        move = {"from": str(self.mount), "to": str(target), "at": round(time.time(), 3),
+                "handoff_ms": round((ended - switch) * 1e3, 3),
+                "overlap_ms": round((switch - began) * 1e3, 3)}
+        self.mount = target
+        self.stats.migrations.append(move)
+        self.log.moved(len(self.facts.migrations) + 1)
+        self.facts.migrations.append(move)
+        self.facts.mount = str(target)
+        self.facts.save(self.paths.facts)
+        log.info("%s moved from %s to %s (handoff %.1f ms)", self.settings.vm, move["from"],
+                 move["to"], move["handoff_ms"])
+
+
+def _block_sizes(smallest: int, largest: int) -> list[int]:
+    """Write sizes in sectors: the powers of two from smallest to largest bytes."""
+    sizes, size = [], smallest
+    while size <= largest:
+        sizes.append(size // stamp.SECTOR)
+        size *= 2
+    return sizes
+
+
+def is_vmload(pid: int) -> bool:
+    """Is pid a live vmload process (not a reused pid)?"""
+    if pid <= 0:
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"vmload" in command
