@@ -1,9 +1,9 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 N ?= 3
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc qemu-utils
 
-.PHONY: setup test bench lint clean cluster cluster-down
+.PHONY: setup test bench lint clean cluster cluster-down demo-vms
 
 setup:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -30,6 +30,10 @@ cluster:
 
 cluster-down:
 	$(PY) scripts/cluster.py down
+
+DEMO_SECONDS ?= 60
+demo-vms:
+	$(PY) scripts/demo_vms.py --seconds $(DEMO_SECONDS)
 
 lint:
 	$(VENV)/bin/ruff check csvfs coordinator vmload scripts tests

@@ -107,7 +107,7 @@ class VM:
         self.settings.state.mkdir(parents=True, exist_ok=True)
         disk = self.mount / f"{self.settings.vm}.img"
         if self.paths.facts.exists():
-            self._resume(disk)
+            self._resume()
         else:
             self._create(disk)
         self.facts.mount, self.facts.pid = str(self.mount), os.getpid()
@@ -127,16 +127,21 @@ class VM:
         self.facts = Facts(self.settings.vm, disk.name, self.size)
         self.paths.log.unlink(missing_ok=True)
 
-    def _resume(self, disk: Path) -> None:
+    def _resume(self) -> None:
         self.facts = Facts.load(self.paths.facts)
         if self.facts.pid != os.getpid() and is_vmload(self.facts.pid):
             raise VMError(f"{self.settings.vm} is running already (pid {self.facts.pid})")
         entries = read_log(self.paths.log) if self.paths.log.exists() else []
         self.generation = max((e.value for e in entries if e.kind == WRITE), default=0)
+        disk = self.mount / self.facts.disk
         try:
-            self.fd = os.open(self.mount / self.facts.disk, os.O_RDWR)
+            self.fd = os.open(disk, os.O_RDWR)
+        except FileNotFoundError:
+            raise VMError(f"{self.settings.vm} has a record in {self.settings.state} but no "
+                          f"disk {disk}; to start it afresh, remove "
+                          f"{self.settings.state}/{self.settings.vm}.*") from None
         except OSError as exc:
-            raise VMError(f"cannot open {self.mount / self.facts.disk}: {exc.strerror}") from None
+            raise VMError(f"cannot open {disk}: {exc.strerror}") from None
         self.size = os.fstat(self.fd).st_size
         if entries and entries[-1].kind == WRITE:
             self._finish_unacknowledged(entries[-1])
