@@ -29,7 +29,7 @@ def run(*command, timeout=90) -> subprocess.CompletedProcess:
 def fio(path, *extra) -> subprocess.CompletedProcess:
     return run("fio", "--name=vm", f"--filename={path}", "--rw=randwrite", "--bs=4k",
                "--size=32M", "--ioengine=psync", "--verify=crc32c", "--randseed=7",
-               "--output-format=json", *extra)
+               "--verify_state_save=0", "--output-format=json", *extra)
 
 
 def test_fio_writes_on_one_node_and_verifies_on_another(cluster):
