@@ -323,8 +323,9 @@ class Cluster:
         self.csvfs, self.scratch, self.cleanup = csvfs, scratch, cleanup
         self.image = scratch / "cluster.img"
         self.mountpoints: dict[str, Path] = {}
-        # the member's fio file, one file per node for the aggregate, and a little more
-        size_mib = max(1024, 4 * args.size_mib + 512)
+        # the member's fio file, one file per node for the aggregate, the VMs' disks, and
+        # room to spare (the image is sparse)
+        size_mib = max(4096, 4 * args.size_mib + 2048)
         log_path = scratch / "cluster-mkfs.log"
         with open(log_path, "wb") as log_file:
             proc = subprocess.run(

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from mounts import is_mounted  # scripts/mounts.py: run as a script, this directory is on sys.path
 
+from vmload.cli import positive
+
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = [sys.executable, str(REPO / "scripts" / "cluster.py")]
 VMLOAD = [sys.executable, "-m", "vmload"]
@@ -43,18 +45,6 @@ GRACE = 60.0  # seconds past --seconds before a VM counts as hung
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -192,6 +192,11 @@ def test_sigkill_of_the_node_under_a_vm_loses_no_write(image, nodes, vms, victim
     assert report["ok"], report
     assert not report["clean_end"]
     assert report["size"] >= summary["size"]
+    # the VM starts again on the surviving node, where it stopped
+    code, again = vms.finish(vms.start(survivor.mountpoint, "doomed", "--seconds", "1"))
+    assert code == 0 and again["writes"] > 0, again
+    report = vms.verify(survivor.mountpoint, "doomed")
+    assert report["ok"] and report["clean_end"], report
 
 
 def test_two_vms_on_different_nodes_extend_at_once(image, nodes, vms):

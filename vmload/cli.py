@@ -68,7 +68,7 @@ def _blocks(text: str) -> tuple[int, int]:
     return smallest, largest
 
 
-def _positive(kind):
+def positive(kind):
     def parse(text: str):
         try:
             value = kind(text)
@@ -101,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="disk size when it is created (default 1G)")
     run.add_argument("--block", type=_blocks, default=(4096, 65536),
                      help="write sizes, powers of two from LOW to HIGH (default 4k..64k)")
-    run.add_argument("--seconds", type=_positive(float), default=30.0)
+    run.add_argument("--seconds", type=positive(float), default=30.0)
     run.add_argument("--fsync-every", type=int, default=64, metavar="WRITES",
                      help="fsync after this many writes (default 64; 0: only at the end)")
     run.add_argument("--grow", action="store_true", help="grow the disk now and then")
-    run.add_argument("--grow-every", type=_positive(float), default=5.0, metavar="SECONDS")
+    run.add_argument("--grow-every", type=positive(float), default=5.0, metavar="SECONDS")
     run.add_argument("--grow-by", type=_size, default=64 << 20, help="(default 64M)")
     run.add_argument("--max-size", type=_size, help="grow no further than this")
-    run.add_argument("--migrate-every", type=_positive(float), metavar="SECONDS",
+    run.add_argument("--migrate-every", type=positive(float), metavar="SECONDS",
                      help="move to the next --peer mount in turn, this often")
     run.add_argument("--peer", type=Path, action="append", default=[], metavar="MOUNT",
                      help="another node's mount to migrate to (repeatable)")
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument("--vm", required=True)
     move.add_argument("--to", type=Path, required=True, metavar="MOUNT")
     move.add_argument("--state", type=Path, default=_default_state(), help=state_help)
-    move.add_argument("--timeout", type=_positive(float), default=30.0, metavar="SECONDS")
+    move.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS")
     return parser
 
 
