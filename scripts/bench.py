@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -62,6 +62,7 @@ STOP_TIMEOUT = 15.0  # seconds for a daemon to exit after unmount or SIGTERM
 # The cluster sections (--no-cluster skips them)
 METABENCH = Path(metabench.__file__).resolve()
 MEMBER = "member"  # the data-path target on member node B of the cluster
+COORDINATOR = "coordinator"  # a control: the same workloads on node A of the cluster
 CLUSTER_NODES = ("A", "B", "C")  # mounted in this order: A is the coordinator
 QUIESCE_BIG = 4 * 2**20  # the truncate loop cuts the file from this size ...
 QUIESCE_SMALL = 2**20  # ... to this one, then writes it back
@@ -94,6 +95,7 @@ class Result:
     mib_s: float
     iops: float
     io_bytes: int = 0
+    cpu_s: float | None = None  # CPU time of the target's FUSE process during the job
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Target:
     name: str
     file: Path | None = None  # the fio test file, None unless set up
     error: str | None = None  # why the target has no numbers
+    pids: set[int] = field(default_factory=set)  # its FUSE process(es), for CPU time
 
 
 @dataclass
@@ -754,19 +757,23 @@ def layout(target: Target, size_mib: int) -> None:
 
 def setup_cluster(scratch: Path, cleanup: contextlib.ExitStack, args,
                   targets: list[Target]) -> Cluster | None:
-    """Mount nodes A and B of a new volume; B's mount becomes the `member` fio target."""
-    member = Target(MEMBER)
-    targets.append(member)
+    """Mount nodes A and B of a new volume; B's mount becomes the `member` fio target,
+    and A's the `coordinator` one (a control: the single-node code on another image)."""
+    control, member = Target(COORDINATOR), Target(MEMBER)
+    targets += [control, member]  # the member last: its error stands for the cluster's
     log("setting up the cluster (nodes A and B) ...")
     try:
         cluster = Cluster(scratch, cleanup, args)
         for name in CLUSTER_NODES[:2]:
             cluster.mount(name)
         cluster.check_roles()
-        member.file = cluster.mountpoints["B"] / "bench.dat"
-        layout(member, args.size_mib)
+        for target, node in ((control, "A"), (member, "B")):
+            target.file = cluster.mountpoints[node] / f"bench-{node}.dat"
+            target.pids = serving(cluster.mountpoints[node])
+            layout(target, args.size_mib)
     except (BenchError, OSError, subprocess.SubprocessError) as exc:
-        member.error = f"cluster setup failed: {exc}"
+        for target in (control, member):
+            target.error = f"cluster setup failed: {exc}"
         log(f"{member.name}: {member.error}")
         return None
     return cluster
@@ -788,8 +795,11 @@ def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
                     continue
                 os.sync()  # start from a clean page cache, not someone else's writeback
                 try:
+                    cpu_before = cpu_seconds(target.pids)
                     result = run_fio(target.file, workload.rw, workload.bs, args.size_mib,
                                      args.runtime, args.runtime + 60)
+                    if target.pids:
+                        result = replace(result, cpu_s=cpu_seconds(target.pids) - cpu_before)
                 except subprocess.TimeoutExpired:
                     target.error = f"fio timed out on {workload.name}; mount hung?"
                     log(f"{target.name}: {target.error}")
@@ -802,6 +812,34 @@ def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
                 log(f"[{round_no + 1}/{args.repeat}] {workload.name:<17} {target.name:<12}"
                     f"{result.mib_s:9.1f} MiB/s {result.iops:10.0f} IOPS")
     return samples
+
+
+def cpu_seconds(pids: set[int]) -> float:
+    """User + system CPU time the processes have used so far (0 for one that is gone)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def serving(mountpoint: Path) -> set[int]:
+    """The processes that serve a mount: those given the mountpoint in their argv."""
+    wanted = {os.fsencode(mountpoint), os.fsencode(os.path.realpath(mountpoint))}
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if wanted.intersection(f.read().split(b"\0")):
+                        found.add(int(entry))
+            except OSError:
+                continue
+    return found
 
 
 def run_metadata(targets: list[Target], args) -> dict[str, dict[str, list[float]]]:
@@ -904,18 +942,33 @@ def format_quotient(a: float | None, b: float | None) -> str:
 
 def build_member_table(samples: dict[tuple[str, str], Samples]) -> str:
     rows = [
-        "| workload | csvfs single-node MiB/s | csvfs member node B MiB/s "
-        "| member/single-node (target >= 0.9) |",
-        "|---|---:|---:|---:|",
+        "| workload | csvfs single-node MiB/s | member node B MiB/s "
+        "| **member/single-node** (target >= 0.9) | coordinator node A MiB/s "
+        "| coordinator/single-node (control) | node CPU s per GiB: single / B / A |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for workload in WORKLOADS:
-        single, member = samples.get(("csvfs", workload.name)), samples.get((MEMBER,
-                                                                             workload.name))
+        single, member, control = (samples.get((name, workload.name))
+                                   for name in ("csvfs", MEMBER, COORDINATOR))
         cells = [format_cell(cell.median() if cell else None, workload.show_iops)
-                 for cell in (single, member)]
-        ratio = format_ratio(paired_ratio(member, single))
-        rows.append(f"| {workload.name} | " + " | ".join(cells) + f" | {ratio} |")
+                 for cell in (single, member, control)]
+        costs = [cpu_per_gib(cell) for cell in (single, member, control)]
+        rows.append(f"| {workload.name} | {cells[0]} | {cells[1]} | "
+                    f"{format_ratio(paired_ratio(member, single))} | {cells[2]} | "
+                    f"{format_ratio(paired_ratio(control, single))} | "
+                    + " / ".join("n/a" if c is None else f"{c:.3f}" for c in costs) + " |")
     return "\n".join(rows)
+
+
+def cpu_per_gib(cell: Samples | None) -> float | None:
+    """Median CPU seconds of the serving node per GiB moved: the cost of the data path,
+    which the page cache's noise in the throughput does not move."""
+    if cell is None or cell.error:
+        values = []
+    else:
+        values = [r.cpu_s / (r.io_bytes / 2**30) for r in cell.results
+                  if r.cpu_s is not None and r.io_bytes]
+    return statistics.median(values) if values else None
 
 
 def build_cluster_meta_table(meta: dict[str, dict[str, list[float]]]) -> str:
@@ -1057,7 +1110,12 @@ def cluster_report(args, samples: dict[tuple[str, str], Samples],
         "only. Roles are checked with `csvfs status`.\n\n"
         "### Data path on a member node\n\n"
         "The fio workloads above on B's mount, in the same rounds as the single-node "
-        "targets (interleaved; the ratio is the median of the per-round ratios).\n\n"
+        "targets (interleaved; the ratio is the median of the per-round ratios). As a "
+        "control, the same workloads also run on A's mount: the coordinator runs the "
+        "single node's data path, only on the cluster's image, so A/single-node shows how "
+        "far two images alone move these numbers on this machine. The last column is the "
+        "CPU time of the node serving the mount per GiB moved, median of the rounds (most "
+        "of it is the pwrite or pread into the page cache).\n\n"
         f"{build_member_table(samples)}\n\n"
         "### Metadata latency on a member node\n\n"
         f"metabench on B's mount and on A's, {args.meta_count} of each operation per node "
@@ -1235,6 +1293,8 @@ def main(argv=None) -> int:
             log(f"setting up {target.name} ...")
             try:
                 target.file = SETUP[target.name](scratch, cleanup, args)
+                if target.name != "raw":
+                    target.pids = serving(target.file.parent)
                 layout(target, args.size_mib)
             except (BenchError, OSError, subprocess.SubprocessError) as exc:
                 target.error = f"setup failed: {exc}"
