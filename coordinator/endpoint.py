@@ -66,7 +66,16 @@ class RemoteSession:
         if wait:
             await self._acknowledged("invalidate", stale)
         else:
-            self._outbox_send.send_nowait(("invalidate", stale))
+            self._push("invalidate", stale)
+
+    def _push(self, kind: str, body: dict) -> bool:
+        """Queue a notification; False if the session is closed already. Then nothing
+        is lost: the node gets everything afresh when it registers again."""
+        try:
+            self._outbox_send.send_nowait((kind, body))
+            return True
+        except trio.ClosedResourceError:
+            return False
 
     async def _acknowledged(self, kind: str, body: dict) -> None:
         """Push a notification and wait until the node says it has carried it out."""
@@ -74,7 +83,9 @@ class RemoteSession:
             raise RpcDisconnected(f"{self.peer} is gone")
         token = next(self._tokens)
         acked = self._acks[token] = trio.Event()
-        self._outbox_send.send_nowait((kind, dict(body, token=token)))
+        if not self._push(kind, dict(body, token=token)):
+            self._acks.pop(token, None)
+            raise RpcDisconnected(f"the session of {self.peer} is closed")
         try:
             async with trio.open_nursery() as nursery:
                 async def give_up_when_closed():
@@ -101,10 +112,10 @@ class RemoteSession:
         if wait:
             await self._acknowledged("map", body)
         else:
-            self._outbox_send.send_nowait(("map", body))
+            self._push("map", body)
 
     def resume(self, ino: int) -> None:
-        self._outbox_send.send_nowait(("resume", {"ino": ino}))
+        self._push("resume", {"ino": ino})
 
     def evict(self, reason: str) -> float | None:
         self.peer.close(f"evicted: {reason}")

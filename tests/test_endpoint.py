@@ -1,0 +1,61 @@
+"""coordinator/endpoint.py: a node's session as the metadata service sees it."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from coordinator.endpoint import RemoteSession
+from coordinator.rpc import RpcDisconnected
+
+
+class QuietPeer:
+    """The connection end a session pushes through; it records, never answers."""
+
+    name = "n2"
+    closed = False
+
+    def __init__(self):
+        self.sent = []
+
+    async def notify(self, kind, body):
+        self.sent.append((kind, body))
+
+    async def wait_closed(self):
+        await trio.sleep_forever()
+
+    def close(self, reason):
+        self.closed = True
+
+
+MAP = {"size": 4096, "runs": [[0, 7, 1]], "version": 3}
+
+
+async def test_pushes_go_out_in_order():
+    peer = QuietPeer()
+    session = RemoteSession(peer, slot=1, grant_seconds=3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.send_notifications)
+        await session.invalidate({"inos": [5], "entries": []}, wait=False)
+        await session.take_map(5, MAP, resume=True, forget=False, wait=False)
+        session.resume(6)
+        await trio.sleep(0.01)
+        session.close()
+    assert [kind for kind, _ in peer.sent] == ["invalidate", "map", "resume"]
+    assert peer.sent[1][1] == dict(MAP, ino=5, resume=True, forget=False)
+
+
+async def test_a_closed_session_drops_pushes_and_refuses_requests():
+    """The coordinator stepping down closes every session while requests may still be
+    finishing: what they push without waiting is dropped (the node registers afresh
+    anyway), and what waits for an answer fails at once instead of hanging."""
+    session = RemoteSession(QuietPeer(), slot=1, grant_seconds=3)
+    session.close()
+    await session.invalidate({"inos": [5], "entries": []}, wait=False)
+    await session.take_map(5, MAP, resume=False, forget=True, wait=False)
+    session.resume(5)
+    with trio.fail_after(1):
+        with pytest.raises(RpcDisconnected):
+            await session.pause(5)
+        with pytest.raises(RpcDisconnected):
+            await session.take_map(5, MAP, resume=True, forget=True, wait=True)
