@@ -3,7 +3,8 @@
 
     python scripts/demo_vms.py [--nodes 3] [--per-node 2] [--seconds 60] [--dir DIR]
 
-Starts a cluster with scripts/cluster.py, then --per-node `vmload run` VMs on every
+Starts a cluster with scripts/cluster.py, then --per-node `vmload run` VMs (--iodepth
+writes in flight each) on every
 node for --seconds. The first VM of node 1 migrates to the next node every
 --migrate-every seconds; the first VM of node 2 grows its disk. At the end every VM is
 verified through every node's mount, a summary table is printed, and the cluster is
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=positive(float), default=60.0)
     parser.add_argument("--migrate-every", type=positive(float), default=3.0)
     parser.add_argument("--disk", default="128M", help="each VM's disk size (default 128M)")
+    parser.add_argument("--iodepth", type=positive(int), default=4,
+                        help="each VM's writes in flight (default 4)")
     parser.add_argument("--volume", default="4G", help="volume size (default 4G, sparse)")
     parser.add_argument("--dir", type=Path, help="cluster directory (default: a new one "
                         "under /var/tmp, removed at the end unless --keep)")
@@ -123,7 +126,8 @@ def plan(args, nodes: list[tuple[str, str]]) -> list[VM]:
 
 def start(vm: VM, args, state: Path) -> None:
     command = [*VMLOAD, "run", "--mount", vm.mount, "--vm", vm.name, "--state", str(state),
-               "--size", args.disk, "--seconds", str(args.seconds), "--json", *vm.extra]
+               "--size", args.disk, "--seconds", str(args.seconds), "--iodepth",
+               str(args.iodepth), "--json", *vm.extra]
     vm.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, cwd=REPO)
 

@@ -95,12 +95,14 @@ def unmount_and_fsck(cluster, image) -> None:
 # -- migration -------------------------------------------------------------------------------
 
 
-def test_migration_in_the_middle_of_writes(image, nodes, vms):
+@pytest.mark.parametrize("iodepth", [1, 8])
+def test_migration_in_the_middle_of_writes(image, nodes, vms, iodepth):
+    """With several writes in flight, the source drains them before it closes."""
     cluster = start_cluster(nodes, image, 3)
     first, *others = cluster
     vm = vms.start(first.mountpoint, "mover", "--size", "32M", "--seconds", "4",
-                   "--migrate-every", "0.5", *sum((["--peer", n.mountpoint] for n in others),
-                                                  []))
+                   "--iodepth", str(iodepth), "--migrate-every", "0.5",
+                   *sum((["--peer", n.mountpoint] for n in others), []))
     code, summary = vms.finish(vm)
     assert code == 0, summary
     moves = summary["migrations"]
@@ -180,7 +182,7 @@ def test_sigkill_of_the_node_under_a_vm_loses_no_write(image, nodes, vms, victim
     dying, survivor = (member, coordinator) if victim == "member" else (coordinator, member)
     vm = vms.start(dying.mountpoint, "doomed", "--size", "8M", "--seconds", "30",
                    "--grow", "--grow-every", "0.2", "--grow-by", "1M", "--max-size", "64M",
-                   "--fsync-every", "16")
+                   "--fsync-every", "16", "--iodepth", "4")
     time.sleep(1.5)
     assert vm.poll() is None
     dying.kill(signal.SIGKILL, unmount=False)  # the VM must not fall into the bare directory

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overlap", type=float, default=0.0, metavar="SECONDS",
                      help="during a migration, keep writing on the source this long after "
                      "the target has opened the disk (default 0)")
+    run.add_argument("--iodepth", type=positive(int), default=1,
+                     help="writes in flight at once, never overlapping (default 1); above "
+                     "1 they are issued from threads, and their latencies include the wait "
+                     "for Python's GIL once each write has returned")
     run.add_argument("--seed", type=int, help="random seed (default: random)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -163,7 +167,7 @@ def cmd_run(args) -> int:
         grow_every=args.grow_every if args.grow else None, grow_by=args.grow_by,
         max_size=args.max_size, migrate_every=args.migrate_every,
         peers=[peer.resolve() for peer in args.peer],
-        overlap=max(0.0, args.overlap), seed=args.seed)
+        overlap=max(0.0, args.overlap), seed=args.seed, iodepth=args.iodepth)
     vm = VM(settings)
     try:
         vm.open()

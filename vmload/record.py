@@ -9,15 +9,17 @@ readable from "any node"; on several hosts it would go on storage of their own.
 STATE/NAME.log is a sequence of fixed-size entries, appended with O_APPEND:
 
     W gen first count   a write of `count` sectors from `first`, logged before it is
-                        issued: every write logged before the last entry was acknowledged
-    S gen               an fsync of the disk returned: writes up to gen are durable
+                        issued
+    D gen               that write was acknowledged (pwrite returned)
+    S gen               an fsync of the disk returned: every write before it is durable
     G size              the disk was grown to `size` bytes (logged once it was)
     M number            the VM moved to another node (details in STATE/NAME.json)
     E                   a clean end: nothing was in flight
 
-A VM issues one write at a time, so only a W that is the last entry of the log can be
-unacknowledged: the process died, or the node under it, while it was in flight. A torn
-last entry (the process died while appending it) is ignored.
+A W with no D was in flight when the process died, or the node under it: the disk may
+hold that write or what was there before. A VM never has two writes in flight that
+overlap, so the order of the W entries is the order in which each sector got its
+writes. A torn last entry (the process died while appending it) is ignored.
 
 STATE/NAME.json holds what does not change per write: the disk's path on the mount,
 the pid of the `run` process, the mount it is on now, and the migrations.
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _ENTRY = struct.Struct("<cxxxIQQ")  # kind, count, gen (or size, or number), first
-WRITE, SYNC, GROW, MOVE, END = b"W", b"S", b"G", b"M", b"E"
+WRITE, DONE, SYNC, GROW, MOVE, END = b"W", b"D", b"S", b"G", b"M", b"E"
 
 
 class RecordError(Exception):
@@ -56,6 +58,9 @@ class Log:
 
     def write(self, generation: int, first: int, count: int) -> None:
         self._append(WRITE, count, generation, first)
+
+    def done(self, generation: int) -> None:
+        self._append(DONE, 0, generation, 0)
 
     def synced(self, generation: int) -> None:
         self._append(SYNC, 0, generation, 0)
@@ -93,7 +98,7 @@ def read_log(path: Path) -> list[Entry]:
     entries = []
     for offset in range(0, whole, _ENTRY.size):
         kind, count, value, first = _ENTRY.unpack_from(data, offset)
-        if kind not in (WRITE, SYNC, GROW, MOVE, END):
+        if kind not in (WRITE, DONE, SYNC, GROW, MOVE, END):
             raise RecordError(f"{path}: unknown entry {kind!r} at byte {offset}")
         entries.append(Entry(kind, value, first, count))
     return entries

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import stamp
-from .record import END, GROW, MOVE, SYNC, WRITE, Entry
+from .record import DONE, END, GROW, MOVE, SYNC, WRITE, Entry
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,8 @@ class Expected:
 
     size: int
     generations: dict[int, int] = field(default_factory=dict)  # sector -> last acked write
-    # Sectors of a last write that may never have been acknowledged (the process or its
-    # node died while it was in flight): each may hold that write or what was before.
+    # Sectors of writes the log has no acknowledgement of (the process or its node died
+    # while they were in flight): each may hold that write or what was there before.
     in_flight: dict[int, int] = field(default_factory=dict)
     writes: int = 0
     syncs: int = 0
@@ -34,10 +34,11 @@ class Expected:
     @classmethod
     def replay(cls, entries: list[Entry], size: int) -> Expected:
         expected = cls(size)
-        for index, entry in enumerate(entries):
+        acknowledged = {entry.value for entry in entries if entry.kind == DONE}
+        for entry in entries:
             if entry.kind == WRITE:
-                last = index == len(entries) - 1
-                target = expected.in_flight if last else expected.generations
+                done = entry.value in acknowledged
+                target = expected.generations if done else expected.in_flight
                 for number in range(entry.first, entry.first + entry.count):
                     target[number] = entry.value
                 expected.writes += 1

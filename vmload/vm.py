@@ -1,9 +1,11 @@
 """One VM: a process that owns a disk file on a mount and writes it at random.
 
-One write at a time, like a guest with a queue depth of one: each is logged, then
-issued with pwrite. Now and then the VM fsyncs the disk, grows it, or moves to another
-node's mount (a live migration: the target opens the disk while the source may still be
-writing, then the source drains, fsyncs and closes, and the target carries on).
+Up to --iodepth writes at once (one by default), never two that overlap, like a guest's
+queue: each is logged, issued with pwrite (from a thread when there are several), and
+logged again once it returns. Now and then the VM fsyncs the disk, grows it, or moves to
+another node's mount (a live migration: the target opens the disk while the source may
+still be writing, then the source drains its queue, fsyncs and closes, and the target
+carries on).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import random
 import signal
 import statistics
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import stamp
-from .record import WRITE, Entry, Facts, Log, Paths, read_log
+from .record import DONE, END, WRITE, Entry, Facts, Log, Paths, read_log
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class Settings:
     peers: list[Path] = field(default_factory=list)
     overlap: float = 0.0  # seconds both nodes hold the disk while the source writes on
     seed: int | None = None
+    iodepth: int = 1  # writes in flight at once
 
 
 @dataclass
@@ -99,6 +103,9 @@ class VM:
         self._move_asked = False
         self._since_sync = 0
         self._next_grow: float | None = None
+        self._in_flight: dict[int, _InFlight] = {}  # generation -> write
+        self._pool = (ThreadPoolExecutor(settings.iodepth, thread_name_prefix="vmload-io")
+                      if settings.iodepth > 1 else None)
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -112,7 +119,8 @@ class VM:
             self._create(disk)
         self.facts.mount, self.facts.pid = str(self.mount), os.getpid()
         self.facts.save(self.paths.facts)
-        self.log = Log(self.paths.log)
+        if self.log is None:
+            self.log = Log(self.paths.log)
 
     def _create(self, disk: Path) -> None:
         try:
@@ -143,20 +151,28 @@ class VM:
         except OSError as exc:
             raise VMError(f"cannot open {disk}: {exc.strerror}") from None
         self.size = os.fstat(self.fd).st_size
-        if entries and entries[-1].kind == WRITE:
-            self._finish_unacknowledged(entries[-1])
+        if not entries or entries[-1].kind != END:
+            self._finish_unacknowledged(entries)
 
-    def _finish_unacknowledged(self, entry: Entry) -> None:
-        """The last run died with this write in flight. Issue it again (same data), so
-        that it counts as acknowledged once later entries follow it in the log."""
-        data = stamp.sectors(self.vm_id, entry.first, entry.count, entry.value)
-        try:
-            if os.pwrite(self.fd, data, entry.first * stamp.SECTOR) != len(data):
-                raise OSError(errno.EIO, "short write")
-        except OSError as exc:
-            raise VMError(f"cannot finish the write left in flight: {exc.strerror}") from None
+    def _finish_unacknowledged(self, entries: list[Entry]) -> None:
+        """The last run died with these writes in flight. Issue each again (the same
+        data) and log it as done, so the record no longer has to allow for either."""
+        done = {entry.value for entry in entries if entry.kind == DONE}
+        self.log = Log(self.paths.log)
+        for entry in entries:
+            if entry.kind != WRITE or entry.value in done:
+                continue
+            data = stamp.sectors(self.vm_id, entry.first, entry.count, entry.value)
+            try:
+                _timed_pwrite(self.fd, data, entry.first * stamp.SECTOR)
+            except OSError as exc:
+                raise VMError("cannot finish a write left in flight: "
+                              f"{exc.strerror or exc}") from None
+            self.log.done(entry.value)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # writes still in flight after an error end
         if self.fd >= 0:
             try:
                 os.close(self.fd)
@@ -207,32 +223,68 @@ class VM:
         signal.signal(signal.SIGUSR1, move)
 
     def _step(self) -> None:
-        """Grow the disk if it is time to, then write one block."""
+        """Grow the disk if it is time to, then issue one write (once there is room in
+        the queue), and fsync when it is due."""
         if self._next_grow is not None and time.monotonic() >= self._next_grow:
             self._grow()
             self._next_grow = time.monotonic() + self.settings.grow_every
-        self._write_one()
-
-    def _write_one(self) -> None:
-        count = self.random.choice(self.blocks)
-        sectors = self.size // stamp.SECTOR
-        count = min(count, sectors)
-        first = self.random.randrange(0, sectors - count + 1)
-        self.generation += 1
-        data = stamp.sectors(self.vm_id, first, count, self.generation)
-        self.log.write(self.generation, first, count)
-        started = time.perf_counter()
-        written = os.pwrite(self.fd, data, first * stamp.SECTOR)
-        self.stats.latencies_ms.append((time.perf_counter() - started) * 1e3)
-        if written != len(data):
-            raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes)")
-        self.stats.writes += 1
-        self.stats.bytes += written
-        self._since_sync += 1
+        while len(self._in_flight) >= self.settings.iodepth:
+            self._reap(block=True)
+        self._issue_one()
+        self._reap(block=False)
         if self.settings.fsync_every and self._since_sync >= self.settings.fsync_every:
             self._fsync()
 
+    def _issue_one(self) -> None:
+        first, count = self._pick_range()
+        self.generation += 1
+        data = stamp.sectors(self.vm_id, first, count, self.generation)
+        self.log.write(self.generation, first, count)
+        offset = first * stamp.SECTOR
+        if self._pool is None:
+            self._completed(self.generation, len(data), _timed_pwrite(self.fd, data, offset))
+            return
+        future = self._pool.submit(_timed_pwrite, self.fd, data, offset)
+        self._in_flight[self.generation] = _InFlight(first, count, len(data), future)
+
+    def _pick_range(self) -> tuple[int, int]:
+        """A random block that overlaps no write in flight (a guest never issues two
+        writes to one block at once: which one lands last would be undefined)."""
+        sectors = self.size // stamp.SECTOR
+        while True:
+            for _ in range(64):
+                count = min(self.random.choice(self.blocks), sectors)
+                first = self.random.randrange(0, sectors - count + 1)
+                if not any(first < w.first + w.count and w.first < first + count
+                           for w in self._in_flight.values()):
+                    return first, count
+            self._reap(block=True)  # a small disk, crowded: let a write finish first
+
+    def _reap(self, block: bool) -> None:
+        """Log the writes that have returned: all of those done now, or (block) at least
+        one. A failed write raises its OSError."""
+        if not self._in_flight:
+            return
+        futures = [write.future for write in self._in_flight.values()]
+        done, _ = wait(futures, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for generation, write in list(self._in_flight.items()):
+            if write.future in done:
+                del self._in_flight[generation]
+                self._completed(generation, write.length, write.future.result())
+
+    def _completed(self, generation: int, length: int, latency_ms: float) -> None:
+        self.log.done(generation)
+        self.stats.latencies_ms.append(latency_ms)
+        self.stats.writes += 1
+        self.stats.bytes += length
+        self._since_sync += 1
+
+    def _drain(self) -> None:
+        while self._in_flight:
+            self._reap(block=True)
+
     def _fsync(self) -> None:
+        self._drain()  # a flush covers the writes that have returned: wait for all
         self.log.flush()  # the record is never behind what the disk has made durable
         os.fsync(self.fd)
         self.log.synced(self.generation)
@@ -278,7 +330,7 @@ class VM:
         while time.monotonic() < overlap_end and not self._stop:
             self._step()  # the source runs on meanwhile, as a VM does during pre-copy
         switch = time.monotonic()
-        self._fsync()  # the source drains (one write at a time: nothing is in flight)
+        self._fsync()  # the source drains its queue and flushes
         os.close(self.fd)
         self.fd = new_fd
         self.size = os.fstat(self.fd).st_size
@@ -294,6 +346,24 @@ class VM:
         self.facts.save(self.paths.facts)
         log.info("%s moved from %s to %s (handoff %.1f ms)", self.settings.vm, move["from"],
                  move["to"], move["handoff_ms"])
+
+
+@dataclass
+class _InFlight:
+    first: int
+    count: int
+    length: int  # bytes
+    future: Future
+
+
+def _timed_pwrite(fd: int, data: bytes, offset: int) -> float:
+    """pwrite the whole buffer; its latency in ms. A short write is an error."""
+    started = time.perf_counter()
+    written = os.pwrite(fd, data, offset)
+    latency = (time.perf_counter() - started) * 1e3
+    if written != len(data):
+        raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes)")
+    return latency
 
 
 def _block_sizes(smallest: int, largest: int) -> list[int]:
