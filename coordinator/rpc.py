@@ -60,9 +60,31 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _format_address(sockaddr: tuple) -> str:
-    host, port = sockaddr[0], sockaddr[1]
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # hosts that mean "every interface"
+
+
+def split_advertised(address: str) -> tuple[str, int | None]:
+    """'host', 'host:port', '[v6host]' or '[v6host]:port' -> (host, port or None)."""
+    if address.startswith("["):
+        host, sep, rest = address[1:].partition("]")
+        if not sep or not host or (rest and not rest.startswith(":")):
+            raise ValueError(f"not a HOST[:PORT] address: {address!r}")
+        port = rest[1:] if rest else None
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    else:
+        host, port = address, None  # a bare name, IPv4 address or IPv6 address
+    if not host or (port is not None and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"not a HOST[:PORT] address: {address!r}")
+    return host, None if port is None else int(port)
+
+
+def join_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _format_address(sockaddr: tuple) -> str:
+    return join_address(sockaddr[0], sockaddr[1])
 
 
 class _EventReader:
@@ -251,7 +273,7 @@ class RpcServer:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+        return join_address(self.host, self.port)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen until close(); task_status.started() gets the bound port."""

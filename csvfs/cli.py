@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                        help="where this node's RPC server listens (default 127.0.0.1, any "
                        "free port); the address goes in the volume's lease region")
+    mount.add_argument("--advertise", metavar="HOST[:PORT]",
+                       help="the address other nodes and `csvfs status` reach this node at "
+                       "(default: the --listen address; needed when that is a wildcard "
+                       "such as 0.0.0.0; without PORT, the port it listens on)")
 
     fsck = sub.add_parser("fsck", help="check a volume (and repair it with --repair)")
     fsck.add_argument("image", type=Path)
@@ -72,20 +76,39 @@ def cmd_mkfs(args) -> int:
     return ExitCode.OK
 
 
+def _check_addresses(listen: str, advertise: str | None) -> None:
+    """--listen HOST:PORT, and --advertise HOST[:PORT] wherever listen is a wildcard."""
+    from coordinator.rpc import WILDCARDS, split_address, split_advertised
+
+    try:
+        listen_host, _ = split_address(listen)
+    except ValueError as exc:
+        raise UsageError(f"--listen: {exc}") from None
+    if advertise is None:
+        if listen_host in WILDCARDS:
+            raise UsageError(f"--listen {listen} takes every interface, and other nodes "
+                             "cannot reach a wildcard: give --advertise HOST, an address of "
+                             "this machine they can reach")
+        return
+    try:
+        advertise_host, _ = split_advertised(advertise)
+    except ValueError as exc:
+        raise UsageError(f"--advertise: {exc}") from None
+    if advertise_host in WILDCARDS:
+        raise UsageError(f"--advertise {advertise}: other nodes cannot reach a wildcard "
+                         "address")
+
+
 def cmd_mount(args) -> int:
     from csvfs import fuse_fallocate
 
     fuse_fallocate.load()  # must precede the first import of pyfuse3
-    from coordinator.rpc import split_address
     from csvfs import node
     from csvfs.volume import default_key_path
 
     if not 0.3 <= args.lease <= 600:
         raise UsageError("--lease must be between 0.3 and 600 seconds")
-    try:
-        split_address(args.listen)
-    except ValueError as exc:
-        raise UsageError(f"--listen: {exc}") from None
+    _check_addresses(args.listen, args.advertise)
     config = node.NodeConfig(
         image=args.image.resolve(),
         mountpoint=args.mountpoint.resolve(),
@@ -93,6 +116,7 @@ def cmd_mount(args) -> int:
         name=args.name,
         lease_seconds=args.lease,
         listen_text=args.listen,
+        advertise_text=args.advertise or "",
     )
     node.mount(config, foreground=args.foreground)
     return ExitCode.OK

@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from coordinator.election import Election, read_slot, slot_alive
-from coordinator.rpc import RpcServer, split_address
+from coordinator.rpc import RpcServer, join_address, split_address, split_advertised
 from csvfs import format as fmt
 from csvfs import fuse_fallocate
 from csvfs.datapath import DataPath
@@ -40,6 +40,7 @@ class NodeConfig:
     name: str = ""
     lease_seconds: float = 3.0
     listen_text: str = "127.0.0.1:0"  # where the RPC server listens; port 0: any free one
+    advertise_text: str = ""  # where other nodes reach it, if not there: HOST[:PORT]
 
     def __post_init__(self):
         if not self.name:
@@ -48,6 +49,13 @@ class NodeConfig:
     @property
     def listen(self) -> tuple[str, int]:
         return split_address(self.listen_text)
+
+    def advertised(self, bound_port: int) -> str | None:
+        """The address to publish, if --advertise gave one; its port defaults to ours."""
+        if not self.advertise_text:
+            return None
+        host, port = split_advertised(self.advertise_text)
+        return join_address(host, port or bound_port)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -107,9 +115,10 @@ class Node:
         server = RpcServer(self.key, rpc_handler(lambda: self.membership), *config.listen,
                            on_disconnect=self._peer_gone)
         try:
-            self.election.address = await server.bind()
+            bound = await server.bind()
         except OSError as exc:
             raise UsageError(f"cannot listen on {config.listen_text}: {exc.strerror}") from None
+        self.election.address = config.advertised(server.port) or bound
         sb = self.volume.sb
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve)

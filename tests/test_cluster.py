@@ -56,6 +56,18 @@ def test_second_node_joins_and_status_shows_both(image, nodes):
     assert any(e["kind"] == "join" and e["msg"].startswith("n2 joined") for e in events(image))
 
 
+def test_a_node_listening_on_every_interface_publishes_its_advertised_address(image, nodes):
+    first = nodes.start(image, "n1", "--listen", "0.0.0.0:0", "--advertise", "127.0.0.1")
+    nodes.start(image, "n2")  # reaches n1 at the published address
+    published = first.rpc_address()
+    assert published.startswith("127.0.0.1:") and int(published.split(":")[1]) > 0
+    report = status(image)
+    assert report["coordinator"]["name"] == "n1"
+    assert {node["name"] for node in report["nodes"] if node.get("session")} >= {"n2"}
+    with socket.create_connection(("127.0.0.1", int(published.split(":")[1])), timeout=5):
+        pass  # the port it listens on is the one it published
+
+
 def test_status_without_a_mount(image):
     report = status(image)
     assert report["coordinator"] is None and report["nodes"] == []

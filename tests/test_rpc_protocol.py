@@ -527,3 +527,17 @@ def test_a_failed_encode_does_not_use_up_an_id():
     with pytest.raises(ProtocolError):
         client.request("x", {"v": object()})
     assert client.request("x", {})[0] == 1
+
+
+def test_advertised_addresses():
+    from coordinator.rpc import join_address, split_advertised
+
+    assert split_advertised("node7") == ("node7", None)
+    assert split_advertised("10.0.0.5:7000") == ("10.0.0.5", 7000)
+    assert split_advertised("fe80::1") == ("fe80::1", None)
+    assert split_advertised("[fe80::1]:7000") == ("fe80::1", 7000)
+    assert split_advertised("[fe80::1]") == ("fe80::1", None)
+    for bad in ("", ":7000", "host:x", "host:0", "[fe80::1", "[fe80::1]7000", "host:70000"):
+        with pytest.raises(ValueError):
+            split_advertised(bad)
+    assert join_address("fe80::1", 7000) == "[fe80::1]:7000"
