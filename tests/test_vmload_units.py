@@ -178,6 +178,8 @@ def test_bad_arguments_get_one_line_and_exit_2(tmp_path):
                  ["run", "--mount", tmp_path, "--vm", "x", "--block", "64k..4k"],
                  ["run", "--mount", tmp_path, "--vm", "x", "--seconds", "-1"],
                  ["run", "--mount", tmp_path, "--vm", "x", "--migrate-every", "1"],
+                 ["run", "--mount", tmp_path, "--vm", "../escape"],
+                 ["verify", "--mount", tmp_path, "--vm", ".hidden"],
                  ["frobnicate"]):
         result = vmload(*args, "--state", tmp_path / "state") if args != ["frobnicate"] \
             else vmload(*args)
@@ -194,6 +196,11 @@ def test_unknown_vm_and_missing_disk_exit_3(tmp_path):
     result = vmload("run", "--mount", tmp_path / "disks", "--vm", "vm1", "--state",
                     tmp_path / "state", "--seconds", "1")
     assert result.returncode == 3 and "not a vmload disk" in result.stderr
+    (tmp_path / "a-file").write_bytes(b"")
+    result = vmload("run", "--mount", tmp_path / "disks", "--vm", "vm2", "--state",
+                    tmp_path / "a-file", "--seconds", "1")
+    assert result.returncode == 3 and "state directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_migrating_a_vm_that_is_not_running_exits_5(tmp_path):

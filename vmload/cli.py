@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -80,6 +81,15 @@ def positive(kind):
     return parse
 
 
+def _vm_name(text: str) -> str:
+    """A VM's name is a file name on the mount and in the state directory."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a VM name is 1 to 100 letters, digits, '_', '-' or '.', and does "
+            "not start with '.' or '-'")
+    return text
+
+
 def _default_state() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(base) / "vmload"
@@ -95,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one VM: random stamped writes to its disk",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--mount", type=Path, required=True, help="where the VM starts")
-    run.add_argument("--vm", required=True, help="the VM's name; its disk is MOUNT/VM.img")
+    run.add_argument("--vm", type=_vm_name, required=True,
+                     help="the VM's name; its disk is MOUNT/VM.img")
     run.add_argument("--state", type=Path, default=_default_state(), help=state_help)
     run.add_argument("--size", type=_size, default=1 << 30,
                      help="disk size when it is created (default 1G)")
@@ -125,13 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("verify", help="check a VM's disk against its record",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("--mount", type=Path, required=True, help="any node's mount")
-    check.add_argument("--vm", required=True)
+    check.add_argument("--vm", type=_vm_name, required=True)
     check.add_argument("--state", type=Path, default=_default_state(), help=state_help)
     check.add_argument("--json", action="store_true")
 
     move = sub.add_parser("migrate", help="move a running VM to another node's mount",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    move.add_argument("--vm", required=True)
+    move.add_argument("--vm", type=_vm_name, required=True)
     move.add_argument("--to", type=Path, required=True, metavar="MOUNT")
     move.add_argument("--state", type=Path, default=_default_state(), help=state_help)
     move.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS")

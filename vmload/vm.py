@@ -111,7 +111,11 @@ class VM:
 
     def open(self) -> None:
         """Create the VM's disk and record, or take up an existing VM where it stopped."""
-        self.settings.state.mkdir(parents=True, exist_ok=True)
+        try:
+            self.settings.state.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VMError(f"cannot use {self.settings.state} as the state directory: "
+                          f"{exc.strerror}") from None
         disk = self.mount / f"{self.settings.vm}.img"
         if self.paths.facts.exists():
             self._resume()
