@@ -171,12 +171,17 @@ def table(vms: list[VM], nodes: list[tuple[str, str]]) -> str:
         s = vm.summary
         cells = [vm.name, vm.role, s.get("writes", "-"), s.get("ops_s", "-"),
                  s.get("mib_s", "-"), s.get("p50_ms", "-"), s.get("p99_ms", "-"),
-                 s.get("grows", "-"), len(s.get("migrations", []))]
+                 s.get("grows", "-"), len(moves_of(s))]
         cells += [vm.verdicts.get(n, "-") for n in names]
         if s.get("error"):
             cells[1] += f" (failed: {s['error']})"
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows)
+
+
+def moves_of(summary: dict) -> list[dict]:
+    """The migrations a VM made (not those it gave up)."""
+    return [move for move in summary.get("migrations", []) if "error" not in move]
 
 
 def handoffs(directory: Path) -> int:
@@ -211,7 +216,7 @@ def run(args, directory: Path) -> int:
     for vm in vms:
         verify(vm, nodes, state)
     print(table(vms, nodes))
-    moved = sum(len(vm.summary.get("migrations", [])) for vm in vms)
+    moved = sum(len(moves_of(vm.summary)) for vm in vms)
     print(f"\nmigrations: {moved}, handoffs in the event ring: {handoffs(directory)}")
     failed = [vm.name for vm in vms if not vm.ok]
     if failed:

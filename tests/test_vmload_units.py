@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -215,3 +217,39 @@ def test_migrating_a_vm_that_is_not_running_exits_5(tmp_path):
     result = vmload("verify", "--mount", tmp_path / "disks", "--vm", "vm1", "--state",
                     tmp_path / "state")
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout
+
+
+def test_a_migration_that_cannot_open_the_disk_leaves_the_vm_where_it_runs(tmp_path):
+    """As a hypervisor does: the target cannot open the disk, so the VM runs on."""
+    nowhere = tmp_path / "empty"
+    nowhere.mkdir()
+    vm = run_vm(tmp_path, seconds=0.6, migrate_every=0.1, peers=[nowhere])
+    moves = vm.stats.migrations
+    assert len(moves) >= 3 and all("cannot open the disk" in m["error"] for m in moves)
+    assert vm.mount == tmp_path / "disks"
+    report, _ = check(tmp_path)
+    assert report.ok
+
+
+def test_a_commanded_migration_that_fails_exits_5(tmp_path):
+    (tmp_path / "disks").mkdir()
+    (tmp_path / "empty").mkdir()
+    state = tmp_path / "state"
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "vmload", "run", "--mount", str(tmp_path / "disks"), "--vm",
+         "vm1", "--state", str(state), "--seconds", "5", "--size", "1M", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (state / "vm1.json").exists() or b'"pid": 0' in (state / "vm1.json").read_bytes():
+            assert time.monotonic() < deadline and runner.poll() is None
+            time.sleep(0.05)
+        result = vmload("migrate", "--vm", "vm1", "--to", tmp_path / "empty", "--state", state)
+        assert result.returncode == 5 and "stays on" in result.stderr, result.stderr
+        runner.send_signal(signal.SIGTERM)
+        out, _ = runner.communicate(timeout=30)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.communicate()
+    assert runner.returncode == 0 and json.loads(out)["writes"] > 0

@@ -202,7 +202,7 @@ def cmd_run(args) -> int:
 
 
 def _format_run(summary: dict) -> str:
-    moves = summary["migrations"]
+    moves = [move for move in summary["migrations"] if "error" not in move]
     handoffs = ", ".join(f"{m['handoff_ms']:.1f}" for m in moves) or "-"
     return (f"{summary['vm']}: {summary['writes']} writes in {summary['seconds']:.1f} s, "
             f"{summary['ops_s']:.0f} ops/s, {summary['mib_s']:.1f} MiB/s, latency p50 "
@@ -280,6 +280,9 @@ def cmd_migrate(args) -> int:
             continue  # being replaced
         if len(now.migrations) > moves:
             move = now.migrations[-1]
+            if "error" in move:
+                raise _Failed(EXIT_NOT_MOVED, f"{args.vm} stays on {move['from']}: "
+                                              f"{move['error']}")
             print(f"{args.vm}: moved from {move['from']} to {move['to']} "
                   f"(handoff {move['handoff_ms']:.1f} ms)")
             return EXIT_OK

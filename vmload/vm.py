@@ -309,6 +309,12 @@ class VM:
 
     # -- live migration ---------------------------------------------------------------------
 
+    def _record_move(self, move: dict) -> None:
+        """A migration, done or (with "error") given up, in the stats and the facts."""
+        self.stats.migrations.append(move)
+        self.facts.migrations.append(move)
+        self.facts.save(self.paths.facts)
+
     def _next_mount(self) -> Path:
         """The mount asked for with `vmload migrate`, else the next peer in turn."""
         if self._move_asked:
@@ -329,7 +335,15 @@ class VM:
             return
         disk = self.facts.disk
         began = time.monotonic()
-        new_fd = os.open(target / disk, os.O_RDWR)  # the target opens: both hold the disk
+        try:
+            new_fd = os.open(target / disk, os.O_RDWR)  # the target opens: both hold it
+        except OSError as exc:  # as a hypervisor does: the VM stays where it runs
+            self._record_move({"from": str(self.mount), "to": str(target),
+                               "at": round(time.time(), 3),
+                               "error": f"cannot open the disk there: {exc.strerror}"})
+            log.warning("%s stays on %s: cannot open %s: %s", self.settings.vm, self.mount,
+                        target / disk, exc.strerror)
+            return
         overlap_end = began + self.settings.overlap
         while time.monotonic() < overlap_end and not self._stop:
             self._step()  # the source runs on meanwhile, as a VM does during pre-copy
@@ -343,11 +357,9 @@ class VM:
                 "handoff_ms": round((ended - switch) * 1e3, 3),
                 "overlap_ms": round((switch - began) * 1e3, 3)}
         self.mount = target
-        self.stats.migrations.append(move)
         self.log.moved(len(self.facts.migrations) + 1)
-        self.facts.migrations.append(move)
         self.facts.mount = str(target)
-        self.facts.save(self.paths.facts)
+        self._record_move(move)
         log.info("%s moved from %s to %s (handoff %.1f ms)", self.settings.vm, move["from"],
                  move["to"], move["handoff_ms"])
 
