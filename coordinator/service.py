@@ -786,7 +786,7 @@ class MetadataService:
             if growing:
                 op["size"] = end
                 op["t"] = self._now()
-            seq = self._commit_map(inode, op)
+            seq = await self._commit_map(inode, op)
             reply = self._map_reply(inode)
         await self._publish_map(ino, seq, reply, session)
         return reply
@@ -857,20 +857,27 @@ class MetadataService:
         added = dict(zip(required + optional, chosen, strict=False))
         return {"op": "map", "ino": inode.ino, "add": to_runs(added)}
 
-    def _commit_map(self, inode: Inode, op: dict) -> int | None:
-        """Zero what the change exposes, then append and apply a map record.
+    async def _commit_map(self, inode: Inode, op: dict) -> int | None:
+        """Zero what the change exposes, then append and apply a map record. Call with
+        the metadata lock held: nothing else may allocate meanwhile.
 
         The caller sends the new map to the other nodes once the record is durable.
         """
         if not op.get("add") and op.get("size", inode.size) == inode.size and "t" not in op:
             return None  # nothing to change: a node asked with a stale map
         for _file_unit, volume_unit, count in op.get("add", ()):
-            self.volume.zero(self._unit_offset(volume_unit), count * self.unit)
+            await self._zero(self._unit_offset(volume_unit), count * self.unit)
         if op.get("size", 0) > inode.size:
-            self._zero_tail(inode)
+            await self._zero_tail(inode)
         return self._append(op)
 
-    def _zero_tail(self, inode: Inode) -> None:
+    async def _zero(self, offset: int, length: int) -> None:
+        """Make a range of the image read as zeros, in a worker thread: a punched hole
+        may first wait for the kernel to write out dirty pages there (ext4 does), and
+        the event loop must go on renewing the lease and answering nodes meanwhile."""
+        await trio.to_thread.run_sync(self.volume.zero, offset, length)
+
+    async def _zero_tail(self, inode: Inode) -> None:
         """Bytes past EOF in the last unit may hold data from before a shrink: clear them.
 
         Once cleared they stay zero (nothing writes past EOF directly), so a growing
@@ -882,7 +889,7 @@ class MetadataService:
         within = inode.size % self.unit
         volume_unit = inode.units.get(inode.size // self.unit)
         if within and volume_unit is not None:
-            self.volume.zero(self._unit_offset(volume_unit) + within, self.unit - within)
+            await self._zero(self._unit_offset(volume_unit) + within, self.unit - within)
         self._clean_tails.add(inode.ino)
 
     def _unit_offset(self, volume_unit: int) -> int:
@@ -892,7 +899,7 @@ class MetadataService:
         async with self._mutation():
             grows = size >= self._regular(ino).size
             if grows:
-                seq, reply = self._grow(ino, size)
+                seq, reply = await self._grow(ino, size)
         if grows:  # nothing to free: no quiesce
             await self._publish_map(ino, seq, reply, session, to_requester=True)
             return
@@ -900,7 +907,7 @@ class MetadataService:
             async with self._mutation():
                 inode = self._regular(ino)
                 if size >= inode.size:  # it grew meanwhile
-                    seq, reply = self._grow(ino, size)
+                    seq, reply = await self._grow(ino, size)
                 else:
                     keep = -(-size // self.unit)
                     drop = [index for index in inode.units if index >= keep]
@@ -920,9 +927,10 @@ class MetadataService:
         paused.clear()  # nothing left for _paused to resume
         await self._hand_out_map(ino, reply, requester, names, resume=True)
 
-    def _grow(self, ino: int, size: int) -> tuple[int | None, dict]:
+    async def _grow(self, ino: int, size: int) -> tuple[int | None, dict]:
         inode = self._inode(ino)
-        seq = self._commit_map(inode, {"op": "map", "ino": ino, "size": size, "t": self._now()})
+        seq = await self._commit_map(inode, {"op": "map", "ino": ino, "size": size,
+                                             "t": self._now()})
         return seq, self._map_reply(inode)
 
     @contextlib.asynccontextmanager
@@ -1032,13 +1040,13 @@ class MetadataService:
         async with self._mutation():
             inode = self._regular(ino)
             if zero:
-                self._zero_mapped(inode, offset, min(end, inode.size))
+                await self._zero_mapped(inode, offset, min(end, inode.size))
             op = self._allocation_record(inode, offset, end)
             if not keep_size and end > inode.size:
                 op["size"] = end
             if op["add"] or "size" in op or zero:
                 op["t"] = self._now()
-            seq = self._commit_map(inode, op)
+            seq = await self._commit_map(inode, op)
             reply = self._map_reply(inode)
         await self._publish_map(ino, seq, reply, session)
         return reply
@@ -1050,20 +1058,20 @@ class MetadataService:
                 inode = self._regular(ino)
                 first_whole, end_whole = -(-offset // self.unit), end // self.unit
                 drop = [index for index in inode.units if first_whole <= index < end_whole]
-                self._zero_mapped(inode, offset, min(end, first_whole * self.unit))
-                self._zero_mapped(inode, max(offset, end_whole * self.unit), end)
+                await self._zero_mapped(inode, offset, min(end, first_whole * self.unit))
+                await self._zero_mapped(inode, max(offset, end_whole * self.unit), end)
                 seq = self._append({"op": "map", "ino": ino, "t": self._now(),
                                     "drop": [[index, 1] for index in sorted(drop)]})
                 reply = self._map_reply(inode)
             await self._durable(seq)
             await self._resume_with_map(ino, reply, session, holders)
 
-    def _zero_mapped(self, inode: Inode, start: int, end: int) -> None:
+    async def _zero_mapped(self, inode: Inode, start: int, end: int) -> None:
         for piece_start, piece_end, file_unit in pieces(start, end, self.unit):
             mapped = inode.units.get(file_unit)
             if mapped is not None:
                 within = piece_start % self.unit
-                self.volume.zero(self._unit_offset(mapped) + within, piece_end - piece_start)
+                await self._zero(self._unit_offset(mapped) + within, piece_end - piece_start)
 
 
 async def _invalidate_now(stale: dict, session: NodeSession) -> None:
