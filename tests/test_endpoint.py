@@ -49,11 +49,15 @@ async def test_a_closed_session_drops_pushes_and_refuses_requests():
     """The coordinator stepping down closes every session while requests may still be
     finishing: what they push without waiting is dropped (the node registers afresh
     anyway), and what waits for an answer fails at once instead of hanging."""
-    session = RemoteSession(QuietPeer(), slot=1, grant_seconds=3)
+    peer = QuietPeer()
+    session = RemoteSession(peer, slot=1, grant_seconds=3)
     session.close()
     await session.invalidate({"inos": [5], "entries": []}, wait=False)
     await session.take_map(5, MAP, resume=False, forget=True, wait=False)
     session.resume(5)
+    with trio.fail_after(1):
+        await session.send_notifications()  # ends at once: the outbox is closed
+    assert peer.sent == []
     with trio.fail_after(1):
         with pytest.raises(RpcDisconnected):
             await session.pause(5)

@@ -287,7 +287,3 @@ def cmd_migrate(args) -> int:
                   f"(handoff {move['handoff_ms']:.1f} ms)")
             return EXIT_OK
     raise _Failed(EXIT_NOT_MOVED, f"{args.vm} did not move within {args.timeout:g} s")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

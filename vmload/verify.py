@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import stamp
-from .record import DONE, END, GROW, MOVE, SYNC, WRITE, Entry
+from .record import DONE, END, GROW, WRITE, Entry
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,7 @@ class Expected:
     # while they were in flight): each may hold that write or what was there before.
     in_flight: dict[int, int] = field(default_factory=dict)
     writes: int = 0
-    syncs: int = 0
     grows: int = 0
-    moves: int = 0
     clean: bool = False  # the run ended cleanly
 
     @classmethod
@@ -42,13 +40,9 @@ class Expected:
                 for number in range(entry.first, entry.first + entry.count):
                     target[number] = entry.value
                 expected.writes += 1
-            elif entry.kind == SYNC:
-                expected.syncs += 1
             elif entry.kind == GROW:
                 expected.size = max(expected.size, entry.value)
                 expected.grows += 1
-            elif entry.kind == MOVE:
-                expected.moves += 1
             expected.clean = entry.kind == END
         return expected
 

@@ -82,7 +82,7 @@ def _p50_p99(values: list[float]) -> tuple[float, float] | None:
         return None
     if len(values) == 1:
         return values[0], values[0]
-    return statistics.median(values), statistics.quantiles(values, n=100)[98]
+    return statistics.median(values), statistics.quantiles(values, n=100, method="inclusive")[98]
 
 
 class VM:
@@ -116,11 +116,13 @@ class VM:
         except OSError as exc:
             raise VMError(f"cannot use {self.settings.state} as the state directory: "
                           f"{exc.strerror}") from None
-        disk = self.mount / f"{self.settings.vm}.img"
+        # Before the pid is published: `vmload migrate` signals it at once, and an
+        # unhandled SIGUSR1 would kill the VM.
+        self._install_signals()
         if self.paths.facts.exists():
             self._resume()
         else:
-            self._create(disk)
+            self._create(self.mount / f"{self.settings.vm}.img")
         self.facts.mount, self.facts.pid = str(self.mount), os.getpid()
         self.facts.save(self.paths.facts)
         if self.log is None:
@@ -192,7 +194,6 @@ class VM:
     def run(self) -> Stats:
         """Write until the time is up or a stop signal; the stats, with `error` set if
         the disk failed under the VM."""
-        self._install_signals()
         settings = self.settings
         started = time.monotonic()
         deadline = started + settings.seconds
@@ -249,7 +250,7 @@ class VM:
             self._completed(self.generation, len(data), _timed_pwrite(self.fd, data, offset))
             return
         future = self._pool.submit(_timed_pwrite, self.fd, data, offset)
-        self._in_flight[self.generation] = _InFlight(first, count, len(data), future)
+        self._in_flight[self.generation] = _InFlight(first, count, future)
 
     def _pick_range(self) -> tuple[int, int]:
         """A random block that overlaps no write in flight (a guest never issues two
@@ -274,7 +275,8 @@ class VM:
         for generation, write in list(self._in_flight.items()):
             if write.future in done:
                 del self._in_flight[generation]
-                self._completed(generation, write.length, write.future.result())
+                self._completed(generation, write.count * stamp.SECTOR,
+                                write.future.result())
 
     def _completed(self, generation: int, length: int, latency_ms: float) -> None:
         self.log.done(generation)
@@ -368,7 +370,6 @@ class VM:
 class _InFlight:
     first: int
     count: int
-    length: int  # bytes
     future: Future
 
 
