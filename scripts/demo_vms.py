@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mounts import is_mounted  # scripts/mounts.py: run as a script, this directory is on sys.path
+from cluster import Cluster  # scripts/cluster.py: this directory is on sys.path
+from mounts import is_mounted
 
 from vmload.cli import positive
 
@@ -82,14 +83,13 @@ class VM:
                 and bool(self.verdicts) and all(v == "ok" for v in self.verdicts.values()))
 
 
-def cluster_up(args, directory: Path) -> list[tuple[str, str]]:
+def cluster_up(args, directory: Path) -> Cluster:
     result = subprocess.run([*CLUSTER, "up", "-n", str(args.nodes), "--dir", str(directory),
                              "--size", args.volume], stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise SystemExit(_fail(EXIT_NO_CLUSTER, result.stderr.strip() or "cluster.py up failed"))
-    state = json.loads((directory / "cluster.json").read_text())
-    return [(node["name"], node["mountpoint"]) for node in state["nodes"]]
+    return Cluster.load(directory)
 
 
 def cluster_down(directory: Path) -> None:
@@ -184,9 +184,8 @@ def moves_of(summary: dict) -> list[dict]:
     return [move for move in summary.get("migrations", []) if "error" not in move]
 
 
-def handoffs(directory: Path) -> int:
-    state = json.loads((directory / "cluster.json").read_text())
-    result = subprocess.run([*CSVFS, "events", state["image"], "--json"],
+def handoffs(image: str) -> int:
+    result = subprocess.run([*CSVFS, "events", image, "--json"],
                             capture_output=True, text=True, timeout=60, cwd=REPO)
     return sum(1 for line in result.stdout.splitlines()
                if json.loads(line).get("kind") == "handoff")
@@ -194,7 +193,8 @@ def handoffs(directory: Path) -> int:
 
 def run(args, directory: Path) -> int:
     state = directory / "vmstate"
-    nodes = cluster_up(args, directory)
+    cluster = cluster_up(args, directory)
+    nodes = [(node.name, node.mountpoint) for node in cluster.nodes]
     vms = plan(args, nodes)
     print(f"{len(nodes)} nodes up in {directory}; {len(vms)} VMs for {args.seconds:g} s ...",
           flush=True)
@@ -217,7 +217,7 @@ def run(args, directory: Path) -> int:
         verify(vm, nodes, state)
     print(table(vms, nodes))
     moved = sum(len(moves_of(vm.summary)) for vm in vms)
-    print(f"\nmigrations: {moved}, handoffs in the event ring: {handoffs(directory)}")
+    print(f"\nmigrations: {moved}, handoffs in the event ring: {handoffs(cluster.image)}")
     failed = [vm.name for vm in vms if not vm.ok]
     if failed:
         print(f"FAILED: {', '.join(failed)}")

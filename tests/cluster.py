@@ -27,6 +27,13 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[1] == target for line in mounts)
 
 
+def mounts_under(directory: Path) -> list[str]:
+    """Mountpoints at or below directory (a prefix match on /proc/mounts)."""
+    prefix = os.fspath(directory) + "/"
+    with open("/proc/mounts") as mounts:
+        return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+
+
 def force_unmount(path: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", os.fspath(path)], capture_output=True)
 

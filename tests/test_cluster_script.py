@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import LOG_PROBLEMS, csvfs, force_unmount
+from tests.cluster import LOG_PROBLEMS, csvfs, force_unmount, mounts_under
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -23,12 +23,6 @@ NAMES = ["node1", "node2", "node3"]
 def run_script(directory: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.fspath(SCRIPT), *args, "--dir", os.fspath(directory)],
                           capture_output=True, text=True, timeout=75, stdin=subprocess.DEVNULL)
-
-
-def mounts_under(directory: Path) -> list[str]:
-    prefix = os.fspath(directory) + "/"
-    with open("/proc/mounts") as mounts:
-        return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
 
 
 def running(pid: int) -> bool:
