@@ -15,7 +15,6 @@ import errno
 import itertools
 import logging
 import math
-import time
 from collections.abc import Callable
 
 import trio
@@ -39,7 +38,6 @@ class RemoteSession:
         self.slot = slot
         self.grant_seconds = grant_seconds
         self.valid_until = trio.current_time() + grant_seconds
-        self.joined_ns = time.time_ns()
         self._outbox_send, self._outbox = trio.open_memory_channel(math.inf)
         self._acks: dict[int, trio.Event] = {}
         self._tokens = itertools.count(1)

@@ -163,6 +163,7 @@ class MetadataService:
             raise MetaError(errno.EINVAL, f"bad arguments for {method}: {exc}") from None
         finally:
             _touched.set(None)
+            _request_token.set(None)  # unused if it failed early: not for the next request
         if touched:
             await self._tell_holders(session, touched)
         return reply
@@ -228,8 +229,7 @@ class MetadataService:
     async def reclaim_orphans(self) -> None:
         """Free inodes with no name that no node has open: a crash left them behind."""
         for ino in self.state.orphans():
-            if not self._is_open(ino) and ino in self.state.inodes:
-                await self._commit({"op": "reclaim", "ino": ino})
+            if await self._reclaim_if_unused(ino):
                 self.events.emit("reclaim", f"reclaimed orphaned inode {ino} left by a crash")
 
     # -- sessions: the nodes that have files open ----------------------------------------
@@ -248,7 +248,7 @@ class MetadataService:
             name = session.name
             self.sessions[name] = session
             self.lingering.pop(name, None)
-            self._forget_opens(name)
+            dropped = set(self._forget_opens(name))
             maps = []
             for ino, handles in opens:
                 inode = self.state.inodes.get(ino)
@@ -256,10 +256,13 @@ class MetadataService:
                     maps.append([ino, None])
                     continue
                 self.open_files.setdefault(ino, Counter())[name] = handles
+                dropped.discard(ino)
                 maps.append([ino, self._map_reply(inode)])
-            return maps
         finally:
             self._lock.release()
+        for ino in dropped:  # closed while the node was cut off: its release got lost
+            await self._reclaim_if_unused(ino)
+        return maps
 
     async def _lock_unless_quiescing(self, inos) -> trio.Event | None:
         """Take the metadata lock, unless one of `inos` is being quiesced: then leave the
@@ -295,10 +298,13 @@ class MetadataService:
                 del self.open_files[ino]
         return forgotten
 
-    async def _reclaim_if_unused(self, ino: int) -> None:
+    async def _reclaim_if_unused(self, ino: int) -> bool:
+        """Free an inode with no name once no node has it open; True if it did."""
         inode = self.state.inodes.get(ino)
-        if inode is not None and inode.nlink == 0 and not self._is_open(ino):
-            await self._commit({"op": "reclaim", "ino": ino})
+        if inode is None or inode.nlink != 0 or self._is_open(ino):
+            return False
+        await self._commit({"op": "reclaim", "ino": ino})
+        return True
 
     def evict(self, name: str, reason: str) -> float | None:
         """Cut a node off; returns until when it may still do I/O (see NodeSession)."""
@@ -754,11 +760,6 @@ class MetadataService:
         finally:
             self._lock.release()
 
-    async def op_getmap(self, session: str, ino: int) -> dict:
-        """The current size and map of a file the node has open (after a miss)."""
-        await self._durable()
-        return self._map_reply(self._regular(ino))
-
     async def op_release(self, session: str, ino: int) -> None:
         holders = self.open_files.get(ino)
         if holders is None or holders[session] <= 0:
@@ -811,18 +812,19 @@ class MetadataService:
         if requester in names:  # it has nothing to forget, and waits for our reply anyway
             await self.sessions[requester].take_map(ino, reply, resume, forget=False,
                                                     wait=False)
-        async with trio.open_nursery() as nursery:
-            for name in names:
-                if name != requester:
+        others = [name for name in names if name != requester]
+        if others:  # none for a file open on one node only, like a VM's disk
+            async with trio.open_nursery() as nursery:
+                for name in others:
                     nursery.start_soon(self._acknowledged, name, f"map of inode {ino}",
                                        partial(_take_map_now, ino, reply, resume))
         touched = _touched.get()
-        if touched is not None and not self._untold_holders(ino, requester, names):
+        if touched is not None and not self._untold_holder(ino, requester, names):
             touched.discard(ino)  # every holder has dropped what it cached
 
-    def _untold_holders(self, ino: int, requester: str, told: list[str]) -> list[str]:
-        return [name for name in self.open_files.get(ino, ())
-                if name in self.sessions and name != requester and name not in told]
+    def _untold_holder(self, ino: int, requester: str, told: list[str]) -> bool:
+        return any(name in self.sessions and name != requester and name not in told
+                   for name in self.open_files.get(ino, ()))
 
     def _map_reply(self, inode: Inode) -> dict:
         """Size and map with a version, so a node can drop a reply a newer map overtook."""
@@ -989,6 +991,8 @@ class MetadataService:
 
     async def _invalidated(self, targets: list[tuple[str, dict]]) -> None:
         """Push each (node, stale) invalidation and wait until every node has done it."""
+        if not targets:
+            return
         async with trio.open_nursery() as nursery:
             for name, stale in targets:
                 nursery.start_soon(self._acknowledged, name, f"invalidation of {stale}",

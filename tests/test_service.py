@@ -829,3 +829,19 @@ async def test_random_operations_keep_the_invariants(cluster, seed):
     cluster.restart()
     assert cluster.recovered.replay.corrupt is None
     assert cluster.service.state.to_image() == expected
+
+
+async def test_a_file_closed_while_its_node_was_cut_off_is_reclaimed_when_it_rejoins(cluster):
+    """The node's release never reached us; its registration no longer lists the file,
+    and nobody else has it open, so its space goes back at once."""
+    service = cluster.service
+    gone, kept = await cluster.mknod(b"gone"), await cluster.mknod(b"kept")
+    await cluster.call("extend", ino=gone["ino"], offset=0, end=2 * UNIT)
+    node = StoppedNode("n9", grant_left=0)
+    await service.join(node, [[gone["ino"], 1], [kept["ino"], 1]])
+    await cluster.call("unlink", parent=ROOT_INO, name=b"gone", is_dir=False)
+    assert gone["ino"] in service.state.inodes  # still open on n9
+    maps = await service.join(node, [[kept["ino"], 1]])  # closed it while cut off
+    assert [ino for ino, _ in maps] == [kept["ino"]]
+    assert gone["ino"] not in service.state.inodes
+    assert kept["ino"] in service.state.inodes
