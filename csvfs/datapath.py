@@ -5,10 +5,10 @@ and one pread/pwrite; anything else (a hole, a write past EOF) asks the
 coordinator to extend the file first. Nothing here knows about FUSE or RPC:
 the coordinator is reached through the `meta` callable given at start.
 
-On a node that is not the coordinator, the map may lag behind a change made
-elsewhere (the coordinator pushes new maps, but they travel beside the
-replies). So a read that finds a hole or the end of the file asks for the
-current map before it answers with zeros or a short read (`refresh_on_miss`).
+The map is never behind a change another node has been told is done: the
+coordinator pushes every new map to the file's other holders, and waits until
+they have it, before it answers the node that made the change. So a hole reads
+as zeros and the end of the file is the end, with no question asked.
 
 The per-inode I/O gate is a flag and an event. I/O runs inline in the trio
 thread, so once a request passes the gate it completes without yielding;
@@ -71,7 +71,6 @@ class DataPath:
         # when the node is shutting down.
         self.valid_until = math.inf
         self.revalidate: Callable[[], Awaitable[float | None]] = _always_valid
-        self.refresh_on_miss = False
         # Files being opened: the coordinator may push a pause or a map for one of them
         # before the open's reply arrives. Such notifications wait here for it.
         self._opening: Counter[int] = Counter()
@@ -182,14 +181,10 @@ class DataPath:
 
     # -- I/O ------------------------------------------------------------------------------
 
-    def read_direct(self, handle: OpenFile, offset: int, length: int,
-                    fresh: bool = False) -> bytes | None:
-        """The fast path: the whole request, or None if the file is paused, the session
-        needs revalidating, or (unless `fresh`) the map may be behind."""
+    def read_direct(self, handle: OpenFile, offset: int, length: int) -> bytes | None:
+        """The fast path: the whole request, or None if the file is paused or the
+        session needs revalidating."""
         if handle.paused or time.monotonic() > self.valid_until:
-            return None
-        doubt = self.refresh_on_miss and not fresh
-        if doubt and offset + length > handle.size:
             return None
         end = min(offset + length, handle.size)
         if offset >= end:
@@ -197,22 +192,15 @@ class DataPath:
         unit = self.unit
         file_unit = offset // unit
         if (end - 1) // unit != file_unit:
-            last_unit = (end - 1) // unit
-            if doubt and any(i not in handle.units for i in range(file_unit, last_unit + 1)):
-                return None
             return b"".join(self._read_pieces(handle, offset, end))
         volume_unit = handle.units.get(file_unit)
         if volume_unit is None:
-            return None if doubt else bytes(end - offset)
+            return bytes(end - offset)
         return self._pread(end - offset, self.base + volume_unit * unit + offset % unit)
 
     async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
-        fresh = False
-        while (data := self.read_direct(handle, offset, length, fresh)) is None:
-            if await self._waited(handle):
-                continue
-            self._take_map(handle, await self.meta("getmap", ino=handle.ino))
-            fresh = True
+        while (data := self.read_direct(handle, offset, length)) is None:
+            await self._waited(handle)
         return data
 
     async def _waited(self, handle: OpenFile) -> bool:

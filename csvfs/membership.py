@@ -200,7 +200,6 @@ class Membership:
         await service.start(reclaim_orphans=not others)
         self.endpoint = CoordinatorEndpoint(service, self.nursery, self.lease_seconds,
                                             partial(slot_alive, self.volume), self.status)
-        self.datapath.refresh_on_miss = False
         self.role, self.coordinator_name = "coordinator", self.name
         log.info("coordinator of %s, epoch %d", self.volume.path, epoch)
         if others:
@@ -302,7 +301,6 @@ class Membership:
         self.grant_seconds = reply["grant_seconds"]
         self.epoch = reply["epoch"]
         self.datapath.valid_until = started + GRANT_USE * self.grant_seconds
-        self.datapath.refresh_on_miss = True
         self.client = client
         self.role, self.coordinator_name = "member", lease.owner_name
         self.election.write_slot(mode="direct")
