@@ -16,7 +16,7 @@ setup:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m csvfs.fuse_fallocate --build
+	$(PY) -m csvfs.fuse_shim --build
 
 test:
 	$(VENV)/bin/ruff check csvfs coordinator vmload scripts tests

@@ -100,9 +100,9 @@ def _check_addresses(listen: str, advertise: str | None) -> None:
 
 
 def cmd_mount(args) -> int:
-    from csvfs import fuse_fallocate
+    from csvfs import fuse_shim
 
-    fuse_fallocate.load()  # must precede the first import of pyfuse3
+    fuse_shim.load()  # must precede the first import of pyfuse3
     from csvfs import node
     from csvfs.volume import default_key_path
 

@@ -404,7 +404,7 @@ class CsvfsOperations(pyfuse3.Operations):
         await self.meta("release", ino=handle.ino)
 
     async def fallocate(self, inode, mode, offset, length, fh):
-        """Called through the fuse_fallocate shim (pyfuse3 has no fallocate handler)."""
+        """Called through the FUSE shim (pyfuse3 has no fallocate handler)."""
         try:
             reply = await self.meta("fallocate", ino=inode, mode=mode, offset=offset,
                                     length=length)

@@ -22,12 +22,13 @@ import trio
 from coordinator.election import Election, read_slot, slot_alive
 from coordinator.rpc import RpcServer, join_address, split_address, split_advertised
 from csvfs import format as fmt
-from csvfs import fuse_fallocate
+from csvfs import fuse_shim
 from csvfs.datapath import DataPath
 from csvfs.errors import MountpointError, UsageError, UserError, VolumeBusyError
 from csvfs.fuse_ops import CsvfsOperations
 from csvfs.membership import Membership, rpc_handler
 from csvfs.volume import Volume, read_key
+from csvfs.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class Node:
         sb = self.volume.sb
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve)
+            nursery.start_soon(LoopWatchdog().run)
             datapath = DataPath(config.name, self.volume.fd, sb.data.offset, sb.unit_size,
                                 self._meta)
             membership = Membership(config.name, self.volume, self.election, datapath,
@@ -143,7 +145,7 @@ class Node:
 
     async def _mount_and_serve(self, ready) -> None:
         operations = CsvfsOperations(self.datapath, self._meta)
-        fuse_fallocate.set_handler(operations.fallocate)
+        fuse_shim.set_handler(operations.fallocate)
         options = set(pyfuse3.default_options)
         options |= {"fsname=csvfs", "subtype=csvfs", "allow_other"}
         try:
@@ -151,6 +153,10 @@ class Node:
         except RuntimeError as exc:
             await self.membership.close()
             raise MountpointError(f"cannot mount on {self.config.mountpoint}: {exc}") from None
+        if not fuse_shim.active():
+            log.warning("the FUSE shim (csvfs/_fuse_shim.so) is not loaded, so fallocate is "
+                        "unsupported and a killed application can stall this node: run "
+                        "make setup")
         # only now that there is a kernel to tell
         self.datapath.forget_in_kernel = partial(_forget_in_kernel, operations)
         operations.forget_later = partial(self._forget_later, operations)

@@ -56,8 +56,9 @@ def gather(image: Path, key_path: Path) -> dict:
     try:
         answer = trio.run(_ask, owner["address"], key)
     except (RpcError, MetaError, OSError, ValueError, trio.TooSlowError) as exc:
+        reason = str(exc) or f"no answer within {ASK_TIMEOUT:g} s"
         report["error"] = f"coordinator {owner['name']} at {owner['address']} did not answer: " \
-                          f"{exc or 'timed out'}"
+                          f"{reason}"
         return report
     _merge(report, answer)
     return report

@@ -74,6 +74,21 @@ def test_status_without_a_mount(image):
     assert "coordinator: none" in csvfs("status", image).stdout
 
 
+def test_status_of_a_coordinator_that_does_not_answer(image, nodes):
+    """Stopped, but its lease still runs: exit 15, one line saying why."""
+    node = nodes.start(image, "n1", "--lease", "60")
+    node.process.send_signal(signal.SIGSTOP)
+    try:
+        result = csvfs("status", image, check=False)
+    finally:
+        node.process.send_signal(signal.SIGCONT)
+    assert result.returncode == 15, result
+    assert result.stderr.strip().splitlines() == [
+        f"csvfs: error: coordinator n1 at {node.rpc_address()} did not answer: "
+        "no answer within 3 s"]
+    assert "coordinator: n1" in result.stdout
+
+
 # -- coherence: a change on one node shows on every other at once --------------------------
 
 

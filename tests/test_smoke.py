@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,18 @@ def test_event_ring_records_election_mount_and_unmount(mount):
     assert kinds == ["mkfs", "election", "unmount"]
     text = csvfs("events", mount.image).stdout
     assert "became coordinator, epoch 1" in text
+
+
+def test_node_reads_dev_fuse_without_blocking(mount):
+    """The FUSE shim is in the node (see tests/test_fuse_shim.py for why it matters):
+    once the node served a request, its /dev/fuse descriptor is non-blocking."""
+    os.stat(mount.path(""))
+    pid = mount.process.pid
+    fuse_fds = [fd for fd in os.listdir(f"/proc/{pid}/fd")
+                if os.path.realpath(f"/proc/{pid}/fd/{fd}") == "/dev/fuse"]
+    assert fuse_fds
+    for fd in fuse_fds:
+        info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        flags = int(next(line.split()[1] for line in info.splitlines()
+                         if line.startswith("flags:")), 8)
+        assert flags & os.O_NONBLOCK, info

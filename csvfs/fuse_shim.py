@@ -1,17 +1,25 @@
-"""fallocate(2) support for pyfuse3, which has no handler for it.
+"""A C shim between pyfuse3 and libfuse3, for two things pyfuse3 lacks.
 
-A small C shim (``_fallocate_shim.c``) interposes ``fuse_session_new`` and adds
-a ``.fallocate`` operation that calls back into Python.  Usage::
+``_fuse_shim.c`` interposes two libfuse3 functions:
 
-    from csvfs import fuse_fallocate
-    fuse_fallocate.load()          # before pyfuse3 is imported anywhere
+- ``fuse_session_new``, to add a ``.fallocate`` operation that calls back into
+  Python (pyfuse3 has no fallocate handler);
+- ``fuse_session_receive_buf``, to read /dev/fuse without blocking. pyfuse3
+  reads it holding the GIL once trio saw it readable, and a request withdrawn
+  in between (its caller was killed) would otherwise freeze the whole node
+  until the next request came. See the C file.
+
+Usage::
+
+    from csvfs import fuse_shim
+    fuse_shim.load()          # before pyfuse3 is imported anywhere
     import pyfuse3
-    fuse_fallocate.set_handler(ops.fallocate)
+    fuse_shim.set_handler(ops.fallocate)
     pyfuse3.init(ops, mountpoint, options)
 
 ``ops.fallocate`` is ``async def (inode, mode, offset, length, fh) -> None`` and
 may raise ``pyfuse3.FUSEError``.  Without the shim, fallocate on the mount
-fails with EOPNOTSUPP, as it always did.
+fails with EOPNOTSUPP, and a killed caller can stall the mount.
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
-_SOURCE = _HERE / "_fallocate_shim.c"
-SHIM_NAME = "_fallocate_shim.so"
+_SOURCE = _HERE / "_fuse_shim.c"
+SHIM_NAME = "_fuse_shim.so"
 
 AsyncHandler = Callable[[int, int, int, int, int], Awaitable[None]]
 
@@ -73,7 +81,7 @@ def build(dest_dir: str | os.PathLike[str] | None = None) -> Path:
         *_pkg_config("--libs"),
         "-ldl",
     ]
-    log.debug("building fallocate shim: %s", shlex.join(cmd))
+    log.debug("building the FUSE shim: %s", shlex.join(cmd))
     subprocess.run(cmd, check=True)
     return out
 
@@ -89,7 +97,7 @@ def load(path: str | os.PathLike[str] | None = None) -> bool:
         return False
     if "pyfuse3" in sys.modules:
         # pyfuse3's symbols are already bound to libfuse3; too late to interpose.
-        log.debug("pyfuse3 already imported; fallocate shim not loaded")
+        log.debug("pyfuse3 already imported; FUSE shim not loaded")
         return False
     _lib = _open(so)
     return _lib is not None
@@ -109,12 +117,19 @@ def _open(so: Path) -> ctypes.CDLL | None:
     lib.csvfs_reply_err.restype = ctypes.c_int
     lib.csvfs_fallocate_interposed.argtypes = []
     lib.csvfs_fallocate_interposed.restype = ctypes.c_int
+    lib.csvfs_receive_nonblocking.argtypes = []
+    lib.csvfs_receive_nonblocking.restype = ctypes.c_int
     return lib
 
 
 def active() -> bool:
     """True once pyfuse3.init() went through the shim's fuse_session_new."""
     return _lib is not None and bool(_lib.csvfs_fallocate_interposed())
+
+
+def reads_nonblocking() -> bool:
+    """True once pyfuse3 read /dev/fuse through the shim, which made it non-blocking."""
+    return _lib is not None and bool(_lib.csvfs_receive_nonblocking())
 
 
 def set_handler(async_handler: AsyncHandler | None) -> bool:
@@ -125,7 +140,7 @@ def set_handler(async_handler: AsyncHandler | None) -> bool:
     """
     global _c_callback, _handler
     if _lib is None:
-        log.debug("fallocate shim not loaded; handler ignored")
+        log.debug("FUSE shim not loaded; fallocate handler ignored")
         return False
     _handler = async_handler
     if _c_callback is None:
@@ -189,7 +204,7 @@ async def _serve(handler: AsyncHandler, req: int, args: tuple[int, ...]) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the csvfs fallocate shim.")
+    parser = argparse.ArgumentParser(description="Build the csvfs FUSE shim.")
     parser.add_argument("--build", action="store_true", help="compile the C shim")
     parser.add_argument("--dest", default=None, help="output directory")
     args = parser.parse_args(argv)

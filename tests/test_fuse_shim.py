@@ -1,6 +1,7 @@
-"""fallocate(2) through a real pyfuse3 mount, using csvfs.fuse_fallocate.
+"""The FUSE shim on a real pyfuse3 mount: fallocate(2), and reads of /dev/fuse
+that never block the loop.
 
-The filesystem (tests/fallocate_fs.py) runs in a subprocess, so the shim is
+The filesystem (tests/shim_fs.py) runs in a subprocess, so the shim is
 loaded before pyfuse3 there, whatever this pytest process has imported.
 """
 
@@ -10,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,16 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from csvfs import fuse_fallocate
+from csvfs import fuse_shim
 
-HELPER = Path(__file__).with_name("fallocate_fs.py")
-SHIM = Path(fuse_fallocate.__file__).with_name(fuse_fallocate.SHIM_NAME)
+HELPER = Path(__file__).with_name("shim_fs.py")
+SHIM = Path(fuse_shim.__file__).with_name(fuse_shim.SHIM_NAME)
 
-# Values mirrored from tests/fallocate_fs.py.
+# Values mirrored from tests/shim_fs.py.
 FILE_INODE = 2
 FIRST_FH = 42
 BOOM_OFFSET = 13
 SLOW_OFFSET = 777
+WITHDRAW_OFFSET = 1 << 20
 
 KEEP_SIZE = 0x01
 PUNCH_HOLE = 0x02
@@ -56,6 +59,8 @@ class Mount:
         self.dir.mkdir(parents=True)
         self.file = self.dir / "data"
         self.record_path = base / "records.jsonl"
+        self.tick_path = base / "records.jsonl.tick"
+        self.victim_path = base / "records.jsonl.victim"
         self.stderr_path = base / "fs.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
         self.flags = flags
@@ -90,6 +95,9 @@ class Mount:
             return []
         return [json.loads(line) for line in self.record_path.read_text().splitlines()]
 
+    def last_tick(self) -> int:
+        return self.tick_path.stat().st_mtime_ns
+
     def stderr(self) -> str:
         return self.stderr_path.read_text()
 
@@ -97,7 +105,7 @@ class Mount:
 @pytest.fixture
 def make_mount(tmp_path):
     if not SHIM.exists():
-        fuse_fallocate.build()
+        fuse_shim.build()
     mounts: list[Mount] = []
 
     def start(*flags: str) -> Mount:
@@ -131,6 +139,32 @@ def expect(m: Mount, mode: int, offset: int, length: int) -> None:
 @pytest.mark.timeout(60)
 def test_shim_is_active(mount):
     assert "active=True" in mount.stderr()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("repeat", range(3))
+def test_a_withdrawn_request_does_not_stall_the_loop(mount, repeat):
+    """A caller killed after trio saw its request and before pyfuse3 read it: without
+    the shim, pyfuse3's read of /dev/fuse blocks, holding the GIL, until another
+    request comes, and nothing else in the process runs meanwhile."""
+    os.truncate(mount.file, 2 * WITHDRAW_OFFSET)  # a read at the offset reaches the fs
+    victim = subprocess.Popen([sys.executable, "-c",
+                               "import os, sys\nwhile True: os.stat(sys.argv[1])", mount.file])
+    try:
+        mount.victim_path.write_text(str(victim.pid))
+        fd = os.open(mount.file, os.O_RDONLY)
+        try:
+            os.pread(fd, 1, WITHDRAW_OFFSET)  # returns once the victim was killed
+            assert victim.wait(timeout=10) == -signal.SIGKILL
+            # No request of ours until the check is over: one would unblock the read.
+            before = mount.last_tick()
+            time.sleep(0.5)
+            assert mount.last_tick() > before, "the filesystem's loop stopped"
+        finally:
+            os.close(fd)
+    finally:
+        victim.kill()
+        victim.wait()
 
 
 @pytest.mark.timeout(60)
@@ -246,20 +280,20 @@ def test_unsupported_without_handler(make_mount, flag):
 
 @pytest.mark.timeout(60)
 def test_build_into_directory(tmp_path):
-    out = fuse_fallocate.build(tmp_path)
-    assert out == tmp_path / fuse_fallocate.SHIM_NAME
+    out = fuse_shim.build(tmp_path)
+    assert out == tmp_path / fuse_shim.SHIM_NAME
     assert out.stat().st_size > 0
 
 
 @pytest.mark.timeout(60)
 def test_load_refuses_missing_shim(tmp_path):
-    assert fuse_fallocate.load(tmp_path / "missing.so") is False
+    assert fuse_shim.load(tmp_path / "missing.so") is False
 
 
 @pytest.mark.timeout(60)
 def test_load_refuses_after_pyfuse3_import():
     import pyfuse3  # noqa: F401
 
-    assert fuse_fallocate.load() is False
-    assert fuse_fallocate.active() is False
-    assert fuse_fallocate.set_handler(None) is False
+    assert fuse_shim.load() is False
+    assert fuse_shim.active() is False
+    assert fuse_shim.set_handler(None) is False

@@ -1,0 +1,149 @@
+/*
+ * What csvfs needs from libfuse3 that pyfuse3 does not give it.
+ *
+ * This library is loaded with RTLD_GLOBAL before pyfuse3's extension module,
+ * so the extension's undefined references to the two libfuse3 functions
+ * below bind to the definitions here (the global scope is searched before
+ * the extension's own dependencies), which then call the real ones.
+ *
+ * fuse_session_new: pyfuse3 fills a struct fuse_lowlevel_ops without a
+ * .fallocate member, so the kernel answers fallocate(2) with EOPNOTSUPP.
+ * We add a .fallocate callback that forwards the request to a Python
+ * function registered with csvfs_set_fallocate_handler(); Python replies
+ * later via csvfs_reply_err(), from a trio task.
+ *
+ * fuse_session_receive_buf: pyfuse3 waits in trio until /dev/fuse is
+ * readable, then reads it holding the GIL. A request can leave the queue in
+ * between: the kernel withdraws a request that no daemon has read yet when
+ * its caller is killed. The read then blocks, with the GIL, until some other
+ * request arrives, and the whole node (heartbeats, lease renewal, RPC)
+ * freezes with it. So the device is made non-blocking, and "nothing to
+ * read" is reported as EINTR, which pyfuse3 answers by waiting again.
+ */
+
+/* Same API level pyfuse3 is built with, so both see the same struct layout. */
+#define FUSE_USE_VERSION 32
+#define _GNU_SOURCE
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+typedef void (*csvfs_fallocate_cb)(fuse_req_t req, uint64_t ino, int mode,
+                                   int64_t offset, int64_t length,
+                                   uint64_t fh);
+
+typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
+
+typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
+                                               const struct fuse_lowlevel_ops *,
+                                               size_t, void *);
+
+static csvfs_fallocate_cb py_handler;
+/* Set once our fuse_session_new installed the callback. */
+static int interposed;
+
+static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
+                           off_t offset, off_t length,
+                           struct fuse_file_info *fi)
+{
+    csvfs_fallocate_cb cb = __atomic_load_n(&py_handler, __ATOMIC_ACQUIRE);
+
+    if (cb == NULL) {
+        /* EOPNOTSUPP, not ENOSYS: ENOSYS would make the kernel disable
+         * fallocate for the whole mount, even after a handler is set. */
+        fuse_reply_err(req, EOPNOTSUPP);
+        return;
+    }
+    cb(req, ino, mode, offset, length, fi ? fi->fh : 0);
+}
+
+/* Set once the session's device was made non-blocking. */
+static struct fuse_session *nonblocking_session;
+
+static void *real_symbol(const char *name)
+{
+    /* Ask for the exact version pyfuse3 links against, then any version. */
+    void *sym = dlvsym(RTLD_NEXT, name, "FUSE_3.0");
+
+    return sym != NULL ? sym : dlsym(RTLD_NEXT, name);
+}
+
+EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args,
+                                             const struct fuse_lowlevel_ops *op,
+                                             size_t op_size, void *userdata)
+{
+    /* libfuse copies the ops into the session, so a local copy is enough. */
+    struct fuse_lowlevel_ops ops;
+    session_new_fn real = (session_new_fn)real_symbol("fuse_session_new");
+
+    if (real == NULL) {
+        fprintf(stderr, "csvfs fuse shim: real fuse_session_new not found\n");
+        return NULL;
+    }
+    /* The caller may have been built against an older, smaller struct. */
+    memset(&ops, 0, sizeof(ops));
+    memcpy(&ops, op, op_size < sizeof(ops) ? op_size : sizeof(ops));
+    /* libfuse3's own high-level fuse_new() also lands here (its internal
+     * call is interposed too) and has a fallocate of its own: keep it. */
+    if (ops.fallocate == NULL) {
+        ops.fallocate = shim_fallocate;
+        interposed = 1;
+    }
+    return real(args, &ops, sizeof(ops), userdata);
+}
+
+static int make_nonblocking(struct fuse_session *se)
+{
+    int fd = fuse_session_fd(se);
+    int flags = fcntl(fd, F_GETFL);
+
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
+        return -errno;
+    __atomic_store_n(&nonblocking_session, se, __ATOMIC_RELEASE);
+    return 0;
+}
+
+EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    static receive_buf_fn real;
+    int res;
+
+    if (real == NULL)
+        real = (receive_buf_fn)real_symbol("fuse_session_receive_buf");
+    if (real == NULL)
+        return -ENOSYS;
+    if (__atomic_load_n(&nonblocking_session, __ATOMIC_ACQUIRE) != se) {
+        res = make_nonblocking(se);
+        if (res < 0)
+            return res;
+    }
+    res = real(se, buf);
+    return res == -EAGAIN ? -EINTR : res;
+}
+
+EXPORT int csvfs_receive_nonblocking(void)
+{
+    return __atomic_load_n(&nonblocking_session, __ATOMIC_ACQUIRE) != NULL;
+}
+
+EXPORT void csvfs_set_fallocate_handler(csvfs_fallocate_cb cb)
+{
+    __atomic_store_n(&py_handler, cb, __ATOMIC_RELEASE);
+}
+
+EXPORT int csvfs_reply_err(fuse_req_t req, int err)
+{
+    return fuse_reply_err(req, err);
+}
+
+EXPORT int csvfs_fallocate_interposed(void)
+{
+    return interposed;
+}
