@@ -32,6 +32,8 @@ SESSION_METHODS = ("register", "heartbeat", "ack", "goodbye", "status")
 class RemoteSession:
     """A node on the other end of an RPC connection, as the service sees it."""
 
+    in_process = False
+
     def __init__(self, peer: Peer, slot: int, grant_seconds: float):
         self.name = peer.name
         self.peer = peer

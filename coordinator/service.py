@@ -64,6 +64,9 @@ class NodeSession(Protocol):
     """What the coordinator needs from a node that has files open."""
 
     name: str
+    # The coordinator's own node: what it is asked is done in this process, so it is
+    # waited for however long it takes, and never evicted (nothing would rejoin).
+    in_process: bool
 
     async def pause(self, ino: int) -> None:
         """Stop new I/O on ino and return once in-flight I/O has drained."""
@@ -980,7 +983,7 @@ class MetadataService:
         session = self.sessions.get(name)
         if session is None:
             return False
-        with trio.move_on_after(self.pause_timeout):
+        with trio.move_on_after(math.inf if session.in_process else self.pause_timeout):
             try:
                 await ask(session)
                 return True

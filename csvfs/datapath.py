@@ -55,6 +55,8 @@ class OpenFile:
 
 
 class DataPath:
+    in_process = True  # as the coordinator's session of its own node (NodeSession)
+
     def __init__(self, name: str, fd: int, data_offset: int, unit_size: int, meta: MetaCall):
         self.name = name
         self.fd = fd

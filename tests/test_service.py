@@ -21,6 +21,7 @@ from coordinator.service import (
     MetadataService,
     MetaError,
 )
+from csvfs.datapath import DataPath
 from csvfs.mkfs import make_volume
 from csvfs.volume import Volume
 
@@ -719,6 +720,8 @@ def _check_invariants(service: MetadataService) -> None:
 class StoppedNode:
     """A session that never pauses: a node stopped with SIGSTOP, say."""
 
+    in_process = False
+
     def __init__(self, name: str, grant_left: float):
         self.name = name
         self.grant_left = grant_left
@@ -773,6 +776,26 @@ async def test_a_stuck_quiesce_stalls_only_its_inode(cluster):
     assert times["open"] >= 0.6 and opened["size"] == 0 and opened["runs"] == []
     assert "did not acknowledge pause" in node.evicted_because
     assert node.maps == []  # an evicted node hears nothing more; it rejoins for its maps
+
+
+async def test_the_coordinators_own_node_is_waited_for_and_never_evicted(cluster):
+    """Its kernel may take long to drop a name (a request of its own holds the
+    directory); evicting it would leave the coordinator without its own session."""
+    service = cluster.service
+    service.pause_timeout = 0.2
+    own = DataPath("own", cluster.volume.fd, cluster.volume.sb.data.offset, UNIT, None)
+    forgotten = []
+
+    async def slow_forget(stale):
+        await trio.sleep(0.5)
+        forgotten.append(stale["entries"])
+
+    own.forget_in_kernel = slow_forget
+    await service.join(own, [])
+    await cluster.mkdir(b"d")
+    await cluster.call("unlink", "n1", parent=ROOT_INO, name=b"d", is_dir=True)
+    assert [[ROOT_INO, b"d"]] in forgotten
+    assert "own" in service.sessions
 
 
 @pytest.mark.parametrize("seed", range(4))
