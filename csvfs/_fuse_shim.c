@@ -64,7 +64,7 @@ static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
     cb(req, ino, mode, offset, length, fi ? fi->fh : 0);
 }
 
-/* Set once the session's device was made non-blocking. */
+/* The session whose device was made non-blocking. */
 static struct fuse_session *nonblocking_session;
 
 static void *real_symbol(const char *name)
@@ -126,11 +126,6 @@ EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *bu
     }
     res = real(se, buf);
     return res == -EAGAIN ? -EINTR : res;
-}
-
-EXPORT int csvfs_receive_nonblocking(void)
-{
-    return __atomic_load_n(&nonblocking_session, __ATOMIC_ACQUIRE) != NULL;
 }
 
 EXPORT void csvfs_set_fallocate_handler(csvfs_fallocate_cb cb)

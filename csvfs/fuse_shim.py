@@ -117,19 +117,12 @@ def _open(so: Path) -> ctypes.CDLL | None:
     lib.csvfs_reply_err.restype = ctypes.c_int
     lib.csvfs_fallocate_interposed.argtypes = []
     lib.csvfs_fallocate_interposed.restype = ctypes.c_int
-    lib.csvfs_receive_nonblocking.argtypes = []
-    lib.csvfs_receive_nonblocking.restype = ctypes.c_int
     return lib
 
 
 def active() -> bool:
     """True once pyfuse3.init() went through the shim's fuse_session_new."""
     return _lib is not None and bool(_lib.csvfs_fallocate_interposed())
-
-
-def reads_nonblocking() -> bool:
-    """True once pyfuse3 read /dev/fuse through the shim, which made it non-blocking."""
-    return _lib is not None and bool(_lib.csvfs_receive_nonblocking())
 
 
 def set_handler(async_handler: AsyncHandler | None) -> bool:
