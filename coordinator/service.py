@@ -311,9 +311,13 @@ class MetadataService:
 
     def evict(self, name: str, reason: str) -> float | None:
         """Cut a node off; returns until when it may still do I/O (see NodeSession)."""
-        session = self.sessions.pop(name, None)
+        session = self.sessions.get(name)
         if session is None:
             return None
+        if session.in_process:  # cut off from itself, it could never rejoin
+            log.error("not evicting this node's own session (%s): %s", name, reason)
+            return None
+        del self.sessions[name]
         log.warning("evicting %s: %s", name, reason)
         self.events.emit("evict", f"evicted {name}: {reason}", level="warning")
         until = session.evict(reason)

@@ -798,6 +798,22 @@ async def test_the_coordinators_own_node_is_waited_for_and_never_evicted(cluster
     assert "own" in service.sessions
 
 
+async def test_the_coordinators_own_node_is_not_evicted_when_it_fails(cluster, caplog):
+    service = cluster.service
+    own = DataPath("own", cluster.volume.fd, cluster.volume.sb.data.offset, UNIT, None)
+
+    async def failing_forget(stale):
+        if stale["entries"]:  # a name to drop: the invalidation the service waits for
+            raise RuntimeError("injected")
+
+    own.forget_in_kernel = failing_forget
+    await service.join(own, [])
+    await cluster.mkdir(b"d")
+    await cluster.call("unlink", "n1", parent=ROOT_INO, name=b"d", is_dir=True)
+    assert "own" in service.sessions
+    assert "not evicting this node's own session (own)" in caplog.text
+
+
 @pytest.mark.parametrize("seed", range(4))
 async def test_random_operations_keep_the_invariants(cluster, seed):
     rng = random.Random(seed)
