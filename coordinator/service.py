@@ -244,8 +244,7 @@ class MetadataService:
         current map of each of those files, or None for one that no longer exists.
         It waits for any quiesce of those files to finish, so its maps are the new ones.
         """
-        while (busy := await self._lock_unless_quiescing(ino for ino, _ in opens)) is not None:
-            await busy.wait()
+        await self._lock_outside_quiesces(ino for ino, _ in opens)
         try:
             await self._durable()
             name = session.name
@@ -267,14 +266,16 @@ class MetadataService:
             await self._reclaim_if_unused(ino)
         return maps
 
-    async def _lock_unless_quiescing(self, inos) -> trio.Event | None:
-        """Take the metadata lock, unless one of `inos` is being quiesced: then leave the
-        lock free and return the event to wait for before trying again."""
-        await self._lock.acquire()
-        busy = next((self._quiescing[ino] for ino in inos if ino in self._quiescing), None)
-        if busy is not None:
+    async def _lock_outside_quiesces(self, inos) -> None:
+        """Take the metadata lock at a moment when none of `inos` is being quiesced."""
+        inos = list(inos)
+        while True:
+            await self._lock.acquire()
+            busy = next((self._quiescing[ino] for ino in inos if ino in self._quiescing), None)
+            if busy is None:
+                return
             self._lock.release()
-        return busy
+            await busy.wait()
 
     async def leave(self, name: str, writing_until: float | None = None) -> None:
         """A node's session ended. If it may still be doing I/O until `writing_until`
@@ -757,8 +758,7 @@ class MetadataService:
     async def op_open(self, session: str, ino: int) -> dict:
         # A quiesce of ino counts this node among the holders it pauses, or is over
         # before the map in this reply is taken.
-        while (busy := await self._lock_unless_quiescing([ino])) is not None:
-            await busy.wait()
+        await self._lock_outside_quiesces([ino])
         try:
             await self._durable()
             inode = self._inode(ino)
@@ -912,19 +912,26 @@ class MetadataService:
         if grows:  # nothing to free: no quiesce
             await self._publish_map(ino, seq, reply, session, to_requester=True)
             return
+        await self._change_quiesced(session, ino, partial(self._shrink, size=size))
+
+    async def _shrink(self, inode: Inode, size: int) -> tuple[int | None, dict]:
+        if size >= inode.size:  # it grew meanwhile
+            return await self._grow(inode.ino, size)
+        keep = -(-size // self.unit)
+        drop = [index for index in inode.units if index >= keep]
+        self._clean_tails.discard(inode.ino)  # the cut unit keeps old bytes past EOF
+        seq = self._append({"op": "map", "ino": inode.ino, "size": size, "t": self._now(),
+                            "drop": [[index, 1] for index in sorted(drop)]})
+        return seq, self._map_reply(inode)
+
+    async def _change_quiesced(self, session: str, ino: int, change) -> None:
+        """A change that may free ino's space: with ino paused at every node that has it
+        open, `await change(inode)` under the metadata lock (it appends its record and
+        returns (seq, map reply), seq None for no change), commit, then hand the new map
+        out with the resume."""
         async with self._quiesced(ino) as holders:
             async with self._mutation():
-                inode = self._regular(ino)
-                if size >= inode.size:  # it grew meanwhile
-                    seq, reply = await self._grow(ino, size)
-                else:
-                    keep = -(-size // self.unit)
-                    drop = [index for index in inode.units if index >= keep]
-                    self._clean_tails.discard(ino)  # the cut unit keeps old bytes past EOF
-                    seq = self._append({"op": "map", "ino": ino, "size": size,
-                                        "t": self._now(),
-                                        "drop": [[index, 1] for index in sorted(drop)]})
-                    reply = self._map_reply(inode)
+                seq, reply = await change(self._regular(ino))
             await self._durable(seq)
             if seq is not None:
                 await self._resume_with_map(ino, reply, session, holders)
@@ -948,8 +955,7 @@ class MetadataService:
         its space. Only this inode waits: the metadata lock is free while the nodes
         answer (or while an evicted one's grant runs out), and one quiesce per inode
         runs at a time. Yields the nodes that paused, to send the new map to."""
-        while (busy := await self._lock_unless_quiescing([ino])) is not None:
-            await busy.wait()
+        await self._lock_outside_quiesces([ino])
         done = self._quiescing[ino] = trio.Event()
         holders = [name for name in self.open_files.get(ino, ()) if name in self.sessions]
         self._lock.release()
@@ -1064,18 +1070,18 @@ class MetadataService:
 
     async def _punch(self, session: str, ino: int, offset: int, end: int) -> None:
         self._regular(ino)
-        async with self._quiesced(ino) as holders:
-            async with self._mutation():
-                inode = self._regular(ino)
-                first_whole, end_whole = -(-offset // self.unit), end // self.unit
-                drop = [index for index in inode.units if first_whole <= index < end_whole]
-                await self._zero_mapped(inode, offset, min(end, first_whole * self.unit))
-                await self._zero_mapped(inode, max(offset, end_whole * self.unit), end)
-                seq = self._append({"op": "map", "ino": ino, "t": self._now(),
-                                    "drop": [[index, 1] for index in sorted(drop)]})
-                reply = self._map_reply(inode)
-            await self._durable(seq)
-            await self._resume_with_map(ino, reply, session, holders)
+        await self._change_quiesced(session, ino, partial(self._drop_range, start=offset,
+                                                          end=end))
+
+    async def _drop_range(self, inode: Inode, start: int, end: int) -> tuple[int, dict]:
+        """Free the whole units in [start, end) and zero the partial ones at its edges."""
+        first_whole, end_whole = -(-start // self.unit), end // self.unit
+        drop = [index for index in inode.units if first_whole <= index < end_whole]
+        await self._zero_mapped(inode, start, min(end, first_whole * self.unit))
+        await self._zero_mapped(inode, max(start, end_whole * self.unit), end)
+        seq = self._append({"op": "map", "ino": inode.ino, "t": self._now(),
+                            "drop": [[index, 1] for index in sorted(drop)]})
+        return seq, self._map_reply(inode)
 
     async def _zero_mapped(self, inode: Inode, start: int, end: int) -> None:
         for piece_start, piece_end, file_unit in pieces(start, end, self.unit):
