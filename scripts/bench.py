@@ -187,21 +187,31 @@ def daemon_pids(pgid: int, paths: list[Path]) -> set[int]:
     `csvfs mount` leaves its node serving in the background; this finds that node by the
     unique scratch paths it was given, whether or not it left our process group.
     """
+    found = processes_naming(paths)
+    for pid in _other_pids():
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pgid:
+                found.add(pid)
+    return found
+
+
+def processes_naming(paths: list[Path]) -> set[int]:
+    """Processes other than this one given one of *paths* (as is, or resolved) in argv."""
     wanted = {os.fsencode(p) for p in paths} | {os.fsencode(os.path.realpath(p)) for p in paths}
     found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        pid = int(entry)
+    for pid in _other_pids():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            in_group = os.getpgid(pid) == pgid
-        except (OSError, ProcessLookupError):
+                if wanted.intersection(f.read().split(b"\0")):
+                    found.add(pid)
+        except OSError:
             continue
-        if in_group or wanted.intersection(argv):
-            found.add(pid)
     return found
+
+
+def _other_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and int(entry) != os.getpid()]
 
 
 def stop_pids(pids: set[int]) -> None:
@@ -277,7 +287,7 @@ def setup_csvfs(scratch: Path, cleanup: contextlib.ExitStack, args) -> Path:
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
         # Registered before waiting so that a daemon it leaves behind is always stopped.
-        cleanup.callback(stop_csvfs, proc, mountpoint, image)
+        cleanup.callback(stop_node, proc, mountpoint, image)
         try:
             proc.wait(COMMAND_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -294,15 +304,6 @@ def setup_csvfs(scratch: Path, cleanup: contextlib.ExitStack, args) -> Path:
     if not wait_until(lambda: is_mounted(mountpoint), MOUNT_TIMEOUT):
         raise BenchError(f"`csvfs mount` returned but {mountpoint} is not mounted")
     return mountpoint / "bench.dat"
-
-
-def stop_csvfs(proc: subprocess.Popen, mountpoint: Path, image: Path) -> None:
-    """Unmount, give the node time to exit by itself, then stop whatever is left."""
-    pids = daemon_pids(proc.pid, [mountpoint, image])
-    lazy_unmount(mountpoint)
-    wait_until(lambda: not any(pid_alive(pid) for pid in pids), STOP_TIMEOUT)
-    stop_child(proc)
-    stop_pids(pids | daemon_pids(proc.pid, [mountpoint, image]))
 
 
 SETUP = {"raw": setup_raw, "passthrough": setup_passthrough, "csvfs": setup_csvfs}
@@ -382,15 +383,15 @@ class Cluster:
 
 
 def stop_node(proc: subprocess.Popen, mountpoint: Path, image: Path) -> None:
-    """Clean unmount of one node, lazy unmount if that fails, then stop what is left."""
+    """Clean unmount (lazy if that fails), give the node time to exit by itself, then
+    stop whatever is left."""
     pids = daemon_pids(proc.pid, [mountpoint, image])
     if is_mounted(mountpoint):
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             subprocess.run(["fusermount3", "-u", str(mountpoint)], stdin=subprocess.DEVNULL,
                            capture_output=True, timeout=STOP_TIMEOUT, check=False)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(STOP_TIMEOUT)
     lazy_unmount(mountpoint)
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), STOP_TIMEOUT)
     stop_child(proc)
     stop_pids(pids | daemon_pids(proc.pid, [mountpoint, image]))
 
@@ -769,7 +770,7 @@ def setup_cluster(scratch: Path, cleanup: contextlib.ExitStack, args,
         cluster.check_roles()
         for target, node in ((control, "A"), (member, "B")):
             target.file = cluster.mountpoints[node] / f"bench-{node}.dat"
-            target.pids = serving(cluster.mountpoints[node])
+            target.pids = processes_naming([cluster.mountpoints[node]])
             layout(target, args.size_mib)
     except (BenchError, OSError, subprocess.SubprocessError) as exc:
         for target in (control, member):
@@ -825,21 +826,6 @@ def cpu_seconds(pids: set[int]) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
-
-
-def serving(mountpoint: Path) -> set[int]:
-    """The processes that serve a mount: those given the mountpoint in their argv."""
-    wanted = {os.fsencode(mountpoint), os.fsencode(os.path.realpath(mountpoint))}
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if wanted.intersection(f.read().split(b"\0")):
-                        found.add(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 def run_metadata(targets: list[Target], args) -> dict[str, dict[str, list[float]]]:
@@ -1294,7 +1280,7 @@ def main(argv=None) -> int:
             try:
                 target.file = SETUP[target.name](scratch, cleanup, args)
                 if target.name != "raw":
-                    target.pids = serving(target.file.parent)
+                    target.pids = processes_naming([target.file.parent])
                 layout(target, args.size_mib)
             except (BenchError, OSError, subprocess.SubprocessError) as exc:
                 target.error = f"setup failed: {exc}"
