@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import trio
 
+from coordinator.arguments import check_arguments
 from coordinator.errors import MetaError, NotCoordinator
 from coordinator.rpc import Peer, RpcDisconnected
 from coordinator.service import MetadataService
@@ -143,12 +144,15 @@ class CoordinatorEndpoint:
         if method not in SESSION_METHODS:
             self._session(peer)
             return await self.service.call(peer.name, method, args)
-        try:
-            return await getattr(self, f"_{method}")(peer, **args)
-        except TypeError as exc:  # the arguments do not fit the method
-            raise MetaError(errno.EINVAL, f"bad arguments for {method}: {exc}") from None
+        handler = getattr(self, f"_{method}")
+        check_arguments(method, handler, args)
+        return await handler(peer, **args)
 
-    async def _register(self, peer: Peer, slot: int, opens: list, epoch: int = 0) -> dict:
+    async def _register(self, peer: Peer, slot: int, opens: list[list[int]],
+                        epoch: int = 0) -> dict:
+        if any(len(each) != 2 for each in opens):
+            raise MetaError(errno.EINVAL, "bad arguments for register: opens must be "
+                                          "[inode, handles] pairs")
         if epoch > self.service.epoch:  # the node has seen a newer coordinator than us
             raise NotCoordinator(f"epoch {self.service.epoch} is stale: the node saw {epoch}")
         old = self.sessions.get(peer.name)

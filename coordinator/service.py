@@ -30,6 +30,7 @@ import trio
 
 from coordinator import recovery
 from coordinator.allocator import NoSpace
+from coordinator.arguments import check_arguments, fits
 from coordinator.errors import MetaError, NotCoordinator
 from coordinator.events import EventLog
 from coordinator.journal import Journal, JournalFull, LeaseLost
@@ -153,6 +154,9 @@ class MetadataService:
             raise NotCoordinator("this node is no longer the coordinator")
         args = dict(args)
         request = args.pop("req", None)
+        if not fits(request, int | None):
+            raise MetaError(errno.EINVAL, f"bad arguments for {method}: req must be an int")
+        check_arguments(method, handler, args)
         if method in ONCE_ONLY and request is not None:
             done = self.state.done.get(session, {}).get(request)
             if done is not None:
@@ -162,8 +166,6 @@ class MetadataService:
         _touched.set(touched)
         try:
             reply = await handler(session, **args)
-        except TypeError as exc:  # the arguments do not fit the method
-            raise MetaError(errno.EINVAL, f"bad arguments for {method}: {exc}") from None
         finally:
             _touched.set(None)
             _request_token.set(None)  # unused if it failed early: not for the next request
@@ -687,6 +689,7 @@ class MetadataService:
     # -- attributes ------------------------------------------------------------------------------
 
     async def op_setattr(self, session: str, ino: int, changes: dict) -> dict:
+        _check_changes(changes)
         if "size" in changes:
             await self._resize(session, ino, changes["size"])
         fields = {key: changes[key] for key in ("mode", "uid", "gid", "atime_ns", "mtime_ns")
@@ -1097,6 +1100,21 @@ async def _invalidate_now(stale: dict, session: NodeSession) -> None:
 
 async def _take_map_now(ino: int, reply: dict, resume: bool, session: NodeSession) -> None:
     await session.take_map(ino, reply, resume, forget=True, wait=True)
+
+
+SETATTR_CHANGES = {"size": int, "mode": int, "uid": int, "gid": int, "atime_ns": int,
+                   "mtime_ns": int, "ctime_ns": int, "written": bool}
+
+
+def _check_changes(changes: dict) -> None:
+    """setattr's changes reach the journal as they are: refuse what does not belong."""
+    for key, value in changes.items():
+        expected = SETATTR_CHANGES.get(key)
+        if expected is None:
+            raise MetaError(errno.EINVAL, f"bad arguments for setattr: unknown change {key!r}")
+        if not fits(value, expected) or (expected is int and value < 0):
+            raise MetaError(errno.EINVAL, f"bad arguments for setattr: {key} must be a "
+                                          f"non-negative {expected.__name__}")
 
 
 def _without_setid(mode: int, drop_setgid: bool) -> int:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import trio
 
-from coordinator.endpoint import RemoteSession
+from coordinator import recovery
+from coordinator.endpoint import CoordinatorEndpoint, RemoteSession
+from coordinator.errors import MetaError
+from coordinator.events import EventLog
 from coordinator.rpc import RpcDisconnected
+from coordinator.service import MetadataService
+from csvfs.mkfs import make_volume
+from csvfs.volume import Volume
 
 
 class QuietPeer:
@@ -63,3 +71,26 @@ async def test_a_closed_session_drops_pushes_and_refuses_requests():
             await session.pause(5)
         with pytest.raises(RpcDisconnected):
             await session.take_map(5, MAP, resume=True, forget=True, wait=True)
+
+
+@pytest.mark.parametrize("args", [
+    {"slot": 1, "opens": [[2]]},
+    {"slot": 1, "opens": [["2", 1]]},
+    {"slot": "1", "opens": []},
+    {"slot": 1},
+])
+async def test_a_malformed_registration_is_refused(tmp_path, args):
+    image = tmp_path / "vol.img"
+    make_volume(image, 64 * 2**20, 2**20)
+    volume = Volume.open(image, writable=True)
+    try:
+        service = MetadataService(volume, recovery.load(volume), epoch=1,
+                                  events=EventLog(volume, "t"))
+        async with trio.open_nursery() as nursery:
+            endpoint = CoordinatorEndpoint(service, nursery, 3.0, lambda slot: True, dict)
+            with pytest.raises(MetaError) as caught:
+                await endpoint.handle(QuietPeer(), "register", args)
+            assert caught.value.errno == errno.EINVAL
+            assert endpoint.sessions == {} and service.sessions == {}
+    finally:
+        volume.close()

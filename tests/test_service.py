@@ -104,6 +104,42 @@ async def _errno(coroutine) -> int:
     return caught.value.errno
 
 
+# -- arguments ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, args", [
+    ("extend", {"ino": 2, "offset": 0}),  # missing
+    ("extend", {"ino": 2, "offset": 0, "end": 1, "bogus": 1}),  # unknown
+    ("extend", {"ino": "2", "offset": 0, "end": 1}),  # str for int
+    ("extend", {"ino": True, "offset": 0, "end": 1}),  # bool for int
+    ("lookup", {"parent": ROOT_INO, "name": "file"}),  # str for bytes
+    ("kill_setid", {"ino": 2, "groups": [1, "x"]}),  # list[int]
+    ("setattr", {"ino": 2, "changes": {"mode": "0644"}}),
+    ("setattr", {"ino": 2, "changes": {"size": -1}}),
+    ("setattr", {"ino": 2, "changes": {"owner": 0}}),
+    ("mknod", {"parent": ROOT_INO, "name": b"x", "mode": FILE, "uid": 0, "gid": 0,
+               "req": "one"}),
+])
+async def test_malformed_arguments_are_refused_before_anything_is_written(cluster, method,
+                                                                          args):
+    file = await cluster.mknod(b"file")
+    assert file["ino"] == 2
+    before = cluster.service.state.to_image()
+    assert await _errno(cluster.call(method, **args)) == errno.EINVAL
+    assert cluster.service.state.to_image() == before
+    cluster.restart()
+    assert cluster.service.state.to_image() == before
+
+
+async def test_a_type_error_inside_a_handler_is_a_bug_not_bad_input(cluster, monkeypatch):
+    async def broken(self, session):
+        return len(5)
+
+    monkeypatch.setattr(service_mod.MetadataService, "op_statfs", broken)
+    with pytest.raises(TypeError):
+        await cluster.call("statfs")
+
+
 # -- namespace and errnos ----------------------------------------------------------------------
 
 
