@@ -19,13 +19,12 @@ from typing import Any
 from coordinator.errors import MetaError
 
 
-def check_arguments(method: str, handler, args: dict, leading: int = 1) -> None:
-    """Raise MetaError(EINVAL) unless `handler(<leading positional values>, **args)`
-    fits its signature and every argument has the annotated type."""
-    bound = hasattr(handler, "__self__")
-    signature, hints = _spec(getattr(handler, "__func__", handler), bound)
+def check_arguments(method: str, handler, args: dict) -> None:
+    """Raise MetaError(EINVAL) unless the bound method `handler(<session>, **args)` fits
+    its signature and every argument has the annotated type."""
+    signature, hints = _spec(handler.__func__)
     try:
-        signature.bind(*[None] * leading, **args)
+        signature.bind(None, **args)
     except TypeError as exc:
         raise MetaError(errno.EINVAL, f"bad arguments for {method}: {exc}") from None
     for name, value in args.items():
@@ -36,16 +35,13 @@ def check_arguments(method: str, handler, args: dict, leading: int = 1) -> None:
 
 
 @functools.cache
-def _spec(function, bound: bool) -> tuple[inspect.Signature, dict[str, Any]]:
-    """The signature (without self, if bound) and resolved annotations, once per
-    function: keyed by the function, not the bound method, so no service is kept."""
+def _spec(function) -> tuple[inspect.Signature, dict[str, Any]]:
+    """The signature without self, and the resolved annotations, once per function
+    (keyed by the function, not the bound method, so no service is kept alive)."""
     signature = inspect.signature(function)
-    parameters = list(signature.parameters.values())
-    if bound:
-        parameters = parameters[1:]  # self
     hints = typing.get_type_hints(function)
     hints.pop("return", None)
-    return signature.replace(parameters=parameters), hints
+    return signature.replace(parameters=list(signature.parameters.values())[1:]), hints
 
 
 def fits(value: Any, expected: Any) -> bool:
@@ -58,6 +54,10 @@ def fits(value: Any, expected: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(expected) or (Any,)
         return type(value) is list and all(fits(each, item) for each in value)
+    if origin is tuple:  # a fixed-length msgpack array, which decodes as a list
+        items = typing.get_args(expected)
+        return (type(value) is list and len(value) == len(items)
+                and all(fits(each, item) for each, item in zip(value, items, strict=True)))
     if origin is dict:
         return type(value) is dict
     if expected is Any:

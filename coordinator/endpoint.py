@@ -148,11 +148,9 @@ class CoordinatorEndpoint:
         check_arguments(method, handler, args)
         return await handler(peer, **args)
 
-    async def _register(self, peer: Peer, slot: int, opens: list[list[int]],
+    async def _register(self, peer: Peer, slot: int, opens: list[tuple[int, int]],
                         epoch: int = 0) -> dict:
-        if any(len(each) != 2 for each in opens):
-            raise MetaError(errno.EINVAL, "bad arguments for register: opens must be "
-                                          "[inode, handles] pairs")
+        """`opens` is [inode, handles] for each file the node has open."""
         if epoch > self.service.epoch:  # the node has seen a newer coordinator than us
             raise NotCoordinator(f"epoch {self.service.epoch} is stale: the node saw {epoch}")
         old = self.sessions.get(peer.name)
