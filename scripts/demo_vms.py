@@ -34,6 +34,7 @@ from cluster import Cluster  # scripts/cluster.py: this directory is on sys.path
 from mounts import is_mounted
 
 from vmload.cli import positive
+from vmload.vm import completed_moves
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = [sys.executable, str(REPO / "scripts" / "cluster.py")]
@@ -171,17 +172,12 @@ def table(vms: list[VM], nodes: list[tuple[str, str]]) -> str:
         s = vm.summary
         cells = [vm.name, vm.role, s.get("writes", "-"), s.get("ops_s", "-"),
                  s.get("mib_s", "-"), s.get("p50_ms", "-"), s.get("p99_ms", "-"),
-                 s.get("grows", "-"), len(moves_of(s))]
+                 s.get("grows", "-"), len(completed_moves(s.get("migrations", [])))]
         cells += [vm.verdicts.get(n, "-") for n in names]
         if s.get("error"):
             cells[1] += f" (failed: {s['error']})"
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows)
-
-
-def moves_of(summary: dict) -> list[dict]:
-    """The migrations a VM made (not those it gave up)."""
-    return [move for move in summary.get("migrations", []) if "error" not in move]
 
 
 def handoffs(image: str) -> int:
@@ -216,7 +212,7 @@ def run(args, directory: Path) -> int:
     for vm in vms:
         verify(vm, nodes, state)
     print(table(vms, nodes))
-    moved = sum(len(moves_of(vm.summary)) for vm in vms)
+    moved = sum(len(completed_moves(vm.summary.get("migrations", []))) for vm in vms)
     print(f"\nmigrations: {moved}, handoffs in the event ring: {handoffs(cluster.image)}")
     failed = [vm.name for vm in vms if not vm.ok]
     if failed:

@@ -18,7 +18,7 @@ from csvfs.sizes import parse_size
 from . import stamp
 from .record import Facts, Paths, RecordError, read_log
 from .verify import Expected, Report, verify
-from .vm import VM, Settings, VMError, is_vmload
+from .vm import VM, Settings, VMError, completed_moves, is_vmload
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def cmd_run(args) -> int:
 
 
 def _format_run(summary: dict) -> str:
-    moves = [move for move in summary["migrations"] if "error" not in move]
+    moves = completed_moves(summary["migrations"])
     handoffs = ", ".join(f"{m['handoff_ms']:.1f}" for m in moves) or "-"
     return (f"{summary['vm']}: {summary['writes']} writes in {summary['seconds']:.1f} s, "
             f"{summary['ops_s']:.0f} ops/s, {summary['mib_s']:.1f} MiB/s, latency p50 "

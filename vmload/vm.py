@@ -392,6 +392,11 @@ def _block_sizes(smallest: int, largest: int) -> list[int]:
     return sizes
 
 
+def completed_moves(migrations: list[dict]) -> list[dict]:
+    """The migrations a VM made, without those it gave up (they carry an "error")."""
+    return [move for move in migrations if "error" not in move]
+
+
 def is_vmload(pid: int) -> bool:
     """Is pid a live vmload process (not a reused pid)?"""
     if pid <= 0:
