@@ -120,13 +120,14 @@ class VM:
         # unhandled SIGUSR1 would kill the VM.
         self._install_signals()
         if self.paths.facts.exists():
-            self._resume()
+            left_in_flight = self._resume()
         else:
             self._create(self.mount / f"{self.settings.vm}.img")
+            left_in_flight = []
+        self.log = Log(self.paths.log)
+        self._finish(left_in_flight)
         self.facts.mount, self.facts.pid = str(self.mount), os.getpid()
         self.facts.save(self.paths.facts)
-        if self.log is None:
-            self.log = Log(self.paths.log)
 
     def _create(self, disk: Path) -> None:
         try:
@@ -141,7 +142,8 @@ class VM:
         self.facts = Facts(self.settings.vm, disk.name, self.size)
         self.paths.log.unlink(missing_ok=True)
 
-    def _resume(self) -> None:
+    def _resume(self) -> list[Entry]:
+        """Open the disk of an existing VM; the writes its last run left in flight."""
         self.facts = Facts.load(self.paths.facts)
         if self.facts.pid != os.getpid() and is_vmload(self.facts.pid):
             raise VMError(f"{self.settings.vm} is running already (pid {self.facts.pid})")
@@ -157,17 +159,15 @@ class VM:
         except OSError as exc:
             raise VMError(f"cannot open {disk}: {exc.strerror}") from None
         self.size = os.fstat(self.fd).st_size
-        if not entries or entries[-1].kind != END:
-            self._finish_unacknowledged(entries)
-
-    def _finish_unacknowledged(self, entries: list[Entry]) -> None:
-        """The last run died with these writes in flight. Issue each again (the same
-        data) and log it as done, so the record no longer has to allow for either."""
+        if entries and entries[-1].kind == END:
+            return []
         done = {entry.value for entry in entries if entry.kind == DONE}
-        self.log = Log(self.paths.log)
-        for entry in entries:
-            if entry.kind != WRITE or entry.value in done:
-                continue
+        return [entry for entry in entries if entry.kind == WRITE and entry.value not in done]
+
+    def _finish(self, writes: list[Entry]) -> None:
+        """Issue each write the last run left in flight again (the same data) and log it
+        as done, so the record no longer has to allow for either outcome."""
+        for entry in writes:
             data = stamp.sectors(self.vm_id, entry.first, entry.count, entry.value)
             try:
                 _timed_pwrite(self.fd, data, entry.first * stamp.SECTOR)
