@@ -25,7 +25,7 @@ class LoopWatchdog:
     def __init__(self, threshold: float = 1.0):
         self.threshold = threshold
         self._last_tick = time.monotonic()
-        self._loop_thread = threading.get_ident()
+        self._loop_thread = 0  # set by run(), on the loop's thread
         self._stop = threading.Event()
 
     async def run(self) -> None:

@@ -172,13 +172,19 @@ def stop_child(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
     proc.wait()
 
 
-def pid_alive(pid: int) -> bool:
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first), or [] if the
+    process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
 def daemon_pids(pgid: int, paths: list[Path]) -> set[int]:
@@ -817,15 +823,12 @@ def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
 
 def cpu_seconds(pids: set[int]) -> float:
     """User + system CPU time the processes have used so far (0 for one that is gone)."""
-    total = 0.0
+    ticks = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        fields = proc_stat(pid)
+        if fields:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def run_metadata(targets: list[Target], args) -> dict[str, dict[str, list[float]]]:
