@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any
 
-from coordinator.errors import MetaError
+from csvfs.cluster.errors import MetaError
 
 
 def check_arguments(method: str, handler, args: dict) -> None:

@@ -20,9 +20,9 @@ from collections.abc import Callable
 import trio
 
 from coordinator.arguments import check_arguments
-from coordinator.errors import MetaError, NotCoordinator
-from coordinator.rpc import Peer, RpcDisconnected
 from coordinator.service import MetadataService
+from csvfs.cluster.errors import MetaError, NotCoordinator
+from csvfs.cluster.transport import Peer, RpcDisconnected
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import trio
 
-from csvfs import format as fmt
-from csvfs.volume import Volume
+from csvfs.volume import format as fmt
+from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 

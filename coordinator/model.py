@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass, field
 
 from coordinator.allocator import Allocator
-from csvfs.extents import UnitMap, from_runs, to_runs
+from csvfs.volume.extents import UnitMap, from_runs, to_runs
 
 ROOT_INO = 1
 DONE_PER_NODE = 256  # remembered requests per node; a node has at most 64 in flight

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from coordinator import journal
 from coordinator.model import MetadataState
-from csvfs import format as fmt
-from csvfs.volume import Volume
+from csvfs.volume import format as fmt
+from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 

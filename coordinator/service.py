@@ -31,12 +31,12 @@ import trio
 from coordinator import recovery
 from coordinator.allocator import NoSpace
 from coordinator.arguments import check_arguments, fits
-from coordinator.errors import MetaError, NotCoordinator
-from coordinator.events import EventLog
 from coordinator.journal import Journal, JournalFull, LeaseLost
 from coordinator.model import ROOT_INO, Inode, MetadataState
-from csvfs.extents import pieces, to_runs
-from csvfs.volume import Volume
+from csvfs.cluster.errors import MetaError, NotCoordinator
+from csvfs.cluster.events import EventLog
+from csvfs.volume.extents import pieces, to_runs
+from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from csvfs.errors import ExitCode, UsageError, UserError
-from csvfs.sizes import format_size, parse_size
+from csvfs.volume.errors import ExitCode, UsageError, UserError
+from csvfs.volume.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def cmd_mkfs(args) -> int:
 
 def _check_addresses(listen: str, advertise: str | None) -> None:
     """--listen HOST:PORT, and --advertise HOST[:PORT] wherever listen is a wildcard."""
-    from coordinator.rpc import WILDCARDS, split_address, split_advertised
+    from csvfs.cluster.transport import WILDCARDS, split_address, split_advertised
 
     try:
         listen_host, _ = split_address(listen)
@@ -104,7 +104,7 @@ def cmd_mount(args) -> int:
 
     fuse_shim.load()  # must precede the first import of pyfuse3
     from csvfs import node
-    from csvfs.volume import default_key_path
+    from csvfs.volume.image import default_key_path
 
     if not 0.3 <= args.lease <= 600:
         raise UsageError("--lease must be between 0.3 and 600 seconds")
@@ -129,8 +129,8 @@ def cmd_fsck(args) -> int:
 
 
 def cmd_events(args) -> int:
-    from coordinator.events import read_events
-    from csvfs.volume import Volume
+    from csvfs.cluster.events import read_events
+    from csvfs.volume.image import Volume
 
     volume = Volume.open(args.image)
     try:
@@ -149,7 +149,7 @@ def cmd_events(args) -> int:
 
 def cmd_status(args) -> int:
     from csvfs.status import run_status
-    from csvfs.volume import default_key_path
+    from csvfs.volume.image import default_key_path
 
     return run_status(args.image, args.key or default_key_path(args.image), args.json)
 

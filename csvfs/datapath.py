@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from csvfs.extents import UnitMap, from_runs, pieces
+from csvfs.volume.extents import UnitMap, from_runs, pieces
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator import recovery
-from coordinator.election import read_lease, slot_alive
 from coordinator.model import ROOT_INO, MetadataState
-from csvfs import format as fmt
-from csvfs.errors import ExitCode, VolumeBusyError
-from csvfs.volume import Volume
+from csvfs.cluster.election import read_lease, slot_alive
+from csvfs.volume import format as fmt
+from csvfs.volume.errors import ExitCode, VolumeBusyError
+from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import time
 
 import pyfuse3
 
-from coordinator.errors import MetaError
+from csvfs.cluster.errors import MetaError
 from csvfs.datapath import DataPath, OpenFile
 
 log = logging.getLogger(__name__)

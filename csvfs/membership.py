@@ -29,17 +29,17 @@ from functools import partial
 import trio
 
 from coordinator import recovery
-from coordinator.election import Election, Lease, read_lease, read_slot, slot_alive
 from coordinator.endpoint import CoordinatorEndpoint
-from coordinator.errors import MetaError, NotCoordinator, is_not_coordinator
-from coordinator.events import EventLog
-from coordinator.rpc import Peer, RpcClient, RpcError, split_address
-from coordinator.rpc_protocol import ProtocolError
 from coordinator.service import ONCE_ONLY, MetadataService
-from csvfs import format as fmt
+from csvfs.cluster.election import Election, Lease, read_lease, read_slot, slot_alive
+from csvfs.cluster.errors import MetaError, NotCoordinator, is_not_coordinator
+from csvfs.cluster.events import EventLog
+from csvfs.cluster.transport import Peer, RpcClient, RpcError, split_address
+from csvfs.cluster.wire import ProtocolError
 from csvfs.datapath import DataPath
-from csvfs.errors import VolumeError
-from csvfs.volume import Volume
+from csvfs.volume import format as fmt
+from csvfs.volume.errors import VolumeError
+from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 

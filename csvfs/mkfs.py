@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 from coordinator import recovery
-from coordinator.election import write_free_lease
-from coordinator.events import EventLog
 from coordinator.model import MetadataState
-from csvfs import format as fmt
-from csvfs.errors import UsageError, VolumeError, VolumeExistsError
-from csvfs.volume import Volume, default_key_path
+from csvfs.cluster.election import write_free_lease
+from csvfs.cluster.events import EventLog
+from csvfs.volume import format as fmt
+from csvfs.volume.errors import UsageError, VolumeError, VolumeExistsError
+from csvfs.volume.image import Volume, default_key_path
 
 log = logging.getLogger(__name__)
 

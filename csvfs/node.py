@@ -19,15 +19,15 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from coordinator.election import Election, read_slot, slot_alive
-from coordinator.rpc import RpcServer, join_address, split_address, split_advertised
-from csvfs import format as fmt
 from csvfs import fuse_shim
+from csvfs.cluster.election import Election, read_slot, slot_alive
+from csvfs.cluster.transport import RpcServer, join_address, split_address, split_advertised
 from csvfs.datapath import DataPath
-from csvfs.errors import MountpointError, UsageError, UserError, VolumeBusyError
 from csvfs.fuse_ops import CsvfsOperations
 from csvfs.membership import Membership, rpc_handler
-from csvfs.volume import Volume, read_key
+from csvfs.volume import format as fmt
+from csvfs.volume.errors import MountpointError, UsageError, UserError, VolumeBusyError
+from csvfs.volume.image import Volume, read_key
 from csvfs.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import trio
 
-from coordinator.election import read_lease, read_slot, slot_alive
-from coordinator.errors import MetaError
-from coordinator.rpc import RpcClient, RpcError, split_address
-from csvfs import format as fmt
-from csvfs.errors import ExitCode, UserError
-from csvfs.volume import Volume, read_key
+from csvfs.cluster.election import read_lease, read_slot, slot_alive
+from csvfs.cluster.errors import MetaError
+from csvfs.cluster.transport import RpcClient, RpcError, split_address
+from csvfs.volume import format as fmt
+from csvfs.volume.errors import ExitCode, UserError
+from csvfs.volume.image import Volume, read_key
 
 ASK_TIMEOUT = 3.0
 

@@ -112,9 +112,9 @@ class Node:
 
     def slot(self) -> dict:
         """This node's record in the volume's lease region."""
-        from coordinator.election import read_slot
-        from csvfs import format as fmt
-        from csvfs.volume import Volume
+        from csvfs.cluster.election import read_slot
+        from csvfs.volume import format as fmt
+        from csvfs.volume.image import Volume
 
         volume = Volume.open(self.image)
         try:

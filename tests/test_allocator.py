@@ -7,7 +7,7 @@ import random
 import pytest
 
 from coordinator.allocator import Allocator, NoSpace
-from csvfs.extents import from_runs, to_runs
+from csvfs.volume.extents import from_runs, to_runs
 
 pytestmark = pytest.mark.timeout(60)
 

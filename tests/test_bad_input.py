@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from coordinator.election import read_lease
-from csvfs import format as fmt
-from csvfs.volume import Volume
+from csvfs.cluster.election import read_lease
+from csvfs.volume import format as fmt
+from csvfs.volume.image import Volume
 from tests.cluster import csvfs, is_mounted, make_volume
 
 pytestmark = pytest.mark.timeout(60)

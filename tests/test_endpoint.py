@@ -9,12 +9,12 @@ import trio
 
 from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint, RemoteSession
-from coordinator.errors import MetaError
-from coordinator.events import EventLog
-from coordinator.rpc import RpcDisconnected
 from coordinator.service import MetadataService
+from csvfs.cluster.errors import MetaError
+from csvfs.cluster.events import EventLog
+from csvfs.cluster.transport import RpcDisconnected
 from csvfs.mkfs import make_volume
-from csvfs.volume import Volume
+from csvfs.volume.image import Volume
 
 
 class QuietPeer:

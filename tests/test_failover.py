@@ -12,7 +12,7 @@ import time
 import pytest
 
 from coordinator.journal import raw_records
-from csvfs.volume import Volume
+from csvfs.volume.image import Volume
 from tests import storm
 from tests.cluster import FdHolder, csvfs
 

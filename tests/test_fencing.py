@@ -8,7 +8,7 @@ import time
 import pytest
 
 from coordinator.journal import raw_records
-from csvfs.volume import Volume
+from csvfs.volume.image import Volume
 from tests.cluster import FdHolder, csvfs
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,11 +9,11 @@ import zlib
 import msgpack
 import pytest
 
-from csvfs import format as fmt
-from csvfs.errors import KeyFileError, UsageError, VolumeError, VolumeExistsError
 from csvfs.mkfs import make_volume
-from csvfs.sizes import format_size, parse_size
-from csvfs.volume import Volume, default_key_path, read_key
+from csvfs.volume import format as fmt
+from csvfs.volume.errors import KeyFileError, UsageError, VolumeError, VolumeExistsError
+from csvfs.volume.image import Volume, default_key_path, read_key
+from csvfs.volume.sizes import format_size, parse_size
 
 pytestmark = pytest.mark.timeout(60)
 

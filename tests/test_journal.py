@@ -10,13 +10,13 @@ import pytest
 import trio
 
 from coordinator import recovery
-from coordinator.events import EventLog
 from coordinator.journal import Journal, JournalCorrupt, JournalFull, scan
 from coordinator.model import ROOT_INO, MetadataState
 from coordinator.service import MetadataService
-from csvfs import format as fmt
+from csvfs.cluster.events import EventLog
 from csvfs.mkfs import make_volume
-from csvfs.volume import Volume
+from csvfs.volume import format as fmt
+from csvfs.volume.image import Volume
 
 pytestmark = pytest.mark.timeout(60)
 

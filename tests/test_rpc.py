@@ -18,9 +18,9 @@ import msgpack
 import pytest
 import trio
 
-from coordinator.errors import MetaError
-from coordinator.rpc import RpcClient, RpcDisconnected, RpcServer, RpcTimeout
-from coordinator.rpc_protocol import AUTH, HELLO, REQUEST, WELCOME, ProtocolError
+from csvfs.cluster.errors import MetaError
+from csvfs.cluster.transport import RpcClient, RpcDisconnected, RpcServer, RpcTimeout
+from csvfs.cluster.wire import AUTH, HELLO, REQUEST, WELCOME, ProtocolError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -61,7 +61,7 @@ def backend():
 
 @pytest.fixture
 def logs(caplog):
-    caplog.set_level(logging.INFO, logger="coordinator.rpc")
+    caplog.set_level(logging.INFO, logger="csvfs.cluster.transport")
     return caplog
 
 

@@ -9,7 +9,7 @@ import struct
 import msgpack
 import pytest
 
-from coordinator.rpc_protocol import (
+from csvfs.cluster.wire import (
     AUTH,
     HANDSHAKE_MAX_FRAME,
     HELLO,
@@ -530,7 +530,7 @@ def test_a_failed_encode_does_not_use_up_an_id():
 
 
 def test_advertised_addresses():
-    from coordinator.rpc import join_address, split_advertised
+    from csvfs.cluster.transport import join_address, split_advertised
 
     assert split_advertised("node7") == ("node7", None)
     assert split_advertised("10.0.0.5:7000") == ("10.0.0.5", 7000)

@@ -13,7 +13,6 @@ import trio.testing
 
 import coordinator.service as service_mod
 from coordinator import recovery
-from coordinator.events import EventLog, read_events
 from coordinator.model import ROOT_INO
 from coordinator.service import (
     RENAME_EXCHANGE,
@@ -21,9 +20,10 @@ from coordinator.service import (
     MetadataService,
     MetaError,
 )
+from csvfs.cluster.events import EventLog, read_events
 from csvfs.datapath import DataPath
 from csvfs.mkfs import make_volume
-from csvfs.volume import Volume
+from csvfs.volume.image import Volume
 
 pytestmark = pytest.mark.timeout(60)
 

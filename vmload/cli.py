@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from csvfs.errors import UserError
-from csvfs.sizes import parse_size
+from csvfs.volume.errors import UserError
+from csvfs.volume.sizes import parse_size
 
 from . import stamp
 from .record import Facts, Paths, RecordError, read_log

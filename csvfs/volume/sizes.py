@@ -1,6 +1,6 @@
 """Human sizes: parse '64M', '10G', '1T' and print bytes back the same way."""
 
-from csvfs.errors import UsageError
+from csvfs.volume.errors import UsageError
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 

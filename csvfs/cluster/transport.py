@@ -1,6 +1,6 @@
 """RPC over TCP with trio: the coordinator's server and the nodes' client.
 
-The wire format and the handshake live in coordinator/rpc_protocol.py; this
+The wire format and the handshake live in csvfs/cluster/wire.py; this
 module moves bytes and enforces time. A peer that does not authenticate in
 time, breaks the protocol, leaves a frame half sent, or stops reading what
 the server pushes is cut off with a logged reason; everyone else goes on.
@@ -18,8 +18,8 @@ from typing import Any
 
 import trio
 
-from coordinator.errors import MetaError
-from coordinator.rpc_protocol import (
+from csvfs.cluster.errors import MetaError
+from csvfs.cluster.wire import (
     MAX_FRAME,
     Authenticated,
     ClientConnection,

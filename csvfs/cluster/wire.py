@@ -20,7 +20,7 @@ the labels keep a proof from being reflected back as the other side's.
 
 `ServerConnection` and `ClientConnection` are the state machines of one
 connection: feed them bytes, take events out, and send the bytes they return.
-The sockets, and every timeout, live in coordinator/rpc.py.
+The sockets, and every timeout, live in csvfs/cluster/transport.py.
 """
 
 from __future__ import annotations

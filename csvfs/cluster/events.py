@@ -6,8 +6,8 @@ import logging
 import os
 import time
 
-from csvfs import format as fmt
-from csvfs.volume import Volume
+from csvfs.volume import format as fmt
+from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import os
 import stat
 from pathlib import Path
 
-from csvfs import format as fmt
-from csvfs.errors import KeyFileError, VolumeError
+from csvfs.volume import format as fmt
+from csvfs.volume.errors import KeyFileError, VolumeError
 
 log = logging.getLogger(__name__)
 

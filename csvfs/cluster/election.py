@@ -18,8 +18,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from csvfs import format as fmt
-from csvfs.volume import Volume
+from csvfs.volume import format as fmt
+from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 
