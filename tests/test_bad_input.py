@@ -139,9 +139,36 @@ def test_missing_and_wrong_key(small_image, tmp_path, mountpoint):
     key = small_image.with_name(small_image.name + ".key")
     other = tmp_path / "other.key"
     other.write_text("ab" * 32)
+    other.chmod(0o600)
     refused_without_write(small_image, mountpoint, BAD_KEY, "does not belong", key=other)
     key.unlink()
     refused_without_write(small_image, mountpoint, BAD_KEY, "does not exist")
+
+
+def write_key(path, content: bytes, mode: int = 0o600):
+    path.write_bytes(content)
+    path.chmod(mode)
+    return path
+
+
+def test_key_file_that_is_not_text(small_image, tmp_path, mountpoint, nodes):
+    key = write_key(tmp_path / "bad.key", bytes(range(256)) * 8 + os.urandom(32))
+    refused_without_write(small_image, mountpoint, BAD_KEY, "not a csvfs key", key=key)
+    nodes.start(small_image)  # status needs the key only to ask a live coordinator
+    result = csvfs("status", small_image, "--key", key, check=False)
+    assert_one_line_error(result, BAD_KEY, "not a csvfs key")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_key_file_open_to_others_is_refused(small_image, tmp_path, mountpoint, mode, nodes):
+    """Like ssh with a private key: whoever can read the key can join the cluster."""
+    good = small_image.with_name(small_image.name + ".key").read_bytes()
+    key = write_key(tmp_path / "loose.key", good, mode)
+    refused_without_write(small_image, mountpoint, BAD_KEY, f"mode {mode:04o}", "chmod 600",
+                          key=key)
+    nodes.start(small_image)
+    result = csvfs("status", small_image, "--key", key, check=False)
+    assert_one_line_error(result, BAD_KEY, "open to group or others")
 
 
 def test_busy_and_missing_mountpoint(small_image, tmp_path, nodes):

@@ -410,8 +410,17 @@ def test_make_volume_writes_the_cluster_key(tmp_path):
     finally:
         volume.close()
     key_path.write_text("not hex")
-    with pytest.raises(KeyFileError):
+    with pytest.raises(KeyFileError, match="expected hex"):
         read_key(key_path)
+    key_path.write_bytes(b"\xff\xfe" + key)
+    with pytest.raises(KeyFileError, match="expected hex"):
+        read_key(key_path)
+    key_path.write_text(key.hex())
+    key_path.chmod(0o644)
+    with pytest.raises(KeyFileError, match="group or others"):
+        read_key(key_path)
+    key_path.chmod(0o400)
+    assert read_key(key_path) == key
     with pytest.raises(KeyFileError):
         read_key(tmp_path / "missing.key")
 
