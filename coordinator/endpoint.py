@@ -20,18 +20,18 @@ from collections.abc import Callable
 import trio
 
 from coordinator.arguments import check_arguments
+from coordinator.quiesce import NodeSession
 from coordinator.service import MetadataService
+from csvfs.cluster import messages
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.transport import Peer, RpcDisconnected
 
 log = logging.getLogger(__name__)
 
-# Requests the endpoint answers itself; everything else goes to the service.
-SESSION_METHODS = ("register", "heartbeat", "ack", "goodbye", "status")
 
-
-class RemoteSession:
-    """A node on the other end of an RPC connection, as the service sees it."""
+class RemoteSession(NodeSession):
+    """A node on the other end of an RPC connection, as the service sees it: each
+    NodeSession request becomes a push (coordinator/quiesce.py tells the protocol)."""
 
     in_process = False
 
@@ -61,22 +61,24 @@ class RemoteSession:
     # -- NodeSession ------------------------------------------------------------------
 
     async def pause(self, ino: int) -> None:
-        await self._acknowledged("pause", {"ino": ino})
+        await self._acknowledged(messages.PAUSE, {"ino": ino})
 
     async def invalidate(self, stale: dict, wait: bool) -> None:
         if wait:
-            await self._acknowledged("invalidate", stale)
+            await self._acknowledged(messages.INVALIDATE, stale)
         else:
-            self._push("invalidate", stale)
+            self._push(messages.INVALIDATE, stale)
 
     def _push(self, kind: str, body: dict) -> bool:
         """Queue a notification; False if the session is closed already. Then nothing
         is lost: the node gets everything afresh when it registers again."""
         try:
             self._outbox_send.send_nowait((kind, body))
-            return True
         except trio.ClosedResourceError:
+            log.debug("%s to %s dropped: its session is closed", kind, self.name)
             return False
+        log.debug("%s to %s: %s", kind, self.name, body)
+        return True
 
     async def _acknowledged(self, kind: str, body: dict) -> None:
         """Push a notification and wait until the node says it has carried it out."""
@@ -111,12 +113,12 @@ class RemoteSession:
         body = {"ino": ino, "size": reply["size"], "runs": reply["runs"],
                 "version": reply["version"], "resume": resume, "forget": forget}
         if wait:
-            await self._acknowledged("map", body)
+            await self._acknowledged(messages.MAP, body)
         else:
-            self._push("map", body)
+            self._push(messages.MAP, body)
 
     def resume(self, ino: int) -> None:
-        self._push("resume", {"ino": ino})
+        self._push(messages.RESUME, {"ino": ino})
 
     def evict(self, reason: str) -> float | None:
         self.peer.close(f"evicted: {reason}")
@@ -141,7 +143,7 @@ class CoordinatorEndpoint:
         self.sessions: dict[str, RemoteSession] = {}
 
     async def handle(self, peer: Peer, method: str, args: dict):
-        if method not in SESSION_METHODS:
+        if method not in messages.SESSION_REQUESTS:
             self._session(peer)
             return await self.service.call(peer.name, method, args)
         handler = getattr(self, f"_{method}")

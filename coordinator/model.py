@@ -17,6 +17,7 @@ from coordinator.allocator import Allocator
 from csvfs.volume.extents import UnitMap, from_runs, to_runs
 
 ROOT_INO = 1
+NAME_MAX = 255  # bytes in one name
 DONE_PER_NODE = 256  # remembered requests per node; a node has at most 64 in flight
 
 

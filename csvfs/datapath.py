@@ -10,11 +10,12 @@ coordinator pushes every new map to the file's other holders, and waits until
 they have it, before it answers the node that made the change. So a hole reads
 as zeros and the end of the file is the end, with no question asked.
 
-The per-inode I/O gate is a flag and an event. I/O runs inline in the trio
-thread, so once a request passes the gate it completes without yielding;
-a pause therefore never has in-flight I/O to drain beyond the request that
-is already running. If I/O ever moves to worker threads, the gate must
-count in-flight requests instead.
+The per-inode I/O gate is a flag and an event, closed and opened by the
+quiesce protocol (csvfs/quiesce.py). I/O runs inline in the trio thread, so
+once a request passes the gate it completes without yielding; a pause
+therefore never has in-flight I/O to drain beyond the request that is
+already running. If I/O ever moves to worker threads, the gate must count
+in-flight requests instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import logging
 import math
 import os
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -33,11 +33,14 @@ from csvfs.volume.extents import UnitMap, from_runs, pieces
 
 log = logging.getLogger(__name__)
 
+GRANT_USE = 0.8  # fraction of a grant or lease inside which this node does direct I/O
+
 MetaCall = Callable[..., Awaitable]
 
 
 class OpenFile:
-    """This node's view of one open inode, shared by all its handles."""
+    """This node's view of one open inode, shared by all its handles: its map, and
+    the gate that the quiesce protocol closes (csvfs/quiesce.py)."""
 
     __slots__ = ("ino", "size", "units", "version", "refs", "paused", "resumed", "dirty_mtime",
                  "gone")
@@ -48,17 +51,30 @@ class OpenFile:
         self.units = units
         self.version = version
         self.refs = 0
-        self.paused = False
+        self.paused = False  # the gate is closed: I/O waits for `resumed`
         self.resumed = trio.Event()
         self.dirty_mtime = 0  # time of the last local write not yet sent to the coordinator
         self.gone = False  # the file vanished while this node was cut off: ESTALE
 
+    def close_gate(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.resumed = trio.Event()
+
+    def open_gate(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.resumed.set()
+
+    def close_for_good(self) -> None:
+        """Shut down, or gone: whoever waits at the gate wakes to find out why."""
+        self.paused = True
+        self.resumed.set()
+
 
 class DataPath:
-    in_process = True  # as the coordinator's session of its own node (NodeSession)
-
-    def __init__(self, name: str, fd: int, data_offset: int, unit_size: int, meta: MetaCall):
-        self.name = name
+    def __init__(self, fd: int, data_offset: int, unit_size: int, meta: MetaCall,
+                 revalidate: Callable[[], Awaitable[float | None]] | None = None):
         self.fd = fd
         self.base = data_offset
         self.unit = unit_size
@@ -72,57 +88,20 @@ class DataPath:
         # it knows its maps are current. `revalidate` returns the new deadline, or None
         # when the node is shutting down.
         self.valid_until = math.inf
-        self.revalidate: Callable[[], Awaitable[float | None]] = _always_valid
-        # Files being opened: the coordinator may push a pause or a map for one of them
-        # before the open's reply arrives. Such notifications wait here for it.
-        self._opening: Counter[int] = Counter()
-        self._early: dict[int, dict] = {}
-        # Makes this node's kernel forget what it caches of some directories (see
-        # MetadataService._forget); the node plugs FUSE in here, since the data path
-        # itself knows nothing of FUSE.
-        self.forget_in_kernel: Callable[[dict], Awaitable[None]] = _nothing_to_forget
+        self.revalidate = revalidate or _always_valid
 
     # -- open files ------------------------------------------------------------------
 
-    def opening(self, ino: int) -> _Opening:
-        """Wrap the open request: `async with data.opening(ino): ... data.opened(...)`."""
-        return _Opening(self, ino)
-
     def opened(self, ino: int, size: int, runs: list, version: int) -> OpenFile:
+        """One more handle of ino, with the map an open returned."""
         self._check_fenced()
         handle = self.files.get(ino)
         if handle is None:
             handle = self.files[ino] = OpenFile(ino, size, from_runs(runs), version)
         else:
             self.update_map(ino, size, runs, version)
-        early = self._early.pop(ino, None)
-        if early is not None:
-            if "map" in early:
-                self.update_map(ino, *early["map"])
-            if early.get("paused") and not handle.paused:
-                handle.paused = True
-                handle.resumed = trio.Event()
         handle.refs += 1
         return handle
-
-    def open_counts(self) -> list[list[int]]:
-        """[[ino, handles]...]: what this node registers when it (re)joins."""
-        return [[ino, handle.refs] for ino, handle in self.files.items()]
-
-    def rejoined(self, maps: list) -> None:
-        """A new session: take the coordinator's current maps and lift every pause."""
-        for ino, reply in maps:
-            handle = self.files.get(ino)
-            if handle is None:
-                continue
-            if reply is None:
-                log.warning("inode %d was removed while this node was cut off", ino)
-                handle.gone = handle.paused = True  # for good: its units may be reused
-            else:
-                handle.size, handle.units = reply["size"], from_runs(reply["runs"])
-                handle.version = reply["version"]
-                handle.paused = False
-            handle.resumed.set()
 
     def closed(self, handle: OpenFile) -> bool:
         """Drop one reference; True when this node no longer has the inode open."""
@@ -132,54 +111,18 @@ class DataPath:
         self.files.pop(handle.ino, None)
         return True
 
-    # -- the coordinator's side of the session -----------------------------------------------
-
-    async def pause(self, ino: int) -> None:
+    def update_map(self, ino: int, size: int, runs: list, version: int = 0) -> bool:
+        """Take a new map of ino unless a newer one is here already; False if ino is not
+        open here."""
         handle = self.files.get(ino)
         if handle is None:
-            self._note_early(ino, paused=True)
-        elif not handle.paused:
-            handle.paused = True
-            handle.resumed = trio.Event()
-
-    def resume(self, ino: int) -> None:
-        handle = self.files.get(ino)
-        if handle is None:
-            self._note_early(ino, paused=False)
-        elif handle.paused and not self.fenced:
-            handle.paused = False
-            handle.resumed.set()
-
-    async def invalidate(self, stale: dict, wait: bool) -> None:
-        """As the coordinator's session in this process: drop what the kernel caches."""
-        await self.forget_in_kernel(stale)
-
-    async def take_map(self, ino: int, reply: dict, resume: bool, forget: bool,
-                       wait: bool = True) -> None:
-        """A new map pushed by the coordinator (in this process it is always done once
-        this returns, `wait` or not)."""
-        self.update_map(ino, reply["size"], reply["runs"], reply["version"])
-        if resume:
-            self.resume(ino)
-        if forget:
-            await self.forget_in_kernel({"inos": [ino], "entries": []})
-
-    def _note_early(self, ino: int, **change) -> None:
-        if self._opening[ino]:
-            self._early.setdefault(ino, {}).update(change)
-
-    def update_map(self, ino: int, size: int, runs: list, version: int = 0) -> None:
-        handle = self.files.get(ino)
-        if handle is None:
-            early = self._early.get(ino, {}).get("map")
-            if early is None or version >= early[2]:
-                self._note_early(ino, map=(size, runs, version))
-            return
+            return False
         if version and version < handle.version:
-            return  # a reply overtaken by a newer map
+            return True  # a reply overtaken by a newer map
         handle.size = size
         handle.units = from_runs(runs)
         handle.version = max(handle.version, version)
+        return True
 
     # -- I/O ------------------------------------------------------------------------------
 
@@ -233,11 +176,10 @@ class DataPath:
         return True
 
     def fence(self) -> None:
-        """Cut this node off: pause every file for good and fail what waits."""
+        """Cut this node off: close every gate for good and fail what waits."""
         self.fenced = True
         for handle in self.files.values():
-            handle.paused = True
-            handle.resumed.set()  # wake waiters so they see the fence
+            handle.close_for_good()
 
     def _check_fenced(self) -> None:
         if self.fenced:
@@ -312,20 +254,3 @@ async def _always_valid() -> float:
     return math.inf
 
 
-async def _nothing_to_forget(stale: dict) -> None:
-    return None
-
-
-class _Opening:
-    def __init__(self, datapath: DataPath, ino: int):
-        self.datapath, self.ino = datapath, ino
-
-    async def __aenter__(self) -> None:
-        self.datapath._opening[self.ino] += 1
-
-    async def __aexit__(self, *exc_info) -> None:
-        opening = self.datapath._opening
-        opening[self.ino] -= 1
-        if opening[self.ino] <= 0:
-            del opening[self.ino]
-            self.datapath._early.pop(self.ino, None)

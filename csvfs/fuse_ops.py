@@ -14,11 +14,13 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 
 import pyfuse3
 
 from csvfs.cluster.errors import MetaError
 from csvfs.datapath import DataPath, OpenFile
+from csvfs.quiesce import FileGates
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +92,15 @@ class CsvfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, datapath: DataPath, meta):
+    def __init__(self, datapath: DataPath, gates: FileGates, meta,
+                 forget_later: Callable[[list[int]], None]):
+        """`meta(method, **args)` is a metadata request to the coordinator;
+        `forget_later(inos)` drops kernel attributes soon, outside the handler."""
         super().__init__()
         self.data = datapath
+        self.gates = gates
         self.meta = meta
+        self.forget_later = forget_later
         self._handles: dict[int, _Handle] = {}
         self._files: dict[int, OpenFile] = {}  # fh -> data-path state, regular files only
         self._dir_listings: dict[int, list] = {}
@@ -107,8 +114,6 @@ class CsvfsOperations(pyfuse3.Operations):
         # Invalidations received so far. A reply that was in flight when one arrived may
         # predate it, so the kernel must not cache what that reply says.
         self._forgets = 0
-        # Drops kernel attributes of inodes soon, outside this handler (the node sets it).
-        self.forget_later = lambda inos: None
 
     def drop_stale(self, stale: dict) -> None:
         """The coordinator says what other nodes changed: drop it (the node then tells
@@ -292,7 +297,7 @@ class CsvfsOperations(pyfuse3.Operations):
         return fh
 
     async def _open_handle(self, ino: int, setid_killer: list[int] | None) -> int:
-        async with self.data.opening(ino):
+        async with self.gates.opening(ino):
             reply = await self.meta("open", ino=ino)
             return self._new_handle(reply, setid_killer)
 
@@ -302,7 +307,7 @@ class CsvfsOperations(pyfuse3.Operations):
         ino = attrs["ino"]
         handle = None
         if attrs["mode"] & 0o170000 == 0o100000:
-            handle = self.data.opened(ino, attrs["size"], reply["runs"], reply["version"])
+            handle = self.gates.opened(ino, attrs["size"], reply["runs"], reply["version"])
         fh = self._new_fh()
         self._handles[fh] = _Handle(ino, handle)
         if handle is not None:
@@ -331,7 +336,7 @@ class CsvfsOperations(pyfuse3.Operations):
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         # A brand-new file has no units: a pause or map pushed before this reply is
-        # processed has nothing stale to protect, so no data.opening() is needed here.
+        # processed has nothing stale to protect, so no gates.opening() is needed here.
         reply, cacheable = await self._ask("create", parent=parent_inode, name=name, mode=mode,
                                            uid=ctx.uid, gid=ctx.gid)
         self._remember_dirs(reply, cacheable)

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -21,10 +20,12 @@ import trio
 
 from csvfs import fuse_shim
 from csvfs.cluster.election import Election, read_slot, slot_alive
+from csvfs.cluster.errors import NotCoordinator
 from csvfs.cluster.transport import RpcServer, join_address, split_address, split_advertised
 from csvfs.datapath import DataPath
 from csvfs.fuse_ops import CsvfsOperations
-from csvfs.membership import Membership, rpc_handler
+from csvfs.membership import Membership
+from csvfs.quiesce import FileGates
 from csvfs.volume import format as fmt
 from csvfs.volume.errors import MountpointError, UsageError, UserError, VolumeBusyError
 from csvfs.volume.image import Volume, read_key
@@ -82,7 +83,9 @@ class Node:
         self.election: Election | None = None
         self.key = b""
         self.datapath: DataPath | None = None
+        self.gates: FileGates | None = None
         self.membership: Membership | None = None
+        self.operations: CsvfsOperations | None = None  # once mounted
 
     # -- start-up, in an order that writes nothing until the input is known good ---------
 
@@ -113,7 +116,7 @@ class Node:
 
     async def serve(self, ready=lambda: None) -> None:
         config = self.config
-        server = RpcServer(self.key, rpc_handler(lambda: self.membership), *config.listen,
+        server = RpcServer(self.key, self._handle_rpc, *config.listen,
                            on_disconnect=self._peer_gone)
         try:
             bound = await server.bind()
@@ -124,27 +127,45 @@ class Node:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve)
             nursery.start_soon(LoopWatchdog().run)
-            datapath = DataPath(config.name, self.volume.fd, sb.data.offset, sb.unit_size,
-                                self._meta)
-            membership = Membership(config.name, self.volume, self.election, datapath,
-                                    self.key, config.lease_seconds, nursery)
-            datapath.revalidate = membership.revalidate
-            self.datapath, self.membership = datapath, membership
-            await membership.start()
+            self.datapath = DataPath(self.volume.fd, sb.data.offset, sb.unit_size, self._meta,
+                                     self._revalidate)
+            self.gates = FileGates(config.name, self.datapath, self._forget_in_kernel)
+            self.membership = Membership(config.name, self.volume, self.election, self.key,
+                                         config.lease_seconds, self.gates, self.datapath,
+                                         nursery)
+            await self.membership.start()
             await self._mount_and_serve(ready)
             nursery.cancel_scope.cancel()
         self.volume.close()
 
+    # The data path, the FUSE operations and the protocols reach the node's other
+    # parts through these, which exist before those parts do.
+
     async def _meta(self, method: str, **args):
         return await self.membership.meta(method, **args)
 
+    async def _revalidate(self) -> float | None:
+        return await self.membership.revalidate()
+
+    async def _handle_rpc(self, peer, method: str, args: dict):
+        """The RPC server's handler: only the coordinator answers."""
+        endpoint = self.membership.endpoint if self.membership is not None else None
+        if endpoint is None:
+            raise NotCoordinator("this node is not the coordinator")
+        return await endpoint.handle(peer, method, args)
+
     def _peer_gone(self, peer) -> None:
-        membership = self.membership
-        if membership is not None and membership.endpoint is not None:
-            membership.endpoint.disconnected(peer)
+        endpoint = self.membership.endpoint if self.membership is not None else None
+        if endpoint is not None:
+            endpoint.disconnected(peer)
+
+    async def _forget_in_kernel(self, stale: dict) -> None:
+        """Only once mounted: before that the kernel caches nothing of ours."""
+        if self.operations is not None:
+            await _forget_in_kernel(self.operations, stale)
 
     async def _mount_and_serve(self, ready) -> None:
-        operations = CsvfsOperations(self.datapath, self._meta)
+        operations = CsvfsOperations(self.datapath, self.gates, self._meta, self._forget_later)
         fuse_shim.set_handler(operations.fallocate)
         options = set(pyfuse3.default_options)
         options |= {"fsname=csvfs", "subtype=csvfs", "allow_other"}
@@ -157,11 +178,9 @@ class Node:
             log.warning("the FUSE shim (csvfs/_fuse_shim.so) is not loaded, so fallocate is "
                         "unsupported and a killed application can stall this node: run "
                         "make setup")
-        # only now that there is a kernel to tell
-        self.datapath.forget_in_kernel = partial(_forget_in_kernel, operations)
-        operations.forget_later = partial(self._forget_later, operations)
+        self.operations = operations  # only now that there is a kernel to tell
         log.info("%s mounted %s (%s)", self.config.name, self.config.mountpoint,
-                 self.membership.role)
+                 self.membership.role.kind)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_on_signal)
@@ -173,9 +192,10 @@ class Node:
             with trio.CancelScope(shield=True):
                 await self.membership.close()
 
-    def _forget_later(self, operations: CsvfsOperations, inos: list[int]) -> None:
-        stale = {"inos": inos, "entries": []}
-        self.membership.nursery.start_soon(_forget_in_kernel, operations, stale)
+    def _forget_later(self, inos: list[int]) -> None:
+        """Drop kernel attributes soon, outside the FUSE handler that asks."""
+        self.membership.nursery.start_soon(self._forget_in_kernel, {"inos": inos,
+                                                                     "entries": []})
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -20,12 +20,12 @@ def image_fd(tmp_path):
     os.close(fd)
 
 
-def make_datapath(fd, calls):
+def make_datapath(fd, calls, revalidate=None):
     async def meta(method, **args):
         calls.append((method, args))
         raise AssertionError("the direct path must not call the coordinator")
 
-    return DataPath("node", fd, data_offset=UNIT, unit_size=UNIT, meta=meta)
+    return DataPath(fd, data_offset=UNIT, unit_size=UNIT, meta=meta, revalidate=revalidate)
 
 
 async def test_direct_io_lands_at_the_mapped_unit_and_holes_read_zeros(image_fd):

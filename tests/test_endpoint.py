@@ -91,6 +91,6 @@ async def test_a_malformed_registration_is_refused(tmp_path, args):
             with pytest.raises(MetaError) as caught:
                 await endpoint.handle(QuietPeer(), "register", args)
             assert caught.value.errno == errno.EINVAL
-            assert endpoint.sessions == {} and service.sessions == {}
+            assert endpoint.sessions == {} and service.sessions.by_name == {}
     finally:
         volume.close()

@@ -412,7 +412,7 @@ def _recording(service: MetadataService) -> list[dict]:
 
 
 async def _workload(service: MetadataService, tag: str, count: int = 20) -> None:
-    unit = service.unit
+    unit = service.commits.unit
     top = await service.call("n", "mknod", {"parent": ROOT_INO, "name": tag.encode(),
                                             "mode": DIR, "uid": 1, "gid": 2})
     for index in range(count):
@@ -572,7 +572,7 @@ async def test_checkpoint_then_more_ops_then_reload(image):
     # the next coordinator goes on from where replay stopped, and the result reloads too
     await _workload(service, "d", count=5)
     await service.checkpoint_now()
-    assert service._checkpoint_slot == 0  # B was used, A is next
+    assert service.commits.checkpoint_slot == 0  # B was used, A is next
     await _workload(service, "e", count=5)
     expected = service.state.to_image()
     volume.close()

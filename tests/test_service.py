@@ -12,17 +12,15 @@ import trio
 import trio.testing
 
 import coordinator.service as service_mod
-from coordinator import recovery
+from coordinator import allocation, commit, recovery
 from coordinator.model import ROOT_INO
-from coordinator.service import (
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    MetadataService,
-    MetaError,
-)
+from coordinator.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE
+from coordinator.service import MetadataService
+from csvfs.cluster.errors import MetaError
 from csvfs.cluster.events import EventLog, read_events
 from csvfs.datapath import DataPath
 from csvfs.mkfs import make_volume
+from csvfs.quiesce import FileGates
 from csvfs.volume.image import Volume
 
 pytestmark = pytest.mark.timeout(60)
@@ -369,7 +367,7 @@ async def test_extend_allocates_and_grows(cluster):
     assert attrs["size"] == UNIT + 10
     assert attrs["blocks"] == len(units) * UNIT // 512
     # the units exposed read as zeros
-    volume = cluster.service.volume
+    volume = cluster.service.commits.volume
     for unit in units.values():
         assert volume.read(volume.sb.data.offset + unit * UNIT, UNIT) == bytes(UNIT)
 
@@ -462,16 +460,16 @@ async def test_fallocate_and_punch(cluster):
     reply = await cluster.call("fallocate", ino=file["ino"], mode=0, offset=0,
                                length=4 * UNIT)
     assert reply["size"] == 4 * UNIT and cluster.free == free - 4
-    reply = await cluster.call("fallocate", ino=file["ino"], mode=service_mod.FALLOC_KEEP_SIZE,
+    reply = await cluster.call("fallocate", ino=file["ino"], mode=allocation.FALLOC_KEEP_SIZE,
                                offset=4 * UNIT, length=2 * UNIT)
     assert reply["size"] == 4 * UNIT and cluster.free == free - 6
-    mode = service_mod.FALLOC_PUNCH_HOLE | service_mod.FALLOC_KEEP_SIZE
+    mode = allocation.FALLOC_PUNCH_HOLE | allocation.FALLOC_KEEP_SIZE
     await cluster.call("fallocate", ino=file["ino"], mode=mode, offset=UNIT // 2,
                        length=2 * UNIT)
     assert set(cluster.units(file["ino"])) == {0, 2, 3, 4, 5}  # only unit 1 was whole
     assert cluster.free == free - 5
     assert await _errno(cluster.call("fallocate", ino=file["ino"],
-                                     mode=service_mod.FALLOC_PUNCH_HOLE, offset=0,
+                                     mode=allocation.FALLOC_PUNCH_HOLE, offset=0,
                                      length=1)) == errno.EOPNOTSUPP
     assert await _errno(cluster.call("fallocate", ino=file["ino"], mode=0, offset=0,
                                      length=0)) == errno.EINVAL
@@ -568,7 +566,7 @@ async def _every_kind_of_op(cluster: Cluster) -> None:
     await cluster.call("setxattr", ino=d["ino"], name=b"user.gone", value=b"v")
     await cluster.call("removexattr", ino=d["ino"], name=b"user.gone")
     await cluster.call("fallocate", ino=f["ino"], mode=0, offset=4 * UNIT, length=UNIT)
-    mode = service_mod.FALLOC_PUNCH_HOLE | service_mod.FALLOC_KEEP_SIZE
+    mode = allocation.FALLOC_PUNCH_HOLE | allocation.FALLOC_KEEP_SIZE
     await cluster.call("fallocate", ino=f["ino"], mode=mode, offset=0, length=UNIT)
     e = await cluster.mkdir(b"e")
     await cluster.call("rename", old_parent=ROOT_INO, old_name=b"hard", new_parent=e["ino"],
@@ -620,9 +618,9 @@ async def test_checkpoint_when_the_journal_fills(cluster):
         await cluster.call("setxattr", ino=file["ino"], name=b"user.%d" % (index % 3),
                            value=value)
         total += 60 * K
-        assert journal.used_fraction <= service_mod.CHECKPOINT_AT + 0.02
+        assert journal.used_fraction <= commit.CHECKPOINT_AT + 0.02
     assert total > 2 * journal.region.length
-    assert cluster.service._checkpoint_slot in (0, 1)
+    assert cluster.service.commits.checkpoint_slot in (0, 1)
     expected = cluster.service.state.to_image()
     cluster.restart()
     assert cluster.recovered.checkpoint.epoch == 1  # one of the service's, not mkfs's
@@ -633,15 +631,15 @@ async def test_checkpoint_when_the_journal_fills(cluster):
 
 
 async def test_checkpoints_alternate_with_many_small_ops(cluster, monkeypatch):
-    monkeypatch.setattr(service_mod, "CHECKPOINT_AT", 0.01)  # ~80 records of 512 bytes
+    monkeypatch.setattr(commit, "CHECKPOINT_AT", 0.01)  # ~80 records of 512 bytes
     written = []
-    real = service_mod.recovery.checkpoint_blob
+    real = recovery.checkpoint_blob
 
     def spy(volume, slot, epoch, seq, state, gen):
         written.append((slot, seq))
         return real(volume, slot, epoch, seq, state, gen)
 
-    monkeypatch.setattr(service_mod.recovery, "checkpoint_blob", spy)
+    monkeypatch.setattr(recovery, "checkpoint_blob", spy)
     directory = await cluster.mkdir(b"d")
     for index in range(400):
         await cluster.mknod(b"%04d" % index, parent=directory["ino"])
@@ -706,7 +704,7 @@ async def test_concurrent_requests_commit_together(cluster):
 
 
 async def test_concurrent_requests_across_the_checkpoint_threshold(cluster, monkeypatch):
-    monkeypatch.setattr(service_mod, "CHECKPOINT_AT", 0.01)
+    monkeypatch.setattr(commit, "CHECKPOINT_AT", 0.01)
 
     async def create(index: int) -> None:
         await cluster.mknod(b"f%03d" % index)
@@ -744,7 +742,7 @@ def _check_invariants(service: MetadataService) -> None:
             cursor = state.parents[cursor]
     for ino, inode in state.inodes.items():
         if inode.nlink == 0:
-            assert names[ino] == 0 and service.open_files.get(ino)  # orphans are open
+            assert names[ino] == 0 and service.holders.counts.get(ino)  # orphans are open
         else:
             assert inode.nlink == (2 + subdirs[ino] if inode.is_dir else names[ino])
         for unit in inode.units.values():
@@ -785,7 +783,7 @@ async def test_a_stuck_quiesce_stalls_only_its_inode(cluster):
     """A node that will not pause holds up the change to its file, and nothing else:
     other files' metadata goes on, and an open of that file waits for the new map."""
     service = cluster.service
-    service.pause_timeout = 0.4
+    service.sessions.pause_timeout = 0.4
     stuck, other = await cluster.mknod(b"stuck"), await cluster.mknod(b"other")
     await cluster.call("extend", ino=stuck["ino"], offset=0, end=3 * UNIT)
     node = StoppedNode("n9", grant_left=0.4)
@@ -814,19 +812,25 @@ async def test_a_stuck_quiesce_stalls_only_its_inode(cluster):
     assert node.maps == []  # an evicted node hears nothing more; it rejoins for its maps
 
 
+def own_node(cluster, forget_in_kernel) -> FileGates:
+    """The coordinator's own node, as its service sees it: in process."""
+    volume = cluster.volume
+    return FileGates("own", DataPath(volume.fd, volume.sb.data.offset, UNIT, None),
+                     forget_in_kernel)
+
+
 async def test_the_coordinators_own_node_is_waited_for_and_never_evicted(cluster):
     """Its kernel may take long to drop a name (a request of its own holds the
     directory); evicting it would leave the coordinator without its own session."""
     service = cluster.service
-    service.pause_timeout = 0.2
-    own = DataPath("own", cluster.volume.fd, cluster.volume.sb.data.offset, UNIT, None)
+    service.sessions.pause_timeout = 0.2
     forgotten = []
 
     async def slow_forget(stale):
         await trio.sleep(0.5)
         forgotten.append(stale["entries"])
 
-    own.forget_in_kernel = slow_forget
+    own = own_node(cluster, slow_forget)
     await service.join(own, [])
     await cluster.mkdir(b"d")
     await cluster.call("unlink", "n1", parent=ROOT_INO, name=b"d", is_dir=True)
@@ -836,13 +840,11 @@ async def test_the_coordinators_own_node_is_waited_for_and_never_evicted(cluster
 
 async def test_the_coordinators_own_node_is_not_evicted_when_it_fails(cluster, caplog):
     service = cluster.service
-    own = DataPath("own", cluster.volume.fd, cluster.volume.sb.data.offset, UNIT, None)
-
     async def failing_forget(stale):
         if stale["entries"]:  # a name to drop: the invalidation the service waits for
             raise RuntimeError("injected")
 
-    own.forget_in_kernel = failing_forget
+    own = own_node(cluster, failing_forget)
     await service.join(own, [])
     await cluster.mkdir(b"d")
     await cluster.call("unlink", "n1", parent=ROOT_INO, name=b"d", is_dir=True)
@@ -877,8 +879,8 @@ async def test_random_operations_keep_the_invariants(cluster, seed):
                                    flags=rng.choice([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE]))
             elif kind == "checkpoint":
                 await service.checkpoint_now()
-            elif kind == "release" and service.open_files:
-                await cluster.call("release", session, ino=rng.choice(list(service.open_files)))
+            elif kind == "release" and service.holders.counts:
+                await cluster.call("release", session, ino=rng.choice(list(service.holders.counts)))
             elif ino is None:
                 continue
             elif kind == "link":
@@ -891,10 +893,10 @@ async def test_random_operations_keep_the_invariants(cluster, seed):
             elif kind == "open":
                 await cluster.call("open", session, ino=ino)
             elif kind in ("fallocate", "punch"):
-                mode = rng.choice([0, service_mod.FALLOC_KEEP_SIZE,
-                                   service_mod.FALLOC_ZERO_RANGE])
+                mode = rng.choice([0, allocation.FALLOC_KEEP_SIZE,
+                                   allocation.FALLOC_ZERO_RANGE])
                 if kind == "punch":
-                    mode = service_mod.FALLOC_KEEP_SIZE | service_mod.FALLOC_PUNCH_HOLE
+                    mode = allocation.FALLOC_KEEP_SIZE | allocation.FALLOC_PUNCH_HOLE
                 await cluster.call("fallocate", session, ino=ino, mode=mode, offset=offset,
                                    length=rng.randrange(1, 3 * UNIT))
         except MetaError:

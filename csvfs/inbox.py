@@ -1,0 +1,60 @@
+"""A member's inbox: the coordinator's pushes, in order, to the protocol that
+handles each kind, and the acknowledgements the coordinator waits for.
+
+Until the member has applied the maps its registration returned, pushes wait
+in order: a pause pushed right after the registration must not be undone by
+it. A push whose body carries a token is acknowledged (ACK) once handled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from csvfs.cluster import messages
+from csvfs.cluster.errors import MetaError
+from csvfs.cluster.transport import RpcClient, RpcError
+
+log = logging.getLogger(__name__)
+
+PushHandler = Callable[[dict], Awaitable[None]]
+ACK_TIMEOUT = 30.0
+
+
+class Inbox:
+    def __init__(self, handlers: dict[str, PushHandler], nursery: trio.Nursery):
+        self.handlers = handlers
+        self.nursery = nursery
+        self.client: RpcClient | None = None  # set once connected: acks go back on it
+        self._backlog: list | None = []
+
+    async def ready(self) -> None:
+        """The registration's maps are in place: handle what waited, then the rest."""
+        backlog, self._backlog = self._backlog, None
+        for kind, body in backlog:
+            await self._handle(kind, body)
+
+    async def notified(self, kind: str, body: dict) -> None:
+        """RpcClient's on_notify."""
+        if self._backlog is not None:
+            self._backlog.append((kind, body))
+            return
+        await self._handle(kind, body)
+
+    async def _handle(self, kind: str, body: dict) -> None:
+        handler = self.handlers.get(kind)
+        if handler is None:
+            log.warning("ignoring an unknown %r push", kind)
+            return
+        log.debug("%s push: %s", kind, body)
+        await handler(body)
+        if "token" in body:  # the coordinator waits for this one to be done
+            self.nursery.start_soon(self._ack, body["token"])
+
+    async def _ack(self, token: int) -> None:
+        try:
+            await self.client.call(messages.ACK, {"token": token}, timeout=ACK_TIMEOUT)
+        except (RpcError, MetaError) as exc:  # the coordinator evicts us; we rejoin
+            log.info("acknowledgement not delivered: %s", exc)
