@@ -24,7 +24,8 @@ from coordinator.quiesce import NodeSession
 from coordinator.service import MetadataService
 from csvfs.cluster import messages
 from csvfs.cluster.errors import MetaError, NotCoordinator
-from csvfs.cluster.transport import Peer, RpcDisconnected
+from csvfs.cluster.rpc_server import Peer
+from csvfs.cluster.transport import RpcDisconnected
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import trio
 
 from csvfs.cluster import messages
 from csvfs.cluster.errors import MetaError
-from csvfs.cluster.transport import RpcClient, RpcError
+from csvfs.cluster.rpc_client import RpcClient
+from csvfs.cluster.wire import RpcError
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ import trio
 from csvfs.cluster import messages
 from csvfs.cluster.election import Election, Lease, read_slot
 from csvfs.cluster.errors import MetaError, NotCoordinator, is_not_coordinator
-from csvfs.cluster.transport import RpcClient, RpcError, split_address
-from csvfs.cluster.wire import ProtocolError
+from csvfs.cluster.rpc_client import RpcClient
+from csvfs.cluster.transport import split_address
+from csvfs.cluster.wire import ProtocolError, RpcError
 from csvfs.datapath import GRANT_USE, DataPath
 from csvfs.inbox import Inbox
 from csvfs.quiesce import FileGates

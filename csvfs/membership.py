@@ -34,7 +34,7 @@ from coordinator.service import ONCE_ONLY
 from csvfs.cluster.election import Election, Lease, read_lease
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.messages import brief
-from csvfs.cluster.transport import RpcError
+from csvfs.cluster.wire import RpcError
 from csvfs.coordinator_role import CoordinatorRole
 from csvfs.datapath import DataPath
 from csvfs.member_role import MemberRole

@@ -21,7 +21,8 @@ import trio
 from csvfs import fuse_shim
 from csvfs.cluster.election import Election, read_slot, slot_alive
 from csvfs.cluster.errors import NotCoordinator
-from csvfs.cluster.transport import RpcServer, join_address, split_address, split_advertised
+from csvfs.cluster.rpc_server import RpcServer
+from csvfs.cluster.transport import join_address, split_address, split_advertised
 from csvfs.datapath import DataPath
 from csvfs.fuse_ops import CsvfsOperations
 from csvfs.membership import Membership

@@ -17,7 +17,9 @@ import trio
 
 from csvfs.cluster.election import read_lease, read_slot, slot_alive
 from csvfs.cluster.errors import MetaError
-from csvfs.cluster.transport import RpcClient, RpcError, split_address
+from csvfs.cluster.rpc_client import RpcClient
+from csvfs.cluster.transport import split_address
+from csvfs.cluster.wire import RpcError
 from csvfs.volume import format as fmt
 from csvfs.volume.errors import ExitCode, UserError
 from csvfs.volume.image import Volume, read_key

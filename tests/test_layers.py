@@ -43,6 +43,7 @@ WORKLOAD_MAY_IMPORT = {"volume", "workload"}
 FORBIDDEN = {
     # The data path knows neither FUSE nor RPC: the node plugs them in.
     "csvfs.datapath": ("pyfuse3", "csvfs.cluster.transport", "csvfs.cluster.wire",
+                       "csvfs.cluster.rpc_client", "csvfs.cluster.rpc_server",
                        "csvfs.fuse_ops", "csvfs.fuse_shim"),
     "coordinator": ("pyfuse3", "csvfs.fuse_shim"),
     "csvfs.cluster": ("pyfuse3",),

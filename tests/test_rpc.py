@@ -19,7 +19,9 @@ import pytest
 import trio
 
 from csvfs.cluster.errors import MetaError
-from csvfs.cluster.transport import RpcClient, RpcDisconnected, RpcServer, RpcTimeout
+from csvfs.cluster.rpc_client import RpcClient
+from csvfs.cluster.rpc_server import RpcServer
+from csvfs.cluster.transport import RpcDisconnected, RpcTimeout
 from csvfs.cluster.wire import AUTH, HELLO, REQUEST, WELCOME, ProtocolError
 
 pytestmark = pytest.mark.timeout(30)
@@ -61,7 +63,7 @@ def backend():
 
 @pytest.fixture
 def logs(caplog):
-    caplog.set_level(logging.INFO, logger="csvfs.cluster.transport")
+    caplog.set_level(logging.INFO, logger="csvfs.cluster")
     return caplog
 
 
