@@ -243,8 +243,7 @@ class Quiesce:
                 return  # _paused resumes them
             names = list(paused)
             paused.clear()  # nothing left for _paused to resume
-            log.debug("inode %d: record %d committed; resuming %s with its map", ino, seq,
-                      names or "nobody")
+            log.debug("inode %d: record %d is durable", ino, seq)
             await self.sessions.hand_out_map(ino, reply, request, names, resume=True)
 
     @contextlib.asynccontextmanager

@@ -108,7 +108,8 @@ class MetadataService:
             if done is not None:
                 return await self._answer_again(request, method, args, done)
             request.once_only = [session, request_id]
-        log.debug("%s from %s: %s", method, session, brief(args))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s from %s: %s", method, session, brief(args))
         reply = await handler(request, **args)
         if request.touched:
             await self.sessions.tell_holders(request)

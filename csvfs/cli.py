@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -23,17 +25,21 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="csvfs", description="A clustered filesystem over FUSE.")
     parser.add_argument("--debug", action="store_true", help="log debug messages")
+    # --debug after the command too; SUPPRESS keeps it from undoing one given before
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    mkfs = sub.add_parser("mkfs", help="create a volume image")
+    mkfs = sub.add_parser("mkfs", help="create a volume image", parents=[debug])
     mkfs.add_argument("image", type=Path)
     mkfs.add_argument("--size", required=True, help="volume size, e.g. 64M, 10G, 1T")
     mkfs.add_argument("--unit", default="1M", help="allocation unit, 64K to 4M (default 1M)")
     mkfs.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
     mkfs.add_argument("--force", action="store_true", help="overwrite an existing volume")
 
-    mount = sub.add_parser("mount", help="mount a volume on this node")
+    mount = sub.add_parser("mount", help="mount a volume on this node", parents=[debug])
     mount.add_argument("image", type=Path)
     mount.add_argument("mountpoint", type=Path)
     mount.add_argument("--name", default="", help="node name (default HOST-PID)")
@@ -50,16 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the --listen address; needed when that is a wildcard "
                        "such as 0.0.0.0; without PORT, the port it listens on)")
 
-    fsck = sub.add_parser("fsck", help="check a volume (and repair it with --repair)")
+    fsck = sub.add_parser("fsck", help="check a volume (and repair it with --repair)",
+                          parents=[debug])
     fsck.add_argument("image", type=Path)
     fsck.add_argument("--repair", action="store_true", help="fix what can be fixed")
 
-    status = sub.add_parser("status", help="show the coordinator, the nodes and open files")
+    status = sub.add_parser("status", help="show the coordinator, the nodes and open files",
+                            parents=[debug])
     status.add_argument("image", type=Path)
     status.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
     status.add_argument("--json", action="store_true", help="print JSON")
 
-    events = sub.add_parser("events", help="print the volume's event ring")
+    events = sub.add_parser("events", help="print the volume's event ring", parents=[debug])
     events.add_argument("image", type=Path)
     events.add_argument("--json", action="store_true")
     return parser
@@ -158,10 +166,16 @@ COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "fsck": cmd_fsck, "events": cm
             "status": cmd_status}
 
 
-def setup_logging(debug: bool, log_file: Path | None) -> None:
+def default_node_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def setup_logging(debug: bool, log_file: Path | None, node: str = "") -> None:
+    """Log lines name the node, so that the logs of several nodes can be read as one."""
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    who = f"{node.replace('%', '%%')} " if node else ""
     handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+        f"%(asctime)s %(process)d {who}%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO if log_file else logging.WARNING)
@@ -171,7 +185,9 @@ def setup_logging(debug: bool, log_file: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.debug, getattr(args, "log", None))
+    if args.command == "mount":
+        args.name = args.name or default_node_name()
+    setup_logging(args.debug, getattr(args, "log", None), getattr(args, "name", ""))
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

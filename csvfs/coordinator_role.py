@@ -47,6 +47,7 @@ RENEWALS_PER_LEASE = 3
 
 class CoordinatorRole:
     kind = "coordinator"
+    route = "in process"  # how this node's metadata requests reach the coordinator
 
     def __init__(self, name: str, volume: Volume, election: Election, gates: FileGates,
                  datapath: DataPath, lease_seconds: float, nursery: trio.Nursery,

@@ -13,22 +13,19 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from csvfs.cluster import messages
-from csvfs.cluster.errors import MetaError
-from csvfs.cluster.rpc_client import RpcClient
-from csvfs.cluster.wire import RpcError
-
 log = logging.getLogger(__name__)
 
 PushHandler = Callable[[dict], Awaitable[None]]
-ACK_TIMEOUT = 30.0
 
 
 class Inbox:
-    def __init__(self, handlers: dict[str, PushHandler], nursery: trio.Nursery):
+    def __init__(self, handlers: dict[str, PushHandler], nursery: trio.Nursery,
+                 acknowledge: Callable[[int], Awaitable[None]]):
+        """`handlers` by push kind; `acknowledge(token)` tells the coordinator a push
+        is done."""
         self.handlers = handlers
         self.nursery = nursery
-        self.client: RpcClient | None = None  # set once connected: acks go back on it
+        self.acknowledge = acknowledge
         self._backlog: list | None = []
 
     async def ready(self) -> None:
@@ -52,10 +49,4 @@ class Inbox:
         log.debug("%s push: %s", kind, body)
         await handler(body)
         if "token" in body:  # the coordinator waits for this one to be done
-            self.nursery.start_soon(self._ack, body["token"])
-
-    async def _ack(self, token: int) -> None:
-        try:
-            await self.client.call(messages.ACK, {"token": token}, timeout=ACK_TIMEOUT)
-        except (RpcError, MetaError) as exc:  # the coordinator evicts us; we rejoin
-            log.info("acknowledgement not delivered: %s", exc)
+            self.nursery.start_soon(self.acknowledge, body["token"])

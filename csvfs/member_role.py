@@ -44,6 +44,7 @@ GOODBYE_TIMEOUT = 2.0
 
 class MemberRole:
     kind = "member"
+    route = "over RPC"  # how this node's metadata requests reach the coordinator
 
     def __init__(self, name: str, volume: Volume, election: Election, key: bytes,
                  gates: FileGates, datapath: DataPath, nursery: trio.Nursery,
@@ -67,12 +68,11 @@ class MemberRole:
         record = read_slot(self.volume, lease.owner_slot) or {}
         host, port = split_address(record.get("address", ""))
         timeout = max(0.1, min(JOIN_TIMEOUT, lease.expiry_ns / 1e9 - time.time()))
-        inbox = Inbox(self.gates.push_handlers(), self.nursery)
+        inbox = Inbox(self.gates.push_handlers(), self.nursery, self._acknowledge)
         with trio.fail_after(timeout):
             client = await RpcClient.connect(host, port, self.key, self.name,
                                              on_notify=inbox.notified, timeout=timeout,
                                              nursery=self.nursery)
-            inbox.client = client
             started = time.monotonic()
             reply = await self._register(client, lease.epoch)
         self.gates.rejoined(reply["maps"])
@@ -112,6 +112,16 @@ class MemberRole:
         except RpcError as exc:
             self._lost(client, str(exc))
         raise NotCoordinator(f"{method}: the session with the coordinator was lost")
+
+    async def _acknowledge(self, token: int) -> None:
+        """The inbox handles pushes only once this session is in place (`ready`)."""
+        client = self.client
+        if client is None:
+            return  # lost meanwhile: the coordinator evicts us, and we rejoin
+        try:
+            await client.call(messages.ACK, {"token": token}, timeout=CALL_TIMEOUT)
+        except (RpcError, MetaError) as exc:
+            log.info("acknowledgement not delivered: %s", exc)
 
     async def revalidate(self) -> bool:
         return await self._heartbeat(self.client)

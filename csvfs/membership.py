@@ -82,7 +82,9 @@ class Membership:
             args["req"] = next(self._request_ids)
         while True:
             role = await self._settled_role()
-            log.debug("%s to the %s: %s", method, role.kind, brief(args))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s to %s %s: %s", method, role.coordinator_name, role.route,
+                          brief(args))
             try:
                 return await role.call(method, args)
             except NotCoordinator as exc:  # the role is gone: find the coordinator again
