@@ -40,6 +40,34 @@ DIR_ATTR_TIMEOUT = 1.0
 OPEN_FILE_ATTR_TIMEOUT = 1.0
 CAP_FSETID = 4
 
+# pyfuse3 logs an error whenever the kernel refuses a reply. For a release that is no
+# error. The kernel sends RELEASE and RELEASEDIR in the background: the process that
+# closed the file does not wait for them. It refuses their reply (ENOENT) only once it
+# has torn the connection down (an unmount, lazy ones included once nothing holds the
+# mount any more, or an abort) and ended the request itself; the release was done all
+# the same. A node that is unmounted while its release waits for the coordinator (a
+# failover, say) answers too late in just that way.
+_REFUSED_RELEASE_REPLIES = frozenset(
+    f"{handler}(): fuse_reply_* failed with {os.strerror(errno.ENOENT)}"
+    for handler in ("fuse_release", "fuse_releasedir"))
+
+
+class _RefusedReleaseReplies(logging.Filter):
+    """On the pyfuse3 logger: that error about a release becomes a debug line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        message = record.getMessage()
+        if message not in _REFUSED_RELEASE_REPLIES:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        record.msg, record.args = f"{message}: the connection is gone, the kernel ended it", ()
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_REFUSED_RELEASE_FILTER = _RefusedReleaseReplies()
+
 
 def _io_error(what: str, exc: OSError) -> pyfuse3.FUSEError:
     log.error("%s: I/O error on the image: %s", what, exc)
@@ -97,6 +125,7 @@ class CsvfsOperations(pyfuse3.Operations):
         """`meta(method, **args)` is a metadata request to the coordinator;
         `forget_later(inos)` drops kernel attributes soon, outside the handler."""
         super().__init__()
+        logging.getLogger("pyfuse3").addFilter(_REFUSED_RELEASE_FILTER)
         self.data = datapath
         self.gates = gates
         self.meta = meta
