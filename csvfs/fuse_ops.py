@@ -430,12 +430,17 @@ class CsvfsOperations(pyfuse3.Operations):
             return
         if handle.file is not None:
             await self._flush_mtime(handle.ino)
-            if self.data.closed(handle.file):
+        try:
+            # The handle counts in what this node registers until the coordinator has
+            # released it: if the node registers anew meanwhile (a failover while this
+            # waits), the retried release takes it off there once, not twice.
+            await self.meta("release", ino=handle.ino)
+        finally:
+            if handle.file is not None and self.data.closed(handle.file):
                 # No more changes come to this node for it: the kernel must forget its
                 # attributes, and a reply on its way must not be cached either.
                 self._forgets += 1
                 self.forget_later([handle.ino])
-        await self.meta("release", ino=handle.ino)
 
     async def fallocate(self, inode, mode, offset, length, fh):
         """Called through the FUSE shim (pyfuse3 has no fallocate handler)."""

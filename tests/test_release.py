@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -20,6 +21,13 @@ pytestmark = pytest.mark.timeout(90)
 
 def status(image) -> dict:
     return json.loads(csvfs("status", image, "--json").stdout)
+
+
+def wait_for_log(node, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in node.log.read_text():
+        assert time.monotonic() < deadline, f"{node.name} never logged {text!r}"
+        time.sleep(0.05)
 
 
 def close_and_wait_until_read(holder: FdHolder, dir_fd: int) -> None:
@@ -64,3 +72,31 @@ def test_a_release_still_waiting_when_its_mount_goes_away_is_not_an_error(image,
         assert status(image)["open_files"] == [dict(entry, nodes={"n1": 1})]
         assert kept.ask("poke") == "ok"
 
+
+def test_a_release_that_waits_out_a_takeover_is_counted_once(image, nodes):
+    hung = nodes.start(image, "n1", "--lease", "1")
+    member = nodes.start(image, "n2", "--lease", "1")
+    member.path("f").write_bytes(b"")
+    with FdHolder(member.path("f")) as closing, FdHolder(member.path("f")) as staying:
+        assert closing.ask("ping") == "ok" and staying.ask("ping") == "ok"
+        [entry] = status(image)["open_files"]
+        assert entry["nodes"] == {"n2": 2}
+        dir_fd = os.open(member.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        hung.process.send_signal(signal.SIGSTOP)
+        try:
+            close_and_wait_until_read(closing, dir_fd)
+            # The member's release waits until the member takes over (the stopped
+            # coordinator's lease lapses), registers what it has open, and retries.
+            wait_for_log(member, "coordinator of")
+        finally:
+            hung.process.send_signal(signal.SIGCONT)
+        wait_for_log(hung, "joined coordinator n2")
+        report = status(image)
+        assert report["coordinator"]["name"] == "n2"
+        # One handle is still open on n2: counted once, not closed twice.
+        assert report["open_files"] == [dict(entry, nodes={"n2": 1})]
+        assert staying.ask("poke") == "ok"
+    deadline = time.monotonic() + 10
+    while status(image)["open_files"]:  # the last close takes the entry away
+        assert time.monotonic() < deadline, status(image)
+        time.sleep(0.05)
