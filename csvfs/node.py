@@ -180,8 +180,9 @@ class Node:
                         "unsupported and a killed application can stall this node: run "
                         "make setup")
         self.operations = operations  # only now that there is a kernel to tell
+        role = self.membership.role
         log.info("%s mounted %s (%s)", self.config.name, self.config.mountpoint,
-                 self.membership.role.kind)
+                 role.kind if role is not None else "electing")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_on_signal)
