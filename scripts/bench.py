@@ -46,7 +46,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import metabench  # scripts/metabench.py: run as a script, this directory is on sys.path
-from mounts import is_mounted
+from nodes import (
+    MountProcess,
+    NodeError,
+    cpu_seconds,
+    is_mounted,
+    processes_naming,
+    status_json,
+    stop_daemon,
+    wait_until,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PASSTHROUGH = PROJECT_ROOT / "scripts" / "passthrough.py"
@@ -57,7 +66,7 @@ CSVFS_IMAGE_SIZE = "4G"
 MOUNT_TIMEOUT = 30.0  # seconds for a mount to appear
 COMMAND_TIMEOUT = 120.0  # seconds for csvfs mkfs/mount to return
 LAYOUT_TIMEOUT = 600.0  # seconds to write the test file once
-STOP_TIMEOUT = 15.0  # seconds for a daemon to exit after unmount or SIGTERM
+STOP_TIMEOUT = 15.0  # seconds for a writer that closed its output to exit
 
 # The cluster sections (--no-cluster skips them)
 METABENCH = Path(metabench.__file__).resolve()
@@ -131,16 +140,6 @@ def log(message: str) -> None:
 # --- processes and mounts ---------------------------------------------------------------
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
 def tail(path: Path, lines: int = 1) -> str:
     try:
         text = path.read_text(errors="replace").strip()
@@ -149,89 +148,30 @@ def tail(path: Path, lines: int = 1) -> str:
     return " | ".join(text.splitlines()[-lines:])
 
 
-def lazy_unmount(mountpoint: Path) -> None:
-    """fusermount3 -u -z and wait until the mount is gone from /proc/mounts."""
-    if not is_mounted(mountpoint):
-        return
-    subprocess.run(
-        ["fusermount3", "-u", "-z", str(mountpoint)],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=STOP_TIMEOUT, check=False,
-    )
-    if not wait_until(lambda: not is_mounted(mountpoint), STOP_TIMEOUT):
-        log(f"warning: {mountpoint} is still mounted")
+def start_until_teardown(cleanup: contextlib.ExitStack, server: MountProcess,
+                         log_name: str) -> None:
+    """Start server; it is stopped, and its mount detached, when the bench tears down
+    (with a warning if it would not stop). Its error names the log to look at."""
 
+    def stop() -> None:
+        stopped, steps = server.stop()
+        if not stopped:
+            log(f"warning: {server.label} on {server.mountpoint}: {steps}")
 
-def stop_child(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM a child we started, SIGKILL it if it does not exit, and reap it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
-
-
-def proc_stat(pid: int) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (state first), or [] if the
-    process is gone."""
+    cleanup.callback(stop)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()
-    except OSError:
-        return []
+        server.start(MOUNT_TIMEOUT)
+    except NodeError as exc:
+        raise BenchError(f"{exc} (see bench-results/{log_name})") from None
 
 
-def pid_alive(pid: int) -> bool:
-    fields = proc_stat(pid)
-    return bool(fields) and fields[0] not in ("Z", "X")
-
-
-def daemon_pids(pgid: int, paths: list[Path]) -> set[int]:
-    """Processes still in process group *pgid* or naming one of *paths* in their argv.
-
-    `csvfs mount` leaves its node serving in the background; this finds that node by the
-    unique scratch paths it was given, whether or not it left our process group.
-    """
-    found = processes_naming(paths)
-    for pid in _other_pids():
-        with contextlib.suppress(OSError):
-            if os.getpgid(pid) == pgid:
-                found.add(pid)
-    return found
-
-
-def processes_naming(paths: list[Path]) -> set[int]:
-    """Processes other than this one given one of *paths* (as is, or resolved) in argv."""
-    wanted = {os.fsencode(p) for p in paths} | {os.fsencode(os.path.realpath(p)) for p in paths}
-    found = set()
-    for pid in _other_pids():
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if wanted.intersection(f.read().split(b"\0")):
-                    found.add(pid)
-        except OSError:
-            continue
-    return found
-
-
-def _other_pids() -> list[int]:
-    return [int(entry) for entry in os.listdir("/proc")
-            if entry.isdigit() and int(entry) != os.getpid()]
-
-
-def stop_pids(pids: set[int]) -> None:
-    """SIGTERM, then SIGKILL, processes we started that are not our children."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = {pid for pid in pids if pid_alive(pid)}
-        if not alive:
-            return
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        wait_until(lambda a=alive: not any(pid_alive(pid) for pid in a), STOP_TIMEOUT)
-    if any(pid_alive(pid) for pid in pids):
-        log(f"warning: processes {sorted(pids)} did not exit")
+def stop_background_node(mountpoint: Path) -> None:
+    """Stop the node that `csvfs mount` (without --foreground) left serving mountpoint.
+    It is not our child: it is found by the mountpoint in its argv."""
+    for pid in sorted(processes_naming([mountpoint])) or [0]:  # 0: at most a mount is left
+        stopped, steps = stop_daemon(pid, mountpoint)
+        if not stopped:
+            log(f"warning: the csvfs node on {mountpoint} (pid {pid}): {steps}")
 
 
 # --- targets ----------------------------------------------------------------------------
@@ -246,29 +186,10 @@ def setup_raw(scratch: Path, cleanup: contextlib.ExitStack, args) -> Path:
 def setup_passthrough(scratch: Path, cleanup: contextlib.ExitStack, args) -> Path:
     source, mountpoint = scratch / "passthrough-src", scratch / "passthrough-mnt"
     source.mkdir()
-    mountpoint.mkdir()
-    log_path = scratch / "passthrough.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, str(PASSTHROUGH), str(source), str(mountpoint)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches us, and we tear it down in order
-        )
-
-    def teardown():
-        if proc.poll() is None:
-            proc.terminate()  # passthrough unmounts itself on SIGTERM
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(STOP_TIMEOUT)
-        lazy_unmount(mountpoint)
-        stop_child(proc)
-
-    cleanup.callback(teardown)
-    if not wait_until(lambda: proc.poll() is not None or is_mounted(mountpoint), MOUNT_TIMEOUT):
-        raise BenchError(f"passthrough did not mount within {MOUNT_TIMEOUT:.0f} s")
-    if not is_mounted(mountpoint):
-        raise BenchError(f"passthrough exited with {proc.returncode}: {tail(log_path)} "
-                         "(see bench-results/passthrough.log)")
+    server = MountProcess([sys.executable, PASSTHROUGH, source, mountpoint], mountpoint,
+                          label="passthrough", output=scratch / "passthrough.log",
+                          new_session=True)  # Ctrl-C reaches us, and we tear it down in order
+    start_until_teardown(cleanup, server, "passthrough.log")
     return mountpoint / "bench.dat"
 
 
@@ -280,7 +201,7 @@ def setup_csvfs(scratch: Path, cleanup: contextlib.ExitStack, args) -> Path:
     mountpoint.mkdir()
     log_path = scratch / "csvfs.log"
 
-    def run(*command: str) -> subprocess.Popen:
+    def run(*command: str) -> None:
         """Run a csvfs command in its own process group, output to the log file.
 
         No pipes: a daemon that inherits them would keep us waiting for EOF forever.
@@ -288,23 +209,21 @@ def setup_csvfs(scratch: Path, cleanup: contextlib.ExitStack, args) -> Path:
         with open(log_path, "ab") as log_file:
             log_file.write(f"$ csvfs {' '.join(command)}\n".encode())
             log_file.flush()
-            proc = subprocess.Popen(
-                [csvfs, *command], stdin=subprocess.DEVNULL, stdout=log_file,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        # Registered before waiting so that a daemon it leaves behind is always stopped.
-        cleanup.callback(stop_node, proc, mountpoint, image)
-        try:
-            proc.wait(COMMAND_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise BenchError(
-                f"`csvfs {command[0]}` did not return within {COMMAND_TIMEOUT:.0f} s"
-            ) from None
-        if proc.returncode != 0:
-            raise BenchError(f"`csvfs {command[0]}` exited with {proc.returncode}: "
+            try:
+                code = subprocess.run(
+                    [csvfs, *command], stdin=subprocess.DEVNULL, stdout=log_file,
+                    stderr=subprocess.STDOUT, start_new_session=True, timeout=COMMAND_TIMEOUT,
+                ).returncode
+            except subprocess.TimeoutExpired:
+                raise BenchError(
+                    f"`csvfs {command[0]}` did not return within {COMMAND_TIMEOUT:.0f} s"
+                ) from None
+        if code != 0:
+            raise BenchError(f"`csvfs {command[0]}` exited with {code}: "
                              f"{tail(log_path)} (see bench-results/csvfs*.log)")
-        return proc
 
+    # Registered before mounting, so that a node the mount leaves behind is always stopped.
+    cleanup.callback(stop_background_node, mountpoint)
     run("mkfs", str(image), "--size", CSVFS_IMAGE_SIZE)
     run("mount", str(image), str(mountpoint), "--log", str(scratch / "csvfs-node.log"))
     if not wait_until(lambda: is_mounted(mountpoint), MOUNT_TIMEOUT):
@@ -348,37 +267,22 @@ class Cluster:
 
     def mount(self, name: str) -> Path:
         mountpoint = self.scratch / f"cluster-{name}-mnt"
-        mountpoint.mkdir()
         log_path = self.scratch / f"cluster-{name}.log"  # the node's log and its stderr
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(
-                [self.csvfs, "mount", str(self.image), str(mountpoint), "--name", name,
-                 "--log", str(log_path), "--foreground"],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches us, and we tear it down in order
-            )
-        self.cleanup.callback(stop_node, proc, mountpoint, self.image)
-        if not wait_until(lambda: proc.poll() is not None or is_mounted(mountpoint),
-                          MOUNT_TIMEOUT):
-            raise BenchError(f"node {name} did not mount within {MOUNT_TIMEOUT:.0f} s")
-        if not is_mounted(mountpoint):
-            raise BenchError(f"node {name} exited with {proc.returncode}: {tail(log_path)} "
-                             f"(see bench-results/{log_path.name})")
+        node = MountProcess.csvfs_node(
+            self.image, mountpoint, name, log_path, csvfs=[self.csvfs], output=log_path,
+            new_session=True)  # Ctrl-C reaches us, and we tear it down in order
+        start_until_teardown(self.cleanup, node, log_path.name)
         self.mountpoints[name] = mountpoint
         return mountpoint
 
     def check_roles(self) -> None:
         """The first node mounted must be the coordinator, every other one a member."""
-        proc = subprocess.run(
-            [self.csvfs, "status", str(self.image), "--json"], stdin=subprocess.DEVNULL,
-            capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False,
-        )
         try:
-            status = json.loads(proc.stdout)
+            status = status_json(self.image, csvfs=[self.csvfs], timeout=COMMAND_TIMEOUT)
             coordinator = status["coordinator"]["name"]
             sessions = {n["name"] for n in status["nodes"] if n.get("alive")}
-        except (ValueError, KeyError, TypeError):
-            log(f"warning: cannot read `csvfs status` ({proc.returncode}); roles not checked")
+        except (NodeError, KeyError, TypeError) as exc:
+            log(f"warning: cannot read `csvfs status` ({exc!r}); roles not checked")
             return
         first = next(iter(self.mountpoints))
         if coordinator != first:
@@ -386,20 +290,6 @@ class Cluster:
         missing = set(self.mountpoints) - sessions
         if missing:
             raise BenchError(f"not in the cluster: {', '.join(sorted(missing))}")
-
-
-def stop_node(proc: subprocess.Popen, mountpoint: Path, image: Path) -> None:
-    """Clean unmount (lazy if that fails), give the node time to exit by itself, then
-    stop whatever is left."""
-    pids = daemon_pids(proc.pid, [mountpoint, image])
-    if is_mounted(mountpoint):
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            subprocess.run(["fusermount3", "-u", str(mountpoint)], stdin=subprocess.DEVNULL,
-                           capture_output=True, timeout=STOP_TIMEOUT, check=False)
-    lazy_unmount(mountpoint)
-    wait_until(lambda: not any(pid_alive(pid) for pid in pids), STOP_TIMEOUT)
-    stop_child(proc)
-    stop_pids(pids | daemon_pids(proc.pid, [mountpoint, image]))
 
 
 @dataclass
@@ -802,11 +692,11 @@ def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
                     continue
                 os.sync()  # start from a clean page cache, not someone else's writeback
                 try:
-                    cpu_before = cpu_seconds(target.pids)
+                    cpu_before = cpu_seconds(*target.pids)
                     result = run_fio(target.file, workload.rw, workload.bs, args.size_mib,
                                      args.runtime, args.runtime + 60)
                     if target.pids:
-                        result = replace(result, cpu_s=cpu_seconds(target.pids) - cpu_before)
+                        result = replace(result, cpu_s=cpu_seconds(*target.pids) - cpu_before)
                 except subprocess.TimeoutExpired:
                     target.error = f"fio timed out on {workload.name}; mount hung?"
                     log(f"{target.name}: {target.error}")
@@ -819,16 +709,6 @@ def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
                 log(f"[{round_no + 1}/{args.repeat}] {workload.name:<17} {target.name:<12}"
                     f"{result.mib_s:9.1f} MiB/s {result.iops:10.0f} IOPS")
     return samples
-
-
-def cpu_seconds(pids: set[int]) -> float:
-    """User + system CPU time the processes have used so far (0 for one that is gone)."""
-    ticks = 0
-    for pid in pids:
-        fields = proc_stat(pid)
-        if fields:
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def run_metadata(targets: list[Target], args) -> dict[str, dict[str, list[float]]]:

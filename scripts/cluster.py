@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,10 +25,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mounts import is_mounted  # scripts/mounts.py: run as a script, this directory is on sys.path
+# scripts/nodes.py: run as a script, this directory is on sys.path
+from nodes import (
+    NodeError,
+    Waits,
+    csvfs_command,
+    is_mounted,
+    is_process_of,
+    processes_naming,
+    status_json,
+    stop_daemon,
+)
 
 PROG = "cluster.py"
-REPO = Path(__file__).resolve().parent.parent
 STATE_FILE = "cluster.json"
 
 EXIT_OK = 0
@@ -151,18 +157,6 @@ def locked(directory: Path):
 # -- processes and mounts -----------------------------------------------------------------
 
 
-def csvfs_command() -> list[str]:
-    if importlib.util.find_spec("csvfs") is not None:
-        return [sys.executable, "-m", "csvfs.cli"]
-    venv_python = REPO / ".venv" / "bin" / "python"
-    if venv_python.exists():
-        return [os.fspath(venv_python), "-m", "csvfs.cli"]
-    found = shutil.which("csvfs")
-    if found:
-        return [found]
-    raise ClusterError("csvfs is not installed: run `make setup`, then use .venv/bin/python")
-
-
 def run_csvfs(*args, timeout: float) -> tuple[int, str, str]:
     """Run csvfs; returns (exit code, stdout, last stderr line).
 
@@ -191,32 +185,20 @@ def strip_prefix(message: str) -> str:
 
 def status_report(image: str) -> dict | None:
     """`csvfs status --json` as a dict, or None. Its JSON comes even when it exits 15."""
-    _code, stdout, _error = run_csvfs("status", image, "--json", timeout=STATUS_TIMEOUT)
     try:
-        return json.loads(stdout)
-    except ValueError:
+        return status_json(image, timeout=STATUS_TIMEOUT)
+    except NodeError:
         return None
 
 
-def process_state(pid: int) -> str | None:
-    """The /proc state letter of pid, or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return None
+def node_argv(node: NodeRecord) -> list[str]:
+    """Words only the `csvfs mount` daemon started for node has in its argv."""
+    return ["mount", node.mountpoint, node.name]
 
 
 def is_our_node(pid: int, node: NodeRecord) -> bool:
     """pid is still the `csvfs mount` daemon this script started for node (not a reused pid)."""
-    if pid <= 0 or process_state(pid) in (None, "Z", "X"):
-        return False  # a zombie has exited: it only waits for a parent that may never reap it
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            argv = cmdline.read().decode(errors="replace").split("\0")
-    except OSError:
-        return False
-    return "mount" in argv and node.mountpoint in argv and node.name in argv
+    return is_process_of(pid, node_argv(node))
 
 
 def find_pid(image: str, node: NodeRecord) -> tuple[int, int | None]:
@@ -228,83 +210,20 @@ def find_pid(image: str, node: NodeRecord) -> tuple[int, int | None]:
             pid = int(entry.get("pid", 0))
             if is_our_node(pid, node):
                 return pid, entry.get("slot")
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and is_our_node(int(entry), node):
-            return int(entry), None
+    for pid in sorted(processes_naming([node.mountpoint])):
+        if is_our_node(pid, node):
+            return pid, None
     return 0, None
-
-
-def signal_node(node: NodeRecord, signum: int) -> None:
-    if is_our_node(node.pid, node):  # never signal a pid that is no longer ours
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(node.pid, signum)
-
-
-def wait_exit(node: NodeRecord, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while is_our_node(node.pid, node):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def fusermount(mountpoint: str, lazy: bool = False) -> str:
-    """Unmount; returns "" or fusermount3's one-line complaint."""
-    command = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30,
-                                stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        return "fusermount3 is not installed"
-    except subprocess.TimeoutExpired:
-        return "fusermount3 did not finish within 30 s"
-    if result.returncode == 0:
-        return ""
-    lines = result.stderr.strip().splitlines()
-    return lines[-1] if lines else f"fusermount3 exited {result.returncode}"
 
 
 def stop_node(node: NodeRecord) -> tuple[bool, str]:
     """Stop one node, gently first; returns (stopped, what was done)."""
-    steps: list[str] = []
-    running, mounted = is_our_node(node.pid, node), is_mounted(node.mountpoint)
-    if not running and not mounted:
-        return True, "was not running"
-    if not running:
-        steps.append("had already exited")
-    elif mounted:
-        signal_node(node, signal.SIGCONT)  # a stopped node could not answer the unmount
-        complaint = fusermount(node.mountpoint)
-        if complaint:
-            steps.append(f"fusermount3 -u failed ({complaint})")
-        else:
-            steps.append("unmounted")
-            if not wait_exit(node, UNMOUNT_WAIT):
-                steps.append(f"still running after {UNMOUNT_WAIT:.0f} s")
-    if is_our_node(node.pid, node):
-        signal_node(node, signal.SIGCONT)
-        signal_node(node, signal.SIGTERM)
-        steps.append("SIGTERM")
-        if not wait_exit(node, TERM_WAIT):
-            steps.append(f"still running after {TERM_WAIT:.0f} s")
-            fusermount(node.mountpoint, lazy=True)
-            signal_node(node, signal.SIGKILL)
-            steps.append("fusermount3 -u -z, SIGKILL")
-            wait_exit(node, KILL_WAIT)
-    if is_mounted(node.mountpoint):  # a node that died leaves its mount behind
-        complaint = fusermount(node.mountpoint, lazy=True)
-        steps.append("fusermount3 -u -z on its dead mount"
-                     + (f" failed ({complaint})" if complaint else ""))
-    stopped = not is_our_node(node.pid, node) and not is_mounted(node.mountpoint)
-    if not stopped:
-        steps.append("WOULD NOT STOP")
-    elif running:
-        steps.append("exited")
+    stopped, steps = stop_daemon(node.pid, node.mountpoint, argv=node_argv(node),
+                                 waits=Waits(UNMOUNT_WAIT, TERM_WAIT, KILL_WAIT))
     with contextlib.suppress(OSError):
         if stopped:
             os.rmdir(node.mountpoint)  # only if empty
-    return stopped, ", ".join(steps)
+    return stopped, steps
 
 
 def stop_order(cluster: Cluster) -> list[NodeRecord]:
@@ -511,10 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         args.size = args.size or "1G"
     try:
         return COMMANDS[args.command](args)
-    except ClusterError as exc:
+    except (ClusterError, NodeError) as exc:  # NodeError: csvfs is not installed
         sys.stdout.flush()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return getattr(exc, "exit_code", EXIT_FAILURE)
     except KeyboardInterrupt:
         sys.stdout.flush()
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster import Cluster  # scripts/cluster.py: this directory is on sys.path
-from mounts import is_mounted
+from nodes import NodeError, events_json, mounts_under
 
 from vmload.cli import positive
 from vmload.vm import completed_moves
@@ -39,7 +39,6 @@ from vmload.vm import completed_moves
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = [sys.executable, str(REPO / "scripts" / "cluster.py")]
 VMLOAD = [sys.executable, "-m", "vmload"]
-CSVFS = [sys.executable, "-m", "csvfs.cli"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_CLUSTER = 0, 1, 2, 3
 GRACE = 60.0  # seconds past --seconds before a VM counts as hung
@@ -181,10 +180,11 @@ def table(vms: list[VM], nodes: list[tuple[str, str]]) -> str:
 
 
 def handoffs(image: str) -> int:
-    result = subprocess.run([*CSVFS, "events", image, "--json"],
-                            capture_output=True, text=True, timeout=60, cwd=REPO)
-    return sum(1 for line in result.stdout.splitlines()
-               if json.loads(line).get("kind") == "handoff")
+    try:
+        events = events_json(image)
+    except NodeError:  # the count is only reported; an unreadable ring counts none
+        return 0
+    return sum(1 for event in events if event.get("kind") == "handoff")
 
 
 def run(args, directory: Path) -> int:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 def remove(directory: Path) -> None:
     """Remove our scratch directory, unless a mount is still inside (never delete
     through a mount)."""
-    inside = [m for m in directory.iterdir() if m.is_dir() and is_mounted(m)]
+    inside = mounts_under(directory)
     if inside:
         print(f"demo_vms.py: warning: still mounted, keeping {directory}", file=sys.stderr)
         return

@@ -20,45 +20,19 @@ import threading
 import time
 from pathlib import Path
 
-from mounts import is_mounted  # scripts/mounts.py: run as a script, this directory is on sys.path
+from nodes import MountProcess, NodeError  # scripts/nodes.py: this directory is on sys.path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT = 20.0
 OP_TIMEOUT = 30.0
 
 
-class Node:
-    def __init__(self, csvfs: str, image: Path, directory: Path, name: str, lease: float):
-        self.name = name
-        self.mountpoint = directory / f"{name}-mnt"
-        self.mountpoint.mkdir()
-        log = directory / f"{name}.log"
-        self.process = subprocess.Popen(
-            [csvfs, "mount", str(image), str(self.mountpoint), "--name", name, "--log",
-             str(log), "--lease", str(lease), "--foreground"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(self.mountpoint):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"node {name} did not mount (see {log})")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-        if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
-                           capture_output=True)
-            self.process.kill()
-            self.process.wait(timeout=10)
-        if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
-                           capture_output=True)
+def start_node(csvfs: str, image: Path, directory: Path, name: str,
+               lease: float) -> MountProcess:
+    log = directory / f"{name}.log"
+    node = MountProcess.csvfs_node(image, directory / f"{name}-mnt", name, log,
+                                   "--lease", str(lease), csvfs=[csvfs], new_session=True)
+    return node.start(MOUNT_TIMEOUT)  # a node that does not mount is stopped again
 
 
 def finished_at(action) -> float | None:
@@ -86,10 +60,10 @@ def one_round(csvfs: str, scratch: Path, index: int, how: signal.Signals,
     image = directory / "vol.img"
     subprocess.run([csvfs, "mkfs", str(image), "--size", "256M"], check=True,
                    capture_output=True)
-    nodes: list[Node] = []
+    nodes: list[MountProcess] = []
     try:
         for name in ("n1", "n2", "n3"):
-            nodes.append(Node(csvfs, image, directory, name, lease))
+            nodes.append(start_node(csvfs, image, directory, name, lease))
         victim, survivor = nodes[0], nodes[1]
         os.mkdir(survivor.mountpoint / "before")  # connected and registered
         started = time.monotonic()
@@ -126,7 +100,7 @@ def main(argv=None) -> int:
                   for i in range(args.rounds)]
         hung = [one_round(args.csvfs, scratch, i, signal.SIGSTOP, args.lease)
                 for i in range(args.hang_rounds)]
-    except (RuntimeError, subprocess.CalledProcessError) as exc:
+    except (NodeError, subprocess.CalledProcessError) as exc:
         print(f"failover bench failed: {exc}", file=sys.stderr)
         return 1
     finally:

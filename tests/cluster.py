@@ -1,15 +1,18 @@
-"""Test helpers: make volumes and run csvfs nodes as real subprocesses."""
+"""Test helpers: make volumes and run csvfs nodes as real subprocesses.
+
+What the scripts need too (mounts, /proc, csvfs status and events, starting and
+stopping a node) is in scripts/nodes.py; this is the tests' own layer on top of it.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-CSVFS = [sys.executable, "-m", "csvfs.cli"]
+from scripts.nodes import MountProcess, csvfs_command, csvfs_mount_command, status_json
+
+CSVFS = csvfs_command()
 LOG_PROBLEMS = ("Traceback", " ERROR ", " CRITICAL ")
 
 
@@ -21,21 +24,11 @@ def csvfs(*args, check: bool = True, timeout: float = 60) -> subprocess.Complete
     return result
 
 
-def is_mounted(path: Path) -> bool:
-    target = os.fspath(path)
-    with open("/proc/mounts") as mounts:
-        return any(line.split()[1] == target for line in mounts)
-
-
-def mounts_under(directory: Path) -> list[str]:
-    """Mountpoints at or below directory (a prefix match on /proc/mounts)."""
-    prefix = os.fspath(directory) + "/"
-    with open("/proc/mounts") as mounts:
-        return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
-
-
-def force_unmount(path: Path) -> None:
-    subprocess.run(["fusermount3", "-u", "-z", os.fspath(path)], capture_output=True)
+def status(image: Path) -> dict:
+    """`csvfs status --json`; the coordinator must have answered."""
+    report = status_json(image)
+    assert "error" not in report, report["error"]
+    return report
 
 
 def make_volume(directory: Path, size: str = "256M", unit: str | None = None) -> Path:
@@ -47,68 +40,21 @@ def make_volume(directory: Path, size: str = "256M", unit: str | None = None) ->
     return image
 
 
-class Node:
-    """One `csvfs mount --foreground` process with its own mountpoint and log."""
+class Node(MountProcess):
+    """One `csvfs mount --foreground` process with its own mountpoint and log
+    (scripts/nodes.py starts and stops it)."""
 
     def __init__(self, image: Path, mountpoint: Path, name: str = "node1", *extra: str,
                  env: dict | None = None):
-        self.env = {**os.environ, **(env or {})}
         self.image = image
-        self.mountpoint = mountpoint
         self.name = name
         self.log = mountpoint.parent / f"{name}.log"
-        self.extra = extra
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 20) -> Node:
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        command = [*CSVFS, "mount", self.image, self.mountpoint, "--foreground",
-                   "--name", self.name, "--log", self.log, *self.extra]
-        self.process = subprocess.Popen(list(map(str, command)), env=self.env,
-                                        stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while not is_mounted(self.mountpoint):
-            if self.process.poll() is not None:
-                raise AssertionError(f"node {self.name} exited {self.process.returncode}: "
-                                     f"{self.process.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"node {self.name} did not mount within {timeout}s")
-            time.sleep(0.02)
-        return self
+        super().__init__(csvfs_mount_command(image, mountpoint, "--name", name,
+                                             "--log", self.log, *extra),
+                         mountpoint, label=f"node {name}", log=self.log, env=env)
 
     def path(self, *parts: str) -> Path:
         return self.mountpoint.joinpath(*parts)
-
-    def unmount(self, timeout: float = 20) -> int:
-        """Clean unmount, as a user would do it; returns the node's exit code."""
-        subprocess.run(["fusermount3", "-u", os.fspath(self.mountpoint)], check=True,
-                       capture_output=True)
-        return self.process.wait(timeout=timeout)
-
-    def kill(self, sig: int = signal.SIGKILL, unmount: bool = True) -> None:
-        """Kill the node. With unmount=False the dead mount stays (ENOTCONN) until
-        stop(), so a workload cannot fall through into the bare mountpoint directory."""
-        self.process.send_signal(sig)
-        self.process.wait(timeout=20)
-        if unmount:
-            force_unmount(self.mountpoint)
-
-    def stop(self) -> None:
-        """Teardown: always leaves no mount and no process behind."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)  # a test may have left it stopped
-        if is_mounted(self.mountpoint):
-            force_unmount(self.mountpoint)
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        if self.process is not None and self.process.stderr:
-            self.process.stderr.close()
 
     def slot(self) -> dict:
         """This node's record in the volume's lease region."""

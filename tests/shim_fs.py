@@ -1,6 +1,7 @@
 """A one-file in-memory pyfuse3 filesystem used by test_fuse_shim.py.
 
-Run as ``python shim_fs.py MOUNTPOINT RECORD_FILE [--no-shim] [--no-handler]``.
+Run from the repository root as
+``python -m tests.shim_fs MOUNTPOINT RECORD_FILE [--no-shim] [--no-handler]``.
 Every fallocate call the handler sees is appended to RECORD_FILE as a JSON line.
 RECORD_FILE.tick has its mtime set every TICK seconds from the trio loop, so a
 test can tell whether the loop still runs; RECORD_FILE.victim names the process
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from csvfs import fuse_shim
+from scripts.nodes import fds_open_on, pid_alive
 
 # Must happen before pyfuse3 is imported; that is the whole point of the shim.
 SHIM_LOADED = "--no-shim" not in sys.argv and fuse_shim.load()
@@ -168,22 +170,16 @@ class OneFileFs(pyfuse3.Operations):
 
 
 def _fuse_fd() -> int:
-    for fd in os.listdir("/proc/self/fd"):
-        if os.path.realpath(f"/proc/self/fd/{fd}") == "/dev/fuse":
-            return int(fd)
-    raise pyfuse3.FUSEError(errno.EBADF)
+    fds = fds_open_on("self", "/dev/fuse")
+    if not fds:
+        raise pyfuse3.FUSEError(errno.EBADF)
+    return fds[0]
 
 
 def _wait_dead(pid: int) -> None:
     """Until the process has exited (a zombie or gone): blocking, on purpose."""
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return
-        if fields[0] in ("Z", "X"):
-            return
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.001)
 
 

@@ -4,7 +4,6 @@ import dataclasses
 import hashlib
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -12,7 +11,8 @@ import pytest
 from csvfs.cluster.election import read_lease
 from csvfs.volume import format as fmt
 from csvfs.volume.image import Volume
-from tests.cluster import csvfs, is_mounted, make_volume
+from scripts.nodes import force_unmount, is_mounted, pid_alive
+from tests.cluster import csvfs, make_volume
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,8 +50,7 @@ def mountpoint(tmp_path):
     path = tmp_path / "mnt"
     path.mkdir()
     yield path
-    if is_mounted(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)])
+    force_unmount(path)
 
 
 def refused_without_write(image, mountpoint, code, *words, key=None):
@@ -238,20 +237,12 @@ def test_background_mount_returns_ready_and_stops_on_sigterm(small_image, mountp
         pid = read_lease(volume).owner_pid
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
-    while is_mounted(mountpoint) or _alive(pid):
+    while is_mounted(mountpoint) or pid_alive(pid):
         assert time.monotonic() < deadline, "node did not stop on SIGTERM"
         time.sleep(0.05)
     assert csvfs("fsck", small_image, check=False).returncode == 0
     with _open(small_image) as volume:
         assert read_lease(volume).owner_slot == -1  # the lease was given up cleanly
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class _open:

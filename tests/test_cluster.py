@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import signal
@@ -14,7 +13,8 @@ import time
 
 import pytest
 
-from tests.cluster import FdHolder, csvfs, make_volume
+from scripts.nodes import events_json as events
+from tests.cluster import FdHolder, csvfs, make_volume, status
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -22,14 +22,6 @@ pytestmark = pytest.mark.timeout(90)
 def start_cluster(nodes, image, count, *extra, env=None):
     """The first node becomes coordinator; the others join it."""
     return [nodes.start(image, f"n{index}", *extra, env=env) for index in range(1, count + 1)]
-
-
-def status(image) -> dict:
-    return json.loads(csvfs("status", image, "--json").stdout)
-
-
-def events(image) -> list[dict]:
-    return [json.loads(line) for line in csvfs("events", image, "--json").stdout.splitlines()]
 
 
 # -- joining ------------------------------------------------------------------------------

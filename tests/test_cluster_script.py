@@ -7,12 +7,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.cluster import LOG_PROBLEMS, csvfs, force_unmount, mounts_under
+from scripts.nodes import (
+    cmdline,
+    events_json,
+    force_unmount,
+    mounts_under,
+    pid_alive,
+    processes_naming,
+    stop_daemon,
+    wait_until,
+)
+from tests.cluster import LOG_PROBLEMS
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -25,29 +34,9 @@ def run_script(directory: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=75, stdin=subprocess.DEVNULL)
 
 
-def running(pid: int) -> bool:
-    """pid exists and has not exited (a zombie has: nobody may ever reap a daemon)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 def processes_under(directory: Path) -> list[int]:
     """Live processes with this test's own directory in their argv: only ours can have it."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or not running(int(entry)):
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                argv = cmdline.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if any(arg.startswith(os.fspath(directory)) for arg in argv):
-            found.append(int(entry))
-    return found
+    return sorted(processes_naming([directory], below=True))
 
 
 def recorded(directory: Path) -> dict:
@@ -61,20 +50,13 @@ def cluster_dir(tmp_path):
     pids: set[int] = set()
     yield directory, pids
     for mountpoint in mounts_under(directory):
-        force_unmount(Path(mountpoint))
-    pids.update(processes_under(directory))
-    pids = {pid for pid in pids if running(pid)}
-    for pid in pids:
-        os.kill(pid, signal.SIGCONT)
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        if running(pid):
-            os.kill(pid, signal.SIGKILL)
+        force_unmount(mountpoint)
+    for pid in processes_under(directory):  # the recorded pids too, unless reused since
+        argv = cmdline(pid)  # as it is now: stop_daemon leaves the pid alone if it changes
+        if argv:
+            stop_daemon(pid, None, argv=argv)
     for mountpoint in mounts_under(directory):
-        force_unmount(Path(mountpoint))
+        force_unmount(mountpoint)
 
 
 def log_problems(directory: Path) -> list[str]:
@@ -120,7 +102,7 @@ def test_up_use_refuse_down(cluster_dir):
     assert len(again.stderr.splitlines()) == 1 and "already up" in again.stderr
     assert "Traceback" not in again.stderr
     assert recorded(directory) == state
-    assert all(running(node["pid"]) for node in state["nodes"])
+    assert all(pid_alive(node["pid"]) for node in state["nodes"])
 
     down = run_script(directory, "down")
     assert down.returncode == 0, down.stderr
@@ -128,13 +110,12 @@ def test_up_use_refuse_down(cluster_dir):
         assert f"{name} (pid" in down.stdout
     assert down.stdout.index("node1 (pid") > down.stdout.index("node3 (pid")  # coordinator last
     assert mounts_under(directory) == []
-    assert not [pid for pid in pids if running(pid)]
+    assert not [pid for pid in pids if pid_alive(pid)]
     assert processes_under(directory) == []
     assert not (directory / "cluster.json").exists()
     assert (directory / "vol.img").exists()
 
-    kinds = [event["kind"] for event in
-             map(json.loads, csvfs("events", directory / "vol.img", "--json").stdout.splitlines())]
+    kinds = [event["kind"] for event in events_json(directory / "vol.img")]
     assert kinds.count("election") == 1 and "takeover" not in kinds  # no needless failover
     assert kinds.count("leave") == 2 and kinds.count("unmount") == 1
     assert log_problems(directory) == []
@@ -167,9 +148,7 @@ def test_down_cleans_up_after_a_killed_node(cluster_dir):
     member = recorded(directory)["nodes"][1]
     pids.update(node["pid"] for node in recorded(directory)["nodes"])
     os.kill(member["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while running(member["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not pid_alive(member["pid"]), 10, interval=0.02)
     down = run_script(directory, "down")
     assert down.returncode == 0, down.stderr
     assert "node2 (pid" in down.stdout and "had already exited" in down.stdout

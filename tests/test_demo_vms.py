@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import force_unmount, mounts_under
+from scripts.nodes import force_unmount, mounts_under
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,7 +30,7 @@ def test_six_vms_on_three_nodes_verify_everywhere(tmp_path):
     finally:
         left = mounts_under(directory)  # the demo must have taken its cluster down itself
         for mountpoint in left:
-            force_unmount(Path(mountpoint))
+            force_unmount(mountpoint)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| node")]
     assert len(rows) == 6 and all(row.count("| ok ") == 3 for row in rows), result.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,14 +12,11 @@ import pytest
 
 from coordinator.journal import raw_records
 from csvfs.volume.image import Volume
+from scripts.nodes import events_json
 from tests import storm
-from tests.cluster import FdHolder, csvfs
+from tests.cluster import FdHolder, csvfs, status
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def status(image) -> dict:
-    return json.loads(csvfs("status", image, "--json").stdout)
 
 
 class Storm:
@@ -181,6 +177,5 @@ def test_clean_unmount_of_the_coordinator_hands_the_volume_over(image, nodes):
     assert report["coordinator"]["name"] in ("n2", "n3")
     states = {node["name"]: node["state"] for node in report["nodes"]}
     assert states == {"n1": "stopped", "n2": "alive", "n3": "alive"}
-    takeovers = [e for e in map(json.loads, csvfs("events", image, "--json").stdout.splitlines())
-                 if e["kind"] == "takeover"]
+    takeovers = [e for e in events_json(image) if e["kind"] == "takeover"]
     assert takeovers == []  # a handover, not a takeover

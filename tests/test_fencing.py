@@ -1,6 +1,5 @@
 """A coordinator that stalls past its lease is replaced, never commits again, and rejoins."""
 
-import json
 import os
 import signal
 import time
@@ -9,6 +8,7 @@ import pytest
 
 from coordinator.journal import raw_records
 from csvfs.volume.image import Volume
+from scripts.nodes import events_json
 from tests.cluster import FdHolder, csvfs
 
 pytestmark = pytest.mark.timeout(60)
@@ -43,7 +43,7 @@ def test_stalled_coordinator_steps_down_and_rejoins_after_a_takeover(image, node
     stale.unmount()
     fresh.unmount()
     assert csvfs("fsck", image, check=False).returncode == 0
-    events = [json.loads(line) for line in csvfs("events", image, "--json").stdout.splitlines()]
+    events = events_json(image)
     takeovers = [event for event in events if event["kind"] == "takeover"]
     assert len(takeovers) == 1 and takeovers[0]["node"] == "fresh"
     assert "took over from stale" in takeovers[0]["msg"]

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from csvfs import fuse_shim
+from scripts.nodes import MountProcess
 
-HELPER = Path(__file__).with_name("shim_fs.py")
+HELPER = "tests.shim_fs"  # run with -m from the repository root, as pytest is
 SHIM = Path(fuse_shim.__file__).with_name(fuse_shim.SHIM_NAME)
 
 # Values mirrored from tests/shim_fs.py.
@@ -56,39 +57,20 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class Mount:
     def __init__(self, base: Path, flags: tuple[str, ...]) -> None:
         self.dir = base / "mnt"
-        self.dir.mkdir(parents=True)
         self.file = self.dir / "data"
         self.record_path = base / "records.jsonl"
         self.tick_path = base / "records.jsonl.tick"
         self.victim_path = base / "records.jsonl.victim"
         self.stderr_path = base / "fs.stderr"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.flags = flags
+        self.server = MountProcess(
+            [sys.executable, "-m", HELPER, self.dir, self.record_path, *flags], self.dir,
+            label="the test filesystem", output=self.stderr_path)
 
     def start(self) -> None:
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(HELPER), str(self.dir), str(self.record_path), *self.flags],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        deadline = time.monotonic() + 15
-        while not os.path.ismount(self.dir):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"filesystem did not mount:\n{self.stderr_path.read_text()}")
-            time.sleep(0.05)
+        self.server.start(timeout=15)
 
     def stop(self) -> None:
-        # Lazy unmount first: the fs process then sees ENODEV and exits cleanly.
-        subprocess.run(["fusermount3", "-u", "-z", str(self.dir)], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        self.server.stop()
 
     def records(self) -> list[dict[str, int]]:
         if not self.record_path.exists():

@@ -1,9 +1,8 @@
-import json
 import os
-from pathlib import Path
 
 import pytest
 
+from scripts.nodes import events_json, fd_flags, fds_open_on
 from tests.cluster import csvfs
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,14 +32,12 @@ def test_clean_unmount_leaves_a_checkpoint_and_an_empty_journal(mount):
 def test_fresh_volume_is_clean_and_logs_its_creation(image):
     report = csvfs("fsck", image)
     assert "volume is clean" in report.stdout
-    events = [json.loads(line) for line in csvfs("events", image, "--json").stdout.splitlines()]
-    assert [event["kind"] for event in events] == ["mkfs"]
+    assert [event["kind"] for event in events_json(image)] == ["mkfs"]
 
 
 def test_event_ring_records_election_mount_and_unmount(mount):
     mount.unmount()
-    kinds = [json.loads(line)["kind"]
-             for line in csvfs("events", mount.image, "--json").stdout.splitlines()]
+    kinds = [event["kind"] for event in events_json(mount.image)]
     assert kinds == ["mkfs", "election", "unmount"]
     text = csvfs("events", mount.image).stdout
     assert "became coordinator, epoch 1" in text
@@ -51,11 +48,8 @@ def test_node_reads_dev_fuse_without_blocking(mount):
     once the node served a request, its /dev/fuse descriptor is non-blocking."""
     os.stat(mount.path(""))
     pid = mount.process.pid
-    fuse_fds = [fd for fd in os.listdir(f"/proc/{pid}/fd")
-                if os.path.realpath(f"/proc/{pid}/fd/{fd}") == "/dev/fuse"]
+    fuse_fds = fds_open_on(pid, "/dev/fuse")
     assert fuse_fds
     for fd in fuse_fds:
-        info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        flags = int(next(line.split()[1] for line in info.splitlines()
-                         if line.startswith("flags:")), 8)
-        assert flags & os.O_NONBLOCK, info
+        flags = fd_flags(pid, fd)
+        assert flags & os.O_NONBLOCK, f"fd {fd}: flags {flags:o}"

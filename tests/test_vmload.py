@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from tests.cluster import csvfs, make_volume
+from scripts.nodes import events_json as events
+from tests.cluster import csvfs, make_volume, status
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,10 +72,6 @@ def vms(tmp_path):
 
 def start_cluster(nodes, image, count):
     return [nodes.start(image, f"n{index}") for index in range(1, count + 1)]
-
-
-def events(image) -> list[dict]:
-    return [json.loads(line) for line in csvfs("events", image, "--json").stdout.splitlines()]
 
 
 def assert_verifies_everywhere(vms, cluster, vm) -> list[dict]:
@@ -148,8 +145,7 @@ def test_a_commanded_migration_shows_in_the_open_file_table(image, nodes, vms):
 
 
 def holders(image, path) -> set[str]:
-    report = json.loads(csvfs("status", image, "--json").stdout)
-    return {name for entry in report["open_files"] if entry["path"] == path
+    return {name for entry in status(image)["open_files"] if entry["path"] == path
             for name in entry["nodes"]}
 
 
