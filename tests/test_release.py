@@ -7,20 +7,16 @@ The coordinator's open-file table must come out right whatever happens meanwhile
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
 import pytest
 
-from tests.cluster import FdHolder, csvfs, force_unmount, is_mounted
+from scripts.nodes import force_unmount, is_mounted
+from tests.cluster import FdHolder, status
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def status(image) -> dict:
-    return json.loads(csvfs("status", image, "--json").stdout)
 
 
 def wait_for_log(node, text: str, timeout: float = 20) -> None:
