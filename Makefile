@@ -23,7 +23,7 @@ test:
 	$(PY) -m pytest -q
 
 bench:
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(if $(BASELINE),--baseline $(BASELINE))
 
 cluster:
 	$(PY) scripts/cluster.py up -n $(N)
