@@ -26,6 +26,7 @@ from bench_targets import (
     Target,
     layout,
     log,
+    round_order,
     run_fio_jobs,
     start_until_teardown,
     tail,
@@ -128,8 +129,7 @@ def run_cluster_metadata(mountpoints: dict[str, Path], args) -> dict[str, dict[s
     for name in names:
         (mountpoints[name] / f"meta-{name}").mkdir()
     for round_no in range(args.repeat):
-        shift = round_no % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in round_order(names, round_no):
             samples = metabench.measure(mountpoints[name] / f"meta-{name}", per_round)
             for operation, values in samples.items():
                 latencies[name].setdefault(operation, []).extend(values)

@@ -279,15 +279,23 @@ def layout(target: Target, size_mib: int) -> None:
         raise BenchError(f"layout wrote {result.io_bytes} bytes, not {size_mib} MiB")
 
 
+def round_order(items: list, round_no: int) -> list:
+    """The order of round round_no: rotated each round, so that none always runs first,
+    and reversed in every other cycle of rotations, so that none always follows the same
+    one (rotating and reversing in alternate rounds would undo each other for two)."""
+    if not items:
+        return []
+    shift = round_no % len(items)
+    order = items[shift:] + items[:shift]
+    if (round_no // len(items)) % 2:
+        order.reverse()
+    return order
+
+
 def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
     samples = {(t.name, w.name): Samples() for t in targets for w in WORKLOADS}
     for round_no in range(args.repeat):
-        # rotate the target order each round so no target always runs first, and
-        # reverse it every other round so no target always follows the same one
-        shift = round_no % len(targets)
-        order = targets[shift:] + targets[:shift]
-        if round_no % 2:
-            order.reverse()
+        order = round_order(targets, round_no)
         for workload in WORKLOADS:
             for target in order:
                 cell = samples[(target.name, workload.name)]
@@ -321,8 +329,7 @@ def run_metadata(targets: list[Target], args) -> dict[str, dict[str, list[float]
     per_round = max(2, math.ceil(args.meta_count / args.repeat))
     latencies: dict[str, dict[str, list[float]]] = {}
     for round_no in range(args.repeat):
-        shift = round_no % max(1, len(up))
-        for target in up[shift:] + up[:shift]:
+        for target in round_order(up, round_no):
             try:
                 samples = metabench.measure(target.file.parent, per_round)
             except OSError as exc:
