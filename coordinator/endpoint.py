@@ -6,7 +6,8 @@ that makes it a session: it gets pushed pause, map and resume notifications
 for those files and invalidations of the directory attributes its kernel
 caches, and it must renew its grant with `heartbeat`. The grant bounds how
 long the node may do direct I/O without hearing from us, so that a node we
-cut off is known to have stopped writing once it runs out.
+cut off is known to have stopped writing once it runs out. The names of
+these requests and pushes are in csvfs/cluster/messages.py.
 """
 
 from __future__ import annotations
