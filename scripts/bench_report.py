@@ -81,7 +81,9 @@ def baseline_section(args, samples: dict[tuple[str, str], Samples],
             f"{args.baseline}`) as one more single-node target, in the same fio rounds and "
             "metadata rounds as the others: throughput ratios are medians of the per-round "
             "ratios (above 1: faster now), latency ratios are of the p50s and p99s (below 1: "
-            "faster now).\n\n" + "\n".join(rows) + "\n")
+            "faster now). With more targets than rounds, a target may follow the same one in "
+            "every round; `--targets csvfs --no-cluster` measures the pair alone, in a "
+            "balanced order.\n\n" + "\n".join(rows) + "\n")
 
 
 def format_cell(result: Result | None, show_iops: bool) -> str:
