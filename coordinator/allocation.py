@@ -151,7 +151,7 @@ class Allocation:
         """Once the map record `seq` is durable, hand its map to the file's holders."""
         await self.commits.durable(seq)
         if seq is not None:
-            names = [name for name in self.sessions.holders.of(ino)
+            names = [name for name in self.sessions.holding(ino)
                      if to_requester or name != request.session]
             await self.sessions.hand_out_map(ino, reply, request, names)
 

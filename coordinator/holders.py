@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
 
 from coordinator.model import MetadataState
 from csvfs.cluster.events import EventLog
@@ -72,9 +71,6 @@ class Holders:
 
     def table(self) -> dict[int, dict[str, int]]:
         return {ino: dict(holders) for ino, holders in self.counts.items()}
-
-    def inodes(self) -> Iterable[int]:
-        return list(self.counts)
 
     def _note_handoff(self, ino: int) -> None:
         """A file open on one node, then on two, is now open on one again: if that is

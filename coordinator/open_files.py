@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 
-import trio
-
 from coordinator.attributes import Attributes
 from coordinator.commit import Commits, Request
 from coordinator.holders import Holders
@@ -77,8 +75,7 @@ class OpenFiles:
 
     def _register(self, session: NodeSession, opens: list) -> tuple[list, set[int]]:
         name = session.name
-        self.sessions.by_name[name] = session
-        self.sessions.lingering.pop(name, None)
+        self.sessions.joined(session)
         dropped = set(self.holders.drop_node(name))
         maps = []
         for ino, handles in opens:
@@ -94,16 +91,8 @@ class OpenFiles:
     async def leave(self, name: str, writing_until: float | None = None) -> None:
         """A node's session ended. If it may still be doing I/O until `writing_until`
         (it was cut off rather than gone), its open files count until then."""
-        self.sessions.by_name.pop(name, None)
-        lingering = self.sessions.lingering
-        if writing_until is not None and writing_until > trio.current_time():
-            lingering[name] = writing_until
-            await trio.sleep_until(writing_until)
-            if lingering.get(name) != writing_until:
-                return  # it came back meanwhile and registered afresh
-        lingering.pop(name, None)
-        if name in self.sessions:
-            return
+        if not await self.sessions.ended(name, writing_until):
+            return  # it came back and registered afresh
         log.debug("%s left; forgetting its open files", name)
         for ino in self.holders.drop_node(name):
             await self.reclaim_if_unused(ino)

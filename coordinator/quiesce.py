@@ -101,6 +101,24 @@ class Sessions:
     def __contains__(self, name: str) -> bool:
         return name in self.by_name
 
+    def joined(self, session: NodeSession) -> None:
+        """A node (re)registered: it is in session, and no longer lingering."""
+        self.by_name[session.name] = session
+        self.lingering.pop(session.name, None)
+
+    async def ended(self, name: str, writing_until: float | None = None) -> bool:
+        """A node's session ended. If it may still be doing I/O until `writing_until`
+        (it was cut off rather than gone), it lingers until then. True if it is still
+        gone afterwards, False if it came back and registered afresh meanwhile."""
+        self.by_name.pop(name, None)
+        if writing_until is not None and writing_until > trio.current_time():
+            self.lingering[name] = writing_until
+            await trio.sleep_until(writing_until)
+            if self.lingering.get(name) != writing_until:
+                return False
+        self.lingering.pop(name, None)
+        return name not in self.by_name
+
     def holding(self, ino: int) -> list[str]:
         """The nodes in session that have ino open."""
         return [name for name in self.holders.of(ino) if name in self.by_name]
@@ -139,14 +157,14 @@ class Sessions:
         self.evict(name, f"did not acknowledge {what} within {self.pause_timeout:g} s")
         return False
 
-    async def hand_out_map(self, ino: int, reply: dict, request: Request | None,
-                           names: list[str], resume: bool = False) -> None:
+    async def hand_out_map(self, ino: int, reply: dict, request: Request, names: list[str],
+                           resume: bool = False) -> None:
         """Send a durable map (taken when its record was appended) to these nodes, and
         wait until they have it. Every one but the requester also drops the attributes
         its kernel caches of ino; with `resume`, each lifts its pause on ino as well.
         One acknowledged push per node: for a holder that is the whole cost of a change
         to a file it has open. A node drops a map if a newer one got there first."""
-        requester = request.session if request is not None else None
+        requester = request.session
         names = [name for name in names if name in self.by_name]
         log.debug("inode %d: map version %d to %s%s", ino, reply["version"], names or "nobody",
                   " with resume" if resume else "")
@@ -159,10 +177,10 @@ class Sessions:
                 for name in others:
                     nursery.start_soon(self.acknowledged, name, f"map of inode {ino}",
                                        partial(_take_map_now, ino, reply, resume))
-        if request is not None and not self._untold_holder(ino, requester, names):
+        if not self._untold_holder(ino, requester, names):
             request.touched.discard(ino)  # every holder has dropped what it cached
 
-    def _untold_holder(self, ino: int, requester: str | None, told: list[str]) -> bool:
+    def _untold_holder(self, ino: int, requester: str, told: list[str]) -> bool:
         return any(name != requester and name not in told for name in self.holding(ino))
 
     async def tell_holders(self, request: Request) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from csvfs.cluster import messages
 from csvfs.cluster.election import read_lease, read_slot, slot_alive
 from csvfs.cluster.errors import MetaError
 from csvfs.cluster.rpc_client import RpcClient
@@ -92,7 +93,7 @@ async def _ask(address: str, key: bytes) -> dict:
     with trio.fail_after(ASK_TIMEOUT):
         async with await RpcClient.connect(host, port, key, f"status-{os.getpid()}",
                                            timeout=ASK_TIMEOUT) as client:
-            return await client.call("status", timeout=ASK_TIMEOUT)
+            return await client.call(messages.STATUS, timeout=ASK_TIMEOUT)
 
 
 def _merge(report: dict, answer: dict) -> None:

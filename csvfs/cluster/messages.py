@@ -22,8 +22,6 @@ MAP = "map"  # {ino, size, runs, version, resume, forget[, token]}: a new map of
 RESUME = "resume"  # {ino}: open ino's gate again (a quiesce that changed nothing)
 INVALIDATE = "invalidate"  # {inos, entries[, token]}: drop what the kernel caches
 
-PUSHES = (PAUSE, MAP, RESUME, INVALIDATE)
-
 
 def brief(args: dict) -> str:
     """A request's arguments for a debug log line, without bulk (xattr values, lists)."""
