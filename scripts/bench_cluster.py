@@ -26,7 +26,7 @@ from bench_targets import (
     Target,
     layout,
     log,
-    round_order,
+    metadata_rounds,
     run_fio_jobs,
     start_until_teardown,
     tail,
@@ -122,20 +122,11 @@ class ClusterResults:
 
 
 def run_cluster_metadata(mountpoints: dict[str, Path], args) -> dict[str, dict[str, list]]:
-    """metabench on each node's mount, in --repeat rounds with the node order rotated."""
-    names = list(mountpoints)
-    latencies: dict[str, dict[str, list[float]]] = {name: {} for name in names}
-    per_round = max(2, math.ceil(args.meta_count / args.repeat))
-    for name in names:
-        (mountpoints[name] / f"meta-{name}").mkdir()
-    for round_no in range(args.repeat):
-        for name in round_order(names, round_no):
-            samples = metabench.measure(mountpoints[name] / f"meta-{name}", per_round)
-            for operation, values in samples.items():
-                latencies[name].setdefault(operation, []).extend(values)
-            log(f"[{round_no + 1}/{args.repeat}] metadata on node {name}: "
-                f"{per_round} of each")
-    return latencies
+    """metabench on each node's mount, in a directory of its own."""
+    directories = {name: mountpoints[name] / f"meta-{name}" for name in mountpoints}
+    for directory in directories.values():
+        directory.mkdir()
+    return metadata_rounds(directories, args)
 
 
 class Paced(list):

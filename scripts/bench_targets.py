@@ -10,6 +10,7 @@ import signal
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -323,21 +324,35 @@ def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
 
 
 def run_metadata(targets: list[Target], args) -> dict[str, dict[str, list[float]]]:
-    """Single-operation metadata latencies on every single-node target that is up, in
-    --repeat rounds with the target order rotated."""
+    """Single-operation metadata latencies on every single-node target that is up; a
+    target that fails is left out, with a line in the log."""
     up = [t for t in targets if not t.error and t.file is not None and t.name in SINGLE_NODE]
+
+    def failed(name: str, exc: OSError) -> None:
+        log(f"{name}: metadata latency failed: {exc}")
+
+    return metadata_rounds({t.name: t.file.parent for t in up}, args, failed)
+
+
+def metadata_rounds(directories: dict[str, Path], args,
+                    failed: Callable[[str, OSError], None] | None = None
+                    ) -> dict[str, dict[str, list[float]]]:
+    """metabench in each directory, --meta-count of each operation in --repeat rounds
+    with the order rotated (round_order). An OSError goes to failed(name, exc), and the
+    rounds go on; without failed, it is raised."""
     per_round = max(2, math.ceil(args.meta_count / args.repeat))
-    latencies: dict[str, dict[str, list[float]]] = {}
+    latencies: dict[str, dict[str, list[float]]] = {name: {} for name in directories}
     for round_no in range(args.repeat):
-        for target in round_order(up, round_no):
+        for name in round_order(list(directories), round_no):
             try:
-                samples = metabench.measure(target.file.parent, per_round)
+                samples = metabench.measure(directories[name], per_round)
             except OSError as exc:
-                log(f"{target.name}: metadata latency failed: {exc}")
+                if failed is None:
+                    raise
+                failed(name, exc)
                 continue
             for operation, values in samples.items():
-                latencies.setdefault(target.name, {}).setdefault(operation, []).extend(values)
-        log(f"[{round_no + 1}/{args.repeat}] metadata latency: {per_round} of each")
-    return latencies
-
-
+                latencies[name].setdefault(operation, []).extend(values)
+        log(f"[{round_no + 1}/{args.repeat}] metadata latency on {', '.join(directories)}: "
+            f"{per_round} of each")
+    return {name: found for name, found in latencies.items() if found}
