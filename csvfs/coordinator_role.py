@@ -53,7 +53,6 @@ class CoordinatorRole:
                  datapath: DataPath, lease_seconds: float, nursery: trio.Nursery,
                  on_lost: Callable[[CoordinatorRole, str], None]):
         self.name = name
-        self.coordinator_name = name
         self.volume = volume
         self.election = election
         self.gates = gates
@@ -64,6 +63,10 @@ class CoordinatorRole:
         self.service: MetadataService | None = None
         self.endpoint: CoordinatorEndpoint | None = None
         self.events: EventLog | None = None
+
+    @property
+    def coordinator_name(self) -> str:
+        return self.name
 
     async def start(self, recovered: recovery.Recovered, epoch: int, old: Lease) -> None:
         self.events = events = EventLog(self.volume, self.name)

@@ -66,7 +66,7 @@ class _RefusedReleaseReplies(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
-_REFUSED_RELEASE_FILTER = _RefusedReleaseReplies()
+REFUSED_RELEASE_REPLIES = _RefusedReleaseReplies()  # for the pyfuse3 logger
 
 
 def _io_error(what: str, exc: OSError) -> pyfuse3.FUSEError:
@@ -125,7 +125,6 @@ class CsvfsOperations(pyfuse3.Operations):
         """`meta(method, **args)` is a metadata request to the coordinator;
         `forget_later(inos)` drops kernel attributes soon, outside the handler."""
         super().__init__()
-        logging.getLogger("pyfuse3").addFilter(_REFUSED_RELEASE_FILTER)
         self.data = datapath
         self.gates = gates
         self.meta = meta

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from csvfs.cluster.errors import NotCoordinator
 from csvfs.cluster.rpc_server import RpcServer
 from csvfs.cluster.transport import join_address, split_address, split_advertised
 from csvfs.datapath import DataPath
-from csvfs.fuse_ops import CsvfsOperations
+from csvfs.fuse_ops import REFUSED_RELEASE_REPLIES, CsvfsOperations
 from csvfs.membership import Membership
 from csvfs.quiesce import FileGates
 from csvfs.volume import format as fmt
@@ -40,14 +39,10 @@ class NodeConfig:
     image: Path
     mountpoint: Path
     key_path: Path
-    name: str = ""
+    name: str  # the CLI makes it HOST-PID when --name is not given
     lease_seconds: float = 3.0
     listen_text: str = "127.0.0.1:0"  # where the RPC server listens; port 0: any free one
     advertise_text: str = ""  # where other nodes reach it, if not there: HOST[:PORT]
-
-    def __post_init__(self):
-        if not self.name:
-            self.name = f"{socket.gethostname()}-{os.getpid()}"
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -148,15 +143,19 @@ class Node:
     async def _revalidate(self) -> float | None:
         return await self.membership.revalidate()
 
+    def _endpoint(self):
+        """The coordinator's endpoint, if this node is the coordinator."""
+        return self.membership.endpoint if self.membership is not None else None
+
     async def _handle_rpc(self, peer, method: str, args: dict):
         """The RPC server's handler: only the coordinator answers."""
-        endpoint = self.membership.endpoint if self.membership is not None else None
+        endpoint = self._endpoint()
         if endpoint is None:
             raise NotCoordinator("this node is not the coordinator")
         return await endpoint.handle(peer, method, args)
 
     def _peer_gone(self, peer) -> None:
-        endpoint = self.membership.endpoint if self.membership is not None else None
+        endpoint = self._endpoint()
         if endpoint is not None:
             endpoint.disconnected(peer)
 
@@ -167,6 +166,7 @@ class Node:
 
     async def _mount_and_serve(self, ready) -> None:
         operations = CsvfsOperations(self.datapath, self.gates, self._meta, self._forget_later)
+        logging.getLogger("pyfuse3").addFilter(REFUSED_RELEASE_REPLIES)
         fuse_shim.set_handler(operations.fallocate)
         options = set(pyfuse3.default_options)
         options |= {"fsname=csvfs", "subtype=csvfs", "allow_other"}
