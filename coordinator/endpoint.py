@@ -122,6 +122,9 @@ class RemoteSession(NodeSession):
     def resume(self, ino: int) -> None:
         self._push(messages.RESUME, {"ino": ino})
 
+    def locks_changed(self, ino: int) -> None:
+        self._push(messages.LOCKS_CHANGED, {"ino": ino})
+
     def evict(self, reason: str) -> float | None:
         self.peer.close(f"evicted: {reason}")
         self._outbox_send.close()
@@ -153,8 +156,9 @@ class CoordinatorEndpoint:
         return await handler(peer, **args)
 
     async def _register(self, peer: Peer, slot: int, opens: list[tuple[int, int]],
-                        epoch: int = 0) -> dict:
-        """`opens` is [inode, handles] for each file the node has open."""
+                        epoch: int = 0, locks: list | None = None) -> dict:
+        """`opens` is [inode, handles] for each file the node has open; `locks` the
+        locks it holds (coordinator/locks.py)."""
         if epoch > self.service.epoch:  # the node has seen a newer coordinator than us
             raise NotCoordinator(f"epoch {self.service.epoch} is stale: the node saw {epoch}")
         old = self.sessions.get(peer.name)
@@ -165,11 +169,12 @@ class CoordinatorEndpoint:
         self.sessions[peer.name] = session
         self.nursery.start_soon(session.send_notifications)
         maps = await self.service.join(session, opens)
+        lost = self.service.locks.join(peer.name, locks or [])
         log.info("%s joined with %d open files", peer, len(opens))
         self.service.events.emit("join", f"{peer.name} joined from {peer.address} "
                                  f"with {len(opens)} open files")
         return {"epoch": self.service.epoch, "grant_seconds": self.grant_seconds,
-                "maps": maps}
+                "maps": maps, "lost_locks": lost}
 
     def _session(self, peer: Peer) -> RemoteSession:
         session = self._session_of(peer)

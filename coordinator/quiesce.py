@@ -80,6 +80,10 @@ class NodeSession(Protocol):
         stale["inos"] and the names stale["entries"] ([parent, name] pairs). With
         `wait`, return once it has."""
 
+    def locks_changed(self, ino: int) -> None:
+        """Locks on ino were released: the node's waiters for them should try again
+        (coordinator/locks.py)."""
+
     def evict(self, reason: str) -> float | None:
         """Cut the session off. Returns the trio time until which the node may still be
         doing I/O on what it was last granted, or None if it surely stopped already."""

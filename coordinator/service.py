@@ -20,7 +20,8 @@ The parts, one concern each, from the bottom up:
 - coordinator/allocation.py: extend, fallocate, truncate, punch;
 - coordinator/attributes.py: getattr, setattr, xattrs;
 - coordinator/open_files.py: open, release, join and leave, reclaim;
-- coordinator/namespace.py: lookups, and adding, moving and removing names.
+- coordinator/namespace.py: lookups, and adding, moving and removing names;
+- coordinator/locks.py: cluster-wide flock, POSIX and OFD locks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from coordinator.attributes import Attributes
 from coordinator.commit import Commits, Request
 from coordinator.holders import Holders
 from coordinator.journal import Journal
+from coordinator.locks import Locks
 from coordinator.model import NAME_MAX, MetadataState
 from coordinator.namespace import Namespace
 from coordinator.open_files import OpenFiles
@@ -69,8 +71,9 @@ class MetadataService:
                                     self.attributes, events)
         self.namespace = Namespace(self.commits, self.open_files, self.sessions,
                                    self.attributes)
+        self.locks = Locks(self.sessions)
         self._homes = _homes(self, self.namespace, self.attributes, self.open_files,
-                             self.allocation)
+                             self.allocation, self.locks)
 
     @property
     def state(self) -> MetadataState:
@@ -172,6 +175,8 @@ class MetadataService:
 
     async def leave(self, name: str, writing_until: float | None = None) -> None:
         await self.open_files.leave(name, writing_until)
+        if name not in self.sessions:  # gone for good, not back with a new registration
+            self.locks.node_gone(name)
 
     async def reclaim_orphans(self) -> None:
         await self.open_files.reclaim_orphans()

@@ -9,8 +9,18 @@
  * fuse_session_new: pyfuse3 fills a struct fuse_lowlevel_ops without a
  * .fallocate member, so the kernel answers fallocate(2) with EOPNOTSUPP.
  * We add a .fallocate callback that forwards the request to a Python
- * function registered with csvfs_set_fallocate_handler(); Python replies
- * later via csvfs_reply_err(), from a trio task.
+ * function registered with csvfs_set_handler("fallocate", cb); Python
+ * replies later via csvfs_reply_err(), from a trio task.
+ *
+ * Locks the same way: pyfuse3 has no .getlk, .setlk nor .flock, so the
+ * kernel would keep locks per node. If Python registered the "setlk" and
+ * "getlk" handlers before the session is made, we add all three (libfuse
+ * then asks the kernel for FUSE_POSIX_LOCKS and FUSE_FLOCK_LOCKS by itself),
+ * and replace pyfuse3's .flush with one that passes fi->lock_owner, which
+ * pyfuse3 drops (a close releases that owner's POSIX locks). A blocking lock
+ * request registers an interrupt callback, so that a signal to the waiting
+ * process (FUSE_INTERRUPT) reaches Python ("interrupt" handler). Python
+ * replies with csvfs_reply_err() or csvfs_reply_lock().
  *
  * fuse_session_receive_buf: pyfuse3 waits in trio until /dev/fuse is
  * readable, then reads it holding the GIL. A request can leave the queue in
@@ -32,12 +42,27 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
 typedef void (*csvfs_fallocate_cb)(fuse_req_t req, uint64_t ino, int mode,
                                    int64_t offset, int64_t length,
                                    uint64_t fh);
+
+/* kind: 0 a POSIX or OFD lock, 1 flock; type: F_RDLCK, F_WRLCK or F_UNLCK;
+ * [start, end] inclusive, end INT64_MAX meaning to the end of the file. */
+typedef void (*csvfs_setlk_cb)(fuse_req_t req, uint64_t ino, uint64_t fh,
+                               uint64_t owner, int kind, int type,
+                               int64_t start, int64_t end, uint32_t pid,
+                               int sleep);
+typedef void (*csvfs_getlk_cb)(fuse_req_t req, uint64_t ino, uint64_t fh,
+                               uint64_t owner, int type, int64_t start,
+                               int64_t end, uint32_t pid);
+typedef void (*csvfs_flush_cb)(fuse_req_t req, uint64_t ino, uint64_t fh,
+                               uint64_t owner);
+typedef void (*csvfs_interrupt_cb)(fuse_req_t req);
+typedef void (*flush_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 
 typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
 
@@ -46,8 +71,94 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
                                                size_t, void *);
 
 static csvfs_fallocate_cb py_handler;
+static csvfs_setlk_cb py_setlk;
+static csvfs_getlk_cb py_getlk;
+static csvfs_flush_cb py_flush;
+static csvfs_interrupt_cb py_interrupt;
+/* pyfuse3's own flush, for when no Python flush handler is set. */
+static flush_fn pyfuse3_flush;
 /* Set once our fuse_session_new installed the callback. */
 static int interposed;
+static int locks_interposed;
+
+#define LOAD(handler) __atomic_load_n(&(handler), __ATOMIC_ACQUIRE)
+#define LOCK_OFFSET_MAX INT64_MAX
+
+static int64_t lock_end(const struct flock *lock)
+{
+    return lock->l_len == 0 ? LOCK_OFFSET_MAX : lock->l_start + lock->l_len - 1;
+}
+
+static void shim_interrupted(fuse_req_t req, void *data)
+{
+    csvfs_interrupt_cb cb = LOAD(py_interrupt);
+
+    (void)data;
+    if (cb != NULL)
+        cb(req);
+}
+
+static void lock_request(fuse_req_t req, fuse_ino_t ino,
+                         struct fuse_file_info *fi, int kind, int type,
+                         int64_t start, int64_t end, uint32_t pid, int sleep)
+{
+    csvfs_setlk_cb cb = LOAD(py_setlk);
+
+    if (cb == NULL) {
+        fuse_reply_err(req, ENOLCK);
+        return;
+    }
+    /* Before Python sees the request (it may answer it at once, and then the
+     * request is gone). libfuse calls shim_interrupted right here if the
+     * interrupt came already. */
+    if (sleep)
+        fuse_req_interrupt_func(req, shim_interrupted, NULL);
+    cb(req, ino, fi->fh, fi->lock_owner, kind, type, start, end, pid, sleep);
+}
+
+static void shim_setlk(fuse_req_t req, fuse_ino_t ino,
+                       struct fuse_file_info *fi, struct flock *lock, int sleep)
+{
+    lock_request(req, ino, fi, 0, lock->l_type, lock->l_start, lock_end(lock),
+                 lock->l_pid, sleep);
+}
+
+static void shim_flock(fuse_req_t req, fuse_ino_t ino,
+                       struct fuse_file_info *fi, int op)
+{
+    int type = F_UNLCK;
+
+    if (op & LOCK_SH)
+        type = F_RDLCK;
+    else if (op & LOCK_EX)
+        type = F_WRLCK;
+    lock_request(req, ino, fi, 1, type, 0, LOCK_OFFSET_MAX, 0, !(op & LOCK_NB));
+}
+
+static void shim_getlk(fuse_req_t req, fuse_ino_t ino,
+                       struct fuse_file_info *fi, struct flock *lock)
+{
+    csvfs_getlk_cb cb = LOAD(py_getlk);
+
+    if (cb == NULL) {
+        fuse_reply_err(req, ENOLCK);
+        return;
+    }
+    cb(req, ino, fi->fh, fi->lock_owner, lock->l_type, lock->l_start,
+       lock_end(lock), lock->l_pid);
+}
+
+static void shim_flush(fuse_req_t req, fuse_ino_t ino,
+                       struct fuse_file_info *fi)
+{
+    csvfs_flush_cb cb = LOAD(py_flush);
+
+    if (cb == NULL) {
+        pyfuse3_flush(req, ino, fi);
+        return;
+    }
+    cb(req, ino, fi->fh, fi->lock_owner);
+}
 
 static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
                            off_t offset, off_t length,
@@ -96,6 +207,18 @@ EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args,
         ops.fallocate = shim_fallocate;
         interposed = 1;
     }
+    /* Locks only for a caller that will answer them (csvfs, not every user
+     * of the shim), and only where it has none of its own. */
+    if (ops.getlk == NULL && ops.setlk == NULL && ops.flock == NULL &&
+        ops.flush != NULL && LOAD(py_setlk) != NULL && LOAD(py_getlk) != NULL &&
+        LOAD(py_flush) != NULL) {
+        ops.getlk = shim_getlk;
+        ops.setlk = shim_setlk;
+        ops.flock = shim_flock;
+        pyfuse3_flush = ops.flush;
+        ops.flush = shim_flush;
+        locks_interposed = 1;
+    }
     return real(args, &ops, sizeof(ops), userdata);
 }
 
@@ -131,6 +254,47 @@ EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *bu
 EXPORT void csvfs_set_fallocate_handler(csvfs_fallocate_cb cb)
 {
     __atomic_store_n(&py_handler, cb, __ATOMIC_RELEASE);
+}
+
+/* Register the Python callback for one operation; -1 for an unknown name.
+ * The lock handlers must be set before the session is made. */
+EXPORT int csvfs_set_handler(const char *op, void *cb)
+{
+    if (strcmp(op, "fallocate") == 0)
+        __atomic_store_n(&py_handler, (csvfs_fallocate_cb)cb, __ATOMIC_RELEASE);
+    else if (strcmp(op, "setlk") == 0)
+        __atomic_store_n(&py_setlk, (csvfs_setlk_cb)cb, __ATOMIC_RELEASE);
+    else if (strcmp(op, "getlk") == 0)
+        __atomic_store_n(&py_getlk, (csvfs_getlk_cb)cb, __ATOMIC_RELEASE);
+    else if (strcmp(op, "flush") == 0)
+        __atomic_store_n(&py_flush, (csvfs_flush_cb)cb, __ATOMIC_RELEASE);
+    else if (strcmp(op, "interrupt") == 0)
+        __atomic_store_n(&py_interrupt, (csvfs_interrupt_cb)cb, __ATOMIC_RELEASE);
+    else
+        return -1;
+    return 0;
+}
+
+/* F_GETLK's answer: type F_UNLCK for no conflict, else the conflicting lock. */
+EXPORT int csvfs_reply_lock(fuse_req_t req, int type, int64_t start,
+                            int64_t end, uint32_t pid)
+{
+    struct flock lock;
+
+    memset(&lock, 0, sizeof(lock));
+    lock.l_type = type;
+    lock.l_whence = SEEK_SET;
+    if (type != F_UNLCK) {
+        lock.l_start = start;
+        lock.l_len = end == LOCK_OFFSET_MAX ? 0 : end - start + 1;
+        lock.l_pid = pid;
+    }
+    return fuse_reply_lock(req, &lock);
+}
+
+EXPORT int csvfs_locks_interposed(void)
+{
+    return locks_interposed;
 }
 
 EXPORT int csvfs_reply_err(fuse_req_t req, int err)

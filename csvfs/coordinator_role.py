@@ -3,8 +3,9 @@
 Taking it: under the lease lock the election found no live owner, took the
 lease with a new epoch, and recovery loaded the metadata (csvfs/membership.py).
 The role then records the election (and a takeover) in the event ring,
-starts the metadata service, registers this node's own open files with it
-in process (csvfs/quiesce.py FileGates is that node's session), opens the
+starts the metadata service, registers this node's own open files and locks
+with it in process (csvfs/quiesce.py FileGates is that node's session), holds
+lock grants until the other live nodes have re-registered theirs, opens the
 epoch (reclaiming orphans at once if no other node lives, else after two
 lease periods, once the members had time to register again), and serves the
 members through the RPC endpoint (coordinator/endpoint.py).
@@ -32,10 +33,11 @@ import trio
 from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint
 from coordinator.service import MetadataService
-from csvfs.cluster.election import Election, Lease, slot_alive
+from csvfs.cluster.election import Election, Lease, read_slot, slot_alive
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.events import EventLog
 from csvfs.datapath import GRANT_USE, DataPath
+from csvfs.locks import NodeLocks
 from csvfs.quiesce import FileGates
 from csvfs.volume import format as fmt
 from csvfs.volume.image import Volume
@@ -51,8 +53,9 @@ class CoordinatorRole:
 
     def __init__(self, name: str, volume: Volume, election: Election, gates: FileGates,
                  datapath: DataPath, lease_seconds: float, nursery: trio.Nursery,
-                 on_lost: Callable[[CoordinatorRole, str], None]):
+                 on_lost: Callable[[CoordinatorRole, str], None], locks: NodeLocks):
         self.name = name
+        self.locks = locks
         self.volume = volume
         self.election = election
         self.gates = gates
@@ -76,7 +79,11 @@ class CoordinatorRole:
                                                  on_fenced=self._stepped_down)
         self._move_deadlines()
         self.gates.rejoined(await service.join(self.gates, self.gates.open_counts()))
+        self.locks.registered(service.locks.join(self.name, self.locks.held()))
         others = self._other_nodes_alive()
+        # Grant no lock over one a member has not re-registered yet (coordinator/locks.py).
+        service.locks.expect(self._other_node_names(),
+                             trio.current_time() + 2 * self.lease_seconds)
         await service.start(reclaim_orphans=not others)
         self.endpoint = CoordinatorEndpoint(service, self.nursery, self.lease_seconds,
                                             partial(slot_alive, self.volume), self.status)
@@ -110,6 +117,15 @@ class CoordinatorRole:
     def _other_nodes_alive(self) -> bool:
         return any(slot != self.election.slot and slot_alive(self.volume, slot)
                    for slot in range(fmt.MAX_NODES))
+
+    def _other_node_names(self) -> list[str]:
+        names = []
+        for slot in range(fmt.MAX_NODES):
+            if slot != self.election.slot and slot_alive(self.volume, slot):
+                record = read_slot(self.volume, slot)
+                if record and record.get("name"):
+                    names.append(record["name"])
+        return names
 
     async def _reclaim_orphans_later(self, service: MetadataService) -> None:
         """Give the other nodes time to re-register what they have open first."""

@@ -20,6 +20,7 @@ import pyfuse3
 
 from csvfs.cluster.errors import MetaError
 from csvfs.datapath import DataPath, OpenFile
+from csvfs.locks import NodeLocks
 from csvfs.quiesce import FileGates
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,12 @@ class CsvfsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, datapath: DataPath, gates: FileGates, meta,
-                 forget_later: Callable[[list[int]], None]):
+                 forget_later: Callable[[list[int]], None], locks: NodeLocks | None = None):
         """`meta(method, **args)` is a metadata request to the coordinator;
-        `forget_later(inos)` drops kernel attributes soon, outside the handler."""
+        `forget_later(inos)` drops kernel attributes soon, outside the handler;
+        `locks` serves the lock handlers the FUSE shim adds (csvfs/locks.py)."""
         super().__init__()
+        self.locks = locks
         self.data = datapath
         self.gates = gates
         self.meta = meta
@@ -422,6 +425,8 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def release(self, fh):
+        if self.locks is not None:  # the OFD and flock locks of this open file go
+            await self.locks.released(fh)
         handle = self._handles.pop(fh, None)
         self._files.pop(fh, None)
         self._setid_killers.pop(fh, None)
@@ -449,6 +454,23 @@ class CsvfsOperations(pyfuse3.Operations):
         except MetaError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         self.data.update_map(inode, reply["size"], reply["runs"], reply["version"])
+
+    # -- locks: called through the FUSE shim (pyfuse3 has no lock handlers) ------------------
+
+    @_errors
+    async def setlk(self, inode, fh, owner, kind, type, start, end, pid, wait):
+        await self.locks.setlk(inode, fh, owner, kind, type, start, end, pid, wait)
+
+    @_errors
+    async def getlk(self, inode, fh, owner, type, start, end, pid):
+        return await self.locks.getlk(inode, owner, type, start, end)
+
+    @_errors
+    async def flush_locks(self, inode, fh, lock_owner):
+        """flush() with the lock owner pyfuse3 does not pass: a close of any descriptor
+        of a file releases the closing process's POSIX locks on it."""
+        await self.locks.flushed(inode, lock_owner)
+        await self.flush(fh)
 
     # -- xattrs and the volume ---------------------------------------------------------------
 

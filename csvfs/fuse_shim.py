@@ -1,9 +1,11 @@
-"""A C shim between pyfuse3 and libfuse3, for two things pyfuse3 lacks.
+"""A C shim between pyfuse3 and libfuse3, for what pyfuse3 lacks.
 
 ``_fuse_shim.c`` interposes two libfuse3 functions:
 
 - ``fuse_session_new``, to add a ``.fallocate`` operation that calls back into
-  Python (pyfuse3 has no fallocate handler);
+  Python (pyfuse3 has no fallocate handler), and the lock operations
+  (``.getlk``, ``.setlk``, ``.flock``, and a ``.flush`` that passes the lock
+  owner), which make the kernel leave every lock to the filesystem;
 - ``fuse_session_receive_buf``, to read /dev/fuse without blocking. pyfuse3
   reads it holding the GIL once trio saw it readable, and a request withdrawn
   in between (its caller was killed) would otherwise freeze the whole node
@@ -14,12 +16,14 @@ Usage::
     from csvfs import fuse_shim
     fuse_shim.load()          # before pyfuse3 is imported anywhere
     import pyfuse3
-    fuse_shim.set_handler(ops.fallocate)
+    fuse_shim.set_handler("fallocate", ops.fallocate)
+    fuse_shim.set_handler("setlk", ops.setlk)   # and "getlk", "flush": locks
     pyfuse3.init(ops, mountpoint, options)
 
-``ops.fallocate`` is ``async def (inode, mode, offset, length, fh) -> None`` and
-may raise ``pyfuse3.FUSEError``.  Without the shim, fallocate on the mount
-fails with EOPNOTSUPP, and a killed caller can stall the mount.
+See set_handler for each handler's arguments. Each runs as a trio task of its
+own, and its request is answered exactly once. Without the shim, fallocate on
+the mount fails with EOPNOTSUPP, locks are per node, and a killed caller can
+stall the mount.
 """
 
 from __future__ import annotations
@@ -41,23 +45,37 @@ _HERE = Path(__file__).resolve().parent
 _SOURCE = _HERE / "_fuse_shim.c"
 SHIM_NAME = "_fuse_shim.so"
 
-AsyncHandler = Callable[[int, int, int, int, int], Awaitable[None]]
+AsyncHandler = Callable[..., Awaitable[object]]
 
-# void cb(fuse_req_t req, uint64_t ino, int mode, int64_t off, int64_t len, uint64_t fh)
-_CALLBACK = ctypes.CFUNCTYPE(
-    None,
-    ctypes.c_void_p,
-    ctypes.c_uint64,
-    ctypes.c_int,
-    ctypes.c_int64,
-    ctypes.c_int64,
-    ctypes.c_uint64,
-)
+# The C callbacks, by operation (their C types are in _fuse_shim.c).
+_u64, _i64, _int = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int
+_C_TYPES = {
+    # (req, ino, mode, offset, length, fh)
+    "fallocate": ctypes.CFUNCTYPE(None, ctypes.c_void_p, _u64, _int, _i64, _i64, _u64),
+    # (req, ino, fh, owner, kind, type, start, end, pid, sleep)
+    "setlk": ctypes.CFUNCTYPE(None, ctypes.c_void_p, _u64, _u64, _u64, _int, _int, _i64,
+                              _i64, ctypes.c_uint32, _int),
+    # (req, ino, fh, owner, type, start, end, pid)
+    "getlk": ctypes.CFUNCTYPE(None, ctypes.c_void_p, _u64, _u64, _u64, _int, _i64, _i64,
+                              ctypes.c_uint32),
+    # (req, ino, fh, owner)
+    "flush": ctypes.CFUNCTYPE(None, ctypes.c_void_p, _u64, _u64, _u64),
+    # (req): a signal interrupted the process waiting for req
+    "interrupt": ctypes.CFUNCTYPE(None, ctypes.c_void_p),
+}
+OPERATIONS = ("fallocate", "setlk", "getlk", "flush")
+LOCK_KINDS = ("posix", "flock")  # the C side's kind 0 and 1
+F_UNLCK = 2
 
 _lib: ctypes.CDLL | None = None
-# The C side only holds a raw pointer; this reference keeps the thunk alive.
-_c_callback = None
-_handler: AsyncHandler | None = None
+# The async handlers by operation, and the C thunks (the C side only holds raw
+# pointers; these references keep them alive).
+_handlers: dict[str, AsyncHandler] = {}
+_thunks: dict[str, object] = {}
+# Requests that may be interrupted (blocking locks), while their task runs; and those
+# interrupted before their task began.
+_scopes: dict[int, object] = {}
+_interrupted_early: set[int] = set()
 
 
 def _pkg_config(*flags: str) -> list[str]:
@@ -111,8 +129,13 @@ def _open(so: Path) -> ctypes.CDLL | None:
     except OSError as exc:
         log.debug("cannot load %s: %s", so, exc)
         return None
-    lib.csvfs_set_fallocate_handler.argtypes = [_CALLBACK]
-    lib.csvfs_set_fallocate_handler.restype = None
+    lib.csvfs_set_handler.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    lib.csvfs_set_handler.restype = ctypes.c_int
+    lib.csvfs_reply_lock.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_uint32]
+    lib.csvfs_reply_lock.restype = ctypes.c_int
+    lib.csvfs_locks_interposed.argtypes = []
+    lib.csvfs_locks_interposed.restype = ctypes.c_int
     lib.csvfs_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.csvfs_reply_err.restype = ctypes.c_int
     lib.csvfs_fallocate_interposed.argtypes = []
@@ -125,45 +148,115 @@ def active() -> bool:
     return _lib is not None and bool(_lib.csvfs_fallocate_interposed())
 
 
-def set_handler(async_handler: AsyncHandler | None) -> bool:
-    """Register the async fallocate handler (None unregisters it).
+def locks_active() -> bool:
+    """True once pyfuse3.init() went through the shim with the lock handlers set."""
+    return _lib is not None and bool(_lib.csvfs_locks_interposed())
 
-    Returns False when the shim is not loaded; fallocate then stays
-    unsupported.
+
+def set_handler(op: str, async_handler: AsyncHandler | None) -> bool:
+    """Register the async handler of one operation (None unregisters it):
+
+    - "fallocate": ``(inode, mode, offset, length, fh) -> None``;
+    - "setlk": ``(inode, fh, owner, kind, type, start, end, pid, wait) -> None``, kind
+      "posix" (POSIX and OFD locks) or "flock", end inclusive; a blocking one (`wait`)
+      is cancelled when a signal interrupts its caller, who then gets EINTR;
+    - "getlk": ``(inode, fh, owner, type, start, end, pid)`` -> None for no conflict,
+      else the conflicting lock as (type, start, end, pid);
+    - "flush": ``(inode, fh, lock_owner) -> None``, in place of pyfuse3's flush.
+
+    Each may raise ``pyfuse3.FUSEError``. The lock handlers ("setlk", "getlk" and
+    "flush" all three) must be set before pyfuse3.init(). Returns False when the shim
+    is not loaded; the operation then stays as pyfuse3 has it.
     """
-    global _c_callback, _handler
+    if op not in OPERATIONS:
+        raise ValueError(f"no such operation: {op}")
     if _lib is None:
-        log.debug("FUSE shim not loaded; fallocate handler ignored")
+        log.debug("FUSE shim not loaded; %s handler ignored", op)
         return False
-    _handler = async_handler
-    if _c_callback is None:
-        _c_callback = _CALLBACK(_on_fallocate)
-        _lib.csvfs_set_fallocate_handler(_c_callback)
+    if async_handler is None:  # the C side falls back to what it does without one
+        _handlers.pop(op, None)
+        _lib.csvfs_set_handler(op.encode(), None)
+        return True
+    _handlers[op] = async_handler
+    for name in (op, "interrupt") if op == "setlk" else (op,):
+        if name not in _thunks:
+            _thunks[name] = _C_TYPES[name](_CALLBACKS[name])
+        _lib.csvfs_set_handler(name.encode(), ctypes.cast(_thunks[name], ctypes.c_void_p))
     return True
 
 
-def _reply(req: int, err: int) -> None:
+def _reply_err(req: int, err: int) -> None:
     assert _lib is not None
     ret = _lib.csvfs_reply_err(req, err)
     if ret != 0:
-        log.error("fallocate: fuse_reply_err failed: %s", os.strerror(-ret))
+        log.error("fuse_reply_err failed: %s", os.strerror(-ret))
 
 
-def _on_fallocate(req: int, ino: int, mode: int, offset: int, length: int, fh: int) -> None:
+def _reply_done(req: int, result: object) -> None:
+    _reply_err(req, 0)
+
+
+def _reply_lock(req: int, result: object) -> None:
+    assert _lib is not None
+    type_, start, end, pid = result if result is not None else (F_UNLCK, 0, 0, 0)
+    ret = _lib.csvfs_reply_lock(req, type_, start, end, pid)
+    if ret != 0:
+        log.error("fuse_reply_lock failed: %s", os.strerror(-ret))
+
+
+def _dispatch(op: str, req: int, args: tuple, reply=_reply_done,
+              interruptible: bool = False) -> None:
     """Called from C inside fuse_session_process_buf, on pyfuse3's trio thread.
 
     It must neither block nor raise: an exception here would be swallowed by
     ctypes and the request would never be answered.
     """
     try:
-        handler = _handler
+        handler = _handlers.get(op)
         if handler is None:
-            _reply(req, errno.EOPNOTSUPP)
+            _interrupted_early.discard(req)
+            _reply_err(req, errno.EOPNOTSUPP if op == "fallocate" else errno.ENOLCK)
             return
-        _spawn(_serve, handler, req, (ino, mode, offset, length, fh))
+        _spawn(_serve, op, handler, req, args, reply, interruptible)
     except BaseException:
-        log.exception("fallocate: cannot dispatch request")
-        _reply(req, errno.EIO)
+        log.exception("%s: cannot dispatch request", op)
+        _interrupted_early.discard(req)
+        _reply_err(req, errno.EIO)
+
+
+def _on_fallocate(req: int, ino: int, mode: int, offset: int, length: int, fh: int) -> None:
+    _dispatch("fallocate", req, (ino, mode, offset, length, fh))
+
+
+def _on_setlk(req: int, ino: int, fh: int, owner: int, kind: int, type_: int, start: int,
+              end: int, pid: int, sleep: int) -> None:
+    _dispatch("setlk", req, (ino, fh, owner, LOCK_KINDS[kind], type_, start, end, pid,
+                             bool(sleep)), interruptible=bool(sleep))
+
+
+def _on_getlk(req: int, ino: int, fh: int, owner: int, type_: int, start: int, end: int,
+              pid: int) -> None:
+    _dispatch("getlk", req, (ino, fh, owner, type_, start, end, pid), reply=_reply_lock)
+
+
+def _on_flush(req: int, ino: int, fh: int, owner: int) -> None:
+    _dispatch("flush", req, (ino, fh, owner))
+
+
+def _on_interrupt(req: int) -> None:
+    """The kernel interrupted req (its caller got a signal); maybe before it began."""
+    try:
+        scope = _scopes.get(req)
+        if scope is None:
+            _interrupted_early.add(req)
+        else:
+            scope.cancel()
+    except BaseException:
+        log.exception("cannot interrupt a request")
+
+
+_CALLBACKS = {"fallocate": _on_fallocate, "setlk": _on_setlk, "getlk": _on_getlk,
+              "flush": _on_flush, "interrupt": _on_interrupt}
 
 
 def _spawn(fn: Callable[..., Awaitable[None]], *args: object) -> None:
@@ -173,27 +266,42 @@ def _spawn(fn: Callable[..., Awaitable[None]], *args: object) -> None:
     # nursery of pyfuse3.main().  Starting there means main() waits for us, so
     # the reply is sent before pyfuse3.close() can destroy the session.
     nursery = trio.lowlevel.current_task().parent_nursery
+    name = f"csvfs-{args[0]}"
     if nursery is not None:
-        nursery.start_soon(fn, *args, name="csvfs-fallocate")
+        nursery.start_soon(fn, *args, name=name)
     else:
-        trio.lowlevel.spawn_system_task(fn, *args, name="csvfs-fallocate")
+        trio.lowlevel.spawn_system_task(fn, *args, name=name)
 
 
-async def _serve(handler: AsyncHandler, req: int, args: tuple[int, ...]) -> None:
+async def _serve(op: str, handler: AsyncHandler, req: int, args: tuple, reply,
+                 interruptible: bool) -> None:
     import pyfuse3  # already imported by now; importing earlier would be too early
+    import trio
 
     err = errno.EINTR  # what the caller gets if we are cancelled
+    result = None
     try:
-        await handler(*args)
-        err = 0
+        with trio.CancelScope() as scope:
+            if interruptible:
+                _scopes[req] = scope
+                if req in _interrupted_early:
+                    scope.cancel()
+            result = await handler(*args)
+            err = 0
     except pyfuse3.FUSEError as exc:
         err = exc.errno
     except Exception:
-        log.exception("fallocate handler failed for inode %d", args[0])
+        log.exception("%s handler failed for inode %d", op, args[0])
         err = errno.EIO
     finally:
+        if interruptible:
+            _scopes.pop(req, None)
+            _interrupted_early.discard(req)
         # Exactly one reply per request, whatever happened.
-        _reply(req, err)
+        if err:
+            _reply_err(req, err)
+        else:
+            reply(req, result)
 
 
 def main(argv: list[str] | None = None) -> int:

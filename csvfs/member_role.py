@@ -2,8 +2,9 @@
 
 Joining: connect to the address the coordinator published in its slot of the
 lease region, authenticate with the cluster key, and REGISTER the files this
-node has open; the reply's maps replace this node's, and only then are the
-pushes that came meanwhile handled (csvfs/inbox.py). A HEARTBEAT every
+node has open and the locks it holds (csvfs/locks.py); the reply's maps
+replace this node's, and only then are the pushes that came meanwhile handled
+(csvfs/inbox.py). A HEARTBEAT every
 quarter grant renews the grant; the data path does direct I/O only inside
 GRANT_USE of the last grant, measured from before its request went out, so
 that a node the coordinator cut off has surely stopped writing once the grant
@@ -32,6 +33,7 @@ from csvfs.cluster.transport import split_address
 from csvfs.cluster.wire import ProtocolError, RpcError
 from csvfs.datapath import GRANT_USE, DataPath
 from csvfs.inbox import Inbox
+from csvfs.locks import NodeLocks
 from csvfs.quiesce import FileGates
 from csvfs.volume.image import Volume
 
@@ -48,8 +50,9 @@ class MemberRole:
 
     def __init__(self, name: str, volume: Volume, election: Election, key: bytes,
                  gates: FileGates, datapath: DataPath, nursery: trio.Nursery,
-                 on_lost: Callable[[MemberRole, str], None]):
+                 on_lost: Callable[[MemberRole, str], None], locks: NodeLocks):
         self.name = name
+        self.locks = locks
         self.volume = volume
         self.election = election
         self.key = key
@@ -68,7 +71,8 @@ class MemberRole:
         record = read_slot(self.volume, lease.owner_slot) or {}
         host, port = split_address(record.get("address", ""))
         timeout = max(0.1, min(JOIN_TIMEOUT, lease.expiry_ns / 1e9 - time.time()))
-        inbox = Inbox(self.gates.push_handlers(), self.nursery, self._acknowledge)
+        inbox = Inbox({**self.gates.push_handlers(), **self.locks.push_handlers()},
+                      self.nursery, self._acknowledge)
         with trio.fail_after(timeout):
             client = await RpcClient.connect(host, port, self.key, self.name,
                                              on_notify=inbox.notified, timeout=timeout,
@@ -76,6 +80,7 @@ class MemberRole:
             started = time.monotonic()
             reply = await self._register(client, lease.epoch)
         self.gates.rejoined(reply["maps"])
+        self.locks.registered(reply.get("lost_locks", []))
         self.grant_seconds, self.epoch = reply["grant_seconds"], reply["epoch"]
         self.datapath.valid_until = started + GRANT_USE * self.grant_seconds
         self.client, self.coordinator_name = client, lease.owner_name
@@ -89,7 +94,8 @@ class MemberRole:
     async def _register(self, client: RpcClient, epoch: int) -> dict:
         try:
             return await client.call(messages.REGISTER, {
-                "slot": self.election.slot, "epoch": epoch, "opens": self.gates.open_counts()})
+                "slot": self.election.slot, "epoch": epoch, "opens": self.gates.open_counts(),
+                "locks": self.locks.held()})
         except BaseException:
             with trio.CancelScope(shield=True):
                 await client.aclose()

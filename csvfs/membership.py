@@ -37,6 +37,7 @@ from csvfs.cluster.messages import brief
 from csvfs.cluster.wire import RpcError
 from csvfs.coordinator_role import CoordinatorRole
 from csvfs.datapath import DataPath
+from csvfs.locks import NodeLocks
 from csvfs.member_role import MemberRole
 from csvfs.quiesce import FileGates
 from csvfs.volume.errors import VolumeError
@@ -51,7 +52,7 @@ Role = CoordinatorRole | MemberRole
 class Membership:
     def __init__(self, name: str, volume: Volume, election: Election, key: bytes,
                  lease_seconds: float, gates: FileGates, datapath: DataPath,
-                 nursery: trio.Nursery):
+                 nursery: trio.Nursery, locks: NodeLocks):
         self.name = name
         self.volume = volume
         self.election = election
@@ -60,6 +61,7 @@ class Membership:
         self.gates = gates
         self.datapath = datapath
         self.nursery = nursery
+        self.locks = locks
         self.role: Role | None = None  # None while electing
         self.closing = False
         self._settled = trio.Event()
@@ -162,13 +164,13 @@ class Membership:
 
     async def _coordinate(self, recovered: recovery.Recovered, epoch: int, old: Lease) -> None:
         role = CoordinatorRole(self.name, self.volume, self.election, self.gates, self.datapath,
-                               self.lease_seconds, self.nursery, self._role_lost)
+                               self.lease_seconds, self.nursery, self._role_lost, self.locks)
         await role.start(recovered, epoch, old)
         self._settle_on(role)
 
     async def _join(self, lease: Lease) -> bool:
         role = MemberRole(self.name, self.volume, self.election, self.key, self.gates,
-                          self.datapath, self.nursery, self._role_lost)
+                          self.datapath, self.nursery, self._role_lost, self.locks)
         try:
             await role.join(lease)
         except (RpcError, MetaError, OSError, ValueError, trio.TooSlowError) as exc:

@@ -24,6 +24,7 @@ from csvfs.cluster.rpc_server import RpcServer
 from csvfs.cluster.transport import join_address, split_address, split_advertised
 from csvfs.datapath import DataPath
 from csvfs.fuse_ops import REFUSED_RELEASE_REPLIES, CsvfsOperations
+from csvfs.locks import NodeLocks
 from csvfs.membership import Membership
 from csvfs.quiesce import FileGates
 from csvfs.volume import format as fmt
@@ -80,6 +81,7 @@ class Node:
         self.key = b""
         self.datapath: DataPath | None = None
         self.gates: FileGates | None = None
+        self.locks: NodeLocks | None = None
         self.membership: Membership | None = None
         self.operations: CsvfsOperations | None = None  # once mounted
 
@@ -126,9 +128,11 @@ class Node:
             self.datapath = DataPath(self.volume.fd, sb.data.offset, sb.unit_size, self._meta,
                                      self._revalidate)
             self.gates = FileGates(config.name, self.datapath, self._forget_in_kernel)
+            self.locks = NodeLocks(config.name, self._meta)
+            self.gates.on_locks_changed = self.locks.changed
             self.membership = Membership(config.name, self.volume, self.election, self.key,
                                          config.lease_seconds, self.gates, self.datapath,
-                                         nursery)
+                                         nursery, self.locks)
             await self.membership.start()
             await self._mount_and_serve(ready)
             nursery.cancel_scope.cancel()
@@ -165,9 +169,13 @@ class Node:
             await _forget_in_kernel(self.operations, stale)
 
     async def _mount_and_serve(self, ready) -> None:
-        operations = CsvfsOperations(self.datapath, self.gates, self._meta, self._forget_later)
+        operations = CsvfsOperations(self.datapath, self.gates, self._meta, self._forget_later,
+                                     self.locks)
         logging.getLogger("pyfuse3").addFilter(REFUSED_RELEASE_REPLIES)
-        fuse_shim.set_handler(operations.fallocate)
+        fuse_shim.set_handler("fallocate", operations.fallocate)
+        for op, handler in (("setlk", operations.setlk), ("getlk", operations.getlk),
+                            ("flush", operations.flush_locks)):
+            fuse_shim.set_handler(op, handler)
         options = set(pyfuse3.default_options)
         options |= {"fsname=csvfs", "subtype=csvfs", "allow_other"}
         try:
@@ -203,6 +211,7 @@ class Node:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("received %s: unmounting", signal.Signals(signum).name)
+                self.locks.close()  # processes waiting for a lock must not hold the unmount
                 pyfuse3.terminate()
                 return
 

@@ -65,6 +65,8 @@ class FileGates:
         # Files being opened, and what the coordinator said of them before the reply.
         self._opening: Counter[int] = Counter()
         self._early: dict[int, dict] = {}
+        # Where the coordinator's word that locks were released goes (csvfs/locks.py).
+        self.on_locks_changed: Callable[[int], None] = lambda ino: None
 
     def push_handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:
         """What a member does with each push of this protocol."""
@@ -144,6 +146,9 @@ class FileGates:
 
     async def invalidate(self, stale: dict, wait: bool) -> None:
         await self.forget_in_kernel(stale)
+
+    def locks_changed(self, ino: int) -> None:
+        self.on_locks_changed(ino)
 
     def _note_early(self, ino: int, **change) -> None:
         if self._opening[ino]:

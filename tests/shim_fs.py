@@ -203,7 +203,7 @@ def main() -> None:
     mountpoint, record_path = sys.argv[1], sys.argv[2]
     fs = OneFileFs(record_path)
     if "--no-handler" not in sys.argv:
-        fuse_shim.set_handler(fs.fallocate)
+        fuse_shim.set_handler("fallocate", fs.fallocate)
     pyfuse3.init(fs, mountpoint, {"fsname=csvfs_fallocate_test"})
     logging.info("shim loaded=%s active=%s", SHIM_LOADED, fuse_shim.active())
     try:

@@ -278,4 +278,4 @@ def test_load_refuses_after_pyfuse3_import():
 
     assert fuse_shim.load() is False
     assert fuse_shim.active() is False
-    assert fuse_shim.set_handler(None) is False
+    assert fuse_shim.set_handler("fallocate", None) is False

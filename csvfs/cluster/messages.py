@@ -8,7 +8,9 @@ push with a "token" in its body waits for the member's ACK of that token.
 """
 
 # -- session requests, member -> coordinator (coordinator/endpoint.py) ----------------
-REGISTER = "register"  # {slot, epoch, opens: [[ino, handles]...]} -> {epoch, grant_seconds, maps}
+# {slot, epoch, opens: [[ino, handles]...], locks: [[ino, owner, kind, type, start, end,
+# pid]...]} -> {epoch, grant_seconds, maps, lost_locks}
+REGISTER = "register"
 HEARTBEAT = "heartbeat"  # renews the member's grant -> {epoch, grant_seconds}
 ACK = "ack"  # {token}: the push that carried this token is done
 GOODBYE = "goodbye"  # a clean unmount: every file is closed, no I/O follows
@@ -21,6 +23,9 @@ PAUSE = "pause"  # {ino, token}: close ino's I/O gate; ack once nothing is in fl
 MAP = "map"  # {ino, size, runs, version, resume, forget[, token]}: a new map of ino
 RESUME = "resume"  # {ino}: open ino's gate again (a quiesce that changed nothing)
 INVALIDATE = "invalidate"  # {inos, entries[, token]}: drop what the kernel caches
+
+# -- pushes, coordinator -> member: locks (coordinator/locks.py, csvfs/locks.py) ---------
+LOCKS_CHANGED = "locks_changed"  # {ino}: locks on ino were released; waiters try again
 
 
 def brief(args: dict) -> str:
