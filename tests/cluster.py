@@ -113,3 +113,22 @@ class FdHolder:
         self.process.wait(timeout=10)
         self.process.stdin.close()
         self.process.stdout.close()
+
+
+class LockHolder(FdHolder):
+    """tests/lock_holder.py: a process of its own that takes and holds locks on
+    mounts; `ask` one command, or `send` a blocking one and read its `answer` later."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.lock_holder"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+
+    def pid(self) -> int:
+        return int(self.ask("pid").split()[1])
+
+    def ready(self) -> bool:
+        """An answer is waiting (a blocking command returned)."""
+        import select
+
+        return bool(select.select([self.process.stdout], [], [], 0)[0])
