@@ -188,13 +188,16 @@ class CoordinatorRole:
             sessions.append({"name": session.name, "slot": session.slot,
                              "address": session.peer.address, "coordinator": False})
         holders = service.open_table()
-        paths = service.state.paths(holders)
+        locks = service.locks.table_of()
+        paths = service.state.paths({**holders, **locks})
         return {
             "coordinator": self.name,
             "epoch": service.epoch,
             "sessions": sessions,
             "lingering": sorted(service.sessions.lingering),
             "open_files": [[ino, paths.get(ino, ""), nodes] for ino, nodes in holders.items()],
+            "locks": [[ino, paths.get(ino, ""), *lock] for ino, each in locks.items()
+                      for lock in each],
         }
 
     async def close(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from coordinator.locks import F_RDLCK, F_WRLCK, OFFSET_MAX
 from csvfs.cluster import messages
 from csvfs.cluster.election import read_lease, read_slot, slot_alive
 from csvfs.cluster.errors import MetaError
@@ -26,6 +27,7 @@ from csvfs.volume.errors import ExitCode, UserError
 from csvfs.volume.image import Volume, read_key
 
 ASK_TIMEOUT = 3.0
+LOCK_TYPES = {F_RDLCK: "shared", F_WRLCK: "exclusive"}
 
 
 class CoordinatorUnreachable(UserError):
@@ -104,6 +106,10 @@ def _merge(report: dict, answer: dict) -> None:
     report["lingering"] = answer.get("lingering", [])
     report["open_files"] = [{"ino": ino, "path": path, "nodes": nodes}
                             for ino, path, nodes in answer["open_files"]]
+    report["locks"] = [{"ino": ino, "path": path, "node": node, "kind": kind,
+                        "type": LOCK_TYPES.get(type_, "?"), "start": start, "end": end,
+                        "pid": pid}
+                       for ino, path, node, kind, type_, start, end, pid in answer.get("locks", [])]
 
 
 def render(report: dict) -> str:
@@ -134,7 +140,19 @@ def render(report: dict) -> str:
             lines += _table(rows)
         else:
             lines.append("no open files")
+        lines += _locks(report.get("locks", []))
     return "\n".join(lines)
+
+
+def _locks(locks: list[dict]) -> list[str]:
+    if not locks:
+        return []
+    rows = [["INODE", "PATH", "NODE", "KIND", "TYPE", "RANGE", "PID"]]
+    for lock in locks:
+        end = "EOF" if lock["end"] == OFFSET_MAX else str(lock["end"])
+        rows.append([str(lock["ino"]), lock["path"] or "(unlinked)", lock["node"], lock["kind"],
+                     lock["type"], f"{lock['start']}-{end}", str(lock["pid"])])
+    return ["", *_table(rows)]
 
 
 def _table(rows: list[list[str]]) -> list[str]:

@@ -126,6 +126,19 @@ def test_a_signal_interrupts_a_blocking_wait_and_the_node_stays_responsive(two, 
         assert b.ask(take) == "ok"
 
 
+def test_a_node_stops_while_a_process_waits_for_a_lock(two):
+    n1, n2 = two
+    a, b = holders(2)
+    with a, b:
+        opened(a, n1.path("f")), opened(b, n2.path("f"))
+        assert a.ask("flock f ex nb") == "ok"
+        b.send("flock f ex")
+        assert answer_within(b, 0.5) is None
+        n2.process.send_signal(signal.SIGTERM)
+        n2.process.wait(timeout=15)  # the waiter does not hold the node up
+        assert answer_within(b, 5) == "ENOLCK"
+
+
 def test_byte_ranges_conversion_and_getlk(two):
     n1, n2 = two
     a, b = holders(2)
@@ -199,11 +212,16 @@ def test_locks_of_a_dead_member_go_with_its_session(three):
         opened(a, n2.path("f")), opened(c, n3.path("f"))
         assert a.ask("flock f ex nb") == "ok"
         assert a.ask("lock f w 0 0") == "ok"
+        held = {(lock["path"], lock["node"], lock["kind"], lock["type"], lock["pid"])
+                for lock in status(n1.image)["locks"]}
+        assert held == {("/f", "n2", kind, "exclusive", pid)
+                        for kind, pid in (("flock", 0), ("posix", a.pid()))}
         c.send("flock f ex")
         assert answer_within(c, 0.5) is None
         n2.kill(signal.SIGKILL)
         assert answer_within(c, 10) == "ok"
         assert c.ask("lock f w 0 0") == "ok"
+        assert {lock["node"] for lock in status(n1.image)["locks"]} == {"n3"}
 
 
 def test_a_lock_on_a_member_survives_a_sigkill_of_the_coordinator(three):
