@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import pyfuse3
+import trio
 
 from csvfs.cluster.errors import MetaError
 from csvfs.datapath import DataPath, OpenFile
@@ -72,6 +73,24 @@ REFUSED_RELEASE_REPLIES = _RefusedReleaseReplies()  # for the pyfuse3 logger
 def _io_error(what: str, exc: OSError) -> pyfuse3.FUSEError:
     log.error("%s: I/O error on the image: %s", what, exc)
     return pyfuse3.FUSEError(exc.errno or errno.EIO)
+
+
+async def _drop_cached_pages(ino: int) -> None:
+    """fsync and msync are where a shared map catches up with other nodes' writes.
+
+    Only shared maps have pages in the kernel (everything else is direct_io), and the
+    kernel wrote their dirty pages back before it asked for the fsync. A page dirtied
+    since is written back first, as a write to this very node: so the invalidation
+    runs in a worker thread, with the trio thread free to serve that write.
+    """
+    await trio.to_thread.run_sync(_invalidate_pages, ino)
+
+
+def _invalidate_pages(ino: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+    except OSError:
+        pass  # the kernel does not know the inode: nothing cached
 
 
 def _setid_killer(ctx) -> list[int] | None:
@@ -419,6 +438,8 @@ class CsvfsOperations(pyfuse3.Operations):
             await self._flush_mtime(handle.ino)
         await self.data.sync()
         await self.meta("sync")
+        if handle is not None:
+            await _drop_cached_pages(handle.ino)
 
     @_errors
     async def release(self, fh):
