@@ -152,6 +152,7 @@ class CsvfsOperations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}  # fh -> data-path state, regular files only
         self._dir_listings: dict[int, list] = {}
         self._setid_killers: dict[int, list[int]] = {}  # fh -> groups, until its first write
+        self._appending: set[int] = set()  # fh opened with O_APPEND
         self._next_fh = 1
         # Directory attributes, kept like the kernel keeps them (same timeout, dropped by
         # the same invalidations), so that the kernel's permission checks on a directory
@@ -343,12 +344,12 @@ class CsvfsOperations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    async def _open_handle(self, ino: int, setid_killer: list[int] | None) -> int:
+    async def _open_handle(self, ino: int, setid_killer: list[int] | None, flags: int) -> int:
         async with self.gates.opening(ino):
             reply = await self.meta("open", ino=ino)
-            return self._new_handle(reply, setid_killer)
+            return self._new_handle(reply, setid_killer, flags)
 
-    def _new_handle(self, reply: dict, setid_killer: list[int] | None) -> int:
+    def _new_handle(self, reply: dict, setid_killer: list[int] | None, flags: int) -> int:
         """A file handle for the reply of an open or a create."""
         attrs = reply["attrs"]
         ino = attrs["ino"]
@@ -361,6 +362,8 @@ class CsvfsOperations(pyfuse3.Operations):
             self._files[fh] = handle
             if setid_killer is not None:
                 self._setid_killers[fh] = setid_killer
+            if flags & os.O_APPEND:
+                self._appending.add(fh)
         return fh
 
     @staticmethod
@@ -377,7 +380,7 @@ class CsvfsOperations(pyfuse3.Operations):
             await self.meta("setattr", ino=inode, changes={"size": 0})
             if killer is not None:  # as truncate(2) would; the kernel skips it for us
                 await self.meta("kill_setid", ino=inode, groups=killer)
-        fh = await self._open_handle(inode, killer)
+        fh = await self._open_handle(inode, killer, flags)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     @_errors
@@ -387,7 +390,7 @@ class CsvfsOperations(pyfuse3.Operations):
         reply, cacheable = await self._ask("create", parent=parent_inode, name=name, mode=mode,
                                            uid=ctx.uid, gid=ctx.gid)
         self._remember_dirs(reply, cacheable)
-        fh = self._new_handle(reply, self._writer_setid_killer(flags, ctx))
+        fh = self._new_handle(reply, self._writer_setid_killer(flags, ctx), flags)
         return (pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False),
                 self._entry(reply["attrs"], cacheable))
 
@@ -414,6 +417,8 @@ class CsvfsOperations(pyfuse3.Operations):
         try:
             if self._setid_killers and fh in self._setid_killers:  # first write only
                 await self.meta("kill_setid", ino=handle.ino, groups=self._setid_killers.pop(fh))
+            if self._appending and fh in self._appending:
+                return await self._append(handle, buf)
             if self.data.write_direct(handle, off, buf):
                 return len(buf)
             return await self.data.write(handle, off, buf)
@@ -424,6 +429,14 @@ class CsvfsOperations(pyfuse3.Operations):
         except Exception:  # a bug must not kill the mount
             log.exception("write failed unexpectedly")
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _append(self, handle: OpenFile, data: bytes) -> int:
+        """O_APPEND: the kernel's offset is its idea of the end, which another node may
+        have moved; the coordinator writes at the real end (coordinator/allocation.py)."""
+        handle.dirty_mtime = 0  # the append's own time is later than any write before it
+        reply = await self.meta("append", ino=handle.ino, data=bytes(data))
+        self.data.update_map(handle.ino, reply["size"], reply["runs"], reply["version"])
+        return len(data)
 
     @_errors
     async def flush(self, fh):
@@ -446,6 +459,7 @@ class CsvfsOperations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         self._files.pop(fh, None)
         self._setid_killers.pop(fh, None)
+        self._appending.discard(fh)
         if handle is None:
             return
         if handle.file is not None:
