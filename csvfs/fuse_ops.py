@@ -109,6 +109,22 @@ def _setid_killer(ctx) -> list[int] | None:
     return None if capable else groups
 
 
+def _may_open(attrs: dict, flags: int, ctx) -> bool:
+    """The permission check the kernel makes before opening an existing file."""
+    if ctx.uid == 0:
+        return True
+    wanted = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}.get(flags & os.O_ACCMODE, 6)
+    if flags & os.O_TRUNC:
+        wanted |= 2
+    if attrs["uid"] == ctx.uid:
+        granted = attrs["mode"] >> 6 & 7
+    elif attrs["gid"] in (_setid_killer(ctx) or [ctx.gid]):
+        granted = attrs["mode"] >> 3 & 7
+    else:
+        granted = attrs["mode"] & 7
+    return wanted & granted == wanted
+
+
 def _errors(handler):
     @functools.wraps(handler)
     async def guarded(*args, **kwargs):
@@ -387,12 +403,30 @@ class CsvfsOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         # A brand-new file has no units: a pause or map pushed before this reply is
         # processed has nothing stale to protect, so no gates.opening() is needed here.
-        reply, cacheable = await self._ask("create", parent=parent_inode, name=name, mode=mode,
-                                           uid=ctx.uid, gid=ctx.gid)
+        try:
+            reply, cacheable = await self._ask("create", parent=parent_inode, name=name,
+                                               mode=mode, uid=ctx.uid, gid=ctx.gid)
+        except MetaError as exc:
+            if exc.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            # Another node made the name since the kernel looked: open(O_CREAT) without
+            # O_EXCL opens what is there, as it would have on one node.
+            return await self._open_existing(parent_inode, name, flags, ctx)
         self._remember_dirs(reply, cacheable)
         fh = self._new_handle(reply, self._writer_setid_killer(flags, ctx), flags)
         return (pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False),
                 self._entry(reply["attrs"], cacheable))
+
+    async def _open_existing(self, parent_inode, name, flags, ctx):
+        attrs, cacheable = await self._ask("lookup", parent=parent_inode, name=name)
+        if stat.S_ISDIR(attrs["mode"]):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if not stat.S_ISREG(attrs["mode"]):
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if not _may_open(attrs, flags, ctx):  # the kernel checked nothing: it was a create
+            raise pyfuse3.FUSEError(errno.EACCES)
+        info = await self.open(attrs["ino"], flags & ~os.O_CREAT, ctx)
+        return info, self._entry(attrs, cacheable)
 
     # read and write are the hot path: no decorator layer, one dict lookup for the
     # handle, then the data path's synchronous fast path; coroutines only when slow.
