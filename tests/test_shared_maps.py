@@ -60,6 +60,17 @@ def test_a_write_on_the_mapping_node_shows_in_its_map_at_once(two):
         os.close(fd)
 
 
+def test_a_read_on_the_mapping_node_sees_the_maps_unsynced_writes(two):
+    first, _second = two
+    fd, view = _map(first.path("shm"), 2 * PAGE, create=True)
+    try:
+        view[PAGE : PAGE + 5] = b"dirty"  # no msync
+        assert os.pread(fd, 5, PAGE) == b"dirty"
+    finally:
+        view.close()
+        os.close(fd)
+
+
 def test_other_nodes_writes_show_after_msync_fsync_and_open(two):
     first, second = two
     fd, view = _map(first.path("shm"), 2 * PAGE, create=True)
