@@ -44,6 +44,7 @@ class Allocation:
         self.quiesce = quiesce
         self.unit = commits.unit
         self._clean_tails: set[int] = set()  # inodes known to hold only zeros past EOF
+        self._data_unsynced = False  # appends wrote data through this process's descriptor
 
     # -- requests ------------------------------------------------------------------------
 
@@ -89,6 +90,14 @@ class Allocation:
         for start, end, file_unit in pieces(offset, offset + len(data), self.unit):
             position = self.commits.unit_offset(units[file_unit]) + start % self.unit
             self.commits.volume.write(position, view[start - offset : end - offset])
+        self._data_unsynced = True
+
+    async def sync_data(self) -> None:
+        """fsync on a node covers its appends too, which this process wrote: a node's
+        fdatasync of the image flushes them only where both share one page cache."""
+        if self._data_unsynced:
+            self._data_unsynced = False
+            await trio.to_thread.run_sync(self.commits.volume.sync)
 
     async def op_fallocate(self, request: Request, ino: int, mode: int, offset: int,
                            length: int) -> dict:

@@ -144,6 +144,7 @@ class MetadataService:
         }
 
     async def op_sync(self, request: Request) -> None:
+        await self.allocation.sync_data()
         await self.commits.durable()
 
     # -- the coordinator's epoch --------------------------------------------------------------
