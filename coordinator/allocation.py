@@ -6,6 +6,12 @@ file's other holders before the requester gets it. A growing file gets
 allocate-ahead, so that a disk image growing by small writes does not pay a
 round trip per write. A change that frees units (shrink, punch) runs as a
 quiesce of the inode (coordinator/quiesce.py).
+
+An append (a write through O_APPEND) carries its data here, so that it lands
+whole at the end of the file as it is at that moment, whichever node sent it:
+under the metadata lock the coordinator allocates past the end, writes the
+data there, and only then commits the new size. No node can see the new size
+before the data is on the image, and two appends never get the same offset.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from coordinator.commit import Commits, Request
 from coordinator.model import Inode
 from coordinator.quiesce import Quiesce, Sessions
 from csvfs.cluster.errors import MetaError
-from csvfs.volume.extents import pieces, to_runs
+from csvfs.volume.extents import from_runs, pieces, to_runs
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ class Allocation:
         self.quiesce = quiesce
         self.unit = commits.unit
         self._clean_tails: set[int] = set()  # inodes known to hold only zeros past EOF
+        self._data_unsynced = False  # appends wrote data through this process's descriptor
 
     # -- requests ------------------------------------------------------------------------
 
@@ -56,6 +63,41 @@ class Allocation:
             reply = commits.map_of(inode)
         await self._publish_map(ino, seq, reply, request)
         return reply
+
+    async def op_append(self, request: Request, ino: int, data: bytes) -> dict:
+        """Write `data` at the end of the file; the reply has the new map and `offset`,
+        where the data landed."""
+        commits = self.commits
+        async with commits.mutation():
+            inode = commits.regular(ino)
+            offset, end = inode.size, inode.size + len(data)
+            if not data:
+                return dict(commits.map_of(inode), offset=offset)
+            op = self._allocation_record(inode, offset, end, self._ahead_units(inode))
+            op["size"], op["t"] = end, commits.now()
+            await self._zero_exposed(inode, op)
+            self._write_at(inode, op, offset, data)
+            seq = commits.append(op, request)
+            reply = dict(commits.map_of(inode), offset=offset)
+        await self._publish_map(ino, seq, reply, request)
+        return reply
+
+    def _write_at(self, inode: Inode, op: dict, offset: int, data: bytes) -> None:
+        """Write data at the file's offset through its map plus the units `op` adds."""
+        units = dict(inode.units)
+        units.update(from_runs(op.get("add", [])))
+        view = memoryview(data)
+        for start, end, file_unit in pieces(offset, offset + len(data), self.unit):
+            position = self.commits.unit_offset(units[file_unit]) + start % self.unit
+            self.commits.volume.write(position, view[start - offset : end - offset])
+        self._data_unsynced = True
+
+    async def sync_data(self) -> None:
+        """fsync on a node covers its appends too, which this process wrote: a node's
+        fdatasync of the image flushes them only where both share one page cache."""
+        if self._data_unsynced:
+            self._data_unsynced = False
+            await trio.to_thread.run_sync(self.commits.volume.sync)
 
     async def op_fallocate(self, request: Request, ino: int, mode: int, offset: int,
                            length: int) -> dict:
@@ -140,11 +182,15 @@ class Allocation:
         """
         if not op.get("add") and op.get("size", inode.size) == inode.size and "t" not in op:
             return None  # nothing to change: a node asked with a stale map
+        await self._zero_exposed(inode, op)
+        return self.commits.append(op, request)
+
+    async def _zero_exposed(self, inode: Inode, op: dict) -> None:
+        """Zero the units a map record adds, and the old tail if it grows the file."""
         for _file_unit, volume_unit, count in op.get("add", ()):
             await self._zero(self.commits.unit_offset(volume_unit), count * self.unit)
         if op.get("size", 0) > inode.size:
             await self._zero_tail(inode)
-        return self.commits.append(op, request)
 
     async def _publish_map(self, ino: int, seq: int | None, reply: dict, request: Request,
                            to_requester: bool = False) -> None:

@@ -17,7 +17,7 @@ The parts, one concern each, from the bottom up:
 - coordinator/holders.py: the open-file table;
 - coordinator/quiesce.py: the sessions of nodes, every acknowledged push to
   them, eviction, and the quiesce of one inode;
-- coordinator/allocation.py: extend, fallocate, truncate, punch;
+- coordinator/allocation.py: extend, fallocate, truncate, punch, append;
 - coordinator/attributes.py: getattr, setattr, xattrs;
 - coordinator/open_files.py: open, release, join and leave, reclaim;
 - coordinator/namespace.py: lookups, and adding, moving and removing names;
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 # Requests that must not run twice: a node that lost its coordinator mid-call
 # sends them again, with the same request id, to the next one.
-ONCE_ONLY = frozenset({"mknod", "create", "link", "unlink", "rename", "removexattr"})
+ONCE_ONLY = frozenset({"mknod", "create", "link", "unlink", "rename", "removexattr", "append"})
 
 
 class MetadataService:
@@ -124,6 +124,8 @@ class MetadataService:
         log.info("%s request answered again after a reconnect", method)
         if method == "mknod" or method == "link":
             return self.attributes.of(self.commits.inode(ino or args.get("ino", 0)))
+        if method == "append":  # the data is in the file: the node needs the map only
+            return self.commits.map_of(self.commits.inode(ino))
         if method == "create":  # the open it made was lost with the session: count it again
             async with self.commits.lock:
                 inode = self.commits.inode(ino)
@@ -145,6 +147,7 @@ class MetadataService:
         }
 
     async def op_sync(self, request: Request) -> None:
+        await self.allocation.sync_data()
         await self.commits.durable()
 
     # -- the coordinator's epoch --------------------------------------------------------------

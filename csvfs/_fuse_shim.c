@@ -22,6 +22,13 @@
  * process (FUSE_INTERRUPT) reaches Python ("interrupt" handler). Python
  * replies with csvfs_reply_err() or csvfs_reply_lock().
  *
+ * fuse_session_process_buf: libfuse 3.14 predates FUSE_DIRECT_IO_ALLOW_MMAP
+ * (Linux 6.6), which lets the kernel map direct_io files MAP_SHARED; without
+ * it mmap(MAP_SHARED) fails with ENODEV. Only the INIT request is touched: its
+ * reply is caught in a pipe that stands in for /dev/fuse while libfuse answers,
+ * the flag is added, and the reply goes to the kernel. Every other request
+ * passes straight through.
+ *
  * fuse_session_receive_buf: pyfuse3 waits in trio until /dev/fuse is
  * readable, then reads it holding the GIL. A request can leave the queue in
  * between: the kernel withdraws a request that no daemon has read yet when
@@ -40,6 +47,8 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/file.h>
@@ -63,6 +72,7 @@ typedef void (*csvfs_flush_cb)(fuse_req_t req, uint64_t ino, uint64_t fh,
                                uint64_t owner);
 typedef void (*csvfs_interrupt_cb)(fuse_req_t req);
 typedef void (*flush_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
 
 typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
 
@@ -249,6 +259,104 @@ EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *bu
     }
     res = real(se, buf);
     return res == -EAGAIN ? -EINTR : res;
+}
+
+/* The kernel's protocol numbers (linux/fuse.h); libfuse 3.14 lacks the last. */
+#define OPCODE_INIT 26
+#define INIT_EXT (1u << 30)                  /* flags2 is valid */
+#define FLAGS2_DIRECT_IO_ALLOW_MMAP (1u << 4) /* bit 36 of the 64-bit flags */
+/* Offsets in an INIT reply: fuse_out_header (16 bytes), then fuse_init_out. */
+#define REPLY_ERROR_AT 4
+#define REPLY_FLAGS_AT (16 + 12)
+#define REPLY_FLAGS2_AT (16 + 32)
+
+static int mmap_allowed; /* the kernel accepted the flag in our INIT reply */
+
+static int is_init_request(const struct fuse_buf *buf)
+{
+    uint32_t opcode;
+
+    if (buf->flags & FUSE_BUF_IS_FD || buf->size < 8)
+        return 0;
+    memcpy(&opcode, (const char *)buf->mem + 4, sizeof(opcode));
+    return opcode == OPCODE_INIT;
+}
+
+/* Add FUSE_DIRECT_IO_ALLOW_MMAP to a successful INIT reply, if the kernel
+ * speaks the extended INIT at all; 1 if it was added. */
+static int allow_mmap_in_reply(char *reply, ssize_t length)
+{
+    int32_t error;
+    uint32_t flags, flags2;
+
+    if (length < REPLY_FLAGS2_AT + 4)
+        return 0;
+    memcpy(&error, reply + REPLY_ERROR_AT, 4);
+    memcpy(&flags, reply + REPLY_FLAGS_AT, 4);
+    if (error != 0 || !(flags & INIT_EXT))
+        return 0;
+    memcpy(&flags2, reply + REPLY_FLAGS2_AT, 4);
+    flags2 |= FLAGS2_DIRECT_IO_ALLOW_MMAP;
+    memcpy(reply + REPLY_FLAGS2_AT, &flags2, 4);
+    return 1;
+}
+
+/* Let libfuse answer INIT into a pipe standing in for /dev/fuse, then send
+ * the amended reply. -1 if the stand-in could not be set up (nothing done). */
+static int process_init(struct fuse_session *se, const struct fuse_buf *buf,
+                        process_buf_fn real)
+{
+    char reply[4096];
+    int fd = fuse_session_fd(se);
+    int pipe_fds[2], saved;
+    ssize_t length;
+
+    if (pipe2(pipe_fds, O_CLOEXEC) < 0)
+        return -1;
+    saved = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (saved < 0 || dup3(pipe_fds[1], fd, 0) < 0) {
+        if (saved >= 0)
+            close(saved);
+        close(pipe_fds[0]);
+        close(pipe_fds[1]);
+        return -1;
+    }
+    real(se, buf);
+    if (dup3(saved, fd, 0) < 0) {
+        /* The session lost its device: nothing sensible can follow. */
+        fprintf(stderr, "csvfs fuse shim: cannot restore /dev/fuse: %s\n",
+                strerror(errno));
+        abort();
+    }
+    close(saved);
+    close(pipe_fds[1]);
+    length = read(pipe_fds[0], reply, sizeof(reply));
+    close(pipe_fds[0]);
+    if (length <= 0)
+        return 0;
+    mmap_allowed = allow_mmap_in_reply(reply, length);
+    if (write(fd, reply, length) != length)
+        fprintf(stderr, "csvfs fuse shim: INIT reply: %s\n", strerror(errno));
+    return 0;
+}
+
+EXPORT void fuse_session_process_buf(struct fuse_session *se,
+                                     const struct fuse_buf *buf)
+{
+    static process_buf_fn real;
+
+    if (real == NULL)
+        real = (process_buf_fn)real_symbol("fuse_session_process_buf");
+    if (real == NULL)
+        return;
+    if (is_init_request(buf) && process_init(se, buf, real) == 0)
+        return;
+    real(se, buf);
+}
+
+EXPORT int csvfs_mmap_allowed(void)
+{
+    return mmap_allowed;
 }
 
 EXPORT void csvfs_set_fallocate_handler(csvfs_fallocate_cb cb)

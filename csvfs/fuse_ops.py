@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import pyfuse3
+import trio
 
 from csvfs.cluster.errors import MetaError
 from csvfs.datapath import DataPath, OpenFile
@@ -75,6 +76,24 @@ def _io_error(what: str, exc: OSError) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(exc.errno or errno.EIO)
 
 
+async def _drop_cached_pages(ino: int) -> None:
+    """fsync and msync are where a shared map catches up with other nodes' writes.
+
+    Only shared maps have pages in the kernel (everything else is direct_io), and the
+    kernel wrote their dirty pages back before it asked for the fsync. A page dirtied
+    since is written back first, as a write to this very node: so the invalidation
+    runs in a worker thread, with the trio thread free to serve that write.
+    """
+    await trio.to_thread.run_sync(_invalidate_pages, ino)
+
+
+def _invalidate_pages(ino: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+    except OSError:
+        pass  # the kernel does not know the inode: nothing cached
+
+
 def _setid_killer(ctx) -> list[int] | None:
     """The groups of a caller whose writes drop setuid/setgid; None if it has CAP_FSETID.
 
@@ -89,6 +108,22 @@ def _setid_killer(ctx) -> list[int] | None:
     except (OSError, KeyError, ValueError, IndexError):  # gone, or in another pid namespace
         capable, groups = ctx.uid == 0, [ctx.gid]
     return None if capable else groups
+
+
+def _may_open(attrs: dict, flags: int, ctx) -> bool:
+    """The permission check the kernel makes before opening an existing file."""
+    if ctx.uid == 0:
+        return True
+    wanted = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}.get(flags & os.O_ACCMODE, 6)
+    if flags & os.O_TRUNC:
+        wanted |= 2
+    if attrs["uid"] == ctx.uid:
+        granted = attrs["mode"] >> 6 & 7
+    elif attrs["gid"] in (_setid_killer(ctx) or [ctx.gid]):
+        granted = attrs["mode"] >> 3 & 7
+    else:
+        granted = attrs["mode"] & 7
+    return wanted & granted == wanted
 
 
 def _errors(handler):
@@ -136,6 +171,7 @@ class CsvfsOperations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}  # fh -> data-path state, regular files only
         self._dir_listings: dict[int, list] = {}
         self._setid_killers: dict[int, list[int]] = {}  # fh -> groups, until its first write
+        self._appending: set[int] = set()  # fh opened with O_APPEND
         self._next_fh = 1
         # Directory attributes, kept like the kernel keeps them (same timeout, dropped by
         # the same invalidations), so that the kernel's permission checks on a directory
@@ -327,12 +363,12 @@ class CsvfsOperations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    async def _open_handle(self, ino: int, setid_killer: list[int] | None) -> int:
+    async def _open_handle(self, ino: int, setid_killer: list[int] | None, flags: int) -> int:
         async with self.gates.opening(ino):
             reply = await self.meta("open", ino=ino)
-            return self._new_handle(reply, setid_killer)
+            return self._new_handle(reply, setid_killer, flags)
 
-    def _new_handle(self, reply: dict, setid_killer: list[int] | None) -> int:
+    def _new_handle(self, reply: dict, setid_killer: list[int] | None, flags: int) -> int:
         """A file handle for the reply of an open or a create."""
         attrs = reply["attrs"]
         ino = attrs["ino"]
@@ -345,6 +381,8 @@ class CsvfsOperations(pyfuse3.Operations):
             self._files[fh] = handle
             if setid_killer is not None:
                 self._setid_killers[fh] = setid_killer
+            if flags & os.O_APPEND:
+                self._appending.add(fh)
         return fh
 
     @staticmethod
@@ -361,19 +399,37 @@ class CsvfsOperations(pyfuse3.Operations):
             await self.meta("setattr", ino=inode, changes={"size": 0})
             if killer is not None:  # as truncate(2) would; the kernel skips it for us
                 await self.meta("kill_setid", ino=inode, groups=killer)
-        fh = await self._open_handle(inode, killer)
+        fh = await self._open_handle(inode, killer, flags)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         # A brand-new file has no units: a pause or map pushed before this reply is
         # processed has nothing stale to protect, so no gates.opening() is needed here.
-        reply, cacheable = await self._ask("create", parent=parent_inode, name=name, mode=mode,
-                                           uid=ctx.uid, gid=ctx.gid)
+        try:
+            reply, cacheable = await self._ask("create", parent=parent_inode, name=name,
+                                               mode=mode, uid=ctx.uid, gid=ctx.gid)
+        except MetaError as exc:
+            if exc.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            # Another node made the name since the kernel looked: open(O_CREAT) without
+            # O_EXCL opens what is there, as it would have on one node.
+            return await self._open_existing(parent_inode, name, flags, ctx)
         self._remember_dirs(reply, cacheable)
-        fh = self._new_handle(reply, self._writer_setid_killer(flags, ctx))
+        fh = self._new_handle(reply, self._writer_setid_killer(flags, ctx), flags)
         return (pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False),
                 self._entry(reply["attrs"], cacheable))
+
+    async def _open_existing(self, parent_inode, name, flags, ctx):
+        attrs, cacheable = await self._ask("lookup", parent=parent_inode, name=name)
+        if stat.S_ISDIR(attrs["mode"]):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if not stat.S_ISREG(attrs["mode"]):
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if not _may_open(attrs, flags, ctx):  # the kernel checked nothing: it was a create
+            raise pyfuse3.FUSEError(errno.EACCES)
+        info = await self.open(attrs["ino"], flags & ~os.O_CREAT, ctx)
+        return info, self._entry(attrs, cacheable)
 
     # read and write are the hot path: no decorator layer, one dict lookup for the
     # handle, then the data path's synchronous fast path; coroutines only when slow.
@@ -398,6 +454,8 @@ class CsvfsOperations(pyfuse3.Operations):
         try:
             if self._setid_killers and fh in self._setid_killers:  # first write only
                 await self.meta("kill_setid", ino=handle.ino, groups=self._setid_killers.pop(fh))
+            if self._appending and fh in self._appending:
+                return await self._append(handle, buf)
             if self.data.write_direct(handle, off, buf):
                 return len(buf)
             return await self.data.write(handle, off, buf)
@@ -408,6 +466,14 @@ class CsvfsOperations(pyfuse3.Operations):
         except Exception:  # a bug must not kill the mount
             log.exception("write failed unexpectedly")
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _append(self, handle: OpenFile, data: bytes) -> int:
+        """O_APPEND: the kernel's offset is its idea of the end, which another node may
+        have moved; the coordinator writes at the real end (coordinator/allocation.py)."""
+        handle.dirty_mtime = 0  # the append's own time is later than any write before it
+        reply = await self.meta("append", ino=handle.ino, data=bytes(data))
+        self.data.update_map(handle.ino, reply["size"], reply["runs"], reply["version"])
+        return len(data)
 
     @_errors
     async def flush(self, fh):
@@ -422,6 +488,8 @@ class CsvfsOperations(pyfuse3.Operations):
             await self._flush_mtime(handle.ino)
         await self.data.sync()
         await self.meta("sync")
+        if handle is not None:
+            await _drop_cached_pages(handle.ino)
 
     @_errors
     async def release(self, fh):
@@ -430,6 +498,7 @@ class CsvfsOperations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         self._files.pop(fh, None)
         self._setid_killers.pop(fh, None)
+        self._appending.discard(fh)
         if handle is None:
             return
         if handle.file is not None:

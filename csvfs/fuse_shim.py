@@ -1,11 +1,14 @@
 """A C shim between pyfuse3 and libfuse3, for what pyfuse3 lacks.
 
-``_fuse_shim.c`` interposes two libfuse3 functions:
+``_fuse_shim.c`` interposes three libfuse3 functions:
 
 - ``fuse_session_new``, to add a ``.fallocate`` operation that calls back into
   Python (pyfuse3 has no fallocate handler), and the lock operations
   (``.getlk``, ``.setlk``, ``.flock``, and a ``.flush`` that passes the lock
   owner), which make the kernel leave every lock to the filesystem;
+- ``fuse_session_process_buf``, to add FUSE_DIRECT_IO_ALLOW_MMAP to the INIT
+  reply (libfuse 3.14 cannot ask for it), so that files opened with direct_io
+  can still be mapped MAP_SHARED;
 - ``fuse_session_receive_buf``, to read /dev/fuse without blocking. pyfuse3
   reads it holding the GIL once trio saw it readable, and a request withdrawn
   in between (its caller was killed) would otherwise freeze the whole node
@@ -140,6 +143,8 @@ def _open(so: Path) -> ctypes.CDLL | None:
     lib.csvfs_reply_err.restype = ctypes.c_int
     lib.csvfs_fallocate_interposed.argtypes = []
     lib.csvfs_fallocate_interposed.restype = ctypes.c_int
+    lib.csvfs_mmap_allowed.argtypes = []
+    lib.csvfs_mmap_allowed.restype = ctypes.c_int
     return lib
 
 
@@ -151,6 +156,11 @@ def active() -> bool:
 def locks_active() -> bool:
     """True once pyfuse3.init() went through the shim with the lock handlers set."""
     return _lib is not None and bool(_lib.csvfs_locks_interposed())
+
+
+def mmap_allowed() -> bool:
+    """True once the kernel took FUSE_DIRECT_IO_ALLOW_MMAP from the INIT reply."""
+    return _lib is not None and bool(_lib.csvfs_mmap_allowed())
 
 
 def set_handler(op: str, async_handler: AsyncHandler | None) -> bool:

@@ -26,6 +26,9 @@ coordinator, then B, a member, later C) and four more sections are measured:
                      B's paced 4 KiB writes to another file with A idle or truncating
   aggregate writes   fio seq write 1 MiB from 1, 2 and 3 nodes at once, one file each
 
+and then, each in a process of its own, the failover time (failoverbench.py) and what
+applications see beyond the data path (appbench.py: small files, locks, appends).
+
 The code: bench_targets.py (the single-node targets, fio and metadata rounds),
 bench_cluster.py (the cluster sections), bench_report.py (the tables).
 """
@@ -165,6 +168,18 @@ def run_failover(args) -> str:
     return f"\n## Failover\n\n{proc.stdout}"
 
 
+def run_applications(args) -> str:
+    """scripts/appbench.py (small files, locks, appends), in a process of its own."""
+    log("measuring small files, locks and appends ...")
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "appbench.py"),
+                           "--csvfs", args.csvfs, "--dir", args.dir,
+                           *(["--quick"] if args.quick else [])],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    if proc.returncode != 0:
+        return f"\n## Small files, locks, appends\n\nNot measured: {proc.stderr.strip()}\n"
+    return proc.stdout
+
+
 def raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -232,6 +247,7 @@ def main(argv=None) -> int:
     report += cluster_report(args, samples, cluster_results)
     if args.cluster:
         report += run_failover(args)
+        report += run_applications(args)
     RESULTS_FILE.write_text(report)
     print(report, end="")
     log(f"written to {RESULTS_FILE.relative_to(PROJECT_ROOT)}")

@@ -348,3 +348,30 @@ def test_coordinator_cuts_off_bad_peers_and_keeps_serving(image, nodes):
     assert third.path("still-served").read_bytes() == b"yes"
     log = coordinator.log.read_text()
     assert log.count("cut off 127.0.0.1:") >= len(bad_frames), log
+
+
+def test_open_o_creat_of_one_new_name_from_two_nodes_at_once_never_fails(image, nodes):
+    """Without O_EXCL, the node whose create loses the race opens the winner's file."""
+    first, second = start_cluster(nodes, image, 2)
+    rounds = 80
+    barrier = threading.Barrier(2)
+    failures: list[str] = []
+
+    def opener(node, tag):
+        for index in range(rounds):
+            barrier.wait(timeout=30)
+            try:
+                fd = os.open(node.path(f"race-{index}"), os.O_CREAT | os.O_RDWR, 0o644)
+                os.pwrite(fd, tag, 0 if tag == b"a" else 1)
+                os.close(fd)
+            except OSError as exc:
+                failures.append(f"{tag!r} round {index}: {exc}")
+
+    threads = [threading.Thread(target=opener, args=(node, tag))
+               for node, tag in ((first, b"a"), (second, b"b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:5]
+    assert all(first.path(f"race-{index}").read_bytes() == b"ab" for index in range(rounds))

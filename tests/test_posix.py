@@ -1167,3 +1167,22 @@ def test_everything_survives_remount(mount, nodes):
     os.unlink(again.path("a", "file"))
     assert os.stat(again.path("a", "b", "hardlink")).st_nlink == 1
     os.rmdir(again.path("c_moved"))
+
+
+@pytest.mark.parametrize("mode, uid, gid, flags, allowed", [
+    (0o600, 1000, 1000, os.O_RDWR, True),
+    (0o600, 1001, 1000, os.O_RDONLY, False),
+    (0o640, 1001, 1000, os.O_RDONLY, True),
+    (0o640, 1001, 1000, os.O_WRONLY, False),
+    (0o644, 1001, 1001, os.O_RDONLY, True),
+    (0o444, 1000, 1000, os.O_RDONLY | os.O_TRUNC, False),
+    (0o000, 0, 0, os.O_RDWR, None),  # root may open anything
+])
+def test_the_permission_check_of_an_open_that_lost_a_create_race(mode, uid, gid, flags,
+                                                                  allowed):
+    from types import SimpleNamespace
+
+    from csvfs.fuse_ops import _may_open
+    attrs = {"mode": 0o100000 | mode, "uid": 1000, "gid": 1000}
+    ctx = SimpleNamespace(uid=uid, gid=gid, pid=0)
+    assert _may_open(attrs, flags, ctx) is (True if allowed is None else allowed)

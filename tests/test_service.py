@@ -372,6 +372,34 @@ async def test_extend_allocates_and_grows(cluster):
         assert volume.read(volume.sb.data.offset + unit * UNIT, UNIT) == bytes(UNIT)
 
 
+def _file_bytes(cluster, ino: int, length: int) -> bytes:
+    volume = cluster.service.commits.volume
+    units = cluster.units(ino)
+    return b"".join(volume.read(volume.sb.data.offset + units[index] * UNIT, UNIT)
+                    for index in range(-(-length // UNIT)))[:length]
+
+
+async def test_append_writes_at_the_end_and_survives_a_restart(cluster):
+    file = await cluster.mknod(b"log")
+    first = await cluster.call("append", ino=file["ino"], data=b"a" * (UNIT - 3), req=1)
+    second = await cluster.call("append", ino=file["ino"], data=b"bcdefg", req=2)
+    assert (first["offset"], second["offset"]) == (0, UNIT - 3)
+    assert second["size"] == UNIT + 3
+    assert _file_bytes(cluster, file["ino"], UNIT + 3) == b"a" * (UNIT - 3) + b"bcdefg"
+    cluster.restart()
+    assert (await cluster.call("getattr", ino=file["ino"]))["size"] == UNIT + 3
+    assert _file_bytes(cluster, file["ino"], UNIT + 3) == b"a" * (UNIT - 3) + b"bcdefg"
+
+
+async def test_an_append_retried_after_a_failover_is_not_done_twice(cluster):
+    file = await cluster.mknod(b"log")
+    await cluster.call("append", ino=file["ino"], data=b"once", req=7)
+    cluster.restart()  # the node lost the reply and asks the new coordinator again
+    reply = await cluster.call("append", ino=file["ino"], data=b"once", req=7)
+    assert reply["size"] == 4
+    assert _file_bytes(cluster, file["ino"], 4) == b"once"
+
+
 async def test_extend_inside_the_allocation_changes_nothing(cluster):
     file = await cluster.mknod(b"f")
     await cluster.call("extend", ino=file["ino"], offset=0, end=4 * UNIT)
