@@ -66,6 +66,39 @@ def test_flock_across_nodes(two):
     assert subprocess.run(["flock", "-n", "-x", str(n1.path("f")), "true"]).returncode == 0
 
 
+def test_flock_across_three_nodes(three):
+    a, b, c = holders(3)
+    with a, b, c:
+        for holder, node in zip((a, b, c), three, strict=True):
+            opened(holder, node.path("f"))
+        assert b.ask("flock f ex nb") == "ok"
+        assert a.ask("flock f sh nb") == "EAGAIN"
+        assert c.ask("flock f ex nb") == "EAGAIN"
+        assert b.ask("flock f sh") == "ok"
+        assert a.ask("flock f sh nb") == "ok"
+        assert c.ask("flock f sh nb") == "ok"
+        a.send("flock f ex")  # waits for both others
+        assert answer_within(a, 0.5) is None
+        assert b.ask("close f") == "ok"
+        assert answer_within(a, 0.5) is None
+        assert c.ask("flock f un") == "ok"
+        assert answer_within(a, 10) == "ok"
+        assert c.ask("flock f sh nb") == "EAGAIN"
+
+
+def test_directory_locks_stay_per_node(two):
+    """The kernel sends no lock requests for directories (FUSE's directory operations
+    have none), so flock on a directory is local to each node: documented."""
+    n1, n2 = two
+    os.mkdir(n1.path("dir"))
+    a, b = holders(2)
+    with a, b:
+        assert a.ask(f"open d {n1.path('dir')} ro") == "ok"
+        assert b.ask(f"open d {n2.path('dir')} ro") == "ok"
+        assert a.ask("flock d ex nb") == "ok"
+        assert b.ask("flock d ex nb") == "ok"
+
+
 def test_flock_and_posix_locks_do_not_conflict(two):
     n1, n2 = two
     a, b = holders(2)
@@ -222,6 +255,34 @@ def test_locks_of_a_dead_member_go_with_its_session(three):
         assert answer_within(c, 10) == "ok"
         assert c.ask("lock f w 0 0") == "ok"
         assert {lock["node"] for lock in status(n1.image)["locks"]} == {"n3"}
+
+
+def test_locks_of_an_evicted_member_go_once_its_grant_ran_out(image, nodes):
+    """A member that hangs while a file is quiesced is evicted; its locks go only when
+    the grant it last renewed has run out, and when it comes back they are lost."""
+    nodes.allow_log_errors = True  # the evicted node logs the locks it lost
+    lease = 1.5
+    n1, n2, n3 = (nodes.start(image, name, "--lease", str(lease)) for name in ("n1", "n2", "n3"))
+    n1.path("f").write_bytes(b"x" * (1 << 20))
+    a, c = holders(2)
+    with a, c:
+        opened(a, n2.path("f")), opened(c, n3.path("f"))
+        assert a.ask("flock f ex nb") == "ok"
+        c.send("flock f ex")
+        n2.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            os.truncate(n1.path("f"), 0)  # pauses n2, which does not answer: evicted
+            evicted = time.monotonic() - started
+            assert answer_within(c, 10) == "ok"
+            granted = time.monotonic() - started
+        finally:
+            n2.process.send_signal(signal.SIGCONT)
+        assert granted >= 2.0  # not before the pause timed out and the grant ran out
+        assert evicted >= 2.0
+        assert wait_until(lambda: "lost a flock lock" in n2.log.read_text(), 15)
+        assert {lock["node"] for lock in status(image)["locks"]} == {"n3"}
+        assert a.ask("flock f un") == "ok"  # what it no longer holds: nothing to do
 
 
 def test_a_lock_on_a_member_survives_a_sigkill_of_the_coordinator(three):
