@@ -57,8 +57,10 @@ class NodeLocks:
         self.name = name
         self.meta = meta
         self.table = LockTable()  # the locks this node holds, as the coordinator granted them
-        # Open file descriptions (fh) -> the (ino, owner, kind) that took locks through it.
+        # Open file descriptions (fh) -> the (ino, owner, kind) that took locks through
+        # it, and the other way round.
         self._through: dict[int, set[tuple[int, int, str]]] = {}
+        self._handles_of: dict[tuple[int, int, str], set[int]] = {}
         self._changes: dict[int, trio.Event] = {}  # ino -> set at its next LOCKS_CHANGED
         self._waiting: Counter[int] = Counter()
         self.closing = False
@@ -72,8 +74,12 @@ class NodeLocks:
         if kind == "flock":
             owner = fh
         key = (self.name, owner, kind)
-        if type == F_UNLCK and not self.table.holds(ino, key):
-            return  # nothing to give up: no round trip
+        if type == F_UNLCK:
+            if not self.table.holds(ino, key):
+                return  # nothing to give up: no round trip
+            # Forgotten here first: a lock granted meanwhile to an owner with a reused id
+            # must not be dropped here once the coordinator answers.
+            self.table.set(ino, key, type, start, end, pid)
         self._waiting[ino] += wait
         try:
             while True:
@@ -89,9 +95,10 @@ class NodeLocks:
             if self._waiting[ino] <= 0:
                 del self._waiting[ino]
                 self._changes.pop(ino, None)
-        self.table.set(ino, key, type, start, end, pid)
         if type != F_UNLCK:
+            self.table.set(ino, key, type, start, end, pid)
             self._through.setdefault(fh, set()).add((ino, owner, kind))
+            self._handles_of.setdefault((ino, owner, kind), set()).add(fh)
 
     async def _try(self, ino: int, owner: int, kind: str, type: int, start: int, end: int,
                    pid: int, wait: bool) -> bool:
@@ -119,13 +126,25 @@ class NodeLocks:
                                start=start, end=end)
 
     async def flushed(self, ino: int, owner: int) -> None:
-        """A process closed a descriptor of ino: its POSIX locks on ino go."""
+        """A process closed a descriptor of ino: its POSIX locks on ino go, whatever
+        open file they were taken through (so a later RELEASE of one of those, by
+        another process that shared it, no longer speaks for them)."""
+        through = (ino, owner, "posix")
+        for fh in self._handles_of.pop(through, ()):
+            self._through[fh].discard(through)
+            if not self._through[fh]:
+                del self._through[fh]
         await self._unlock(ino, [(owner, "posix")])
 
     async def released(self, fh: int) -> None:
         """An open file description went: the locks taken through it go."""
         by_ino: dict[int, list] = {}
-        for ino, owner, kind in self._through.pop(fh, ()):
+        for through in self._through.pop(fh, ()):
+            handles = self._handles_of.get(through, set())
+            handles.discard(fh)
+            if not handles:
+                self._handles_of.pop(through, None)
+            ino, owner, kind = through
             by_ino.setdefault(ino, []).append((owner, kind))
         for ino, owners in by_ino.items():
             await self._unlock(ino, owners)
@@ -135,10 +154,10 @@ class NodeLocks:
                 if self.table.holds(ino, (self.name, owner, kind))]
         if not held:
             return
+        for owner, kind in held:  # first, as in setlk
+            self.table.drop_owner(ino, (self.name, owner, kind))
         with trio.CancelScope(shield=True):
             await self.meta("unlock", ino=ino, owners=held)
-        for owner, kind in held:
-            self.table.drop_owner(ino, (self.name, owner, kind))
 
     def close(self) -> None:
         """The node is unmounting: processes waiting for a lock get ENOLCK."""

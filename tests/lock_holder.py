@@ -13,6 +13,7 @@ Commands come on stdin, one per line; every command is answered with one line,
   alarm SECONDS           a SIGALRM after SECONDS; a wait it interrupts answers EINTR
   pid                     -> "ok PID"
   fork-close NAME         a child closes its copy of NAME and exits; answers once it has
+  fork-linger SECONDS     a child keeps copies of every descriptor for SECONDS, then exits
 
 A blocking command answers only when it is granted (or interrupted).
 """
@@ -23,6 +24,7 @@ import os
 import signal
 import struct
 import sys
+import time
 
 F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 36, 37, 38
 TYPES = {"r": fcntl.F_RDLCK, "w": fcntl.F_WRLCK, "u": fcntl.F_UNLCK}
@@ -81,6 +83,12 @@ def run(fds: dict, words: list[str]) -> str:
             os.close(fds[args[0]])
             os._exit(0)
         os.waitpid(child, 0)
+        return "ok"
+    if command == "fork-linger":
+        child = os.fork()
+        if child == 0:
+            time.sleep(float(args[0]))
+            os._exit(0)
         return "ok"
     return f"unknown command {command!r}"
 

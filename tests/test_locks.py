@@ -238,6 +238,25 @@ def test_posix_lock_goes_when_the_process_closes_any_descriptor(two):
         assert b.ask("lock f r 0 1") == "ok"
 
 
+def test_a_shared_open_file_released_later_leaves_the_owners_new_lock(two):
+    """A process locks through a descriptor it shares with a child, closes it (its
+    locks go), locks again through another descriptor; the child's last close of the
+    first one later must not take the new lock away."""
+    n1, n2 = two
+    a, b = holders(2)
+    with a, b:
+        opened(a, n1.path("f")), opened(b, n2.path("f"))
+        assert a.ask("lock f w 0 0") == "ok"
+        assert a.ask("fork-linger 1.5") == "ok"
+        assert a.ask("close f") == "ok"
+        assert b.ask("lock f r 0 1") == "ok"
+        assert b.ask("lock f u 0 1") == "ok"
+        opened(a, n1.path("f"), "g")
+        assert a.ask("lock g w 0 0") == "ok"
+        time.sleep(2.5)  # the child exited: the first open file is released now
+        assert b.ask("lock f r 0 1") == "EAGAIN"
+
+
 def test_locks_of_a_dead_member_go_with_its_session(three):
     n1, n2, n3 = three  # n1 coordinates
     a, c = holders(2)
