@@ -87,7 +87,8 @@ class Lock:
         return self.start <= end and start <= self.end
 
     def record(self) -> list:
-        """[ino-less] what a registration carries: [owner id, kind, type, start, end, pid]."""
+        """What a registration carries of it after the inode: [owner id, kind, type,
+        start, end, pid]."""
         return [self.owner[1], self.owner[2], self.type, self.start, self.end, self.pid]
 
 

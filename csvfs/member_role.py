@@ -4,11 +4,11 @@ Joining: connect to the address the coordinator published in its slot of the
 lease region, authenticate with the cluster key, and REGISTER the files this
 node has open and the locks it holds (csvfs/locks.py); the reply's maps
 replace this node's, and only then are the pushes that came meanwhile handled
-(csvfs/inbox.py). A HEARTBEAT every
-quarter grant renews the grant; the data path does direct I/O only inside
-GRANT_USE of the last grant, measured from before its request went out, so
-that a node the coordinator cut off has surely stopped writing once the grant
-it knows of runs out. Metadata requests go to the coordinator as RPC calls.
+(csvfs/inbox.py). A HEARTBEAT every quarter grant renews the grant; the data
+path does direct I/O only inside GRANT_USE of the last grant, measured from
+before its request went out, so that a node the coordinator cut off has
+surely stopped writing once the grant it knows of runs out. Metadata requests
+go to the coordinator as RPC calls.
 
 The role ends when the connection drops, a heartbeat fails, or the
 coordinator answers with another epoch or as no coordinator at all;
