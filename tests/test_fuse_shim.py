@@ -279,3 +279,10 @@ def test_load_refuses_after_pyfuse3_import():
     assert fuse_shim.load() is False
     assert fuse_shim.active() is False
     assert fuse_shim.set_handler("fallocate", None) is False
+    assert fuse_shim.locks_active() is False
+    assert fuse_shim.set_handler("setlk", None) is False
+
+
+def test_set_handler_knows_its_operations():
+    with pytest.raises(ValueError):
+        fuse_shim.set_handler("lseek", None)
