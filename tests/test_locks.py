@@ -257,20 +257,22 @@ def test_a_shared_open_file_released_later_leaves_the_owners_new_lock(two):
         assert b.ask("lock f r 0 1") == "EAGAIN"
 
 
-def test_locks_of_a_dead_member_go_with_its_session(three):
+@pytest.mark.parametrize("victim", ["member", "coordinator"])
+def test_locks_of_a_dead_node_go_with_it(three, victim):
     n1, n2, n3 = three  # n1 coordinates
+    dead = n2 if victim == "member" else n1
     a, c = holders(2)
     with a, c:
-        opened(a, n2.path("f")), opened(c, n3.path("f"))
+        opened(a, dead.path("f")), opened(c, n3.path("f"))
         assert a.ask("flock f ex nb") == "ok"
         assert a.ask("lock f w 0 0") == "ok"
         held = {(lock["path"], lock["node"], lock["kind"], lock["type"], lock["pid"])
                 for lock in status(n1.image)["locks"]}
-        assert held == {("/f", "n2", kind, "exclusive", pid)
+        assert held == {("/f", dead.name, kind, "exclusive", pid)
                         for kind, pid in (("flock", 0), ("posix", a.pid()))}
         c.send("flock f ex")
         assert answer_within(c, 0.5) is None
-        n2.kill(signal.SIGKILL)
+        dead.kill(signal.SIGKILL)
         assert answer_within(c, 10) == "ok"
         assert c.ask("lock f w 0 0") == "ok"
         assert {lock["node"] for lock in status(n1.image)["locks"]} == {"n3"}
@@ -306,11 +308,13 @@ def test_locks_of_an_evicted_member_go_once_its_grant_ran_out(image, nodes):
 
 def test_a_lock_on_a_member_survives_a_sigkill_of_the_coordinator(three):
     n1, n2, n3 = three  # n1 coordinates
-    a, c = holders(2)
-    with a, c:
-        opened(a, n2.path("f")), opened(c, n3.path("f"))
+    a, c, d = holders(3)
+    with a, c, d:
+        opened(a, n2.path("f")), opened(c, n3.path("f")), opened(d, n3.path("f"))
         assert a.ask("flock f ex nb") == "ok"
         assert a.ask("lock f w 10 10") == "ok"
+        d.send("lock f w 10 10 wait")  # waits across the failover
+        assert answer_within(d, 0.5) is None
         n1.kill(signal.SIGKILL)
         # the first requests after the kill go to the new coordinator, which has
         # n2's locks back from its re-registration, or waits for it
@@ -320,8 +324,12 @@ def test_a_lock_on_a_member_survives_a_sigkill_of_the_coordinator(three):
         assert c.ask("lock f w 0 10") == "ok"  # what n2 does not hold
         c.send("flock f ex")
         assert answer_within(c, 1.0) is None
+        assert answer_within(d, 0) is None
         assert a.ask("flock f un") == "ok"
         assert answer_within(c, 10) == "ok"
+        assert answer_within(d, 0) is None
+        assert a.ask("close f") == "ok"
+        assert answer_within(d, 10) == "ok"
 
 
 def test_the_coordinators_own_locks_survive_its_stepping_down(image, nodes):
