@@ -113,7 +113,8 @@ class RemoteSession(NodeSession):
     async def take_map(self, ino: int, reply: dict, resume: bool, forget: bool,
                        wait: bool) -> None:
         body = {"ino": ino, "size": reply["size"], "runs": reply["runs"],
-                "version": reply["version"], "resume": resume, "forget": forget}
+                "granule": reply["granule"], "version": reply["version"], "resume": resume,
+                "forget": forget}
         if wait:
             await self._acknowledged(messages.MAP, body)
         else:
