@@ -144,8 +144,9 @@ class Allocation:
 
     def _in_blocks(self, inode: Inode, end: int) -> bool:
         """Does an allocation up to `end` come in blocks? A file with a map keeps its
-        kind (until _must_convert); an empty one gets blocks if it fits one unit."""
-        return inode.blocks if inode.units else end <= self.unit
+        kind (until _must_convert); an empty one gets blocks if it stays below one
+        unit (a whole unit wastes nothing)."""
+        return inode.blocks if inode.units else end < self.unit
 
     async def _convert(self, request: Request, ino: int, offset: int, end: int,
                        keep_size: bool, zero: bool) -> dict:

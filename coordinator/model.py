@@ -57,13 +57,13 @@ class Inode:
         return [
             self.ino, self.mode, self.uid, self.gid, self.nlink, self.atime_ns,
             self.mtime_ns, self.ctime_ns, self.size, self.rdev, self.target,
-            list(self.xattrs.items()), to_runs(self.units), int(self.blocks),
-        ]  # fmt: skip
+            list(self.xattrs.items()), to_runs(self.units),
+        ] + ([1] if self.blocks else [])  # fmt: skip
 
     @classmethod
     def from_list(cls, row: list) -> Inode:
         blocks = 0
-        if len(row) > 13:  # rows written before block maps end with the runs
+        if len(row) > 13:  # a block-mapped file's row ends with 1; others with the runs
             *row, blocks = row
         *head, xattrs, runs = row
         return cls(*head, xattrs=dict(xattrs), units=from_runs(runs), blocks=bool(blocks))

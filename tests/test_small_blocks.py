@@ -126,8 +126,9 @@ def test_old_inode_rows_load_as_unit_mapped():
     inode = Inode(5, 0o100644, 0, 0, 1, 1, 2, 3, size=10, units={0: 7}, blocks=True)
     row = inode.to_list()
     assert Inode.from_list(row) == inode
-    old = row[:-1]  # written before block maps
-    assert Inode.from_list(old) == Inode(5, 0o100644, 0, 0, 1, 1, 2, 3, size=10, units={0: 7})
+    unit_mapped = Inode(5, 0o100644, 0, 0, 1, 1, 2, 3, size=10, units={0: 7})
+    assert unit_mapped.to_list() == row[:-1]  # as rows were before block maps
+    assert Inode.from_list(row[:-1]) == unit_mapped
 
 
 # -- the service ---------------------------------------------------------------------------
@@ -194,10 +195,11 @@ async def test_small_files_take_blocks_and_share_a_unit(cluster):
     assert cluster.service.state.allocator.block_unit_set() == set()
 
 
-async def test_a_file_past_one_unit_is_unit_mapped_from_the_start(cluster):
-    ino = (await cluster.mknod(b"big"))["ino"]
-    reply = await cluster.call("extend", ino=ino, offset=0, end=UNIT + 1)
-    assert reply["granule"] == UNIT and not _inode(cluster, ino).blocks
+async def test_a_file_of_a_whole_unit_is_unit_mapped_from_the_start(cluster):
+    for name, end in ((b"one", UNIT), (b"more", UNIT + 1)):
+        ino = (await cluster.mknod(name))["ino"]
+        reply = await cluster.call("extend", ino=ino, offset=0, end=end)
+        assert reply["granule"] == UNIT and not _inode(cluster, ino).blocks
 
 
 async def test_conversion_copies_the_data_and_frees_the_blocks(cluster):
