@@ -113,7 +113,7 @@ class RemoteSession(NodeSession):
     async def take_map(self, ino: int, reply: dict, resume: bool, forget: bool,
                        wait: bool) -> None:
         body = {"ino": ino, "size": reply["size"], "runs": reply["runs"],
-                "granule": reply["granule"], "version": reply["version"], "resume": resume,
+                "granule": reply.get("granule"), "version": reply["version"], "resume": resume,
                 "forget": forget}
         if wait:
             await self._acknowledged(messages.MAP, body)
