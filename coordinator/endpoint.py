@@ -113,8 +113,9 @@ class RemoteSession(NodeSession):
     async def take_map(self, ino: int, reply: dict, resume: bool, forget: bool,
                        wait: bool) -> None:
         body = {"ino": ino, "size": reply["size"], "runs": reply["runs"],
-                "granule": reply.get("granule"), "version": reply["version"], "resume": resume,
-                "forget": forget}
+                "version": reply["version"], "resume": resume, "forget": forget}
+        if "granule" in reply:  # Commits.map_of always says; without it, units
+            body["granule"] = reply["granule"]
         if wait:
             await self._acknowledged(messages.MAP, body)
         else:
