@@ -12,6 +12,16 @@ whole at the end of the file as it is at that moment, whichever node sent it:
 under the metadata lock the coordinator allocates past the end, writes the
 data there, and only then commits the new size. No node can see the new size
 before the data is on the image, and two appends never get the same offset.
+
+Small files. A file whose allocation fits in its first unit is block-mapped:
+it gets 4 KiB blocks out of shared block units (coordinator/allocator.py),
+packed together. The first change that needs allocation beyond the first
+unit converts it to whole units, as a quiesce, since it frees the blocks:
+with its holders paused, new units are zeroed, the blocks' data is copied
+into the first of them (not yet referenced by anything, so a crash leaves it
+simply free) and made durable, and only then one "convert" record switches
+the map and frees the blocks. Once unit-mapped, a file stays so until its map
+is empty again; a VM disk never sees blocks beyond a first conversion.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from coordinator.commit import Commits, Request
 from coordinator.model import Inode
 from coordinator.quiesce import Quiesce, Sessions
 from csvfs.cluster.errors import MetaError
-from csvfs.volume.extents import from_runs, pieces, to_runs
+from csvfs.volume.extents import BLOCK, from_runs, pieces, to_runs
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +63,18 @@ class Allocation:
         commits = self.commits
         async with commits.mutation():
             inode = commits.regular(ino)
-            growing = end > inode.size
-            ahead = self._ahead_units(inode) if growing else 0
-            op = self._allocation_record(inode, offset, end, ahead)
-            if growing:
-                op["size"] = end
-                op["t"] = commits.now()
-            seq = await self._commit_map(inode, op, request)
-            reply = commits.map_of(inode)
+            convert = self._must_convert(inode, end)
+            if not convert:
+                growing = end > inode.size
+                ahead = self._ahead_units(inode) if growing else 0
+                op = self._allocation_record(inode, offset, end, ahead)
+                if growing:
+                    op["size"] = end
+                    op["t"] = commits.now()
+                seq = await self._commit_map(inode, op, request)
+                reply = commits.map_of(inode)
+        if convert:
+            return await self._convert(request, ino, offset, end, keep_size=False, zero=False)
         await self._publish_map(ino, seq, reply, request)
         return reply
 
@@ -68,27 +82,46 @@ class Allocation:
         """Write `data` at the end of the file; the reply has the new map and `offset`,
         where the data landed."""
         commits = self.commits
-        async with commits.mutation():
-            inode = commits.regular(ino)
-            offset, end = inode.size, inode.size + len(data)
-            if not data:
-                return dict(commits.map_of(inode), offset=offset)
-            op = self._allocation_record(inode, offset, end, self._ahead_units(inode))
-            op["size"], op["t"] = end, commits.now()
-            await self._zero_exposed(inode, op)
-            self._write_at(inode, op, offset, data)
-            seq = commits.append(op, request)
-            reply = dict(commits.map_of(inode), offset=offset)
+        while True:
+            async with commits.mutation():
+                inode = commits.regular(ino)
+                offset, end = inode.size, inode.size + len(data)
+                if not data:
+                    return dict(commits.map_of(inode), offset=offset)
+                convert = self._must_convert(inode, end)
+                if not convert:
+                    op = self._allocation_record(inode, offset, end, self._ahead_units(inode))
+                    op["size"], op["t"] = end, commits.now()
+                    await self._prepare(inode, op)
+                    self._write_at(inode, op, offset, data)
+                    seq = commits.append(op, request)
+                    reply = dict(commits.map_of(inode), offset=offset)
+                    break
+            await self._convert_for_append(request, ino, offset, end)
         await self._publish_map(ino, seq, reply, request)
         return reply
 
+    async def _convert_for_append(self, request: Request, ino: int, offset: int,
+                                  end: int) -> None:
+        """Take a small file to units before an append that outgrows its first unit. The
+        conversion is not the append: the request's once-only id stays for the record
+        that carries the data."""
+        once_only, request.once_only = request.once_only, None
+        try:
+            await self._convert(request, ino, offset, end, keep_size=True, zero=False)
+        finally:
+            request.once_only = once_only
+
     def _write_at(self, inode: Inode, op: dict, offset: int, data: bytes) -> None:
-        """Write data at the file's offset through its map plus the units `op` adds."""
-        units = dict(inode.units)
-        units.update(from_runs(op.get("add", [])))
+        """Write data at the file's offset through its map plus what `op` adds (before
+        the record commits: nobody sees the new size before the data is there)."""
+        granule = BLOCK if op["op"] == "bmap" else self.unit
+        mapped = dict(inode.units)
+        mapped.update(from_runs(op.get("add", [])))
+        base = self.commits.volume.sb.data.offset
         view = memoryview(data)
-        for start, end, file_unit in pieces(offset, offset + len(data), self.unit):
-            position = self.commits.unit_offset(units[file_unit]) + start % self.unit
+        for start, end, index in pieces(offset, offset + len(data), granule):
+            position = base + mapped[index] * granule + start % granule
             self.commits.volume.write(position, view[start - offset : end - offset])
         self._data_unsynced = True
 
@@ -142,27 +175,101 @@ class Allocation:
         commits = self.commits
         async with commits.mutation():
             inode = commits.regular(ino)
-            if zero:
-                await self._zero_mapped(inode, offset, min(end, inode.size))
-            op = self._allocation_record(inode, offset, end)
-            if not keep_size and end > inode.size:
-                op["size"] = end
-            if op["add"] or "size" in op or zero:
-                op["t"] = commits.now()
-            seq = await self._commit_map(inode, op, request)
-            reply = commits.map_of(inode)
+            convert = self._must_convert(inode, end)
+            if not convert:
+                seq = await self._allocated(inode, offset, end, keep_size, zero, request)
+                reply = commits.map_of(inode)
+        if convert:
+            return await self._convert(request, ino, offset, end, keep_size, zero)
         await self._publish_map(ino, seq, reply, request)
         return reply
 
+    async def _allocated(self, inode: Inode, offset: int, end: int, keep_size: bool,
+                         zero: bool, request: Request, ahead: int = 0) -> int | None:
+        """Allocate under [offset, end) (zeroing what is mapped there if `zero`) and
+        grow the size to `end` unless `keep_size`: the record's seq, or None."""
+        if zero:
+            await self._zero_mapped(inode, offset, min(end, inode.size))
+        op = self._allocation_record(inode, offset, end, ahead)
+        if not keep_size and end > inode.size:
+            op["size"] = end
+        if op["add"] or "size" in op or zero:
+            op["t"] = self.commits.now()
+        return await self._commit_map(inode, op, request)
+
+    # -- small files -----------------------------------------------------------------------
+
+    def _must_convert(self, inode: Inode, end: int) -> bool:
+        """Would allocating up to `end` take a block-mapped file past its first unit?"""
+        return inode.blocks and bool(inode.units) and end > self.unit
+
+    def _in_blocks(self, inode: Inode, end: int) -> bool:
+        """Does an allocation up to `end` come in blocks? A file with a map keeps its
+        kind (until _must_convert); an empty one gets blocks if it stays below one
+        unit (a whole unit wastes nothing)."""
+        return inode.blocks if inode.units else end < self.unit
+
+    async def _convert(self, request: Request, ino: int, offset: int, end: int,
+                       keep_size: bool, zero: bool) -> dict:
+        """Allocate [offset, end) for a block-mapped file that outgrows its first unit:
+        a quiesce, since the blocks are freed. The requester has the map once it ends."""
+        await self.quiesce.run(request, ino, partial(
+            self._converted, offset=offset, end=end, keep_size=keep_size, zero=zero,
+            request=request))
+        await self.commits.durable()
+        return self.commits.map_of(self.commits.inode(ino))
+
+    async def _converted(self, inode: Inode, offset: int, end: int, keep_size: bool,
+                         zero: bool, request: Request) -> tuple[int | None, dict]:
+        ahead = 0 if keep_size or end <= inode.size else self._ahead_units(inode)
+        if not self._must_convert(inode, end):  # another request converted it meanwhile
+            seq = await self._allocated(inode, offset, end, keep_size, zero, request, ahead)
+            return seq, self.commits.map_of(inode)
+        log.debug("inode %d: converting %d blocks to units", inode.ino, len(inode.units))
+        if zero:
+            await self._zero_mapped(inode, offset, min(end, inode.size))
+        # units for [offset, end) and for file unit 0, which takes the blocks' data
+        op = self._unit_record(inode, {}, offset, end, ahead, also=[0])
+        op["op"] = "convert"
+        if not keep_size and end > inode.size:
+            op["size"] = end
+        op["t"] = self.commits.now()
+        seq = await self._commit_map(inode, op, request)
+        return seq, self.commits.map_of(inode)
+
+    async def _copy_blocks(self, inode: Inode, first_unit: int) -> None:
+        """Copy a block-mapped file's data into the unit that will hold its first unit
+        of file, and make it durable: before the record that points there."""
+        volume = self.commits.volume
+        base = volume.sb.data.offset
+        moves = [(base + block * BLOCK, base + first_unit * self.unit + index * BLOCK)
+                 for index, block in sorted(inode.units.items())]
+
+        def copy() -> None:
+            for read_at, write_at in moves:
+                volume.write(write_at, volume.read(read_at, BLOCK))
+            volume.sync()
+
+        await trio.to_thread.run_sync(copy)
+
     def _ahead_units(self, inode: Inode) -> int:
+        if inode.blocks:  # converting: as for a file of one unit
+            return 1
         return min(ALLOCATE_AHEAD_MAX, max(1, len(inode.units) // 4))
 
     def _allocation_record(self, inode: Inode, offset: int, end: int, ahead: int = 0) -> dict:
-        """A map record adding units for [offset, end), plus up to `ahead` units past it."""
+        """A map record adding units for [offset, end), plus up to `ahead` units past it;
+        or, for a small file, a "bmap" record adding blocks for [offset, end)."""
+        if self._in_blocks(inode, end):
+            return self._block_record(inode, offset, end)
+        return self._unit_record(inode, inode.units, offset, end, ahead)
+
+    def _unit_record(self, inode: Inode, mapped: dict, offset: int, end: int, ahead: int,
+                     also=()) -> dict:
         first, last = offset // self.unit, (end - 1) // self.unit
-        required = [i for i in range(first, last + 1) if i not in inode.units]
-        optional = [i for i in range(last + 1, last + 1 + ahead) if i not in inode.units]
-        near = inode.units[max(inode.units)] + 1 if inode.units else None
+        required = sorted({i for i in range(first, last + 1) if i not in mapped} | set(also))
+        optional = [i for i in range(last + 1, last + 1 + ahead) if i not in mapped]
+        near = mapped[max(mapped)] + 1 if mapped else None
         allocator = self.commits.state.allocator
         try:
             try:
@@ -174,6 +281,21 @@ class Allocation:
         added = dict(zip(required + optional, chosen, strict=False))
         return {"op": "map", "ino": inode.ino, "add": to_runs(added)}
 
+    def _block_record(self, inode: Inode, offset: int, end: int) -> dict:
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        required = [i for i in range(first, last + 1) if i not in inode.units]
+        near = inode.units[max(inode.units)] + 1 if inode.units else None
+        try:
+            chosen = self.commits.state.allocator.find_blocks(len(required), near)
+        except NoSpace:
+            raise MetaError(errno.ENOSPC) from None
+        added = dict(zip(required, chosen, strict=True))
+        return {"op": "bmap", "ino": inode.ino, "add": to_runs(added)}
+
+    def _map_op(self, inode: Inode) -> str:
+        """The record kind that changes this file's map: in blocks or in units."""
+        return "bmap" if inode.blocks else "map"
+
     async def _commit_map(self, inode: Inode, op: dict, request: Request) -> int | None:
         """Zero what the change exposes, then append and apply a map record. Call with
         the metadata lock held: nothing else may allocate meanwhile.
@@ -182,15 +304,21 @@ class Allocation:
         """
         if not op.get("add") and op.get("size", inode.size) == inode.size and "t" not in op:
             return None  # nothing to change: a node asked with a stale map
-        await self._zero_exposed(inode, op)
+        await self._prepare(inode, op)
         return self.commits.append(op, request)
 
-    async def _zero_exposed(self, inode: Inode, op: dict) -> None:
-        """Zero the units a map record adds, and the old tail if it grows the file."""
-        for _file_unit, volume_unit, count in op.get("add", ()):
-            await self._zero(self.commits.unit_offset(volume_unit), count * self.unit)
+    async def _prepare(self, inode: Inode, op: dict) -> None:
+        """Before a map record commits: zero what it adds, and the old tail if it grows
+        the file; for a conversion, copy the blocks' data into the new first unit."""
+        granule = BLOCK if op["op"] == "bmap" else self.unit
+        base = self.commits.volume.sb.data.offset
+        for _file_unit, volume_granule, count in op.get("add", ()):
+            await self._zero(base + volume_granule * granule, count * granule)
         if op.get("size", 0) > inode.size:
             await self._zero_tail(inode)
+        if op["op"] == "convert":
+            first_unit = next(unit for file_unit, unit, _count in op["add"] if file_unit == 0)
+            await self._copy_blocks(inode, first_unit)
 
     async def _publish_map(self, ino: int, seq: int | None, reply: dict, request: Request,
                            to_requester: bool = False) -> None:
@@ -206,10 +334,11 @@ class Allocation:
     async def _shrink(self, inode: Inode, size: int, request: Request) -> tuple[int | None, dict]:
         if size >= inode.size:  # it grew meanwhile
             return await self._grow(inode.ino, size, request)
-        keep = -(-size // self.unit)
+        granule = inode.granule(self.unit)
+        keep = -(-size // granule)
         drop = [index for index in inode.units if index >= keep]
         self._clean_tails.discard(inode.ino)  # the cut unit keeps old bytes past EOF
-        seq = self.commits.append({"op": "map", "ino": inode.ino, "size": size,
+        seq = self.commits.append({"op": self._map_op(inode), "ino": inode.ino, "size": size,
                                    "t": self.commits.now(),
                                    "drop": [[index, 1] for index in sorted(drop)]}, request)
         return seq, self.commits.map_of(inode)
@@ -221,12 +350,15 @@ class Allocation:
 
     async def _drop_range(self, inode: Inode, start: int, end: int,
                           request: Request) -> tuple[int, dict]:
-        """Free the whole units in [start, end) and zero the partial ones at its edges."""
-        first_whole, end_whole = -(-start // self.unit), end // self.unit
+        """Free the whole units (or blocks) in [start, end) and zero the partial ones at
+        its edges."""
+        granule = inode.granule(self.unit)
+        first_whole, end_whole = -(-start // granule), end // granule
         drop = [index for index in inode.units if first_whole <= index < end_whole]
-        await self._zero_mapped(inode, start, min(end, first_whole * self.unit))
-        await self._zero_mapped(inode, max(start, end_whole * self.unit), end)
-        seq = self.commits.append({"op": "map", "ino": inode.ino, "t": self.commits.now(),
+        await self._zero_mapped(inode, start, min(end, first_whole * granule))
+        await self._zero_mapped(inode, max(start, end_whole * granule), end)
+        seq = self.commits.append({"op": self._map_op(inode), "ino": inode.ino,
+                                   "t": self.commits.now(),
                                    "drop": [[index, 1] for index in sorted(drop)]}, request)
         return seq, self.commits.map_of(inode)
 
@@ -247,16 +379,16 @@ class Allocation:
         """
         if inode.ino in self._clean_tails:
             return
-        within = inode.size % self.unit
-        volume_unit = inode.units.get(inode.size // self.unit)
-        if within and volume_unit is not None:
-            await self._zero(self.commits.unit_offset(volume_unit) + within, self.unit - within)
+        granule = inode.granule(self.unit)
+        within = inode.size % granule
+        position = self.commits.position(inode, inode.size)
+        if within and position is not None:
+            await self._zero(position, granule - within)
         self._clean_tails.add(inode.ino)
 
     async def _zero_mapped(self, inode: Inode, start: int, end: int) -> None:
-        for piece_start, piece_end, file_unit in pieces(start, end, self.unit):
-            mapped = inode.units.get(file_unit)
-            if mapped is not None:
-                within = piece_start % self.unit
-                await self._zero(self.commits.unit_offset(mapped) + within,
-                                 piece_end - piece_start)
+        for piece_start, piece_end, _file_granule in pieces(start, end,
+                                                            inode.granule(self.unit)):
+            position = self.commits.position(inode, piece_start)
+            if position is not None:
+                await self._zero(position, piece_end - piece_start)

@@ -35,7 +35,7 @@ def attributes(inode: Inode, unit_size: int) -> dict:
         "gid": inode.gid,
         "rdev": inode.rdev,
         "size": inode.size,
-        "blocks": len(inode.units) * (unit_size // 512),
+        "blocks": inode.allocated(unit_size) // 512,  # st_blocks, for du
         "atime_ns": inode.atime_ns,
         "mtime_ns": inode.mtime_ns,
         "ctime_ns": inode.ctime_ns,

@@ -229,10 +229,20 @@ class Commits:
         """Size and map with a version (the last record's seq), so that a node can drop
         a reply that a newer map overtook."""
         return {"size": inode.size, "runs": to_runs(inode.units),
-                "version": self.journal.next_seq - 1}
+                "granule": inode.granule(self.unit), "version": self.journal.next_seq - 1}
 
     def unit_offset(self, volume_unit: int) -> int:
         return self.volume.sb.data.offset + volume_unit * self.unit
+
+    def position(self, inode: Inode, offset: int) -> int | None:
+        """Where byte `offset` of the file lies on the volume, whether its map is in
+        units or in blocks; None in a hole. The one place outside the nodes' data
+        path that turns a file offset into an image offset."""
+        granule = inode.granule(self.unit)
+        mapped = inode.units.get(offset // granule)
+        if mapped is None:
+            return None
+        return self.volume.sb.data.offset + mapped * granule + offset % granule
 
     @staticmethod
     def now() -> int:

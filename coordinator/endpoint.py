@@ -114,6 +114,8 @@ class RemoteSession(NodeSession):
                        wait: bool) -> None:
         body = {"ino": ino, "size": reply["size"], "runs": reply["runs"],
                 "version": reply["version"], "resume": resume, "forget": forget}
+        if "granule" in reply:  # Commits.map_of always says; without it, units
+            body["granule"] = reply["granule"]
         if wait:
             await self._acknowledged(messages.MAP, body)
         else:

@@ -6,6 +6,12 @@ it and applies it; recovery applies the same records when it replays the
 journal. So `apply` must be deterministic: every decision (inode numbers,
 units, timestamps, whether to reclaim) is made beforehand and carried in
 the record.
+
+A regular file's map is in allocation units, or, for a small file
+(`Inode.blocks`), in 4 KiB blocks inside shared block units (see
+csvfs/volume/extents.py and coordinator/allocator.py). "map" records change a
+unit-mapped file, "bmap" records a block-mapped one, and one "convert" record
+moves a file from blocks to units once its data was copied there.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import stat
 from dataclasses import dataclass, field
 
 from coordinator.allocator import Allocator
-from csvfs.volume.extents import UnitMap, from_runs, to_runs
+from csvfs.volume.extents import BLOCK, UnitMap, from_runs, to_runs
+from csvfs.volume.format import DEFAULT_UNIT
 
 ROOT_INO = 1
 NAME_MAX = 255  # bytes in one name
@@ -35,7 +42,8 @@ class Inode:
     rdev: int = 0
     target: bytes = b""
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
-    units: UnitMap = field(default_factory=dict)
+    units: UnitMap = field(default_factory=dict)  # file granule -> volume granule
+    blocks: bool = False  # the map is in BLOCKs, not allocation units
 
     @property
     def is_dir(self) -> bool:
@@ -50,21 +58,33 @@ class Inode:
             self.ino, self.mode, self.uid, self.gid, self.nlink, self.atime_ns,
             self.mtime_ns, self.ctime_ns, self.size, self.rdev, self.target,
             list(self.xattrs.items()), to_runs(self.units),
-        ]  # fmt: skip
+        ] + ([1] if self.blocks else [])  # fmt: skip
 
     @classmethod
     def from_list(cls, row: list) -> Inode:
+        blocks = 0
+        if len(row) > 13:  # a block-mapped file's row ends with 1; others with the runs
+            *row, blocks = row
         *head, xattrs, runs = row
-        return cls(*head, xattrs=dict(xattrs), units=from_runs(runs))
+        return cls(*head, xattrs=dict(xattrs), units=from_runs(runs), blocks=bool(blocks))
+
+    def granule(self, unit_size: int) -> int:
+        """Bytes per map entry: BLOCK for a block-mapped file, else the unit size."""
+        return BLOCK if self.blocks else unit_size
+
+    def allocated(self, unit_size: int) -> int:
+        """Bytes of data area the file holds."""
+        return len(self.units) * self.granule(unit_size)
 
 
 class MetadataState:
-    def __init__(self, data_units: int):
+    def __init__(self, data_units: int, unit_size: int = DEFAULT_UNIT):
         self.inodes: dict[int, Inode] = {}
         self.entries: dict[int, dict[bytes, int]] = {}  # directory ino -> name -> ino
         self.parents: dict[int, int] = {}  # directory ino -> its parent directory
         self.next_ino = ROOT_INO + 1
-        self.allocator = Allocator(data_units)
+        self.unit_size = unit_size
+        self.allocator = Allocator(data_units, unit_size // BLOCK)
         self.damage: list[str] = []  # inconsistencies found while loading a checkpoint
         # node name -> request id -> inode (0 if none): requests already carried out, so
         # that a node retrying one after a failover gets its answer instead of EEXIST.
@@ -73,8 +93,8 @@ class MetadataState:
     # -- construction ------------------------------------------------------------
 
     @classmethod
-    def fresh(cls, data_units: int, now_ns: int) -> MetadataState:
-        state = cls(data_units)
+    def fresh(cls, data_units: int, now_ns: int, unit_size: int = DEFAULT_UNIT) -> MetadataState:
+        state = cls(data_units, unit_size)
         root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, now_ns, now_ns, now_ns)
         state.inodes[ROOT_INO] = root
         state.entries[ROOT_INO] = {}
@@ -90,8 +110,9 @@ class MetadataState:
         }
 
     @classmethod
-    def from_image(cls, image: dict, data_units: int) -> MetadataState:
-        state = cls(data_units)
+    def from_image(cls, image: dict, data_units: int,
+                   unit_size: int = DEFAULT_UNIT) -> MetadataState:
+        state = cls(data_units, unit_size)
         state.next_ino = image["next_ino"]
         for row in image["inodes"]:
             inode = Inode.from_list(row)
@@ -108,18 +129,44 @@ class MetadataState:
 
     def _claim_units(self, inode: Inode) -> None:
         """Mark an inode's units used; a unit outside the data area or already taken
-        is damage: it is dropped from the map (a hole) and reported, never shared."""
+        is damage: it is dropped from the map (a hole) and reported, never shared.
+        The same for the blocks of a block-mapped file, which must also lie in its
+        first unit of file (a larger one is unit-mapped)."""
+        allocator = self.allocator
+        what = "block" if inode.blocks else "unit"
         for file_unit, unit in sorted(inode.units.items()):
-            if not 0 <= unit < self.allocator.units:
+            if inode.blocks:
+                if not 0 <= unit < allocator.total_blocks:
+                    problem = "lies outside the data area"
+                elif file_unit >= allocator.per_unit:
+                    problem = f"is beyond the first unit of the file (file block {file_unit})"
+                elif allocator.is_block_used(unit):
+                    problem = "is already mapped by another inode"
+                elif allocator.is_used(unit // allocator.per_unit) and \
+                        not allocator.is_block_unit(unit // allocator.per_unit):
+                    problem = "lies in a unit that another inode maps whole"
+                else:
+                    allocator.mark_block_used(unit)
+                    continue
+            elif not 0 <= unit < allocator.units:
                 problem = "lies outside the data area"
-            elif self.allocator.is_used(unit):
+            elif allocator.is_block_unit(unit):
+                problem = "is split into blocks of small files"
+            elif allocator.is_used(unit):
                 problem = "is already mapped by another inode"
             else:
-                self.allocator.mark_used(unit)
+                allocator.mark_used(unit)
                 continue
             del inode.units[file_unit]
-            self.damage.append(f"inode {inode.ino} maps unit {unit}, which {problem}; "
-                               f"its file unit {file_unit} becomes a hole")
+            self.damage.append(f"inode {inode.ino} maps {what} {unit}, which {problem}; "
+                               f"its file {what} {file_unit} becomes a hole")
+
+    def free_map(self, inode: Inode) -> None:
+        """Give back everything an inode's map holds, and empty the map."""
+        free = self.allocator.mark_block_free if inode.blocks else self.allocator.mark_free
+        for granule in inode.units.values():
+            free(granule)
+        inode.units = {}
 
     # -- queries ------------------------------------------------------------------
 
@@ -209,8 +256,7 @@ class MetadataState:
         self._reclaim(self.inodes[op["ino"]])
 
     def _reclaim(self, inode: Inode) -> None:
-        for unit in inode.units.values():
-            self.allocator.mark_free(unit)
+        self.free_map(inode)
         del self.inodes[inode.ino]
 
     def _apply_rename(self, op: dict) -> None:
@@ -252,15 +298,38 @@ class MetadataState:
 
     def _apply_map(self, op: dict) -> None:
         """Change a file's size and/or allocation: extend, truncate, fallocate, punch."""
+        self._change_map(op, block=False)
+
+    def _apply_bmap(self, op: dict) -> None:
+        """The same for a block-mapped file: "add" and "drop" count in blocks."""
+        self._change_map(op, block=True)
+
+    def _apply_convert(self, op: dict) -> None:
+        """A block-mapped file moves to whole units: its data was copied to the units
+        in "add" before this record was written; its blocks are free from now on."""
         inode = self.inodes[op["ino"]]
+        self.free_map(inode)
+        inode.blocks = False
+        self._change_map(op, block=False)
+
+    def _change_map(self, op: dict, block: bool) -> None:
+        inode = self.inodes[op["ino"]]
+        if inode.units and inode.blocks != block and (op.get("add") or op.get("drop")):
+            raise ValueError(f"{op['op']} record for inode {inode.ino}, whose map is in "
+                             f"{'blocks' if inode.blocks else 'units'}")
+        allocator = self.allocator
+        take, free = ((allocator.mark_block_used, allocator.mark_block_free) if block
+                      else (allocator.mark_used, allocator.mark_free))
         for file_unit, count in op.get("drop", ()):
             for index in range(file_unit, file_unit + count):
                 unit = inode.units.pop(index, None)
                 if unit is not None:
-                    self.allocator.mark_free(unit)
+                    free(unit)
+        if op.get("add"):
+            inode.blocks = block
         for file_unit, volume_unit, count in op.get("add", ()):
             for step in range(count):
-                self.allocator.mark_used(volume_unit + step)
+                take(volume_unit + step)
                 inode.units[file_unit + step] = volume_unit + step
         if "size" in op:
             inode.size = op["size"]

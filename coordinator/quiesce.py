@@ -3,8 +3,11 @@
 It protects the hard rule: no node ever writes to an allocation unit that the
 coordinator has freed or given to another file.
 
-A change that frees space of a file (a shrinking truncate, a punched hole)
-runs as a quiesce of that one inode; every other file goes on meanwhile:
+A change that frees space of a file (a shrinking truncate, a punched hole, a
+small file's conversion from 4 KiB blocks to units) runs as a quiesce of that
+one inode; every other file goes on meanwhile. Blocks of small files follow
+the same rule as units: none is freed before every holder is paused, and a
+holder resumes only with the new map, so nobody writes through the old one.
 
 1. Pause. Under the metadata lock, at a moment when no other quiesce of the
    inode runs, the coordinator marks the inode as quiescing (opens and

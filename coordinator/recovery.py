@@ -74,10 +74,10 @@ def load(volume: Volume) -> Recovered:
     newest = max(checkpoints, key=lambda c: (c.seq, c.epoch), default=None)
     units = volume.sb.data_units
     if newest is None:
-        state = MetadataState.fresh(units, volume.sb.created_ns)
+        state = MetadataState.fresh(units, volume.sb.created_ns, volume.sb.unit_size)
         after_seq, epoch = 0, 0
     else:
-        state = MetadataState.from_image(newest.image, units)
+        state = MetadataState.from_image(newest.image, units, volume.sb.unit_size)
         after_seq, epoch = newest.seq, newest.epoch
     gen = newest.image.get(JOURNAL_GEN, 0) if newest else 0
     replay = journal.scan(volume, after_seq, epoch, gen, checkpoint_lost=bool(problems))

@@ -45,6 +45,7 @@ from coordinator.quiesce import NodeSession, Quiesce, Sessions
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.events import EventLog
 from csvfs.cluster.messages import brief
+from csvfs.volume.extents import BLOCK
 from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,9 @@ class MetadataService:
             "unit_size": self.commits.unit,
             "units": allocator.units,
             "free_units": allocator.free_count,
+            "block_size": BLOCK,
+            "blocks": allocator.total_blocks,
+            "free_blocks": allocator.free_blocks,
             "files": len(self.state.inodes),
             "name_max": NAME_MAX,
         }

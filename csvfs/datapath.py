@@ -1,7 +1,9 @@
 """The data path: reads and writes go straight to the image at the mapped offsets.
 
 A request inside the file's size and allocated units costs one dict lookup
-and one pread/pwrite; anything else (a hole, a write past EOF) asks the
+and one pread/pwrite; a map is in granules, the allocation unit or, for a
+small file, a 4 KiB block (csvfs/volume/extents.py), and the path is the
+same for both; anything else (a hole, a write past EOF) asks the
 coordinator to extend the file first. Nothing here knows about FUSE or RPC:
 the coordinator is reached through the `meta` callable given at start.
 
@@ -42,13 +44,14 @@ class OpenFile:
     """This node's view of one open inode, shared by all its handles: its map, and
     the gate that the quiesce protocol closes (csvfs/quiesce.py)."""
 
-    __slots__ = ("ino", "size", "units", "version", "refs", "paused", "resumed", "dirty_mtime",
-                 "gone")
+    __slots__ = ("ino", "size", "units", "granule", "version", "refs", "paused", "resumed",
+                 "dirty_mtime", "gone")
 
-    def __init__(self, ino: int, size: int, units: UnitMap, version: int):
+    def __init__(self, ino: int, size: int, units: UnitMap, version: int, granule: int):
         self.ino = ino
         self.size = size
-        self.units = units
+        self.units = units  # file granule -> volume granule
+        self.granule = granule  # bytes per map entry: the unit, or BLOCK for a small file
         self.version = version
         self.refs = 0
         self.paused = False  # the gate is closed: I/O waits for `resumed`
@@ -92,14 +95,16 @@ class DataPath:
 
     # -- open files ------------------------------------------------------------------
 
-    def opened(self, ino: int, size: int, runs: list, version: int) -> OpenFile:
+    def opened(self, ino: int, size: int, runs: list, version: int,
+               granule: int | None = None) -> OpenFile:
         """One more handle of ino, with the map an open returned."""
         self._check_fenced()
         handle = self.files.get(ino)
         if handle is None:
-            handle = self.files[ino] = OpenFile(ino, size, from_runs(runs), version)
+            handle = self.files[ino] = OpenFile(ino, size, from_runs(runs), version,
+                                                granule or self.unit)
         else:
-            self.update_map(ino, size, runs, version)
+            self.update_map(ino, size, runs, version, granule)
         handle.refs += 1
         return handle
 
@@ -111,9 +116,10 @@ class DataPath:
         self.files.pop(handle.ino, None)
         return True
 
-    def update_map(self, ino: int, size: int, runs: list, version: int = 0) -> bool:
+    def update_map(self, ino: int, size: int, runs: list, version: int = 0,
+                   granule: int | None = None) -> bool:
         """Take a new map of ino unless a newer one is here already; False if ino is not
-        open here."""
+        open here. `granule` is the map's (the unit if not given)."""
         handle = self.files.get(ino)
         if handle is None:
             return False
@@ -121,6 +127,7 @@ class DataPath:
             return True  # a reply overtaken by a newer map
         handle.size = size
         handle.units = from_runs(runs)
+        handle.granule = granule or self.unit
         handle.version = max(handle.version, version)
         return True
 
@@ -134,7 +141,7 @@ class DataPath:
         end = min(offset + length, handle.size)
         if offset >= end:
             return b""
-        unit = self.unit
+        unit = handle.granule
         file_unit = offset // unit
         if (end - 1) // unit != file_unit:
             return b"".join(self._read_pieces(handle, offset, end))
@@ -160,7 +167,8 @@ class DataPath:
         return False
 
     def _take_map(self, handle: OpenFile, reply: dict) -> None:
-        self.update_map(handle.ino, reply["size"], reply["runs"], reply["version"])
+        self.update_map(handle.ino, reply["size"], reply["runs"], reply["version"],
+                        reply.get("granule"))
 
     async def _ensure_valid(self) -> bool:
         """Raise EIO if shut down or the file is gone; revalidate an expired session.
@@ -186,12 +194,13 @@ class DataPath:
             raise OSError(errno.EIO, "this node was fenced off the volume")
 
     def _read_pieces(self, handle: OpenFile, offset: int, end: int):
-        for start, piece_end, file_unit in pieces(offset, end, self.unit):
+        unit = handle.granule
+        for start, piece_end, file_unit in pieces(offset, end, unit):
             volume_unit = handle.units.get(file_unit)
             if volume_unit is None:
                 yield bytes(piece_end - start)
             else:
-                position = self.base + volume_unit * self.unit + start % self.unit
+                position = self.base + volume_unit * unit + start % unit
                 yield self._pread(piece_end - start, position)
 
     def _pread(self, length: int, position: int) -> bytes:
@@ -226,7 +235,7 @@ class DataPath:
 
     def _write_direct(self, handle: OpenFile, offset: int, data: bytes) -> bool:
         """Write if every byte lands in an allocated unit; False (nothing written) if not."""
-        unit = self.unit
+        unit = handle.granule
         units = handle.units
         file_unit = offset // unit
         last_unit = (offset + len(data) - 1) // unit

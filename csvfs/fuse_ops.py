@@ -374,7 +374,8 @@ class CsvfsOperations(pyfuse3.Operations):
         ino = attrs["ino"]
         handle = None
         if attrs["mode"] & 0o170000 == 0o100000:
-            handle = self.gates.opened(ino, attrs["size"], reply["runs"], reply["version"])
+            handle = self.gates.opened(ino, attrs["size"], reply["runs"], reply["version"],
+                                       reply.get("granule"))
         fh = self._new_fh()
         self._handles[fh] = _Handle(ino, handle)
         if handle is not None:
@@ -472,7 +473,8 @@ class CsvfsOperations(pyfuse3.Operations):
         have moved; the coordinator writes at the real end (coordinator/allocation.py)."""
         handle.dirty_mtime = 0  # the append's own time is later than any write before it
         reply = await self.meta("append", ino=handle.ino, data=bytes(data))
-        self.data.update_map(handle.ino, reply["size"], reply["runs"], reply["version"])
+        self.data.update_map(handle.ino, reply["size"], reply["runs"], reply["version"],
+                             reply.get("granule"))
         return len(data)
 
     @_errors
@@ -522,7 +524,8 @@ class CsvfsOperations(pyfuse3.Operations):
                                     length=length)
         except MetaError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
-        self.data.update_map(inode, reply["size"], reply["runs"], reply["version"])
+        self.data.update_map(inode, reply["size"], reply["runs"], reply["version"],
+                             reply.get("granule"))
 
     # -- locks: called through the FUSE shim (pyfuse3 has no lock handlers) ------------------
 
@@ -571,13 +574,13 @@ class CsvfsOperations(pyfuse3.Operations):
     async def statfs(self, ctx):
         info = await self.meta("statfs")
         result = pyfuse3.StatvfsData()
-        result.f_bsize = info["unit_size"]
-        result.f_frsize = info["unit_size"]
-        result.f_blocks = info["units"]
-        result.f_bfree = info["free_units"]
-        result.f_bavail = info["free_units"]
-        result.f_files = info["files"] + info["free_units"] * 16
-        result.f_ffree = info["free_units"] * 16
+        result.f_bsize = info["block_size"]  # 4 KiB blocks, as small files take space
+        result.f_frsize = info["block_size"]
+        result.f_blocks = info["blocks"]
+        result.f_bfree = info["free_blocks"]
+        result.f_bavail = info["free_blocks"]
+        result.f_files = info["files"] + info["free_blocks"]  # a small file takes a block
+        result.f_ffree = info["free_blocks"]
         result.f_favail = result.f_ffree
         result.f_namemax = info["name_max"]
         return result

@@ -49,7 +49,7 @@ def make_volume(image: str | os.PathLike, size: int, unit_size: int = fmt.DEFAUL
 def _write_initial_metadata(volume: Volume) -> None:
     """A checkpoint holding just the root, a free lease, and the first event."""
     sb = volume.sb
-    state = MetadataState.fresh(sb.data_units, sb.created_ns)
+    state = MetadataState.fresh(sb.data_units, sb.created_ns, sb.unit_size)
     # Generation 0 is safe here: the journal is all zeros until its first restart.
     recovery.write_checkpoint(volume, 0, 0, 0, state, gen=0)
     write_free_lease(volume)

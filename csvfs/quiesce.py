@@ -79,8 +79,9 @@ class FileGates:
         """Wrap the open request: `async with gates.opening(ino): ... gates.opened(...)`."""
         return _Opening(self, ino)
 
-    def opened(self, ino: int, size: int, runs: list, version: int) -> OpenFile:
-        handle = self.datapath.opened(ino, size, runs, version)
+    def opened(self, ino: int, size: int, runs: list, version: int,
+               granule: int | None = None) -> OpenFile:
+        handle = self.datapath.opened(ino, size, runs, version, granule)
         early = self._early.pop(ino, None)
         if early is not None:
             if "map" in early:
@@ -106,6 +107,7 @@ class FileGates:
                 continue
             # the coordinator's word now, whatever version this node saw before
             handle.size, handle.units = reply["size"], from_runs(reply["runs"])
+            handle.granule = reply.get("granule") or self.datapath.unit
             handle.version = reply["version"]
             handle.open_gate()
         log.debug("rejoined with %d open files", len(maps))
@@ -134,7 +136,7 @@ class FileGates:
         or not)."""
         log.debug("inode %d: map version %d, size %d%s", ino, reply["version"], reply["size"],
                   ", resume" if resume else "")
-        map_ = (reply["size"], reply["runs"], reply["version"])
+        map_ = (reply["size"], reply["runs"], reply["version"], reply.get("granule"))
         if not self.datapath.update_map(ino, *map_):
             early = self._early.get(ino, {}).get("map")
             if early is None or map_[2] >= early[2]:

@@ -71,6 +71,20 @@ def test_appends_from_three_nodes_with_readers_are_never_torn_or_lost(image, nod
         assert dict(tags) == {tag: list(range(700)) for tag in "XYZ"}
 
 
+def test_appends_from_two_nodes_take_a_small_file_past_its_first_unit(image, nodes):
+    """The file starts in 4 KiB blocks and is converted to units under the appends."""
+    first, second = nodes.start(image, "n1"), nodes.start(image, "n2")
+    first.path("log").write_bytes(b"")
+    workers = [appender(first.path("log"), "K", 700, 1000),
+               appender(second.path("log"), "L", 700, 1000)]
+    for worker in workers:
+        finish(worker)
+    data = first.path("log").read_bytes()
+    assert len(data) == 1400 * 1000 > 1 << 20
+    tags = by_tag(check(data))
+    assert tags["K"] == list(range(700)) and tags["L"] == list(range(700))
+
+
 def test_append_goes_to_the_end_another_node_made(image, nodes):
     first, second = nodes.start(image, "n1"), nodes.start(image, "n2")
     fd = os.open(first.path("f"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -258,7 +258,8 @@ class _open:
 
 def test_unit_mapped_twice_is_refused_then_repaired(small_image, tmp_path, nodes):
     node = nodes.start(small_image)
-    first, second = os.urandom(2 << 20), os.urandom(1 << 20)
+    # both larger than a unit, so unit-mapped (a smaller file takes 4 KiB blocks)
+    first, second = os.urandom(2 << 20), os.urandom(2 << 20)
     node.path("first").write_bytes(first)
     node.path("second").write_bytes(second)
     node.unmount()
@@ -270,7 +271,8 @@ def test_unit_mapped_twice_is_refused_then_repaired(small_image, tmp_path, nodes
     assert_fsck_repairs(small_image, "already mapped by another inode")
     survivor = nodes.start(small_image, "after-repair")
     assert survivor.path("first").read_bytes() == first  # the owner keeps its data
-    assert survivor.path("second").read_bytes() == bytes(1 << 20)  # the intruder gets a hole
+    # the intruder's map is now that one unit, which becomes a hole
+    assert survivor.path("second").read_bytes() == bytes(2 << 20)
 
 
 def _map_second_onto_first(image):

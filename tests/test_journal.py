@@ -456,7 +456,7 @@ async def test_load_empty_volume(image):
     assert recovered.state.entries == {ROOT_INO: {}}
     volume = Volume.open(image)
     volume.close()
-    fresh = MetadataState.fresh(volume.sb.data_units, volume.sb.created_ns)
+    fresh = MetadataState.fresh(volume.sb.data_units, volume.sb.created_ns, volume.sb.unit_size)
     assert recovered.state.to_image() == fresh.to_image()
 
 
@@ -472,7 +472,7 @@ async def test_checkpoint_plus_replay_equals_applying_every_record(image):
     assert (recovered.checkpoint.slot, recovered.checkpoint.epoch) == (1, 1)  # A holds mkfs's
     assert recovered.replay.records  # some state came from the journal
     assert recovered.checkpoint.seq + len(recovered.replay.records) == len(ops)
-    state = MetadataState.fresh(volume.sb.data_units, volume.sb.created_ns)
+    state = MetadataState.fresh(volume.sb.data_units, volume.sb.created_ns, volume.sb.unit_size)
     for op in ops:
         state.apply(op)
     assert recovered.state.to_image() == state.to_image() == service.state.to_image()
@@ -543,7 +543,7 @@ async def test_back_to_back_checkpoints_then_more_records(image, earlier):
 
 async def test_newest_checkpoint_wins(image):
     volume = Volume.open(image, writable=True)
-    state = MetadataState.fresh(volume.sb.data_units, 0)
+    state = MetadataState.fresh(volume.sb.data_units, 0, volume.sb.unit_size)
     recovery.write_checkpoint(volume, 1, 1, 5, state)
     state.apply({"op": "mknod", "ino": 2, "parent": ROOT_INO, "name": b"x", "mode": FILE,
                  "uid": 0, "gid": 0, "t": 9})

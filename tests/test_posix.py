@@ -2,7 +2,9 @@
 
 Each test gets a fresh volume from the `mount` fixture. Checks that need an
 unprivileged caller run a short Python child as another uid (see `as_user`).
-The allocation unit is 1 MiB, so st_blocks and statfs move in 2048-block steps.
+The allocation unit is 1 MiB, so st_blocks of a file past one unit moves in
+2048-block steps; statfs counts 4 KiB blocks (256 to a unit), and smaller
+files take 4 KiB blocks (tests/test_small_files.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 MiB = 1024 * 1024
+BLOCKS_PER_MIB = MiB // 4096  # statfs counts 4 KiB blocks
 UNIT_BLOCKS = MiB // 512
 USER_A = 65534  # nobody
 USER_B = 65533
@@ -587,7 +590,7 @@ def test_rename_over_existing_file(mount):
     assert os.stat(mount.path("b")).st_ino == ino
     # b's last close may still be in flight (FUSE sends release in the background)
     assert wait_for(lambda: used_inodes(mount) == inodes - 1)
-    assert wait_for(lambda: os.statvfs(mount.mountpoint).f_bfree >= free + 3)
+    assert wait_for(lambda: os.statvfs(mount.mountpoint).f_bfree >= free + 3 * BLOCKS_PER_MIB)
 
 
 def test_rename_over_open_file_keeps_its_data_until_close(mount):
@@ -779,7 +782,7 @@ def test_unlinked_open_file(mount):
         assert os.pread(fd, 6, 8) == b"aaBBaa"
         assert os.pread(fd, 10, 4 * MiB) == b"after"
         assert os.fstat(fd).st_size == 4 * MiB + 5
-        assert os.statvfs(mount.mountpoint).f_bfree <= free_before - 5
+        assert os.statvfs(mount.mountpoint).f_bfree <= free_before - 5 * BLOCKS_PER_MIB
     finally:
         os.close(fd)
     assert wait_for(lambda: os.statvfs(mount.mountpoint).f_bfree == free_before)
@@ -1073,26 +1076,26 @@ def test_shrink_with_other_descriptor_open(mount):
 
 def test_statfs(mount):
     info = os.statvfs(mount.mountpoint)
-    assert info.f_bsize == MiB and info.f_frsize == MiB
-    assert 200 <= info.f_blocks <= 256
-    assert info.f_blocks - 2 <= info.f_bfree <= info.f_blocks
+    assert info.f_bsize == 4096 and info.f_frsize == 4096
+    assert 200 * BLOCKS_PER_MIB <= info.f_blocks <= 256 * BLOCKS_PER_MIB
+    assert info.f_blocks - 2 * BLOCKS_PER_MIB <= info.f_bfree <= info.f_blocks
     assert info.f_bavail == info.f_bfree
     assert info.f_namemax == 255
     assert info.f_ffree > 0
     write_file(mount.path("f"), b"z" * (5 * MiB))
     after = os.statvfs(mount.mountpoint)
     assert after.f_blocks == info.f_blocks
-    assert after.f_bfree <= info.f_bfree - 5
+    assert after.f_bfree <= info.f_bfree - 5 * BLOCKS_PER_MIB
     os.unlink(mount.path("f"))
     assert wait_for(lambda: os.statvfs(mount.mountpoint).f_bfree == info.f_bfree)
 
 
 def test_enospc_when_full(mount):
-    free = os.statvfs(mount.mountpoint).f_bfree
+    free = os.statvfs(mount.mountpoint).f_bfree // BLOCKS_PER_MIB  # in units
     with open(mount.path("big"), "wb") as handle:
         handle.truncate((free + 1) * MiB)
         assert errno_of(os.posix_fallocate, handle.fileno(), 0, (free + 1) * MiB) == "ENOSPC"
-    assert os.statvfs(mount.mountpoint).f_bfree == free
+    assert os.statvfs(mount.mountpoint).f_bfree // BLOCKS_PER_MIB == free
     os.unlink(mount.path("big"))
 
 

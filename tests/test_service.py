@@ -373,10 +373,11 @@ async def test_extend_allocates_and_grows(cluster):
 
 
 def _file_bytes(cluster, ino: int, length: int) -> bytes:
-    volume = cluster.service.commits.volume
-    units = cluster.units(ino)
-    return b"".join(volume.read(volume.sb.data.offset + units[index] * UNIT, UNIT)
-                    for index in range(-(-length // UNIT)))[:length]
+    """The file's first `length` bytes as its map places them on the image."""
+    commits = cluster.service.commits
+    inode = cluster.service.state.inodes[ino]
+    return b"".join(commits.volume.read(commits.position(inode, offset), 1)
+                    for offset in range(length))
 
 
 async def test_append_writes_at_the_end_and_survives_a_restart(cluster):
@@ -389,6 +390,17 @@ async def test_append_writes_at_the_end_and_survives_a_restart(cluster):
     cluster.restart()
     assert (await cluster.call("getattr", ino=file["ino"]))["size"] == UNIT + 3
     assert _file_bytes(cluster, file["ino"], UNIT + 3) == b"a" * (UNIT - 3) + b"bcdefg"
+
+
+async def test_appends_that_take_a_small_file_past_its_first_unit(cluster):
+    file = await cluster.mknod(b"log")
+    chunks = [bytes([65 + index % 26]) * 1000 for index in range(70)]  # 70,000 bytes
+    for index, chunk in enumerate(chunks):
+        reply = await cluster.call("append", ino=file["ino"], data=chunk, req=100 + index)
+        assert reply["offset"] == index * 1000
+    assert not cluster.service.state.inodes[file["ino"]].blocks  # converted on the way
+    expected = b"".join(chunks)
+    assert _file_bytes(cluster, file["ino"], len(expected)) == expected
 
 
 async def test_an_append_retried_after_a_failover_is_not_done_twice(cluster):

@@ -20,7 +20,7 @@ SESSION_REQUESTS = (REGISTER, HEARTBEAT, ACK, GOODBYE, STATUS)
 
 # -- pushes, coordinator -> member: the quiesce protocol -------------------------------
 PAUSE = "pause"  # {ino, token}: close ino's I/O gate; ack once nothing is in flight
-MAP = "map"  # {ino, size, runs, version, resume, forget[, token]}: a new map of ino
+MAP = "map"  # {ino, size, runs, granule, version, resume, forget[, token]}: a new map of ino
 RESUME = "resume"  # {ino}: open ino's gate again (a quiesce that changed nothing)
 INVALIDATE = "invalidate"  # {inos, entries[, token]}: drop what the kernel caches
 

@@ -1,7 +1,12 @@
-"""Extent maps: file allocation unit -> volume allocation unit.
+"""Extent maps: file granule -> volume granule.
+
+A regular file is *unit-mapped* (granule = the allocation unit: file unit ->
+volume unit) or, while everything it has allocated lies in its first unit,
+*block-mapped* (granule = BLOCK: file block -> volume block, where volume block
+b is at data offset b * BLOCK, inside volume unit b // (unit / BLOCK)).
 
 In memory a map is a dict, so the data path pays one dict lookup per request.
-On disk and on the wire it travels as runs [file_unit, volume_unit, count].
+On disk and on the wire it travels as runs [file_granule, volume_granule, count].
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 UnitMap = dict[int, int]
+
+BLOCK = 4096  # the granule of block-mapped (small) files
 
 
 def pieces(start: int, end: int, unit: int) -> Iterator[tuple[int, int, int]]:
