@@ -42,6 +42,7 @@ from csvfs.volume.extents import BLOCK, from_runs, pieces, to_runs
 log = logging.getLogger(__name__)
 
 ALLOCATE_AHEAD_MAX = 64  # units
+ZERO_INLINE_MAX = 64 << 10  # bytes zeroed by a write in the event loop, not a punch
 FALLOC_KEEP_SIZE = 0x01
 FALLOC_PUNCH_HOLE = 0x02
 FALLOC_ZERO_RANGE = 0x10
@@ -55,6 +56,7 @@ class Allocation:
         self.unit = commits.unit
         self._clean_tails: set[int] = set()  # inodes known to hold only zeros past EOF
         self._data_unsynced = False  # appends wrote data through this process's descriptor
+        self._clean_blocks: set[int] = set()  # free blocks known to read as zeros
 
     # -- requests ------------------------------------------------------------------------
 
@@ -310,10 +312,11 @@ class Allocation:
     async def _prepare(self, inode: Inode, op: dict) -> None:
         """Before a map record commits: zero what it adds, and the old tail if it grows
         the file; for a conversion, copy the blocks' data into the new first unit."""
-        granule = BLOCK if op["op"] == "bmap" else self.unit
-        base = self.commits.volume.sb.data.offset
-        for _file_unit, volume_granule, count in op.get("add", ()):
-            await self._zero(base + volume_granule * granule, count * granule)
+        if op["op"] == "bmap":
+            await self._zero_blocks(op.get("add", ()))
+        else:
+            for _file_unit, volume_unit, count in op.get("add", ()):
+                await self._zero(self.commits.unit_offset(volume_unit), count * self.unit)
         if op.get("size", 0) > inode.size:
             await self._zero_tail(inode)
         if op["op"] == "convert":
@@ -365,10 +368,36 @@ class Allocation:
     # -- zeroing ---------------------------------------------------------------------------
 
     async def _zero(self, offset: int, length: int) -> None:
-        """Make a range of the image read as zeros, in a worker thread: a punched hole
-        may first wait for the kernel to write out dirty pages there (ext4 does), and
-        the event loop must go on renewing the lease and answering nodes meanwhile."""
+        """Make a range of the image read as zeros. A few blocks (a small file's new
+        ones) are written over inline, like a node's own writes: the trip to a worker
+        thread would cost more than the write. Anything larger is punched out in a
+        worker thread: a punched hole may first wait for the kernel to write out dirty
+        pages there (ext4 does), and the event loop must go on renewing the lease and
+        answering nodes meanwhile."""
+        if length <= ZERO_INLINE_MAX:
+            self.commits.volume.write(offset, bytes(length))
+            return
         await trio.to_thread.run_sync(self.commits.volume.zero, offset, length)
+
+    async def _zero_blocks(self, runs) -> None:
+        """Zero the blocks a record adds. A unit split into blocks now is cleared whole,
+        once, and its blocks are known clean until they are first handed out: so a
+        small file growing by 4 KiB at a time does not dirty a page of the image, to
+        be flushed with the journal, for every block."""
+        allocator = self.commits.state.allocator
+        per, base = allocator.per_unit, self.commits.volume.sb.data.offset
+        split_now: set[int] = set()
+        for _file_block, first, count in runs:
+            for block in range(first, first + count):
+                unit = block // per
+                if not allocator.is_used(unit) and unit not in split_now:
+                    split_now.add(unit)
+                    await self._zero(self.commits.unit_offset(unit), self.unit)
+                    self._clean_blocks.update(range(unit * per, (unit + 1) * per))
+                if block in self._clean_blocks:
+                    self._clean_blocks.discard(block)
+                else:
+                    await self._zero(base + block * BLOCK, BLOCK)
 
     async def _zero_tail(self, inode: Inode) -> None:
         """Bytes past EOF in the last unit may hold data from before a shrink: clear them.

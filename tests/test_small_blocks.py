@@ -275,3 +275,36 @@ async def test_fsck_reports_a_block_mapped_twice(cluster):
     _inode(cluster, second).units[0] = _inode(cluster, first).units[0]
     problems = _fsck_problems(cluster)
     assert any("is mapped by inodes" in problem for problem in problems)
+
+
+def _block_bytes(cluster, ino: int) -> bytes:
+    commits = cluster.service.commits
+    inode = _inode(cluster, ino)
+    return b"".join(commits.volume.read(commits.position(inode, index * BLOCK), BLOCK)
+                    for index in sorted(inode.units))
+
+
+async def test_new_blocks_read_as_zeros_fresh_or_reused(cluster):
+    """A unit split into blocks is cleared once and its blocks skip zeroing until first
+    handed out; a block freed and handed out again is zeroed on its own."""
+    volume = cluster.service.commits.volume
+    data = volume.sb.data
+    volume.write(data.offset, b"\xff" * (8 * UNIT))  # old garbage in the first units
+    first = (await cluster.mknod(b"first"))["ino"]
+    await cluster.call("extend", ino=first, offset=0, end=3 * BLOCK)
+    second = (await cluster.mknod(b"second"))["ino"]
+    for end in range(BLOCK, 5 * BLOCK + 1, BLOCK):  # one block at a time: clean ones
+        await cluster.call("extend", ino=second, offset=end - BLOCK, end=end)
+    assert _block_bytes(cluster, first) == bytes(3 * BLOCK)
+    assert _block_bytes(cluster, second) == bytes(5 * BLOCK)
+    filler = (await cluster.mknod(b"filler"))["ino"]  # the rest of the first block unit
+    await cluster.call("extend", ino=filler, offset=0, end=(PER - 8) * BLOCK)
+    commits = cluster.service.commits
+    old_blocks = set(_inode(cluster, first).units.values())
+    for index in _inode(cluster, first).units:  # the first file writes, then goes
+        volume.write(commits.position(_inode(cluster, first), index * BLOCK), b"\xee" * BLOCK)
+    await cluster.call("unlink", parent=1, name=b"first", is_dir=False)
+    third = (await cluster.mknod(b"third"))["ino"]
+    await cluster.call("extend", ino=third, offset=0, end=3 * BLOCK)
+    assert set(_inode(cluster, third).units.values()) == old_blocks  # the gaps are reused
+    assert _block_bytes(cluster, third) == bytes(3 * BLOCK)
