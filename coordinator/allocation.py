@@ -117,6 +117,7 @@ class Allocation:
     def _write_at(self, inode: Inode, op: dict, offset: int, data: bytes) -> None:
         """Write data at the file's offset through its map plus what `op` adds (before
         the record commits: nobody sees the new size before the data is there)."""
+        self.commits.check_lease()
         granule = BLOCK if op["op"] == "bmap" else self.unit
         mapped = dict(inode.units)
         mapped.update(from_runs(op.get("add", [])))
@@ -247,6 +248,8 @@ class Allocation:
         moves = [(base + block * BLOCK, base + first_unit * self.unit + index * BLOCK)
                  for index, block in sorted(inode.units.items())]
 
+        self.commits.check_lease()
+
         def copy() -> None:
             for read_at, write_at in moves:
                 volume.write(write_at, volume.read(read_at, BLOCK))
@@ -374,6 +377,7 @@ class Allocation:
         worker thread: a punched hole may first wait for the kernel to write out dirty
         pages there (ext4 does), and the event loop must go on renewing the lease and
         answering nodes meanwhile."""
+        self.commits.check_lease()
         if length <= ZERO_INLINE_MAX:
             self.commits.volume.write(offset, bytes(length))
             return

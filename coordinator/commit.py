@@ -188,6 +188,12 @@ class Commits:
         self.fence("the coordinator lease lapsed and another node may hold it")
         return False
 
+    def check_lease(self) -> None:
+        """Before the coordinator writes file data itself (zeroing, a conversion's copy,
+        an append): a stale coordinator's allocation may be another file's by now."""
+        if not self.lease_held():
+            raise NotCoordinator("the coordinator lease has lapsed; not writing data")
+
     def fence(self, reason: str) -> None:
         """Stop for good: no more commits, and the node is told to step down."""
         if self.fenced:
