@@ -61,6 +61,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
+from coordinator.arguments import fits
 from coordinator.commit import Request
 from coordinator.quiesce import Sessions
 from csvfs.cluster.errors import MetaError
@@ -73,6 +74,8 @@ KINDS = ("posix", "flock")
 GRACE_POLL = 0.05
 
 Owner = tuple[str, int, str]  # (node, lock owner id, kind)
+# What a node registers of one lock: [ino, owner id, kind, type, start, end, pid].
+Registered = tuple[int, int, str, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -219,14 +222,15 @@ class Locks:
         return None if blocker is None else [blocker.type, blocker.start, blocker.end,
                                              blocker.pid]
 
-    async def op_unlock(self, request: Request, ino: int, owners: list) -> None:
-        """Release whole owners' locks on ino: `owners` is [[owner id, kind]...]."""
+    async def op_unlock(self, request: Request, ino: int,
+                        owners: list[tuple[int, str]]) -> None:
+        """Release whole owners' locks on ino: `owners` is [[owner id, kind]...] (the
+        service checked that shape against this signature)."""
+        if any(kind not in KINDS for _owner, kind in owners):
+            raise MetaError(errno.EINVAL, f"bad lock kinds in {owners!r}")
         changed = False
-        for each in owners:
-            if not (isinstance(each, list) and len(each) == 2 and type(each[0]) is int
-                    and each[1] in KINDS):
-                raise MetaError(errno.EINVAL, f"bad lock owner {each!r}")
-            changed |= self.table.drop_owner(ino, (request.session, each[0], each[1]))
+        for owner, kind in owners:
+            changed |= self.table.drop_owner(ino, (request.session, owner, kind))
         if changed:
             self._changed(ino)
 
@@ -239,11 +243,11 @@ class Locks:
         lost = []
         for record in locks:
             try:
+                if not fits(record, Registered) or record[3] == F_UNLCK:
+                    raise MetaError(errno.EINVAL)
                 ino, owner, kind, type, start, end, pid = record
                 check_lock(kind, type, start, end)
-                if type == F_UNLCK or not all(isinstance(v, int) for v in (ino, owner, pid)):
-                    raise ValueError(record)
-            except (ValueError, TypeError, MetaError):
+            except MetaError:
                 log.warning("%s registered a bad lock %r", name, record)
                 continue
             if self.table.conflict(ino, (name, owner, kind), type, start, end) is not None:

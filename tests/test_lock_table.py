@@ -7,6 +7,7 @@ import errno
 import pytest
 import trio
 
+from coordinator.arguments import check_arguments
 from coordinator.commit import Request
 from coordinator.locks import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, Lock, Locks, LockTable
 from csvfs.cluster.errors import MetaError
@@ -185,5 +186,16 @@ async def test_bad_locks_are_refused():
     assert bad.value.errno == errno.EINVAL
     with pytest.raises(MetaError):
         await setlk(locks, "n1", 7, 1, F_WRLCK, kind="lease")
+    with pytest.raises(MetaError):  # the shape, as the service checks every request
+        check_arguments("unlock", locks.op_unlock, {"ino": 7, "owners": [["x", "posix"]]})
     with pytest.raises(MetaError):
-        await locks.op_unlock(Request("n1"), ino=7, owners=[["x", "posix"]])
+        await locks.op_unlock(Request("n1"), ino=7, owners=[[1, "lease"]])
+
+
+async def test_a_registration_skips_bad_records():
+    locks = Locks(FakeSessions("n1", "n2"))
+    good = [7, 1, "posix", F_WRLCK, 0, 10, 5]
+    bad = [["x"], [7, 2, "posix", F_UNLCK, 0, 1, 0], [7, "3", "posix", F_RDLCK, 0, 1, 0],
+           [7, 4, "lease", F_RDLCK, 0, 1, 0]]
+    assert locks.join("n2", [good, *bad]) == []
+    assert locks.table.of_node("n2") == [good]
