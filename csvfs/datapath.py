@@ -125,11 +125,21 @@ class DataPath:
             return False
         if version and version < handle.version:
             return True  # a reply overtaken by a newer map
+        self._set_map(handle, size, runs, max(handle.version, version), granule)
+        return True
+
+    def reset_map(self, handle: OpenFile, reply: dict) -> None:
+        """Take the coordinator's map at a rejoin, whatever version this node saw before
+        (the versions of another coordinator's journal)."""
+        self._set_map(handle, reply["size"], reply["runs"], reply["version"],
+                      reply.get("granule"))
+
+    def _set_map(self, handle: OpenFile, size: int, runs: list, version: int,
+                 granule: int | None) -> None:
         handle.size = size
         handle.units = from_runs(runs)
         handle.granule = granule or self.unit
-        handle.version = max(handle.version, version)
-        return True
+        handle.version = version
 
     # -- I/O ------------------------------------------------------------------------------
 

@@ -47,7 +47,6 @@ from collections.abc import Awaitable, Callable
 
 from csvfs.cluster import messages
 from csvfs.datapath import DataPath, OpenFile
-from csvfs.volume.extents import from_runs
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +104,7 @@ class FileGates:
                 handle.gone = True  # for good: its units may be reused
                 handle.close_for_good()
                 continue
-            # the coordinator's word now, whatever version this node saw before
-            handle.size, handle.units = reply["size"], from_runs(reply["runs"])
-            handle.granule = reply.get("granule") or self.datapath.unit
-            handle.version = reply["version"]
+            self.datapath.reset_map(handle, reply)
             handle.open_gate()
         log.debug("rejoined with %d open files", len(maps))
 
