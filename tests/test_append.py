@@ -35,6 +35,14 @@ def finish(process, timeout=90):
     assert process.returncode == 0, err
 
 
+def append_from_each(nodes_and_tags, count, size=None):
+    """One appender process per (node, tag) on that node's log, all at once; waits for
+    every one to finish without an error."""
+    workers = [appender(node.path("log"), tag, count, size) for node, tag in nodes_and_tags]
+    for worker in workers:
+        finish(worker)
+
+
 def by_tag(records):
     tags = collections.defaultdict(list)
     for tag, number in records:
@@ -45,10 +53,7 @@ def by_tag(records):
 def test_two_nodes_appending_10_byte_lines_keep_all_4000(image, nodes):
     first, second = nodes.start(image, "n1"), nodes.start(image, "n2")
     first.path("log").write_bytes(b"")
-    workers = [appender(first.path("log"), "A", 2000, 10),
-               appender(second.path("log"), "B", 2000, 10)]
-    for worker in workers:
-        finish(worker)
+    append_from_each([(first, "A"), (second, "B")], 2000, 10)
     data = second.path("log").read_bytes()
     assert len(data) == 4000 * 10
     tags = by_tag(check(data))
@@ -60,10 +65,7 @@ def test_appends_from_three_nodes_with_readers_are_never_torn_or_lost(image, nod
     cluster = [nodes.start(image, f"n{index}") for index in (1, 2, 3)]
     cluster[0].path("log").write_bytes(b"")
     readers = [reader(node.path("log"), 4) for node in cluster]
-    workers = [appender(node.path("log"), tag, 700)
-               for node, tag in zip(cluster, "XYZ", strict=True)]
-    for worker in workers:
-        finish(worker)
+    append_from_each(zip(cluster, "XYZ", strict=True), 700)
     for each in readers:
         finish(each)
     for node in cluster:
@@ -75,10 +77,7 @@ def test_appends_from_two_nodes_take_a_small_file_past_its_first_unit(image, nod
     """The file starts in 4 KiB blocks and is converted to units under the appends."""
     first, second = nodes.start(image, "n1"), nodes.start(image, "n2")
     first.path("log").write_bytes(b"")
-    workers = [appender(first.path("log"), "K", 700, 1000),
-               appender(second.path("log"), "L", 700, 1000)]
-    for worker in workers:
-        finish(worker)
+    append_from_each([(first, "K"), (second, "L")], 700, 1000)
     data = first.path("log").read_bytes()
     assert len(data) == 1400 * 1000 > 1 << 20
     tags = by_tag(check(data))
