@@ -17,6 +17,12 @@ class ExitCode:
     UNREACHABLE = 15  # status: the lease names a live coordinator that did not answer
     FSCK_REPAIRED = 1  # fsck found problems and repaired them all
     FSCK_UNREPAIRED = 4  # fsck found problems it left in place
+    REPO_MISSING = 20  # no backup repository at that path, or not a repository
+    REPO_EXISTS = 21  # create: a repository (or other files) already there
+    REPO_LOCKED = 22  # another process holds the repository's lock
+    REPO_KEY = 23  # repository key file missing, unreadable, too open, or wrong
+    REPO_CORRUPT = 24  # a chunk or manifest is corrupt or missing
+    NO_SUCH_BACKUP = 25  # no backup (or more than one) matches the id given
 
 
 class UserError(Exception):
