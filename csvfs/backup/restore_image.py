@@ -100,7 +100,7 @@ def build_image(manifest: dict, read_chunk: ReadChunk, target, key_path=None,
         _undo(target, key_path, *created)
         raise
     log.info("restored backup %s into %s: %d files, %d directories, %d bytes",
-             manifest["id"], target, stats["files"], stats["dirs"], stats["bytes"])
+             _name(manifest), target, stats["files"], stats["dirs"], stats["bytes"])
     return stats
 
 
