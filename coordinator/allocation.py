@@ -22,6 +22,10 @@ into the first of them (not yet referenced by anything, so a crash leaves it
 simply free) and made durable, and only then one "convert" record switches
 the map and frees the blocks. Once unit-mapped, a file stays so until its map
 is empty again; a VM disk never sees blocks beyond a first conversion.
+
+Whatever the coordinator writes into a file's existing granules itself (the
+tail it clears, a zeroed range, an append's data) is preserved first for the
+snapshots that hold it (coordinator/snapshots.py), like a node's first write.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from coordinator.allocator import NoSpace
 from coordinator.commit import Commits, Request
 from coordinator.model import Inode
 from coordinator.quiesce import Quiesce, Sessions
+from coordinator.snapshots import Snapshots
 from csvfs.cluster.errors import MetaError
 from csvfs.volume.extents import BLOCK, from_runs, pieces, to_runs
 
@@ -49,10 +54,13 @@ FALLOC_ZERO_RANGE = 0x10
 
 
 class Allocation:
-    def __init__(self, commits: Commits, sessions: Sessions, quiesce: Quiesce):
+    def __init__(self, commits: Commits, sessions: Sessions, quiesce: Quiesce,
+                 snapshots: Snapshots):
         self.commits = commits
         self.sessions = sessions
         self.quiesce = quiesce
+        self.snapshots = snapshots
+        snapshots.on_copied = self._copied
         self.unit = commits.unit
         self._clean_tails: set[int] = set()  # inodes known to hold only zeros past EOF
         self._data_unsynced = False  # appends wrote data through this process's descriptor
@@ -95,6 +103,7 @@ class Allocation:
                     op = self._allocation_record(inode, offset, end, self._ahead_units(inode))
                     op["size"], op["t"] = end, commits.now()
                     await self._prepare(inode, op)
+                    await self.snapshots.preserve(inode, offset, end)
                     self._write_at(inode, op, offset, data)
                     seq = commits.append(op, request)
                     reply = dict(commits.map_of(inode), offset=offset)
@@ -370,6 +379,11 @@ class Allocation:
 
     # -- zeroing ---------------------------------------------------------------------------
 
+    def _copied(self, kind: str, granules: list[int]) -> None:
+        """A preserve wrote these copies: blocks among them are not clean any more."""
+        if kind == "b":
+            self._clean_blocks.difference_update(granules)
+
     async def _zero(self, offset: int, length: int) -> None:
         """Make a range of the image read as zeros. A few blocks (a small file's new
         ones) are written over inline, like a node's own writes: the trip to a worker
@@ -416,10 +430,12 @@ class Allocation:
         within = inode.size % granule
         position = self.commits.position(inode, inode.size)
         if within and position is not None:
+            await self.snapshots.preserve(inode, inode.size, inode.size + granule - within)
             await self._zero(position, granule - within)
         self._clean_tails.add(inode.ino)
 
     async def _zero_mapped(self, inode: Inode, start: int, end: int) -> None:
+        await self.snapshots.preserve(inode, start, end)
         for piece_start, piece_end, _file_granule in pieces(start, end,
                                                             inode.granule(self.unit)):
             position = self.commits.position(inode, piece_start)

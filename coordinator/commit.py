@@ -234,8 +234,11 @@ class Commits:
     def map_of(self, inode: Inode) -> dict:
         """Size and map with a version (the last record's seq), so that a node can drop
         a reply that a newer map overtook."""
-        return {"size": inode.size, "runs": to_runs(inode.units),
-                "granule": inode.granule(self.unit), "version": self.journal.next_seq - 1}
+        reply = {"size": inode.size, "runs": to_runs(inode.units),
+                 "granule": inode.granule(self.unit), "version": self.journal.next_seq - 1}
+        if self.state.snapshots:  # granules to ask first about (coordinator/snapshots.py)
+            reply["ask"] = self.state.snapshots.asks(inode)
+        return reply
 
     def unit_offset(self, volume_unit: int) -> int:
         return self.volume.sb.data.offset + volume_unit * self.unit

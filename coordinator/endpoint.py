@@ -116,6 +116,8 @@ class RemoteSession(NodeSession):
                 "version": reply["version"], "resume": resume, "forget": forget}
         if "granule" in reply:  # Commits.map_of always says; without it, units
             body["granule"] = reply["granule"]
+        if "ask" in reply:
+            body["ask"] = reply["ask"]
         if wait:
             await self._acknowledged(messages.MAP, body)
         else:
@@ -123,6 +125,12 @@ class RemoteSession(NodeSession):
 
     def resume(self, ino: int) -> None:
         self._push(messages.RESUME, {"ino": ino})
+
+    async def hold(self) -> None:
+        await self._acknowledged(messages.HOLD, {})
+
+    def snapshot_set(self, version: int) -> None:
+        self._push(messages.SNAPSHOT_SET, {"version": version})
 
     def locks_changed(self, ino: int) -> None:
         self._push(messages.LOCKS_CHANGED, {"ino": ino})
@@ -150,6 +158,8 @@ class CoordinatorEndpoint:
         self.sessions: dict[str, RemoteSession] = {}
 
     async def handle(self, peer: Peer, method: str, args: dict):
+        if method in messages.BACKUP_REQUESTS:  # a backup's requester: no node, no session
+            return await self.service.backup_call(peer.name, method, args)
         if method not in messages.SESSION_REQUESTS:
             self._session(peer)
             return await self.service.call(peer.name, method, args)

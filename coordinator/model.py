@@ -12,6 +12,10 @@ A regular file's map is in allocation units, or, for a small file
 csvfs/volume/extents.py and coordinator/allocator.py). "map" records change a
 unit-mapped file, "bmap" records a block-mapped one, and one "convert" record
 moves a file from blocks to units once its data was copied there.
+
+Snapshots (coordinator/snapshot_state.py) are state too: "snapshot",
+"preserve" and "release" records, and a granule a live file frees while a
+snapshot holds it is parked there instead of freed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import stat
 from dataclasses import dataclass, field
 
 from coordinator.allocator import Allocator
+from coordinator.snapshot_state import BLOCKS, UNITS, Snapshot, SnapshotSet
 from csvfs.volume.extents import BLOCK, UnitMap, from_runs, to_runs
 from csvfs.volume.format import DEFAULT_UNIT
 
@@ -85,6 +90,7 @@ class MetadataState:
         self.next_ino = ROOT_INO + 1
         self.unit_size = unit_size
         self.allocator = Allocator(data_units, unit_size // BLOCK)
+        self.snapshots = SnapshotSet(self.allocator)
         self.damage: list[str] = []  # inconsistencies found while loading a checkpoint
         # node name -> request id -> inode (0 if none): requests already carried out, so
         # that a node retrying one after a failover gets its answer instead of EEXIST.
@@ -107,6 +113,7 @@ class MetadataState:
             "inodes": [inode.to_list() for inode in self.inodes.values()],
             "dirs": [[ino, list(names.items())] for ino, names in self.entries.items()],
             "done": [[node, list(requests.items())] for node, requests in self.done.items()],
+            "snapshots": self.snapshots.to_image(),
         }
 
     @classmethod
@@ -125,6 +132,7 @@ class MetadataState:
                     state.parents[child] = ino
         state.parents[ROOT_INO] = ROOT_INO
         state.done = {node: dict(requests) for node, requests in image.get("done", [])}
+        state.snapshots.load(image.get("snapshots", []), Inode.from_list)
         return state
 
     def _claim_units(self, inode: Inode) -> None:
@@ -163,10 +171,18 @@ class MetadataState:
 
     def free_map(self, inode: Inode) -> None:
         """Give back everything an inode's map holds, and empty the map."""
-        free = self.allocator.mark_block_free if inode.blocks else self.allocator.mark_free
         for granule in inode.units.values():
-            free(granule)
+            self._free(inode.blocks, granule)
         inode.units = {}
+
+    def _free(self, block: bool, granule: int) -> None:
+        """Free a granule a live file let go of, unless a snapshot holds it (parked)."""
+        if self.snapshots.park(BLOCKS if block else UNITS, granule):
+            return
+        if block:
+            self.allocator.mark_block_free(granule)
+        else:
+            self.allocator.mark_free(granule)
 
     # -- queries ------------------------------------------------------------------
 
@@ -318,13 +334,12 @@ class MetadataState:
             raise ValueError(f"{op['op']} record for inode {inode.ino}, whose map is in "
                              f"{'blocks' if inode.blocks else 'units'}")
         allocator = self.allocator
-        take, free = ((allocator.mark_block_used, allocator.mark_block_free) if block
-                      else (allocator.mark_used, allocator.mark_free))
+        take = allocator.mark_block_used if block else allocator.mark_used
         for file_unit, count in op.get("drop", ()):
             for index in range(file_unit, file_unit + count):
                 unit = inode.units.pop(index, None)
                 if unit is not None:
-                    free(unit)
+                    self._free(block, unit)
         if op.get("add"):
             inode.blocks = block
         for file_unit, volume_unit, count in op.get("add", ()):
@@ -345,3 +360,21 @@ class MetadataState:
         inode = self.inodes[op["ino"]]
         del inode.xattrs[op["name"]]
         inode.ctime_ns = op["t"]
+
+    # -- snapshots (coordinator/snapshot_state.py) ---------------------------------------
+
+    def _apply_snapshot(self, op: dict) -> None:
+        """Freeze the whole namespace and every map as they are now."""
+        inodes = {ino: Inode.from_list(inode.to_list()) for ino, inode in self.inodes.items()}
+        entries = {ino: dict(names) for ino, names in self.entries.items()}
+        self.snapshots.take(Snapshot(op["id"], op["t"], op.get("requester", ""), inodes,
+                                     entries, op.get("timeout", 60.0)))
+
+    def _apply_preserve(self, op: dict) -> None:
+        """Held granules' old contents were copied (and made durable) before this record."""
+        for kind, granule, copy in op["copies"]:
+            self.snapshots.preserve(kind, granule, copy)
+
+    def _apply_release(self, op: dict) -> None:
+        if op["id"] in self.snapshots.by_id:
+            self.snapshots.release(op["id"])

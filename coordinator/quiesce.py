@@ -83,6 +83,13 @@ class NodeSession(Protocol):
         stale["inos"] and the names stale["entries"] ([parent, name] pairs). With
         `wait`, return once it has."""
 
+    async def hold(self) -> None:
+        """Hold new I/O on every file and return once none is in flight (the snapshot
+        point, coordinator/snapshots.py)."""
+
+    def snapshot_set(self, version: int) -> None:
+        """End the hold; maps older than `version` now ask first before every write."""
+
     def locks_changed(self, ino: int) -> None:
         """Locks on ino were released: the node's waiters for them should try again
         (coordinator/locks.py)."""

@@ -21,7 +21,9 @@ The parts, one concern each, from the bottom up:
 - coordinator/attributes.py: getattr, setattr, xattrs;
 - coordinator/open_files.py: open, release, join and leave, reclaim;
 - coordinator/namespace.py: lookups, and adding, moving and removing names;
-- coordinator/locks.py: cluster-wide flock, POSIX and OFD locks.
+- coordinator/locks.py: cluster-wide flock, POSIX and OFD locks;
+- coordinator/snapshots.py: snapshot points, copy-on-write, and the requests
+  of a backup (which come from outside any node's session: `backup_call`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from coordinator.model import NAME_MAX, MetadataState
 from coordinator.namespace import Namespace
 from coordinator.open_files import OpenFiles
 from coordinator.quiesce import NodeSession, Quiesce, Sessions
+from coordinator.snapshots import Snapshots
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.events import EventLog
 from csvfs.cluster.messages import brief
@@ -66,7 +69,8 @@ class MetadataService:
         self.holders = Holders(self.commits.state, events)
         self.sessions = Sessions(self.holders, events)
         self.quiesce = Quiesce(self.commits, self.sessions)
-        self.allocation = Allocation(self.commits, self.sessions, self.quiesce)
+        self.snapshots = Snapshots(self.commits, self.sessions, events)
+        self.allocation = Allocation(self.commits, self.sessions, self.quiesce, self.snapshots)
         self.attributes = Attributes(self.commits, self.sessions, self.allocation)
         self.open_files = OpenFiles(self.commits, self.holders, self.sessions, self.quiesce,
                                     self.attributes, events)
@@ -74,7 +78,7 @@ class MetadataService:
                                    self.attributes)
         self.locks = Locks(self.sessions)
         self._homes = _homes(self, self.namespace, self.attributes, self.open_files,
-                             self.allocation, self.locks)
+                             self.allocation, self.locks, self.snapshots)
 
     @property
     def state(self) -> MetadataState:
@@ -119,6 +123,16 @@ class MetadataService:
             await self.sessions.tell_holders(request)
         return reply
 
+    async def backup_call(self, requester: str, method: str, args: dict):
+        """A request of a backup (messages.BACKUP_REQUESTS), from a process that holds
+        the cluster key but is no node: coordinator/snapshots.py serves it."""
+        if self.commits.fenced:
+            raise NotCoordinator("this node is no longer the coordinator")
+        handler = getattr(self.snapshots, "request_" + method.removeprefix("snapshot_"))
+        check_arguments(method, handler, args)
+        log.debug("%s from %s: %s", method, requester, brief(args))
+        return await handler(requester, **args)
+
     async def _answer_again(self, request: Request, method: str, args: dict, ino: int):
         """The reply to a request that was carried out before its node lost the answer."""
         await self.commits.durable()
@@ -160,6 +174,7 @@ class MetadataService:
         """Open the epoch. `reclaim_orphans` when no other node can have one open."""
         if reclaim_orphans:
             await self.open_files.reclaim_orphans()
+        self.snapshots.adopt()
         # A new journal generation for this epoch: records a stale coordinator might
         # still write under the old generation can then never be replayed.
         await self.commits.checkpoint_now()

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the --listen address; needed when that is a wildcard "
                        "such as 0.0.0.0; without PORT, the port it listens on)")
 
+    from csvfs.backup.cli import add_parser as add_backup_parser
+
+    add_backup_parser(sub, [debug])
+
     fsck = sub.add_parser("fsck", help="check a volume (and repair it with --repair)",
                           parents=[debug])
     fsck.add_argument("image", type=Path)
@@ -162,8 +166,14 @@ def cmd_status(args) -> int:
     return run_status(args.image, args.key or default_key_path(args.image), args.json)
 
 
+def cmd_backup(args) -> int:
+    from csvfs.backup.cli import run
+
+    return run(args)
+
+
 COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "fsck": cmd_fsck, "events": cmd_events,
-            "status": cmd_status}
+            "status": cmd_status, "backup": cmd_backup}
 
 
 def default_node_name() -> str:

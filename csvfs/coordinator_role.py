@@ -45,6 +45,7 @@ from csvfs.volume.image import Volume
 log = logging.getLogger(__name__)
 
 RENEWALS_PER_LEASE = 3
+SNAPSHOT_EXPIRY_CHECK = 1.0  # seconds between looks for snapshots whose requester is gone
 
 
 class CoordinatorRole:
@@ -91,6 +92,7 @@ class CoordinatorRole:
         if others:
             self.nursery.start_soon(self._reclaim_orphans_later, service)
         self.nursery.start_soon(self._renew_lease, service)
+        self.nursery.start_soon(self._expire_snapshots, service)
 
     def _record_election(self, events: EventLog, epoch: int, old: Lease) -> None:
         events.emit("election", f"{self.name} became coordinator, epoch {epoch}")
@@ -135,6 +137,15 @@ class CoordinatorRole:
                 await service.reclaim_orphans()
             except MetaError as exc:
                 log.warning("orphans not reclaimed: %s", exc)
+
+    async def _expire_snapshots(self, service: MetadataService) -> None:
+        """Release the snapshots of backups that stopped renewing them."""
+        while service is self.service and not service.fenced:
+            await trio.sleep(SNAPSHOT_EXPIRY_CHECK)
+            try:
+                await service.snapshots.expire()
+            except MetaError as exc:
+                log.warning("expired snapshots not released: %s", exc)
 
     # -- the lease -----------------------------------------------------------------------------
 
@@ -198,6 +209,7 @@ class CoordinatorRole:
             "open_files": [[ino, paths.get(ino, ""), nodes] for ino, nodes in holders.items()],
             "locks": [[ino, paths.get(ino, ""), *lock] for ino, each in locks.items()
                       for lock in each],
+            "snapshots": service.snapshots.table(),
         }
 
     async def close(self) -> None:

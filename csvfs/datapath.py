@@ -12,6 +12,13 @@ coordinator pushes every new map to the file's other holders, and waits until
 they have it, before it answers the node that made the change. So a hole reads
 as zeros and the end of the file is the end, with no question asked.
 
+A granule that a snapshot holds is marked "ask first" in the map: the first
+write there goes to the coordinator, which preserves its old contents and
+answers with the map that lets the write go ahead (csvfs/snapshot.py tells the
+protocol). A map older than the last snapshot point this node heard of asks
+first everywhere. A volume-wide hold, also closed and opened by that protocol,
+stops all I/O while the point is set.
+
 The per-inode I/O gate is a flag and an event, closed and opened by the
 quiesce protocol (csvfs/quiesce.py). I/O runs inline in the trio thread, so
 once a request passes the gate it completes without yielding; a pause
@@ -45,7 +52,7 @@ class OpenFile:
     the gate that the quiesce protocol closes (csvfs/quiesce.py)."""
 
     __slots__ = ("ino", "size", "units", "granule", "version", "refs", "paused", "resumed",
-                 "dirty_mtime", "gone")
+                 "dirty_mtime", "gone", "ask")
 
     def __init__(self, ino: int, size: int, units: UnitMap, version: int, granule: int):
         self.ino = ino
@@ -58,6 +65,7 @@ class OpenFile:
         self.resumed = trio.Event()
         self.dirty_mtime = 0  # time of the last local write not yet sent to the coordinator
         self.gone = False  # the file vanished while this node was cut off: ESTALE
+        self.ask: set[int] = set()  # file granules whose first write asks the coordinator
 
     def close_gate(self) -> None:
         if not self.paused:
@@ -92,19 +100,24 @@ class DataPath:
         # when the node is shutting down.
         self.valid_until = math.inf
         self.revalidate = revalidate or _always_valid
+        # The snapshot hold: no I/O at all while a snapshot point is set.
+        self.holding = False
+        self.hold_over = trio.Event()
+        self.snapshot_version = 0  # maps older than this ask first everywhere
 
     # -- open files ------------------------------------------------------------------
 
     def opened(self, ino: int, size: int, runs: list, version: int,
-               granule: int | None = None) -> OpenFile:
+               granule: int | None = None, ask: list | None = None) -> OpenFile:
         """One more handle of ino, with the map an open returned."""
         self._check_fenced()
         handle = self.files.get(ino)
         if handle is None:
             handle = self.files[ino] = OpenFile(ino, size, from_runs(runs), version,
                                                 granule or self.unit)
+            self._set_asks(handle, ask)
         else:
-            self.update_map(ino, size, runs, version, granule)
+            self.update_map(ino, size, runs, version, granule, ask)
         handle.refs += 1
         return handle
 
@@ -117,7 +130,7 @@ class DataPath:
         return True
 
     def update_map(self, ino: int, size: int, runs: list, version: int = 0,
-                   granule: int | None = None) -> bool:
+                   granule: int | None = None, ask: list | None = None) -> bool:
         """Take a new map of ino unless a newer one is here already; False if ino is not
         open here. `granule` is the map's (the unit if not given)."""
         handle = self.files.get(ino)
@@ -125,28 +138,55 @@ class DataPath:
             return False
         if version and version < handle.version:
             return True  # a reply overtaken by a newer map
-        self._set_map(handle, size, runs, max(handle.version, version), granule)
+        self._set_map(handle, size, runs, max(handle.version, version), granule, ask)
         return True
 
     def reset_map(self, handle: OpenFile, reply: dict) -> None:
         """Take the coordinator's map at a rejoin, whatever version this node saw before
         (the versions of another coordinator's journal)."""
         self._set_map(handle, reply["size"], reply["runs"], reply["version"],
-                      reply.get("granule"))
+                      reply.get("granule"), reply.get("ask"))
 
     def _set_map(self, handle: OpenFile, size: int, runs: list, version: int,
-                 granule: int | None) -> None:
+                 granule: int | None, ask: list | None) -> None:
         handle.size = size
         handle.units = from_runs(runs)
         handle.granule = granule or self.unit
         handle.version = version
+        self._set_asks(handle, ask)
+
+    def _set_asks(self, handle: OpenFile, ask: list | None) -> None:
+        """The granules to ask first about: as the map says, or every one if the map is
+        older than the last snapshot point (it could not say)."""
+        if handle.version < self.snapshot_version:
+            handle.ask = set(handle.units)
+        else:
+            handle.ask = {first + step for first, count in ask or () for step in range(count)}
+
+    # -- the snapshot hold (csvfs/snapshot.py) ------------------------------------------------
+
+    def hold(self) -> None:
+        """Stop I/O on every file. Requests run inline, so none is in flight now."""
+        if not self.holding:
+            self.holding = True
+            self.hold_over = trio.Event()
+
+    def end_hold(self, version: int) -> None:
+        """The snapshot point `version` is set: every map older than it asks first."""
+        if version > self.snapshot_version:
+            self.snapshot_version = version
+            for handle in self.files.values():
+                if handle.version < version:
+                    handle.ask = set(handle.units)
+        self.holding = False
+        self.hold_over.set()
 
     # -- I/O ------------------------------------------------------------------------------
 
     def read_direct(self, handle: OpenFile, offset: int, length: int) -> bytes | None:
-        """The fast path: the whole request, or None if the file is paused or the
-        session needs revalidating."""
-        if handle.paused or time.monotonic() > self.valid_until:
+        """The fast path: the whole request, or None if the file is paused or held, or
+        the session needs revalidating."""
+        if handle.paused or self.holding or time.monotonic() > self.valid_until:
             return None
         end = min(offset + length, handle.size)
         if offset >= end:
@@ -174,11 +214,14 @@ class DataPath:
         if handle.paused:
             await handle.resumed.wait()
             return True
+        if self.holding:
+            await self.hold_over.wait()
+            return True
         return False
 
     def _take_map(self, handle: OpenFile, reply: dict) -> None:
         self.update_map(handle.ino, reply["size"], reply["runs"], reply["version"],
-                        reply.get("granule"))
+                        reply.get("granule"), reply.get("ask"))
 
     async def _ensure_valid(self) -> bool:
         """Raise EIO if shut down or the file is gone; revalidate an expired session.
@@ -224,8 +267,9 @@ class DataPath:
             raise OSError(errno.ESTALE, "the file was removed while this node was cut off")
 
     def write_direct(self, handle: OpenFile, offset: int, data: bytes) -> bool:
-        """The fast path: write inside size and allocated units, or return False."""
-        if handle.paused or offset + len(data) > handle.size:
+        """The fast path: write inside size and allocated units that need no asking
+        first, or return False."""
+        if handle.paused or self.holding or offset + len(data) > handle.size:
             return False
         if time.monotonic() > self.valid_until:
             return False
@@ -239,9 +283,17 @@ class DataPath:
         while not self.write_direct(handle, offset, data):
             if await self._waited(handle):
                 continue
-            self._take_map(handle, await self.meta("extend", ino=handle.ino, offset=offset,
+            # A hole or past EOF: allocate; otherwise a snapshot holds a granule here.
+            method = "extend" if self._unmapped(handle, offset, end) else "first_write"
+            self._take_map(handle, await self.meta(method, ino=handle.ino, offset=offset,
                                                    end=end))
         return len(data)
+
+    @staticmethod
+    def _unmapped(handle: OpenFile, offset: int, end: int) -> bool:
+        unit = handle.granule
+        return end > handle.size or any(index not in handle.units
+                                        for index in range(offset // unit, (end - 1) // unit + 1))
 
     def _write_direct(self, handle: OpenFile, offset: int, data: bytes) -> bool:
         """Write if every byte lands in an allocated unit; False (nothing written) if not."""
@@ -251,11 +303,12 @@ class DataPath:
         last_unit = (offset + len(data) - 1) // unit
         if file_unit == last_unit:
             volume_unit = units.get(file_unit)
-            if volume_unit is None:
+            if volume_unit is None or (handle.ask and file_unit in handle.ask):
                 return False
             os.pwrite(self.fd, data, self.base + volume_unit * unit + offset % unit)
             return True
-        if any(index not in units for index in range(file_unit, last_unit + 1)):
+        if any(index not in units or index in handle.ask
+               for index in range(file_unit, last_unit + 1)):
             return False
         view = memoryview(data)
         for start, end, index in pieces(offset, offset + len(data), unit):

@@ -220,9 +220,14 @@ def _check_space(state: MetadataState, report: Report) -> None:
     for unit in sorted(block_units & set(owners)):
         report.problem(f"unit {unit} is used whole by inode {owners[unit]} and split into "
                        f"blocks of small files")
-    if allocator.used_units() != set(owners) or allocator.used_blocks() != set(block_owners) \
-            or allocator.block_unit_set() != block_units:
+    kept = state.snapshots.kept()  # parked granules and copies of snapshots in progress
+    used_units, used_blocks = set(owners) | kept["u"], set(block_owners) | kept["b"]
+    if allocator.used_units() != used_units or allocator.used_blocks() != used_blocks \
+            or allocator.block_unit_set() != {block // per for block in used_blocks}:
         report.problem("free-space map disagrees with the extent maps")
+    if state.snapshots:
+        report.info(f"{len(state.snapshots.by_id)} snapshots in progress keep "
+                    f"{len(kept['u'])} units and {len(kept['b'])} blocks besides the files")
     report.section(f"space: {len(owners)} of {allocator.units} units in use whole, "
                    f"{len(block_owners)} blocks of small files in {len(block_units)} units, "
                    f"{allocator.free_count} units free")

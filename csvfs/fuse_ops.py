@@ -375,7 +375,7 @@ class CsvfsOperations(pyfuse3.Operations):
         handle = None
         if attrs["mode"] & 0o170000 == 0o100000:
             handle = self.gates.opened(ino, attrs["size"], reply["runs"], reply["version"],
-                                       reply.get("granule"))
+                                       reply.get("granule"), reply.get("ask"))
         fh = self._new_fh()
         self._handles[fh] = _Handle(ino, handle)
         if handle is not None:
@@ -474,7 +474,7 @@ class CsvfsOperations(pyfuse3.Operations):
         handle.dirty_mtime = 0  # the append's own time is later than any write before it
         reply = await self.meta("append", ino=handle.ino, data=bytes(data))
         self.data.update_map(handle.ino, reply["size"], reply["runs"], reply["version"],
-                             reply.get("granule"))
+                             reply.get("granule"), reply.get("ask"))
         return len(data)
 
     @_errors
@@ -525,7 +525,7 @@ class CsvfsOperations(pyfuse3.Operations):
         except MetaError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         self.data.update_map(inode, reply["size"], reply["runs"], reply["version"],
-                             reply.get("granule"))
+                             reply.get("granule"), reply.get("ask"))
 
     # -- locks: called through the FUSE shim (pyfuse3 has no lock handlers) ------------------
 

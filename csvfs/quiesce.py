@@ -47,6 +47,7 @@ from collections.abc import Awaitable, Callable
 
 from csvfs.cluster import messages
 from csvfs.datapath import DataPath, OpenFile
+from csvfs.snapshot import SnapshotHold
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,13 @@ class FileGates:
         self._early: dict[int, dict] = {}
         # Where the coordinator's word that locks were released goes (csvfs/locks.py).
         self.on_locks_changed: Callable[[int], None] = lambda ino: None
+        self.snapshot = SnapshotHold(datapath)  # the snapshot hold (csvfs/snapshot.py)
 
     def push_handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:
         """What a member does with each push of this protocol."""
         return {messages.PAUSE: self._on_pause, messages.MAP: self._on_map,
-                messages.RESUME: self._on_resume, messages.INVALIDATE: self.forget_in_kernel}
+                messages.RESUME: self._on_resume, messages.INVALIDATE: self.forget_in_kernel,
+                **self.snapshot.push_handlers()}
 
     # -- opens -----------------------------------------------------------------------------
 
@@ -79,8 +82,8 @@ class FileGates:
         return _Opening(self, ino)
 
     def opened(self, ino: int, size: int, runs: list, version: int,
-               granule: int | None = None) -> OpenFile:
-        handle = self.datapath.opened(ino, size, runs, version, granule)
+               granule: int | None = None, ask: list | None = None) -> OpenFile:
+        handle = self.datapath.opened(ino, size, runs, version, granule, ask)
         early = self._early.pop(ino, None)
         if early is not None:
             if "map" in early:
@@ -95,6 +98,7 @@ class FileGates:
 
     def rejoined(self, maps: list) -> None:
         """A new session: take the coordinator's current maps and open every gate."""
+        self.snapshot.rejoined()
         for ino, reply in maps:
             handle = self.datapath.files.get(ino)
             if handle is None:
@@ -132,7 +136,8 @@ class FileGates:
         or not)."""
         log.debug("inode %d: map version %d, size %d%s", ino, reply["version"], reply["size"],
                   ", resume" if resume else "")
-        map_ = (reply["size"], reply["runs"], reply["version"], reply.get("granule"))
+        map_ = (reply["size"], reply["runs"], reply["version"], reply.get("granule"),
+                reply.get("ask"))
         if not self.datapath.update_map(ino, *map_):
             early = self._early.get(ino, {}).get("map")
             if early is None or map_[2] >= early[2]:
@@ -147,6 +152,12 @@ class FileGates:
 
     def locks_changed(self, ino: int) -> None:
         self.on_locks_changed(ino)
+
+    async def hold(self) -> None:
+        await self.snapshot.hold()
+
+    def snapshot_set(self, version: int) -> None:
+        self.snapshot.snapshot_set(version)
 
     def _note_early(self, ino: int, **change) -> None:
         if self._opening[ino]:

@@ -110,6 +110,10 @@ def _merge(report: dict, answer: dict) -> None:
                         "type": LOCK_TYPES.get(type_, "?"), "start": start, "end": end,
                         "pid": pid}
                        for ino, path, node, kind, type_, start, end, pid in answer.get("locks", [])]
+    report["snapshots"] = [{"id": snap_id, "requester": requester, "age_s": age,
+                            "preserved": preserved, "held": held}
+                           for snap_id, requester, age, preserved, held
+                           in answer.get("snapshots", [])]
 
 
 def render(report: dict) -> str:
@@ -141,7 +145,18 @@ def render(report: dict) -> str:
         else:
             lines.append("no open files")
         lines += _locks(report.get("locks", []))
+        lines += _snapshots(report.get("snapshots", []))
     return "\n".join(lines)
+
+
+def _snapshots(snapshots: list[dict]) -> list[str]:
+    if not snapshots:
+        return []
+    rows = [["SNAPSHOT", "REQUESTER", "AGE", "PRESERVED", "STILL HELD"]]
+    for snap in snapshots:
+        rows.append([str(snap["id"]), snap["requester"], f"{snap['age_s']:.1f} s",
+                     f"{snap['preserved']} granules", f"{snap['held']} granules"])
+    return ["", "snapshots in progress (backups):", *_table(rows)]
 
 
 def _locks(locks: list[dict]) -> list[str]:

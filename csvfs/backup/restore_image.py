@@ -45,7 +45,7 @@ from coordinator.allocator import NoSpace
 from coordinator.model import NAME_MAX, ROOT_INO, MetadataState
 from csvfs.mkfs import make_volume
 from csvfs.volume import format as fmt
-from csvfs.volume.errors import UsageError, UserError, VolumeError
+from csvfs.volume.errors import ExitCode, UsageError, UserError, VolumeError
 from csvfs.volume.extents import BLOCK, pieces, to_runs
 from csvfs.volume.image import Volume, default_key_path
 
@@ -63,6 +63,8 @@ Progress = Callable[[int, int], None]  # (bytes of file data written so far, in 
 
 class BadBackupError(UserError):
     """The manifest or a chunk is not what a volume backup holds."""
+
+    exit_code = ExitCode.REPO_CORRUPT
 
 
 @dataclass

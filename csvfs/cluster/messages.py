@@ -24,6 +24,21 @@ MAP = "map"  # {ino, size, runs, granule, version, resume, forget[, token]}: a n
 RESUME = "resume"  # {ino}: open ino's gate again (a quiesce that changed nothing)
 INVALIDATE = "invalidate"  # {inos, entries[, token]}: drop what the kernel caches
 
+# -- pushes, coordinator -> member: the snapshot hold (coordinator/snapshots.py) ---------
+HOLD = "hold"  # {token}: hold every file's I/O; ack once nothing is in flight
+SNAPSHOT_SET = "snapshot_set"  # {version}: the point is set; maps older than version ask
+# first before every write; the hold is over
+
+# -- requests of a backup (csvfs/backup/), from any process holding the cluster key -------
+SNAPSHOT_TAKE = "snapshot_take"  # {timeout} -> {id, t_ns, version, pause_s}
+SNAPSHOT_FILES = "snapshot_files"  # {id} -> the frozen namespace and maps, and `preserved`
+SNAPSHOT_CHECK = "snapshot_check"  # {id, since} -> preserves after the first `since`
+SNAPSHOT_RENEW = "snapshot_renew"  # {id}: the requester is still at work
+SNAPSHOT_RELEASE = "snapshot_release"  # {id, outcome}
+
+BACKUP_REQUESTS = (SNAPSHOT_TAKE, SNAPSHOT_FILES, SNAPSHOT_CHECK, SNAPSHOT_RENEW,
+                   SNAPSHOT_RELEASE)
+
 # -- pushes, coordinator -> member: locks (coordinator/locks.py, csvfs/locks.py) ---------
 LOCKS_CHANGED = "locks_changed"  # {ino}: locks on ino were released; waiters try again
 

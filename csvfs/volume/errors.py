@@ -23,6 +23,8 @@ class ExitCode:
     REPO_KEY = 23  # repository key file missing, unreadable, too open, or wrong
     REPO_CORRUPT = 24  # a chunk or manifest is corrupt or missing
     NO_SUCH_BACKUP = 25  # no backup (or more than one) matches the id given
+    NO_SUCH_FILE = 26  # backup or restore: no such file on the volume or in the backup
+    BACKUP_FAILED = 27  # the snapshot was lost during the backup (out of space, timeout)
 
 
 class UserError(Exception):

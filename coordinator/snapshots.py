@@ -1,0 +1,292 @@
+"""The snapshot hold and copy-on-write protocols, coordinator side (csvfs/snapshot.py is
+the node side; coordinator/snapshot_state.py the state they change).
+
+They protect one invariant: a reader of a snapshot gets exactly the volume as it
+was at the snapshot's point, whatever every node writes afterwards, and no
+application's write ever fails because of a backup.
+
+The point (`take`), the one whole-volume pause in csvfs:
+
+1. Under the metadata lock, so no metadata change runs meanwhile, push HOLD
+   to every node in session (the coordinator's own node in process). A node
+   holds new data I/O on every file and acknowledges once none is in flight.
+   A node that does not acknowledge in time is evicted, and every node cut
+   off earlier is waited out until its grant has run out.
+2. Append the "snapshot" record (the frozen namespace and maps) and wait
+   until it is durable: from here the snapshot survives a failover.
+3. Push SNAPSHOT_SET(version = the record's seq) to every node, which ends
+   its hold. Every map a node has that is older than the record counts as
+   "ask first" in all its granules; every map the coordinator hands out from
+   now on says which granules to ask first about ("ask" in Commits.map_of).
+   Then free the lock.
+
+Copy-on-write (`op_first_write`, and `preserve` before the coordinator writes
+file data itself): a node's first write to an "ask first" granule goes to
+the coordinator instead. Under the metadata lock, so one preserve per granule
+at a time whichever node asks first, the coordinator copies the held granules
+of the range to fresh ones, makes the copies durable, appends one "preserve"
+record, and answers with the new map once that is durable. Only then does the
+node write, in place: the live file's layout never moves. Other holders keep
+their marks; their first write asks too and hears that nothing is left to do.
+
+Reading (`files`, `check`): the requester reads the snapshot's granules
+straight from the image: a preserved one at its copy, the others where the
+live file has them. Since a live granule is written only after its preserve
+is applied, a granule read live and still unpreserved when `check` answers
+afterwards was read as it was at the point; one preserved meanwhile is read
+again from its copy.
+
+Release: the requester releases its snapshot when its backup ends; one that
+stops renewing is released after its timeout. If a preserve finds no free
+space, the snapshots that hold those granules are dropped (released, with an
+error event) and the write goes on: a backup fails, never an application.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from coordinator.allocator import NoSpace
+from coordinator.commit import Commits, Request
+from coordinator.model import Inode
+from coordinator.quiesce import Sessions
+from coordinator.snapshot_state import BLOCKS, UNITS
+from csvfs.cluster.errors import MetaError
+from csvfs.cluster.events import EventLog
+from csvfs.volume.extents import BLOCK, pieces
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 60.0  # seconds a requester may go without renewing its snapshot
+MAX_TIMEOUT = 3600.0
+
+
+class SnapshotGone(MetaError):
+    """The snapshot was released: by its requester, its timeout, or lack of space."""
+
+
+class Snapshots:
+    def __init__(self, commits: Commits, sessions: Sessions, events: EventLog):
+        self.commits = commits
+        self.sessions = sessions
+        self.events = events
+        # snapshot id -> the trio time by which its requester must renew it
+        self.deadlines: dict[int, float] = {}
+        self.dropped: dict[int, str] = {}  # snapshot id -> why it was released early
+        # Told of granules a preserve wrote (copies): what knows them as clean forgets.
+        self.on_copied: Callable[[str, list[int]], None] = lambda kind, granules: None
+
+    @property
+    def state(self):
+        return self.commits.state.snapshots
+
+    # -- the point ---------------------------------------------------------------------------
+
+    async def request_take(self, requester: str, timeout: float | int = DEFAULT_TIMEOUT) -> dict:
+        """Set a snapshot point (steps 1-3 above)."""
+        commits = self.commits
+        async with commits.mutation():
+            started = trio.current_time()
+            seq = 0  # until the record is appended, ending the hold marks nothing
+            timeout = _bounded(timeout)
+            try:
+                await self._hold_every_node()
+                snap_id = max(self.state.by_id, default=0) + 1
+                t_ns = commits.now()
+                seq = commits.append({"op": "snapshot", "id": snap_id, "t": t_ns,
+                                      "requester": requester, "timeout": timeout})
+                await commits.durable(seq)
+            finally:
+                # Also when it failed: a record that may be on the volume counts, and
+                # asking first about a granule nobody holds costs one round trip.
+                for session in list(self.sessions.by_name.values()):
+                    session.snapshot_set(seq)
+            paused = trio.current_time() - started
+        self.deadlines[snap_id] = trio.current_time() + timeout
+        held = sum(1 for _ in self.state.by_id[snap_id].held())
+        log.info("snapshot %d for %s: %d granules held, volume paused %.1f ms", snap_id,
+                 requester, held, paused * 1000)
+        self.events.emit("snapshot", f"snapshot {snap_id} for {requester}: volume paused "
+                         f"{paused * 1000:.1f} ms")
+        return {"id": snap_id, "t_ns": t_ns, "version": seq, "pause_s": paused}
+
+    async def _hold_every_node(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for name in list(self.sessions.by_name):
+                nursery.start_soon(self.sessions.acknowledged, name, "hold of every file",
+                                   _hold_now)
+        for name, until in list(self.sessions.lingering.items()):
+            if until > trio.current_time():  # cut off, it may still write until then
+                log.info("snapshot waits %.2f s for %s's grant to run out", name,
+                         until - trio.current_time())
+                await trio.sleep_until(until)
+
+    # -- copy-on-write ----------------------------------------------------------------------
+
+    async def op_first_write(self, request: Request, ino: int, offset: int, end: int) -> dict:
+        """A node's first write to granules it must ask about: preserve what snapshots
+        hold in [offset, end); the reply is the map with those granules writable."""
+        if offset < 0 or end <= offset:
+            raise MetaError(errno.EINVAL, "first_write needs 0 <= offset < end")
+        commits = self.commits
+        async with commits.mutation():
+            inode = commits.regular(ino)
+            seq = await self.preserve(inode, offset, end)
+            reply = commits.map_of(inode)
+        await commits.durable(seq)
+        return reply
+
+    async def preserve(self, inode: Inode, start: int, end: int) -> int | None:
+        """Before anything writes to [start, end) of a live file: copy the granules a
+        snapshot holds there. Call with the metadata lock held. Returns once the
+        record is durable (a write before that, then a crash, would leave the
+        snapshot reading the new data), with its seq (None: nothing was held)."""
+        snapshots = self.state
+        if not snapshots or end <= start:
+            return None
+        kind = snapshots.kind_of(inode)
+        size = inode.granule(self.commits.unit)
+        held = [granule for _s, _e, index in pieces(start, end, size)
+                if (granule := inode.units.get(index)) is not None
+                and snapshots.is_held(kind, granule)]
+        if not held:
+            return None
+        try:
+            copies = self._find(kind, len(held))
+        except NoSpace:
+            seq = self._drop_holders(kind, held)
+        else:
+            pairs = list(zip(held, copies, strict=True))
+            await self._copy(kind, size, pairs)
+            seq = self.commits.append({"op": "preserve",
+                                       "copies": [[kind, g, c] for g, c in pairs]})
+        await self.commits.durable(seq)
+        return seq
+
+    def _find(self, kind: str, count: int) -> list[int]:
+        allocator = self.commits.state.allocator
+        return allocator.find(count) if kind == UNITS else allocator.find_blocks(count)
+
+    async def _copy(self, kind: str, size: int, pairs: list[tuple[int, int]]) -> None:
+        """Copy each granule to its copy and make the copies durable, before the record
+        that points there: a crash in between leaves the copies simply free."""
+        self.commits.check_lease()
+        volume = self.commits.volume
+        base = volume.sb.data.offset
+
+        def copy() -> None:
+            for granule, target in pairs:
+                volume.write(base + target * size, volume.read(base + granule * size, size))
+            volume.sync()
+
+        try:
+            await trio.to_thread.run_sync(copy)
+        except OSError as exc:
+            raise MetaError(errno.EIO, f"copy-on-write failed: {exc}") from None
+        self.on_copied(kind, [target for _granule, target in pairs])
+
+    def _drop_holders(self, kind: str, held: list[int]) -> int | None:
+        """No space for the copies: drop the snapshots that hold these granules, so the
+        write goes on. Their backups fail, with this reason."""
+        victims = sorted({snap_id for granule in held
+                          for snap_id in self.state.waiting[kind].get(granule, ())})
+        seq = None
+        for snap_id in victims:
+            seq = self._release_record(snap_id, "the volume ran out of space for its "
+                                                "copy-on-write", level="error")
+        return seq
+
+    # -- what the requester asks -----------------------------------------------------------
+
+    async def request_files(self, requester: str, snapshot: int) -> dict:
+        """The frozen namespace and maps, where to read each granule, and how many
+        preserves happened so far (for `check`)."""
+        snap_id, snapshot = snapshot, self._get(snapshot)
+        unit = self.commits.unit
+        inodes = [inode.to_list() for inode in snapshot.inodes.values()]  # Inode.from_list
+        return {"id": snap_id, "t_ns": snapshot.t_ns, "unit_size": unit, "block_size": BLOCK,
+                "data_offset": self.commits.volume.sb.data.offset,
+                "volume": str(self.commits.volume.sb.uuid),
+                "inodes": inodes,
+                "dirs": [[ino, list(names.items())] for ino, names in snapshot.entries.items()],
+                "copies": list(snapshot.preserved), "preserved": len(snapshot.preserved)}
+
+    async def request_check(self, requester: str, snapshot: int, since: int) -> dict:
+        """Preserves after the first `since` ones: granules to read again from copies."""
+        snapshot = self._get(snapshot)
+        return {"copies": snapshot.preserved[since:], "preserved": len(snapshot.preserved)}
+
+    async def request_renew(self, requester: str, snapshot: int) -> None:
+        self.deadlines[snapshot] = trio.current_time() + self._get(snapshot).timeout
+
+    async def request_release(self, requester: str, snapshot: int, outcome: str = "done") -> None:
+        if snapshot not in self.state.by_id:
+            return
+        async with self.commits.mutation():
+            seq = self._release_record(snapshot, f"released by its requester: {outcome}")
+        await self.commits.durable(seq)
+
+    def _release_record(self, snap_id: int, why: str, level: str = "info") -> int | None:
+        """Append a release (lock held). Returns its seq."""
+        if snap_id not in self.state.by_id:
+            return None
+        snapshot = self.state.by_id[snap_id]
+        seq = self.commits.append({"op": "release", "id": snap_id})
+        self.deadlines.pop(snap_id, None)
+        if level != "info":
+            self.dropped[snap_id] = why
+        age = (time.time_ns() - snapshot.t_ns) / 1e9
+        log.log(logging.ERROR if level == "error" else logging.INFO, "snapshot %d %s", snap_id,
+                why)
+        self.events.emit("snapshot", f"snapshot {snap_id} ({snapshot.requester}, {age:.1f} s "
+                         f"old, {len(snapshot.preserved)} granules preserved) {why}",
+                         level=level)
+        return seq
+
+    def _get(self, snap_id: int):
+        snapshot = self.state.by_id.get(snap_id)
+        if snapshot is None:
+            why = self.dropped.get(snap_id, "it was released or never existed")
+            raise SnapshotGone(errno.ESTALE, f"snapshot {snap_id} is gone: {why}")
+        return snapshot
+
+    # -- expiry -----------------------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """After a takeover: snapshots from before it get their timeout to be renewed."""
+        for snap_id, snapshot in self.state.by_id.items():
+            self.deadlines.setdefault(snap_id, trio.current_time() + snapshot.timeout)
+
+    async def expire(self) -> None:
+        """Release the snapshots whose requester stopped renewing them."""
+        now = trio.current_time()
+        late = [snap_id for snap_id, deadline in self.deadlines.items() if deadline < now]
+        for snap_id in late:
+            async with self.commits.mutation():
+                seq = self._release_record(snap_id, "released: its requester stopped "
+                                                    "renewing it (timeout)", level="warning")
+            await self.commits.durable(seq)
+
+    def table(self) -> list[list]:
+        """[id, requester, age seconds, granules preserved, granules held] per snapshot."""
+        now = time.time_ns()
+        rows = []
+        for snapshot in self.state.by_id.values():
+            held = sum(1 for kind in (UNITS, BLOCKS) for waiting in
+                       self.state.waiting[kind].values() if snapshot.id in waiting)
+            rows.append([snapshot.id, snapshot.requester, round((now - snapshot.t_ns) / 1e9, 3),
+                         len(snapshot.preserved), held])
+        return rows
+
+
+def _bounded(timeout: float) -> float:
+    return min(max(float(timeout), 1.0), MAX_TIMEOUT)
+
+
+async def _hold_now(session) -> None:
+    await session.hold()

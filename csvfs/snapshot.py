@@ -1,0 +1,58 @@
+"""The snapshot hold and copy-on-write protocols, node side (coordinator/snapshots.py
+is the coordinator's side, and tells the whole sequence).
+
+What a node does:
+
+1. HOLD: stop new data I/O on every file (DataPath.hold). Requests run inline
+   in the node's event loop, so once the push is handled none is in flight:
+   acknowledge at once.
+2. SNAPSHOT_SET(version): the point is set. Every map this node has that is
+   older than `version` asks first before any write, in all its granules, and
+   so does every older map that arrives later (a reply already on its way);
+   maps from the coordinator after the point say themselves which granules
+   ask first. The hold ends. A version of 0 ends a hold that set no point.
+3. A write that meets an "ask first" granule calls `first_write` instead
+   (DataPath.write) and goes ahead, in place, with the map of the reply.
+4. A node that rejoins a coordinator (after a failover or an eviction) ends
+   any hold it was left in, and forgets the last point it heard of: the maps
+   of its registration say what to ask, and the new coordinator's versions
+   need not reach a point the old one set but did not make durable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from csvfs.cluster import messages
+from csvfs.datapath import DataPath
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotHold:
+    def __init__(self, datapath: DataPath):
+        self.datapath = datapath
+
+    def push_handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:
+        return {messages.HOLD: self._on_hold, messages.SNAPSHOT_SET: self._on_set}
+
+    async def hold(self) -> None:
+        log.debug("snapshot hold")
+        self.datapath.hold()
+
+    def snapshot_set(self, version: int) -> None:
+        log.debug("snapshot point at version %d; hold over", version)
+        self.datapath.end_hold(version)
+
+    def rejoined(self) -> None:
+        if self.datapath.holding:
+            log.info("ending a snapshot hold left by the coordinator before")
+        self.datapath.snapshot_version = 0
+        self.datapath.end_hold(0)
+
+    async def _on_hold(self, body: dict) -> None:
+        await self.hold()
+
+    async def _on_set(self, body: dict) -> None:
+        self.snapshot_set(body["version"])

@@ -1,0 +1,254 @@
+"""Backups of a live cluster on real mounts: the snapshot holds its point while nodes
+write, restores are exact, and bad input gets a clear error and its exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from csvfs.volume.errors import ExitCode
+from tests.cluster import csvfs, status
+from tests.stamp_writer import BLOCK, read_log, read_stamp, stamped
+
+pytestmark = pytest.mark.timeout(120)
+
+M = 1 << 20
+
+
+def start_cluster(nodes, image, count):
+    return [nodes.start(image, f"n{index}") for index in range(1, count + 1)]
+
+
+def backup(*args, check: bool = True) -> subprocess.CompletedProcess:
+    return csvfs("backup", *args, check=check, timeout=90)
+
+
+def manifest_of(repo: Path, backup_id: str) -> dict:
+    from csvfs.backup.repository import Repository
+
+    return Repository.open(repo).load_manifest(backup_id)
+
+
+def last_backup(repo: Path) -> dict:
+    listed = json.loads(backup("list", "--repo", repo, "--json").stdout)
+    return manifest_of(repo, listed[-1]["id"])
+
+
+def start_writer(path: Path, writer: int, blocks: int, seconds: float, log: Path):
+    return subprocess.Popen([sys.executable, "-m", "tests.stamp_writer", str(path),
+                             str(writer), str(blocks), str(seconds), str(log)],
+                            stdin=subprocess.DEVNULL)
+
+
+def fill_stamped(path: Path, blocks: int) -> None:
+    """Writer 0, sequence 0: what every block holds before the writers start."""
+    with open(path, "wb") as file:
+        for block in range(blocks):
+            file.write(stamped(0, 0, block))
+
+
+def check_point_in_time(data: bytes, blocks: int, logs: list[Path], point_ns: int) -> int:
+    """Every block holds a write that began before the point, and no write that began
+    after it was acknowledged and was itself acknowledged before the point (that one
+    would have overwritten it). Returns how many blocks were rewritten after the point."""
+    writes: dict[tuple[int, int], tuple[int, int]] = {}
+    by_block: dict[int, list[tuple[int, int]]] = {}
+    for log in logs:
+        for writer, seq, block, start, ack in read_log(log):
+            writes[writer, seq] = start, ack
+            by_block.setdefault(block, []).append((start, ack))
+    changed_after = 0
+    for block in range(blocks):
+        stamp = read_stamp(data[block * BLOCK:(block + 1) * BLOCK])
+        assert stamp is not None, f"block {block} is torn or foreign"
+        writer, seq, stamped_block = stamp
+        assert stamped_block == block
+        start, ack = writes.get((writer, seq), (0, 0))
+        assert start < point_ns, f"block {block} holds a write begun after the point"
+        later = [w for w in by_block.get(block, ()) if w[0] > ack and w[1] < point_ns]
+        assert not later, f"block {block} misses a write acknowledged before the point"
+        changed_after += any(w[0] > point_ns for w in by_block.get(block, ()))
+    return changed_after
+
+
+def test_a_volume_backup_holds_its_point_while_two_nodes_write_the_same_units(
+        tmp_path, image, nodes):
+    n1, n2 = start_cluster(nodes, image, 2)
+    blocks = 1024  # 4 MiB: four units, rewritten from both nodes at once
+    fill_stamped(n1.path("disk"), blocks)
+    os.makedirs(n2.path("etc", "conf"))
+    n2.path("etc", "conf", "a").write_bytes(b"config\n")
+    os.symlink("etc/conf/a", n1.path("link"))
+    os.setxattr(n1.path("disk"), "user.vm", b"guest-1")
+    static = os.urandom(3 * M + 5)
+    n1.path("static").write_bytes(static)
+    backup("init", tmp_path / "repo")
+    before = status(image)
+
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    writers = [start_writer(n1.path("disk"), 1, blocks, 4.0, logs[0]),
+               start_writer(n2.path("disk"), 2, blocks, 4.0, logs[1])]
+    try:
+        time.sleep(1.0)
+        backup("volume", image, "--repo", tmp_path / "repo")
+    finally:
+        assert [writer.wait(timeout=30) for writer in writers] == [0, 0]
+    manifest = last_backup(tmp_path / "repo")
+    assert status(image)["snapshots"] == []  # released at the end
+    assert manifest["kind"] == "volume" and manifest["stats"]["pause_s"] < 1.0
+
+    restored = tmp_path / "disk.out"
+    backup("restore", "--repo", tmp_path / "repo", manifest["id"], "--file", "/disk",
+           "--to", restored)
+    changed = check_point_in_time(restored.read_bytes(), blocks, logs, manifest["time_ns"])
+    assert changed > blocks // 4  # the writers really went on after the point
+    assert n1.path("disk").read_bytes() != restored.read_bytes()
+
+    new_image = tmp_path / "restored.img"
+    backup("restore", "--repo", tmp_path / "repo", manifest["id"], "--to", new_image)
+    assert csvfs("fsck", new_image).returncode == 0
+    copy = nodes.start(new_image, "r1")
+    assert copy.path("static").read_bytes() == static
+    assert copy.path("disk").read_bytes() == restored.read_bytes()
+    assert copy.path("etc", "conf", "a").read_bytes() == b"config\n"
+    assert os.readlink(copy.path("link")) == "etc/conf/a"
+    assert os.getxattr(copy.path("disk"), "user.vm") == b"guest-1"
+    assert before["snapshots"] == []
+
+
+def test_space_is_given_back_when_the_backup_ends(tmp_path, image, nodes):
+    n1, n2 = start_cluster(nodes, image, 2)
+    n1.path("f").write_bytes(os.urandom(8 * M))
+    free = os.statvfs(n1.mountpoint).f_bfree
+    backup("init", tmp_path / "repo")
+    backup("volume", image, "--repo", tmp_path / "repo")
+    with open(n2.path("f"), "r+b") as file:  # after the release: no copy any more
+        file.write(b"x" * M)
+    assert os.statvfs(n1.mountpoint).f_bfree == free
+    for node in (n2, n1):
+        node.unmount()
+    report = csvfs("fsck", image).stdout
+    assert "volume is clean" in report and "snapshots in progress" not in report
+
+
+def test_a_snapshot_whose_backup_was_killed_is_released_after_its_timeout(
+        tmp_path, image, nodes):
+    n1, n2 = start_cluster(nodes, image, 2)
+    n2.path("f").write_bytes(os.urandom(2 * M))
+    taker = subprocess.Popen([sys.executable, "-m", "tests.snapshot_taker", str(image), "2"],
+                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert taker.stdout.readline().startswith("snapshot ")
+        [snapshot] = status(image)["snapshots"]
+        assert snapshot["requester"].startswith("backup-")
+        table = csvfs("status", image).stdout
+        assert "snapshots in progress" in table
+    finally:
+        taker.send_signal(signal.SIGKILL)
+        taker.wait()
+        taker.stdout.close()
+    with open(n2.path("f"), "r+b") as file:  # copy-on-write while it is held
+        file.write(b"y" * 100)
+    assert status(image)["snapshots"][0]["preserved"] == 1
+    deadline = time.monotonic() + 10
+    while status(image)["snapshots"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status(image)["snapshots"] == []
+    events = csvfs("events", image).stdout
+    assert "stopped renewing it (timeout)" in events
+
+
+def test_sigkill_of_the_coordinator_during_a_backup(tmp_path, image, nodes):
+    """The snapshot is journaled: the backup goes on with the new coordinator, the
+    snapshot goes at the end, and no space is lost."""
+    nodes.allow_log_errors = True  # the killed coordinator's node logs its end
+    n1, n2 = start_cluster(nodes, image, 2)
+    data = os.urandom(48 * M)
+    n2.path("big").write_bytes(data)
+    backup("init", tmp_path / "repo")
+    job = subprocess.Popen([*_csvfs(), "backup", "volume", str(image), "--repo",
+                            str(tmp_path / "repo"), "--snapshot-timeout", "3"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           stdin=subprocess.DEVNULL)
+    time.sleep(0.3)
+    n1.kill()
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 0, err
+    assert "Traceback" not in err
+    manifest = last_backup(tmp_path / "repo")
+    restored = tmp_path / "big.out"
+    backup("restore", "--repo", tmp_path / "repo", manifest["id"], "--file", "/big",
+           "--to", restored)
+    assert restored.read_bytes() == data
+    deadline = time.monotonic() + 15  # one taken but never answered goes by its timeout
+    while status(image)["snapshots"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status(image)["snapshots"] == []
+    assert n2.path("big").read_bytes() == data
+    n2.unmount()
+    assert "volume is clean" in csvfs("fsck", image).stdout
+
+
+def _csvfs() -> list[str]:
+    from tests.cluster import CSVFS
+
+    return list(CSVFS)
+
+
+def test_backup_errors_have_their_exit_codes(tmp_path, image, nodes):
+    repo = tmp_path / "repo"
+    result = backup("volume", image, "--repo", repo, check=False)
+    assert result.returncode == ExitCode.REPO_MISSING
+    backup("init", repo)
+    assert backup("init", repo, check=False).returncode == ExitCode.REPO_EXISTS
+    result = backup("volume", image, "--repo", repo, check=False)  # nothing mounted
+    assert result.returncode == ExitCode.UNREACHABLE
+    assert "no node has the volume mounted" in result.stderr
+    node = nodes.start(image, "n1")
+    node.path("f").write_bytes(b"data" * 1000)
+    result = backup("vm", image, "--repo", repo, "/missing", check=False)
+    assert result.returncode == ExitCode.NO_SUCH_FILE
+    assert result.stderr.strip() == ("csvfs: error: /missing: no such file on the volume "
+                                     "at the snapshot point")
+    result = backup("volume", image, "--repo", repo, "--key", tmp_path / "nokey", check=False)
+    assert result.returncode == ExitCode.BAD_KEY
+    other = tmp_path / "other.key"
+    other.write_text("00" * 32 + "\n")
+    other.chmod(0o600)
+    result = backup("list", "--repo", repo, "--repo-key", other, check=False)
+    assert result.returncode == ExitCode.REPO_KEY
+    backup("vm", image, "--repo", repo, "/f")
+    result = backup("restore", "--repo", repo, "nosuchid", "--file", "/f", "--to",
+                    tmp_path / "x", check=False)
+    assert result.returncode == ExitCode.NO_SUCH_BACKUP
+    result = backup("prune", "--repo", repo, "--keep-last", "0", check=False)
+    assert result.returncode == ExitCode.USAGE
+    for result in [backup("list", "--repo", repo, "--json", check=False)]:
+        assert all("Traceback" not in text for text in (result.stdout, result.stderr))
+
+
+def test_verify_finds_a_flipped_byte_and_restore_refuses_it(tmp_path, image, nodes):
+    repo = tmp_path / "repo"
+    node = nodes.start(image, "n1")
+    node.path("f").write_bytes(os.urandom(2 * M))
+    backup("init", repo)
+    backup("vm", image, "--repo", repo, "/f")
+    manifest = last_backup(repo)
+    assert "1 backups verified" in backup("verify", "--repo", repo).stdout
+    chunk = next(path for path in (repo / "chunks").rglob("*") if path.is_file())
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    chunk.write_bytes(bytes(raw))
+    result = backup("verify", "--repo", repo, check=False)
+    assert result.returncode == ExitCode.REPO_CORRUPT and "problem:" in result.stdout
+    result = backup("restore", "--repo", repo, manifest["id"], "--file", "/f", "--to",
+                    tmp_path / "out", check=False)
+    assert result.returncode == ExitCode.REPO_CORRUPT
+    assert "Traceback" not in result.stderr
