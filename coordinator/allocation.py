@@ -103,7 +103,7 @@ class Allocation:
                     op = self._allocation_record(inode, offset, end, self._ahead_units(inode))
                     op["size"], op["t"] = end, commits.now()
                     await self._prepare(inode, op)
-                    await self.snapshots.preserve(inode, offset, end)
+                    await self.snapshots.before_write(inode, offset, end)
                     self._write_at(inode, op, offset, data)
                     seq = commits.append(op, request)
                     reply = dict(commits.map_of(inode), offset=offset)
@@ -430,12 +430,12 @@ class Allocation:
         within = inode.size % granule
         position = self.commits.position(inode, inode.size)
         if within and position is not None:
-            await self.snapshots.preserve(inode, inode.size, inode.size + granule - within)
+            await self.snapshots.before_write(inode, inode.size, inode.size + granule - within)
             await self._zero(position, granule - within)
         self._clean_tails.add(inode.ino)
 
     async def _zero_mapped(self, inode: Inode, start: int, end: int) -> None:
-        await self.snapshots.preserve(inode, start, end)
+        await self.snapshots.before_write(inode, start, end)
         for piece_start, piece_end, _file_granule in pieces(start, end,
                                                             inode.granule(self.unit)):
             position = self.commits.position(inode, piece_start)

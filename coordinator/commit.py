@@ -236,8 +236,9 @@ class Commits:
         a reply that a newer map overtook."""
         reply = {"size": inode.size, "runs": to_runs(inode.units),
                  "granule": inode.granule(self.unit), "version": self.journal.next_seq - 1}
-        if self.state.snapshots:  # granules to ask first about (coordinator/snapshots.py)
-            reply["ask"] = self.state.snapshots.asks(inode)
+        ask = self.state.snapshots.asks(inode)  # granules to ask first about
+        if ask:  # (coordinator/snapshots.py)
+            reply["ask"] = ask
         return reply
 
     def unit_offset(self, volume_unit: int) -> int:

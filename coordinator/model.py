@@ -49,6 +49,10 @@ class Inode:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     units: UnitMap = field(default_factory=dict)  # file granule -> volume granule
     blocks: bool = False  # the map is in BLOCKs, not allocation units
+    # Change tracking: the snapshot whose backup last took this file (0: none), and the
+    # file granules that may differ from what it took. Only those need reading again.
+    base: int = 0
+    changed: set[int] = field(default_factory=set)
 
     @property
     def is_dir(self) -> bool:
@@ -59,19 +63,32 @@ class Inode:
         return stat.S_ISREG(self.mode)
 
     def to_list(self) -> list:
-        return [
+        row = [
             self.ino, self.mode, self.uid, self.gid, self.nlink, self.atime_ns,
             self.mtime_ns, self.ctime_ns, self.size, self.rdev, self.target,
             list(self.xattrs.items()), to_runs(self.units),
-        ] + ([1] if self.blocks else [])  # fmt: skip
+        ]  # fmt: skip
+        if self.base:  # a tracked file: the blocks flag, its base and what changed since
+            return row + [int(self.blocks), self.base, sorted(self.changed)]
+        return row + ([1] if self.blocks else [])
 
     @classmethod
     def from_list(cls, row: list) -> Inode:
+        """Rows end with the runs; a block-mapped file's with 1 after them; a tracked
+        file's with the blocks flag, its base and its changed granules."""
+        base, changed = 0, ()
+        if len(row) > 14:
+            *row, base, changed = row
         blocks = 0
-        if len(row) > 13:  # a block-mapped file's row ends with 1; others with the runs
+        if len(row) > 13:
             *row, blocks = row
         *head, xattrs, runs = row
-        return cls(*head, xattrs=dict(xattrs), units=from_runs(runs), blocks=bool(blocks))
+        return cls(*head, xattrs=dict(xattrs), units=from_runs(runs), blocks=bool(blocks),
+                   base=base, changed=set(changed))
+
+    def mark_changed(self, granules) -> None:
+        if self.base:
+            self.changed.update(granules)
 
     def granule(self, unit_size: int) -> int:
         """Bytes per map entry: BLOCK for a block-mapped file, else the unit size."""
@@ -185,6 +202,15 @@ class MetadataState:
             self.allocator.mark_free(granule)
 
     # -- queries ------------------------------------------------------------------
+
+    def lookup_path(self, path: str) -> int | None:
+        """The inode a slash-separated path from the root names, or None."""
+        ino = ROOT_INO
+        for name in (part for part in path.split("/") if part):
+            ino = self.entries.get(ino, {}).get(name.encode("utf-8", "surrogateescape"))
+            if ino is None:
+                return None
+        return ino
 
     def paths(self, inos) -> dict[int, str]:
         """A path of each of `inos` that still has a name (for status displays)."""
@@ -326,6 +352,7 @@ class MetadataState:
         inode = self.inodes[op["ino"]]
         self.free_map(inode)
         inode.blocks = False
+        inode.base, inode.changed = 0, set()  # its granules changed size: a full read next
         self._change_map(op, block=False)
 
     def _change_map(self, op: dict, block: bool) -> None:
@@ -336,6 +363,7 @@ class MetadataState:
         allocator = self.allocator
         take = allocator.mark_block_used if block else allocator.mark_used
         for file_unit, count in op.get("drop", ()):
+            inode.mark_changed(range(file_unit, file_unit + count))  # holes now
             for index in range(file_unit, file_unit + count):
                 unit = inode.units.pop(index, None)
                 if unit is not None:
@@ -343,6 +371,7 @@ class MetadataState:
         if op.get("add"):
             inode.blocks = block
         for file_unit, volume_unit, count in op.get("add", ()):
+            inode.mark_changed(range(file_unit, file_unit + count))
             for step in range(count):
                 take(volume_unit + step)
                 inode.units[file_unit + step] = volume_unit + step
@@ -364,11 +393,24 @@ class MetadataState:
     # -- snapshots (coordinator/snapshot_state.py) ---------------------------------------
 
     def _apply_snapshot(self, op: dict) -> None:
-        """Freeze the whole namespace and every map as they are now."""
+        """Freeze the whole namespace and every map as they are now. The files the backup
+        takes ("inos", default all) start tracking changes afresh from this point; the
+        snapshot keeps what they had tracked before, for the backup to read."""
         inodes = {ino: Inode.from_list(inode.to_list()) for ino, inode in self.inodes.items()}
         entries = {ino: dict(names) for ino, names in self.entries.items()}
-        self.snapshots.take(Snapshot(op["id"], op["t"], op.get("requester", ""), inodes,
-                                     entries, op.get("timeout", 60.0)))
+        snapshot = Snapshot(op["id"], op["t"], op.get("requester", ""), inodes, entries,
+                            op.get("timeout", 60.0))
+        taken = op.get("inos")
+        for ino in self.inodes if taken is None else taken:
+            inode = self.inodes.get(ino)
+            if inode is not None and inode.is_reg:
+                snapshot.tracking[ino] = [inode.base, sorted(inode.changed)]
+                inode.base, inode.changed = snapshot.id, set()
+        self.snapshots.take(snapshot)
+
+    def _apply_changed(self, op: dict) -> None:
+        """The first write to these granules of a tracked file since its base."""
+        self.inodes[op["ino"]].mark_changed(op["granules"])
 
     def _apply_preserve(self, op: dict) -> None:
         """Held granules' old contents were copied (and made durable) before this record."""
@@ -376,5 +418,15 @@ class MetadataState:
             self.snapshots.preserve(kind, granule, copy)
 
     def _apply_release(self, op: dict) -> None:
-        if op["id"] in self.snapshots.by_id:
-            self.snapshots.release(op["id"])
+        """The end of a snapshot. If its backup failed, the files it was to take go
+        back to tracking from their base before it (unless a later point took them)."""
+        snapshot = self.snapshots.by_id.get(op["id"])
+        if snapshot is None:
+            return
+        if op.get("failed"):
+            for ino, (base, changed) in snapshot.tracking.items():
+                inode = self.inodes.get(ino)
+                if inode is not None and inode.base == snapshot.id:
+                    inode.base = base
+                    inode.changed.update(changed)
+        self.snapshots.release(op["id"])

@@ -43,6 +43,8 @@ class Snapshot:
         # Preserves in the order they happened, [kind, granule, copy]: a reader that
         # read a live granule checks here afterwards whether it was preserved meanwhile.
         self.preserved: list[list] = []
+        # ino -> [base, changed granules] of each file it took, as tracked before it
+        self.tracking: dict[int, list] = {}
 
     def held(self):
         """(kind, granule) of every live granule the frozen maps reference."""
@@ -56,17 +58,18 @@ class Snapshot:
         return [self.id, self.t_ns, self.requester,
                 [inode.to_list() for inode in self.inodes.values()],
                 [[ino, list(names.items())] for ino, names in self.entries.items()],
-                self.preserved, self.timeout]
+                self.preserved, self.timeout, list(self.tracking.items())]
 
     @classmethod
     def from_list(cls, row: list, inode_from_list) -> Snapshot:
-        snap_id, t_ns, requester, inodes, dirs, preserved, timeout = row
+        snap_id, t_ns, requester, inodes, dirs, preserved, timeout, tracking = row
         inodes = {inode.ino: inode for inode in map(inode_from_list, inodes)}
         snapshot = cls(snap_id, t_ns, requester, inodes,
                        {ino: dict(names) for ino, names in dirs}, timeout)
         for kind, granule, copy in preserved:
             snapshot.copies[kind][granule] = copy
         snapshot.preserved = [list(entry) for entry in preserved]
+        snapshot.tracking = {ino: list(pair) for ino, pair in tracking}
         return snapshot
 
 
@@ -88,14 +91,16 @@ class SnapshotSet:
         return bool(self.waiting[kind].get(granule))
 
     def asks(self, inode) -> list[list[int]]:
-        """Runs [first file granule, count] of inode's map that a snapshot holds: a
-        node must ask the coordinator before its first write there."""
-        if not self.by_id or not inode.units:
+        """Runs [first file granule, count] of inode's map where a node must ask the
+        coordinator before its first write: a snapshot holds the granule, or the file
+        is tracked and the granule not yet marked changed."""
+        waiting = self.waiting[BLOCKS if inode.blocks else UNITS] if self.by_id else {}
+        if not inode.units or not (waiting or inode.base):
             return []
-        waiting = self.waiting[BLOCKS if inode.blocks else UNITS]
         runs: list[list[int]] = []
         for index in sorted(index for index, granule in inode.units.items()
-                            if waiting.get(granule)):
+                            if waiting.get(granule)
+                            or (inode.base and index not in inode.changed)):
             if runs and runs[-1][0] + runs[-1][1] == index:
                 runs[-1][1] += 1
             else:

@@ -20,9 +20,9 @@ The point (`take`), the one whole-volume pause in csvfs:
    now on says which granules to ask first about ("ask" in Commits.map_of).
    Then free the lock.
 
-Copy-on-write (`op_first_write`, and `preserve` before the coordinator writes
-file data itself): a node's first write to an "ask first" granule goes to
-the coordinator instead. Under the metadata lock, so one preserve per granule
+Copy-on-write (`op_first_write`, and `before_write` before the coordinator
+writes file data itself): a node's first write to an "ask first" granule goes
+to the coordinator instead. Under the metadata lock, so one preserve per granule
 at a time whichever node asks first, the coordinator copies the held granules
 of the range to fresh ones, makes the copies durable, appends one "preserve"
 record, and answers with the new map once that is durable. Only then does the
@@ -35,6 +35,16 @@ live file has them. Since a live granule is written only after its preserve
 is applied, a granule read live and still unpreserved when `check` answers
 afterwards was read as it was at the point; one preserved meanwhile is read
 again from its copy.
+
+Change tracking uses the same mark. The files a backup takes are tracked from
+its point on: each keeps the snapshot as its base and the granules changed
+since. A granule of a tracked file that is not marked changed asks first too,
+and the first write there appends a "changed" record, durable before the
+write goes ahead (and so before it is acknowledged), whichever node writes.
+Allocations and frees mark what they touch in the same record that makes
+them. The next backup reads only the granules changed since its base and
+takes the rest from the base's manifest. A backup that fails gives its files
+back their earlier base, with the changes of both periods.
 
 Release: the requester releases its snapshot when its backup ends; one that
 stops renewing is released after its timeout. If a preserve finds no free
@@ -87,8 +97,10 @@ class Snapshots:
 
     # -- the point ---------------------------------------------------------------------------
 
-    async def request_take(self, requester: str, timeout: float | int = DEFAULT_TIMEOUT) -> dict:
-        """Set a snapshot point (steps 1-3 above)."""
+    async def request_take(self, requester: str, timeout: float | int = DEFAULT_TIMEOUT,
+                           files: list[str] | None = None) -> dict:
+        """Set a snapshot point (steps 1-3 above). `files`: the paths the backup takes
+        (default: every file), which start tracking changes from the point."""
         commits = self.commits
         async with commits.mutation():
             started = trio.current_time()
@@ -96,10 +108,13 @@ class Snapshots:
             timeout = _bounded(timeout)
             try:
                 await self._hold_every_node()
-                snap_id = max(self.state.by_id, default=0) + 1
+                snap_id = commits.journal.next_seq  # unique for the life of the volume
                 t_ns = commits.now()
-                seq = commits.append({"op": "snapshot", "id": snap_id, "t": t_ns,
-                                      "requester": requester, "timeout": timeout})
+                op = {"op": "snapshot", "id": snap_id, "t": t_ns, "requester": requester,
+                      "timeout": timeout}
+                if files is not None:
+                    op["inos"] = self._inos_of(files)
+                seq = commits.append(op)
                 await commits.durable(seq)
             finally:
                 # Also when it failed: a record that may be on the volume counts, and
@@ -114,6 +129,16 @@ class Snapshots:
         self.events.emit("snapshot", f"snapshot {snap_id} for {requester}: volume paused "
                          f"{paused * 1000:.1f} ms")
         return {"id": snap_id, "t_ns": t_ns, "version": seq, "pause_s": paused}
+
+    def _inos_of(self, paths: list[str]) -> list[int]:
+        """The regular files at these paths now (a path that is none is left out: the
+        requester finds it missing in the snapshot and says so)."""
+        inos = []
+        for path in paths:
+            ino = self.commits.state.lookup_path(path)
+            if ino is not None and self.commits.state.inodes[ino].is_reg:
+                inos.append(ino)
+        return inos
 
     async def _hold_every_node(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -136,18 +161,37 @@ class Snapshots:
         commits = self.commits
         async with commits.mutation():
             inode = commits.regular(ino)
-            seq = await self.preserve(inode, offset, end)
+            seq = await self.before_write(inode, offset, end)
             reply = commits.map_of(inode)
         await commits.durable(seq)
         return reply
 
-    async def preserve(self, inode: Inode, start: int, end: int) -> int | None:
+    async def before_write(self, inode: Inode, start: int, end: int) -> int | None:
         """Before anything writes to [start, end) of a live file: copy the granules a
-        snapshot holds there. Call with the metadata lock held. Returns once the
-        record is durable (a write before that, then a crash, would leave the
-        snapshot reading the new data), with its seq (None: nothing was held)."""
+        snapshot holds there, and mark changed those of a tracked file. Call with the
+        metadata lock held. Returns once the records are durable (a write before
+        that, then a crash, would leave a snapshot reading the new data, or an
+        incremental missing it), with the last one's seq (None: nothing to do)."""
+        if end <= start:
+            return None
+        seq = await self._preserve(inode, start, end)
+        changed = self._unmarked(inode, start, end)
+        if changed:
+            seq = self.commits.append({"op": "changed", "ino": inode.ino, "granules": changed})
+        if seq is not None:
+            await self.commits.durable(seq)
+        return seq
+
+    def _unmarked(self, inode: Inode, start: int, end: int) -> list[int]:
+        if not inode.base:
+            return []
+        size = inode.granule(self.commits.unit)
+        return [index for index in range(start // size, (end - 1) // size + 1)
+                if index not in inode.changed]
+
+    async def _preserve(self, inode: Inode, start: int, end: int) -> int | None:
         snapshots = self.state
-        if not snapshots or end <= start:
+        if not snapshots:
             return None
         kind = snapshots.kind_of(inode)
         size = inode.granule(self.commits.unit)
@@ -165,7 +209,6 @@ class Snapshots:
             await self._copy(kind, size, pairs)
             seq = self.commits.append({"op": "preserve",
                                        "copies": [[kind, g, c] for g, c in pairs]})
-        await self.commits.durable(seq)
         return seq
 
     def _find(self, kind: str, count: int) -> list[int]:
@@ -212,7 +255,7 @@ class Snapshots:
         return {"id": snap_id, "t_ns": snapshot.t_ns, "unit_size": unit, "block_size": BLOCK,
                 "data_offset": self.commits.volume.sb.data.offset,
                 "volume": str(self.commits.volume.sb.uuid),
-                "inodes": inodes,
+                "inodes": inodes, "tracking": list(snapshot.tracking.items()),
                 "dirs": [[ino, list(names.items())] for ino, names in snapshot.entries.items()],
                 "copies": list(snapshot.preserved), "preserved": len(snapshot.preserved)}
 
@@ -225,18 +268,22 @@ class Snapshots:
         self.deadlines[snapshot] = trio.current_time() + self._get(snapshot).timeout
 
     async def request_release(self, requester: str, snapshot: int, outcome: str = "done") -> None:
+        """`outcome` "done" if the backup is in the repository; anything else gives its
+        files back their earlier change tracking."""
         if snapshot not in self.state.by_id:
             return
         async with self.commits.mutation():
-            seq = self._release_record(snapshot, f"released by its requester: {outcome}")
+            seq = self._release_record(snapshot, f"released by its requester: {outcome}",
+                                       failed=outcome != "done")
         await self.commits.durable(seq)
 
-    def _release_record(self, snap_id: int, why: str, level: str = "info") -> int | None:
+    def _release_record(self, snap_id: int, why: str, level: str = "info",
+                        failed: bool = True) -> int | None:
         """Append a release (lock held). Returns its seq."""
         if snap_id not in self.state.by_id:
             return None
         snapshot = self.state.by_id[snap_id]
-        seq = self.commits.append({"op": "release", "id": snap_id})
+        seq = self.commits.append({"op": "release", "id": snap_id, "failed": failed})
         self.deadlines.pop(snap_id, None)
         if level != "info":
             self.dropped[snap_id] = why

@@ -280,3 +280,65 @@ async def test_the_hold_stops_io_until_the_point_is_set(cluster):
     node.data.update_map(ino, handle.size, [[0, handle.units[0], 1]], handle.version + 1,
                          None, [])
     assert handle.ask == {0}
+
+
+# -- change tracking ---------------------------------------------------------------------
+
+
+async def test_a_tracked_file_marks_each_granule_changed_once_and_durably(cluster):
+    node = Node(cluster)
+    await node.join()
+    ino, handle = await make_file(cluster, node, b"disk", os.urandom(4 * UNIT))
+    snap_id = await take(cluster)
+    await cluster.service.backup_call("r", "snapshot_release", {"snapshot": snap_id})
+    inode = cluster.service.state.inodes[ino]
+    assert inode.base == snap_id and inode.changed == set()
+    assert handle.ask == set(handle.units)  # tracked: every granule asks first
+
+    seq = cluster.service.journal.next_seq
+    await node.data.write(handle, UNIT + 5, b"x")
+    assert inode.changed == {1} and handle.ask == set(handle.units) - {1}
+    assert cluster.service.journal.next_seq == seq + 1  # one "changed" record
+    await node.data.write(handle, UNIT + 9, b"y")  # no second record
+    assert cluster.service.journal.next_seq == seq + 1
+    await node.data.write(handle, 5 * UNIT, b"z")  # growth marks what it adds
+    assert {1, 5} <= inode.changed
+    await cluster.call("setattr", ino=ino, changes={"size": 3 * UNIT})  # drops are changes
+    assert {3, 4} <= inode.changed
+
+    cluster.restart()  # durable: replayed from the journal
+    inode = cluster.service.state.inodes[ino]
+    assert inode.base == snap_id and {1, 3, 4, 5} <= inode.changed and 0 not in inode.changed
+    await cluster.service.checkpoint_now()
+    cluster.restart()
+    assert cluster.service.state.inodes[ino].changed == inode.changed
+
+
+async def test_the_next_point_hands_the_changes_to_its_snapshot(cluster):
+    node = Node(cluster)
+    await node.join()
+    ino, handle = await make_file(cluster, node, b"disk", os.urandom(2 * UNIT))
+    first = await take(cluster)
+    await cluster.service.backup_call("r", "snapshot_release", {"snapshot": first})
+    await node.data.write(handle, 0, b"changed")
+    second = await take(cluster)
+    snap = await view(cluster, second)
+    assert snap.tracking[ino] == [first, [0]]  # what the incremental reads
+    assert cluster.service.state.inodes[ino].base == second
+    # a failed backup gives the file its earlier base back, with every change since
+    await node.data.write(handle, UNIT, b"more")
+    await cluster.service.backup_call("r", "snapshot_release",
+                                      {"snapshot": second, "outcome": "failed"})
+    inode = cluster.service.state.inodes[ino]
+    assert inode.base == first and inode.changed == {0, 1}
+
+
+async def test_a_backup_of_some_files_tracks_only_those(cluster):
+    node = Node(cluster)
+    await node.join()
+    taken, _ = await make_file(cluster, node, b"taken", b"a" * UNIT)
+    other, _ = await make_file(cluster, node, b"other", b"b" * UNIT)
+    reply = await cluster.service.backup_call("r", "snapshot_take",
+                                              {"files": ["/taken", "/missing"]})
+    state = cluster.service.state
+    assert state.inodes[taken].base == reply["id"] and state.inodes[other].base == 0

@@ -30,7 +30,8 @@ def add_parser(sub, parents: list) -> None:
     source.add_argument("image", type=Path, help="the volume image")
     source.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
     source.add_argument("--full", action="store_true",
-                        help="read every chunk (every backup is a full one for now)")
+                        help="read every chunk, even of files whose changes are tracked "
+                        "since a backup in this repository")
     source.add_argument("--snapshot-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="the coordinator releases the snapshot if this backup stops "
                         "renewing it for this long, e.g. when it was killed (default 60)")
@@ -98,7 +99,7 @@ def _backup(args, kind: str, paths: list[str]) -> int:
         raise UsageError("--snapshot-timeout must be between 1 and 3600 seconds")
     try:
         manifest = trio.run(run_backup, args.image, args.key, repo, kind, paths,
-                            args.snapshot_timeout)
+                            args.snapshot_timeout, args.full)
     except BaseExceptionGroup as group:  # trio's nurseries wrap what they raise
         raise _user_error_in(group) or group from None
     summary = _summary(manifest)

@@ -9,8 +9,12 @@ and stored again. A chunk of zeros is a hole: it is neither stored nor listed,
 so a restore is sparse.
 
 Every backup is a logical full: its manifest lists every chunk of every file,
-and chunks already in the repository (the unchanged part of a disk) cost a hash
-but no space.
+and chunks already in the repository cost a hash but no space. An incremental
+reads less: the coordinator tracks, for each file a backup took, the granules
+changed since (its base, coordinator/snapshots.py); when the repository holds
+the backup of that base, only the chunks over changed granules (and the tail,
+whose length may differ) are read, and the others are that backup's chunks.
+`--full` reads everything anyway.
 """
 
 from __future__ import annotations
@@ -57,18 +61,20 @@ class Stats:
 class BackupRun:
     """One backup of the files of one snapshot into one repository."""
 
-    def __init__(self, repo: Repository, requester: Requester, view: SnapshotView):
+    def __init__(self, repo: Repository, requester: Requester, view: SnapshotView,
+                 full: bool):
         self.repo = repo
         self.requester = requester
         self.view = view
         self.stats = Stats()
         self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="backup")
+        self.bases = {} if full else _bases(repo, view)
 
     async def file(self, path: str, inode: Inode, progress) -> dict:
         """The manifest entry of one regular file, its chunks stored."""
         size = self.repo.chunk_size
-        chunks: dict[int, list] = {}
-        offsets = list(range(0, inode.size, size))
+        chunks, offsets = self._unchanged(inode)
+        progress.update(sum(min(size, inode.size - offset) for offset in chunks))
         for first in range(0, len(offsets), BATCH_CHUNKS):
             batch = pending = offsets[first:first + BATCH_CHUNKS]
             while pending:  # until a check finds none of them read stale
@@ -81,7 +87,29 @@ class BackupRun:
             progress.update(sum(min(size, inode.size - offset) for offset in batch))
         self.stats.logical += inode.size
         return dict(attributes(inode), path=path, size=inode.size, consistency="crash",
-                    chunks=[chunks[offset] for offset in sorted(chunks)])
+                    chunks=[chunks[offset] for offset in sorted(chunks)],
+                    granule=self.view.granule(inode),
+                    read="changed" if len(offsets) < len(range(0, inode.size, size)) else "all")
+
+    def _unchanged(self, inode: Inode) -> tuple[dict[int, list], list[int]]:
+        """The chunks to take from the base's backup, and the offsets to read."""
+        size = self.repo.chunk_size
+        every = list(range(0, inode.size, size))
+        granule = self.view.granule(inode)
+        base, changed = self.view.tracking.get(inode.ino, (0, ()))
+        entry = self.bases.get((base, inode.ino)) if base else None
+        if entry is None or entry.get("granule") != granule:
+            return {}, every
+        dirty = {chunk for index in changed  # the chunks a changed granule lies in
+                 for chunk in range(index * granule // size,
+                                    ((index + 1) * granule - 1) // size + 1)}
+        before = {chunk[0]: list(chunk) for chunk in entry["chunks"]}
+        last = min(inode.size, entry["size"])  # the tail chunk's length may differ
+        reuse = {offset: before[offset] for offset in every
+                 if offset + size <= last and offset // size not in dirty and offset in before}
+        read = [offset for offset in every
+                if offset + size > last or offset // size in dirty]
+        return reuse, read
 
     async def _preserved_meanwhile(self, inode: Inode, batch: list[int],
                                    live: set) -> list[int]:
@@ -132,28 +160,31 @@ class BackupRun:
 
 
 async def run_backup(image: Path, key_path: Path | None, repo: Repository, kind: str,
-                     paths: list[str], snapshot_timeout: float = SNAPSHOT_TIMEOUT) -> dict:
+                     paths: list[str], snapshot_timeout: float = SNAPSHOT_TIMEOUT,
+                     full: bool = False) -> dict:
     """Back up the whole volume (kind "volume") or the given files (kind "vm"); returns
     the manifest as saved."""
     with repo.lock():
         async with Requester.connect(image, key_path, snapshot_timeout) as requester:
-            async with requester.snapshot() as point:
+            async with requester.snapshot(paths if kind == "vm" else None) as point:
                 files = await requester.files(point["id"])
                 fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     view = SnapshotView(files, fd)
-                    manifest = await _copy(repo, requester, view, kind, paths, point)
+                    manifest = await _copy(repo, requester, view, kind, paths, point, full)
                 finally:
                     os.close(fd)
-        manifest["source"]["image"] = str(image)
-        repo.save_manifest(manifest)
+                manifest["source"]["image"] = str(image)
+                # Before the release: only a backup in the repository moves the files'
+                # change tracking on to this point.
+                repo.save_manifest(manifest)
     return manifest
 
 
 async def _copy(repo: Repository, requester: Requester, view: SnapshotView, kind: str,
-                paths: list[str], point: dict) -> dict:
+                paths: list[str], point: dict, full: bool) -> dict:
     chosen = _chosen_files(view, kind, paths)
-    run = BackupRun(repo, requester, view)
+    run = BackupRun(repo, requester, view, full)
     entries = []
     try:
         total = sum(inode.size for _path, inode in chosen)
@@ -176,6 +207,19 @@ async def _copy(repo: Repository, requester: Requester, view: SnapshotView, kind
                   "duration_s": round(time.monotonic() - stats.started, 3)},
         "warnings": warnings,
     }
+
+
+def _bases(repo: Repository, view: SnapshotView) -> dict[tuple[int, int], dict]:
+    """(snapshot, ino) -> the file's entry in this repository's backup from that
+    snapshot of this volume: what an incremental takes unchanged chunks from."""
+    wanted = {base for base, _changed in view.tracking.values() if base}
+    bases = {}
+    for manifest in repo.backups() if wanted else ():
+        if manifest["snapshot"] in wanted and manifest["source"]["volume"] == view.volume \
+                and manifest["chunk_size"] == repo.chunk_size:
+            for entry in manifest["files"]:
+                bases[manifest["snapshot"], entry["ino"]] = entry
+    return bases
 
 
 def _chosen_files(view: SnapshotView, kind: str, paths: list[str]) -> list:

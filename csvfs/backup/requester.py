@@ -131,10 +131,14 @@ class Requester:
         self.reconnects += 1
 
     @contextlib.asynccontextmanager
-    async def snapshot(self):
+    async def snapshot(self, files: list[str] | None = None):
         """Take a snapshot, renew it in the background, release it at the end. Yields
-        the point: {id, t_ns, version, pause_s}."""
-        point = await self.call(messages.SNAPSHOT_TAKE, timeout=float(self.timeout))
+        the point: {id, t_ns, version, pause_s}. `files`: the paths the backup takes
+        (default every file), whose change tracking starts afresh at the point."""
+        args = {"timeout": float(self.timeout)}
+        if files is not None:
+            args["files"] = ["/" + path.strip("/") for path in files]
+        point = await self.call(messages.SNAPSHOT_TAKE, **args)
         outcome = "failed"
         try:
             async with trio.open_nursery() as nursery:
