@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import trio
 
 from csvfs.backup.progress import bar
 from csvfs.backup.repository import Repository, file_chunks, restore_file
-from csvfs.volume.errors import ExitCode, UsageError, UserError
+from csvfs.volume.errors import ExitCode, MountpointError, UsageError, UserError
 from csvfs.volume.sizes import format_size
 
 
@@ -66,6 +67,11 @@ def add_parser(sub, parents: list) -> None:
     prune = commands.add_parser("prune", parents=[*parents, repo, as_json],
                                 help="keep the newest backups, free unused chunks")
     prune.add_argument("--keep-last", type=int, metavar="N")
+    mount = commands.add_parser("mount", parents=[*parents, repo],
+                                help="show a backup's files read-only (FUSE), in the "
+                                "foreground until unmounted")
+    mount.add_argument("id", metavar="ID")
+    mount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
 
 
 def run(args) -> int:
@@ -246,6 +252,25 @@ def cmd_prune(args) -> int:
     return ExitCode.OK
 
 
+def cmd_mount(args) -> int:
+    from csvfs.backup.mount import mount  # imports pyfuse3: only for this command
+
+    mountpoint = args.mountpoint.resolve()
+    if not mountpoint.exists():
+        raise MountpointError(f"mountpoint {args.mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise MountpointError(f"mountpoint {args.mountpoint} is not a directory")
+    repo = _open(args)
+    manifest = repo.load_manifest(args.id)
+
+    def mounted() -> None:
+        print(f"backup {manifest['id']} mounted read-only at {mountpoint}; "
+              f"fusermount3 -u {mountpoint} to unmount", file=sys.stderr, flush=True)
+
+    mount(repo, manifest, mountpoint, mounted)
+    return ExitCode.OK
+
+
 COMMANDS = {"init": cmd_init, "volume": cmd_volume, "vm": cmd_vm, "list": cmd_list,
             "verify": cmd_verify, "restore": cmd_restore, "forget": cmd_forget,
-            "prune": cmd_prune}
+            "prune": cmd_prune, "mount": cmd_mount}
