@@ -46,6 +46,7 @@ class RemoteSession(NodeSession):
         self._outbox_send, self._outbox = trio.open_memory_channel(math.inf)
         self._acks: dict[int, trio.Event] = {}
         self._tokens = itertools.count(1)
+        self._freezes: dict[int, tuple[trio.Event, dict]] = {}  # freeze id -> its answer
 
     def renew(self) -> None:
         """The node heard from us now: it may do I/O until the grant it computes,
@@ -128,6 +129,27 @@ class RemoteSession(NodeSession):
 
     async def hold(self) -> None:
         await self._acknowledged(messages.HOLD, {})
+
+    async def freeze_writers(self, freeze_id: int, inos: list[int],
+                             timeout: float) -> dict[int, str]:
+        """Push FREEZE and wait for the node's WRITERS_FROZEN answer (the caller bounds
+        the wait)."""
+        answered = self._freezes[freeze_id] = trio.Event(), {}
+        try:
+            if self._push(messages.FREEZE, {"id": freeze_id, "inos": inos, "timeout": timeout}):
+                await answered[0].wait()
+        finally:
+            self._freezes.pop(freeze_id, None)
+        return answered[1]
+
+    def writers_frozen(self, freeze_id: int, results: dict) -> None:
+        answered = self._freezes.get(freeze_id)
+        if answered is not None:
+            answered[1].update({int(ino): str(outcome) for ino, outcome in results.items()})
+            answered[0].set()
+
+    def thaw_writers(self, freeze_id: int) -> None:
+        self._push(messages.THAW, {"id": freeze_id})
 
     def snapshot_set(self, version: int) -> None:
         self._push(messages.SNAPSHOT_SET, {"version": version})
@@ -217,6 +239,9 @@ class CoordinatorEndpoint:
 
     async def _status(self, peer: Peer) -> dict:
         return self.status()
+
+    async def _writers_frozen(self, peer: Peer, id: int, results: dict) -> None:
+        self._session(peer).writers_frozen(id, results)
 
     def disconnected(self, peer: Peer) -> None:
         """RpcServer on_disconnect: a session ends with its connection."""

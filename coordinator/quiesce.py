@@ -90,6 +90,14 @@ class NodeSession(Protocol):
     def snapshot_set(self, version: int) -> None:
         """End the hold; maps older than `version` now ask first before every write."""
 
+    async def freeze_writers(self, freeze_id: int, inos: list[int],
+                             timeout: float) -> dict[int, str]:
+        """Freeze the node's writers of these inodes: {ino: "frozen" | "failed: why"} for
+        each that has a writer there."""
+
+    def thaw_writers(self, freeze_id: int) -> None:
+        """Let the writers that freeze held go on."""
+
     def locks_changed(self, ino: int) -> None:
         """Locks on ino were released: the node's waiters for them should try again
         (coordinator/locks.py)."""

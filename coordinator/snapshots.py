@@ -20,6 +20,16 @@ The point (`take`), the one whole-volume pause in csvfs:
    now on says which granules to ask first about ("ask" in Commits.map_of).
    Then free the lock.
 
+An application-consistent point (`freeze` given) first asks the writers of
+those files, on every node in session, to flush and hold (FREEZE; each node
+answers WRITERS_FROZEN once its writers have, within the freeze's time limit),
+outside the metadata lock, so that metadata goes on meanwhile. Then the point
+is set as above, and THAW goes out at once: the copy happens after the thaw.
+A file whose writer failed or did not answer fails the snapshot, unless the
+requester allows crash consistency: then it is taken so, and the event ring
+says why. A file with no writer anywhere is crash-consistent, with a warning
+event. The reply says which file is which.
+
 Copy-on-write (`op_first_write`, and `before_write` before the coordinator
 writes file data itself): a node's first write to an "ask first" granule goes
 to the coordinator instead. Under the metadata lock, so one preserve per granule
@@ -73,6 +83,7 @@ from csvfs.volume.extents import BLOCK, pieces
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0  # seconds a requester may go without renewing its snapshot
+FREEZE_TIMEOUT = 10.0  # seconds writers have to flush and hold
 MAX_TIMEOUT = 3600.0
 
 
@@ -98,9 +109,67 @@ class Snapshots:
     # -- the point ---------------------------------------------------------------------------
 
     async def request_take(self, requester: str, timeout: float | int = DEFAULT_TIMEOUT,
-                           files: list[str] | None = None) -> dict:
+                           files: list[str] | None = None, freeze: list[str] | None = None,
+                           freeze_timeout: float | int = FREEZE_TIMEOUT,
+                           allow_crash_consistent: bool = False) -> dict:
         """Set a snapshot point (steps 1-3 above). `files`: the paths the backup takes
-        (default: every file), which start tracking changes from the point."""
+        (default: every file), which start tracking changes from the point; `freeze`:
+        the paths whose writers must freeze for it (application-consistent)."""
+        if freeze is None:
+            point = await self._take(requester, timeout, files)
+            return dict(point, consistency={})
+        freeze_id = time.time_ns()  # unique across coordinators: the VM's record keeps it
+        inos = {path: self.commits.state.lookup_path(path) for path in freeze}
+        outcomes = await self._freeze(freeze_id, [ino for ino in inos.values() if ino],
+                                      _bounded(freeze_timeout))
+        try:
+            consistency = self._consistency(inos, outcomes, allow_crash_consistent)
+            point = await self._take(requester, timeout, files)
+        finally:
+            for session in list(self.sessions.by_name.values()):
+                session.thaw_writers(freeze_id)
+        return dict(point, consistency=consistency, freeze_id=freeze_id)
+
+    async def _freeze(self, freeze_id: int, inos: list[int], timeout: float) -> dict:
+        """ino -> what its writers said, from every node in session at once."""
+        outcomes: dict[int, list[str]] = {}
+
+        async def ask(name: str, session) -> None:
+            answer = {}
+            with trio.move_on_after(timeout + 1.0):
+                answer = await session.freeze_writers(freeze_id, inos, timeout)
+            for ino, outcome in answer.items():
+                outcomes.setdefault(ino, []).append(f"{outcome} (on {name})")
+
+        async with trio.open_nursery() as nursery:
+            for name, session in list(self.sessions.by_name.items()):
+                nursery.start_soon(ask, name, session)
+        return outcomes
+
+    def _consistency(self, inos: dict[str, int | None], outcomes: dict,
+                     allow_crash: bool) -> dict[str, list[str]]:
+        """path -> [consistency, why]; raises if a writer failed and that is not allowed."""
+        consistency = {}
+        for path, ino in inos.items():
+            said = outcomes.get(ino, [])
+            failed = [outcome for outcome in said if not outcome.startswith("frozen")]
+            if said and not failed:
+                consistency[path] = ["application", "; ".join(said)]
+            elif failed and not allow_crash:
+                raise MetaError(errno.EAGAIN, f"the writer of {path} did not freeze: "
+                                              f"{failed[0]}")
+            elif failed:
+                why = f"its writer did not freeze ({failed[0]}); taken crash-consistent, " \
+                      f"as the requester allowed"
+                consistency[path] = ["crash", why]
+                self.events.emit("backup", f"{path}: {why}", level="warning")
+            else:
+                why = "no writer registered for it on any node; taken crash-consistent"
+                consistency[path] = ["crash", why]
+                self.events.emit("backup", f"{path}: {why}", level="warning")
+        return consistency
+
+    async def _take(self, requester: str, timeout: float, files: list[str] | None) -> dict:
         commits = self.commits
         async with commits.mutation():
             started = trio.current_time()

@@ -80,6 +80,7 @@ class MemberRole:
             started = time.monotonic()
             reply = await self._register(client, lease.epoch)
         self.gates.rejoined(reply["maps"])
+        self.gates.snapshot.report = self._report_frozen
         self.locks.registered(reply.get("lost_locks", []))
         self.grant_seconds, self.epoch = reply["grant_seconds"], reply["epoch"]
         self.datapath.valid_until = started + GRANT_USE * self.grant_seconds
@@ -118,6 +119,17 @@ class MemberRole:
         except RpcError as exc:
             self._lost(client, str(exc))
         raise NotCoordinator(f"{method}: the session with the coordinator was lost")
+
+    async def _report_frozen(self, freeze_id: int, results: dict) -> None:
+        """This node's writers answered a freeze (csvfs/snapshot.py)."""
+        client = self.client
+        if client is None:
+            return  # the coordinator counts them as failed when the answer does not come
+        try:
+            await client.call(messages.WRITERS_FROZEN, {"id": freeze_id, "results": results},
+                              timeout=CALL_TIMEOUT)
+        except (RpcError, MetaError) as exc:
+            log.info("freeze results not delivered: %s", exc)
 
     async def _acknowledge(self, token: int) -> None:
         """The inbox handles pushes only once this session is in place (`ready`)."""

@@ -31,6 +31,7 @@ from csvfs.volume import format as fmt
 from csvfs.volume.errors import MountpointError, UsageError, UserError, VolumeBusyError
 from csvfs.volume.image import Volume, read_key
 from csvfs.watchdog import LoopWatchdog
+from csvfs.writers import Writers
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class Node:
             self.datapath = DataPath(self.volume.fd, sb.data.offset, sb.unit_size, self._meta,
                                      self._revalidate)
             self.gates = FileGates(config.name, self.datapath, self._forget_in_kernel)
+            writers = self.gates.snapshot.writers = Writers(config.mountpoint)
+            self.gates.snapshot.nursery = nursery
+            nursery.start_soon(writers.serve)
             self.locks = NodeLocks(config.name, self._meta)
             self.gates.on_locks_changed = self.locks.changed
             self.membership = Membership(config.name, self.volume, self.election, self.key,

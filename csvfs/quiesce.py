@@ -159,6 +159,13 @@ class FileGates:
     def snapshot_set(self, version: int) -> None:
         self.snapshot.snapshot_set(version)
 
+    async def freeze_writers(self, freeze_id: int, inos: list[int],
+                             timeout: float) -> dict[int, str]:
+        return await self.snapshot.freeze_writers(freeze_id, inos, timeout)
+
+    def thaw_writers(self, freeze_id: int) -> None:
+        self.snapshot.thaw_writers(freeze_id)
+
     def _note_early(self, ino: int, **change) -> None:
         if self._opening[ino]:
             self._early.setdefault(ino, {}).update(change)

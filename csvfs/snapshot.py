@@ -13,6 +13,12 @@ What a node does:
    ask first. The hold ends. A version of 0 ends a hold that set no point.
 3. A write that meets an "ask first" granule calls `first_write` instead
    (DataPath.write) and goes ahead, in place, with the map of the reply.
+Before the point of an application-consistent backup, FREEZE(id, inos) asks
+this node's writers of those files to flush and hold (csvfs/writers.py). It
+must not hold up the pushes behind it, so it runs in the background, and the
+node answers with a WRITERS_FROZEN request once its writers have; THAW(id)
+lets them go on.
+
 4. A node that rejoins a coordinator (after a failover or an eviction) ends
    any hold it was left in, and forgets the last point it heard of: the maps
    of its registration say what to ask, and the new coordinator's versions
@@ -24,8 +30,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+import trio
+
 from csvfs.cluster import messages
 from csvfs.datapath import DataPath
+from csvfs.writers import Writers
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +42,36 @@ log = logging.getLogger(__name__)
 class SnapshotHold:
     def __init__(self, datapath: DataPath):
         self.datapath = datapath
+        self.writers: Writers | None = None  # the node's writer socket, once it listens
+        # Where a member runs a freeze, and how it answers (csvfs/member_role.py).
+        self.nursery: trio.Nursery | None = None
+        self.report: Callable[[int, dict], Awaitable[None]] | None = None
 
     def push_handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:
-        return {messages.HOLD: self._on_hold, messages.SNAPSHOT_SET: self._on_set}
+        return {messages.HOLD: self._on_hold, messages.SNAPSHOT_SET: self._on_set,
+                messages.FREEZE: self._on_freeze, messages.THAW: self._on_thaw}
+
+    async def freeze_writers(self, freeze_id: int, inos: list[int],
+                             timeout: float) -> dict[int, str]:
+        if self.writers is None:
+            return {}
+        return await self.writers.freeze(freeze_id, inos, timeout)
+
+    def thaw_writers(self, freeze_id: int) -> None:
+        if self.writers is not None:
+            self.writers.thaw(freeze_id)
+
+    async def _on_freeze(self, body: dict) -> None:
+        if self.nursery is not None:
+            self.nursery.start_soon(self._freeze_and_report, body)
+
+    async def _freeze_and_report(self, body: dict) -> None:
+        results = await self.freeze_writers(body["id"], body["inos"], body["timeout"])
+        if self.report is not None:
+            await self.report(body["id"], {str(ino): outcome for ino, outcome in results.items()})
+
+    async def _on_thaw(self, body: dict) -> None:
+        self.thaw_writers(body["id"])
 
     async def hold(self) -> None:
         log.debug("snapshot hold")

@@ -334,3 +334,120 @@ def test_change_tracking_survives_a_node_kill_failover_and_unmount(tmp_path, ima
     manifest = last_backup(repo)
     assert manifest["stats"]["read"] == 2 * M, manifest["stats"]
     restore_and_compare(tmp_path, repo, manifest, "/disk", again.path("disk").read_bytes())
+
+
+# -- writers: application-consistent backups of VMs ----------------------------------------
+
+
+def vmload(*args, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmload", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def start_vm(state: Path, mount: Path, vm: str, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vmload", "run", "--mount", str(mount),
+                             "--vm", vm, "--state", str(state), "--json", "--size", "32M",
+                             *map(str, extra)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def vm_processes():
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+def test_vm_backups_are_application_consistent_on_three_nodes(tmp_path, image, nodes,
+                                                             vm_processes):
+    """Three VMs, one migrating between nodes and one growing its disk; a VM backup of
+    all three freezes each VM on the node it runs on, and every restored disk holds
+    exactly the writes its VM made before its freeze. A volume backup taken meanwhile
+    restores to a volume that mounts."""
+    n1, n2, n3 = start_cluster(nodes, image, 3)
+    state, repo = tmp_path / "vmstate", tmp_path / "repo"
+    backup("init", repo)
+    vm_processes += [
+        start_vm(state, n1.mountpoint, "steady", "--seconds", "12"),
+        start_vm(state, n2.mountpoint, "mover", "--seconds", "12", "--migrate-every", "1",
+                 "--peer", n3.mountpoint, "--peer", n1.mountpoint),
+        start_vm(state, n3.mountpoint, "grower", "--seconds", "12", "--grow-every", "1",
+                 "--grow-by", "4M", "--max-size", "64M"),
+    ]
+    time.sleep(3)
+    taken = []
+    for _round in range(2):
+        result = backup("vm", image, "--repo", repo, "/steady.img", "/mover.img",
+                        "/grower.img", "--json")
+        taken.append(json.loads(result.stdout))
+        backup("volume", image, "--repo", repo)
+        time.sleep(1.5)
+    for process in vm_processes:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert json.loads(out)["freezes"] == 2
+    for summary in taken:
+        manifest = manifest_of(repo, summary["id"])
+        assert {entry["consistency"] for entry in manifest["files"]} == {"application"}
+        for entry in manifest["files"]:
+            vm = entry["path"].strip("/").removesuffix(".img")
+            restored = tmp_path / f"{summary['id']}-{vm}.img"
+            backup("restore", "--repo", repo, summary["id"], "--file", entry["path"],
+                   "--to", restored)
+            check = vmload("verify", "--mount", n1.mountpoint, "--vm", vm, "--state", state,
+                           "--disk", restored, "--at-freeze", entry["freeze_id"], "--json")
+            report = json.loads(check.stdout)
+            assert check.returncode == 0 and report["ok"], report
+            assert report["in_flight"] == 0 and report["written"] > 0
+    volume_backup = last_backup(repo)
+    new_image = tmp_path / "volume.img"
+    backup("restore", "--repo", repo, volume_backup["id"], "--to", new_image)
+    assert "volume is clean" in csvfs("fsck", new_image).stdout
+
+
+def test_a_writer_that_does_not_freeze_fails_the_backup_unless_allowed(tmp_path, image,
+                                                                       nodes):
+    """A registered writer that never answers: the backup fails after the freeze's time
+    limit; with --allow-crash-consistent it is taken crash-consistent, and the manifest
+    and the event ring say so. A file with no writer is crash-consistent, with a warning."""
+    from csvfs.volume import writer_protocol as wp
+
+    n1, n2 = start_cluster(nodes, image, 2)
+    repo = tmp_path / "repo"
+    backup("init", repo)
+    n2.path("stuck.img").write_bytes(os.urandom(M))
+    n1.path("plain.img").write_bytes(os.urandom(M))
+    import socket
+
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        stuck.connect(str(wp.socket_path(n2.mountpoint)))
+        stuck.sendall(wp.encode({"op": "register", "name": "stuck", "files": [
+            {"path": str(n2.path("stuck.img")), "ino": os.stat(n2.path("stuck.img")).st_ino}]}))
+        assert wp.decode(stuck.recv(4096).split(b"\n")[0])["op"] == "registered"
+        started = time.monotonic()
+        result = backup("vm", image, "--repo", repo, "/stuck.img", "--freeze-timeout", "2",
+                        check=False)
+        assert result.returncode == ExitCode.BACKUP_FAILED
+        assert "the writer of /stuck.img did not freeze" in result.stderr
+        assert 2 <= time.monotonic() - started < 15
+        assert status(image)["snapshots"] == []
+        result = backup("vm", image, "--repo", repo, "/stuck.img", "/plain.img",
+                        "--allow-crash-consistent", "--freeze-timeout", "1")
+        assert "taken crash-consistent, as the requester allowed" in result.stdout
+    finally:
+        stuck.close()
+    manifest = last_backup(repo)
+    by_path = {entry["path"]: entry for entry in manifest["files"]}
+    assert by_path["/stuck.img"]["consistency"] == "crash"
+    assert "did not freeze" in by_path["/stuck.img"]["consistency_detail"]
+    assert by_path["/plain.img"]["consistency"] == "crash"
+    assert "no writer registered" in by_path["/plain.img"]["consistency_detail"]
+    events = csvfs("events", image).stdout
+    assert "/stuck.img: its writer did not freeze" in events
+    assert "/plain.img: no writer registered for it on any node" in events

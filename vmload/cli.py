@@ -131,12 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
                      "1 they are issued from threads, and their latencies include the wait "
                      "for Python's GIL once each write has returned")
     run.add_argument("--seed", type=int, help="random seed (default: random)")
+    run.add_argument("--no-writer", action="store_true",
+                     help="do not register as the disk's writer with its csvfs node (then "
+                     "backups of it are crash-consistent)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     check = sub.add_parser("verify", help="check a VM's disk against its record",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("--mount", type=Path, required=True, help="any node's mount")
     check.add_argument("--vm", type=_vm_name, required=True)
+    check.add_argument("--disk", type=Path,
+                       help="check this file instead of the disk on the mount (a restored "
+                       "backup, say)")
+    check.add_argument("--at-freeze", type=int, metavar="ID",
+                       help="expect exactly the writes before this backup freeze (the id is "
+                       "in the backup's manifest)")
     check.add_argument("--state", type=Path, default=_default_state(), help=state_help)
     check.add_argument("--json", action="store_true")
 
@@ -178,7 +187,8 @@ def cmd_run(args) -> int:
         grow_every=args.grow_every if args.grow else None, grow_by=args.grow_by,
         max_size=args.max_size, migrate_every=args.migrate_every,
         peers=[peer.resolve() for peer in args.peer],
-        overlap=max(0.0, args.overlap), seed=args.seed, iodepth=args.iodepth)
+        overlap=max(0.0, args.overlap), seed=args.seed, iodepth=args.iodepth,
+        writer=not args.no_writer)
     vm = VM(settings)
     try:
         vm.open()
@@ -215,10 +225,10 @@ def cmd_verify(args) -> int:
     paths = Paths.of(args.state, args.vm)
     try:
         facts = Facts.load(paths.facts)
-        expected = Expected.replay(read_log(paths.log), facts.size)
+        expected = Expected.replay(read_log(paths.log), facts.size, args.at_freeze)
     except RecordError as exc:
         raise _Failed(EXIT_NOT_FOUND, str(exc)) from None
-    disk = args.mount / facts.disk
+    disk = args.disk or args.mount / facts.disk
     try:
         report = verify(disk, args.vm, expected)
     except OSError as exc:

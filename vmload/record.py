@@ -14,6 +14,9 @@ STATE/NAME.log is a sequence of fixed-size entries, appended with O_APPEND:
     S gen               an fsync of the disk returned: every write before it is durable
     G size              the disk was grown to `size` bytes (logged once it was)
     M number            the VM moved to another node (details in STATE/NAME.json)
+    F id                a backup's writer freeze (vmload/writer.py): nothing was in
+                        flight, every write before is durable, none follows until
+                        the thaw; a backup taken at it holds exactly those writes
     E                   a clean end: nothing was in flight
 
 A W with no D was in flight when the process died, or the node under it: the disk may
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _ENTRY = struct.Struct("<cxxxIQQ")  # kind, count, gen (or size, or number), first
-WRITE, DONE, SYNC, GROW, MOVE, END = b"W", b"D", b"S", b"G", b"M", b"E"
+WRITE, DONE, SYNC, GROW, MOVE, FROZEN, END = b"W", b"D", b"S", b"G", b"M", b"F", b"E"
 
 
 class RecordError(Exception):
@@ -71,6 +74,9 @@ class Log:
     def moved(self, number: int) -> None:
         self._append(MOVE, 0, number, 0)
 
+    def frozen(self, freeze_id: int) -> None:
+        self._append(FROZEN, 0, freeze_id, 0)
+
     def ended(self) -> None:
         self._append(END, 0, 0, 0)
 
@@ -98,7 +104,7 @@ def read_log(path: Path) -> list[Entry]:
     entries = []
     for offset in range(0, whole, _ENTRY.size):
         kind, count, value, first = _ENTRY.unpack_from(data, offset)
-        if kind not in (WRITE, DONE, SYNC, GROW, MOVE, END):
+        if kind not in (WRITE, DONE, SYNC, GROW, MOVE, FROZEN, END):
             raise RecordError(f"{path}: unknown entry {kind!r} at byte {offset}")
         entries.append(Entry(kind, value, first, count))
     return entries

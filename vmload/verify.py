@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import stamp
-from .record import DONE, END, GROW, WRITE, Entry
+from .record import DONE, END, FROZEN, GROW, WRITE, Entry, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,15 @@ class Expected:
     clean: bool = False  # the run ended cleanly
 
     @classmethod
-    def replay(cls, entries: list[Entry], size: int) -> Expected:
+    def replay(cls, entries: list[Entry], size: int, at_freeze: int | None = None) -> Expected:
+        """What the disk holds now; with `at_freeze`, what a backup taken at that freeze
+        holds: exactly the writes before it (none was in flight then)."""
+        if at_freeze is not None:
+            cut = next((index for index, entry in enumerate(entries)
+                        if entry.kind == FROZEN and entry.value == at_freeze), None)
+            if cut is None:
+                raise RecordError(f"the record has no freeze {at_freeze}")
+            entries = entries[:cut]
         expected = cls(size)
         acknowledged = {entry.value for entry in entries if entry.kind == DONE}
         for entry in entries:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import stamp
 from .record import DONE, END, WRITE, Entry, Facts, Log, Paths, read_log
+from .writer import FROZEN_REPLY, WriterLink
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Settings:
     overlap: float = 0.0  # seconds both nodes hold the disk while the source writes on
     seed: int | None = None
     iodepth: int = 1  # writes in flight at once
+    writer: bool = True  # register as the disk's writer with its node, for backups
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Stats:
     bytes: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     fsyncs: int = 0
+    freezes: int = 0
     grows: int = 0
     size: int = 0
     migrations: list[dict] = field(default_factory=list)
@@ -72,7 +75,8 @@ class Stats:
             "ops_s": round(self.writes / seconds, 1),
             "mib_s": round(self.bytes / seconds / 2**20, 2),
             "p50_ms": cuts and round(cuts[0], 3), "p99_ms": cuts and round(cuts[1], 3),
-            "fsyncs": self.fsyncs, "grows": self.grows, "size": self.size,
+            "fsyncs": self.fsyncs, "freezes": self.freezes, "grows": self.grows,
+            "size": self.size,
             "migrations": self.migrations, "error": self.error,
         }
 
@@ -106,6 +110,7 @@ class VM:
         self._in_flight: dict[int, _InFlight] = {}  # generation -> write
         self._pool = (ThreadPoolExecutor(settings.iodepth, thread_name_prefix="vmload-io")
                       if settings.iodepth > 1 else None)
+        self.writer = WriterLink(settings.vm)
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -128,6 +133,8 @@ class VM:
         self._finish(left_in_flight)
         self.facts.mount, self.facts.pid = str(self.mount), os.getpid()
         self.facts.save(self.paths.facts)
+        if self.settings.writer:
+            self.writer.connect(self.mount / self.facts.disk)
 
     def _create(self, disk: Path) -> None:
         try:
@@ -177,6 +184,7 @@ class VM:
             self.log.done(entry.value)
 
     def close(self) -> None:
+        self.writer.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)  # writes still in flight after an error end
         if self.fd >= 0:
@@ -230,6 +238,8 @@ class VM:
     def _step(self) -> None:
         """Grow the disk if it is time to, then issue one write (once there is room in
         the queue), and fsync when it is due."""
+        if self.writer.freeze_asked is not None:
+            self._freeze()
         if self._next_grow is not None and time.monotonic() >= self._next_grow:
             self._grow()
             self._next_grow = time.monotonic() + self.settings.grow_every
@@ -297,6 +307,18 @@ class VM:
         self.stats.fsyncs += 1
         self._since_sync = 0
 
+    def _freeze(self) -> None:
+        """A backup's freeze: drain, flush, say where in the record, hold until thawed."""
+        asked, self.writer.freeze_asked = self.writer.freeze_asked, None
+        self._fsync()
+        self.log.frozen(asked["id"])
+        self.log.flush()
+        self.writer.send({"op": FROZEN_REPLY, "id": asked["id"]})
+        if not self.writer.thawed.wait(timeout=2 * asked.get("timeout", 10.0)):
+            log.warning("%s: no thaw came for freeze %s; going on", self.settings.vm,
+                        asked["id"])
+        self.stats.freezes += 1
+
     def _grow(self) -> None:
         settings = self.settings
         new_size = self.size + settings.grow_by
@@ -359,6 +381,10 @@ class VM:
                 "handoff_ms": round((ended - switch) * 1e3, 3),
                 "overlap_ms": round((switch - began) * 1e3, 3)}
         self.mount = target
+        if self.settings.writer:  # the writer of its disk with the node it runs on now
+            if self.writer.freeze_asked is not None:
+                self._freeze()  # asked by the node it leaves: answer there first
+            self.writer.connect(target / disk)
         self.log.moved(len(self.facts.migrations) + 1)
         self.facts.mount = str(target)
         self._record_move(move)

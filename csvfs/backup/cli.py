@@ -51,6 +51,8 @@ def add_parser(sub, parents: list) -> None:
     vm.add_argument("paths", nargs="+", metavar="PATH", help="a file on the volume")
     vm.add_argument("--allow-crash-consistent", action="store_true",
                     help="take a file crash-consistent if its writer cannot freeze")
+    vm.add_argument("--freeze-timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="how long writers have to flush and hold (default 10)")
     commands.add_parser("list", parents=[*parents, repo, as_json], help="list the backups")
     verify = commands.add_parser("verify", parents=[*parents, repo, as_json],
                                  help="re-read and re-hash every chunk and manifest")
@@ -103,9 +105,13 @@ def _backup(args, kind: str, paths: list[str]) -> int:
     repo = _open(args)
     if not 1 <= args.snapshot_timeout <= 3600:
         raise UsageError("--snapshot-timeout must be between 1 and 3600 seconds")
+    freeze_timeout = getattr(args, "freeze_timeout", 10.0)
+    if not 1 <= freeze_timeout <= 600:
+        raise UsageError("--freeze-timeout must be between 1 and 600 seconds")
     try:
         manifest = trio.run(run_backup, args.image, args.key, repo, kind, paths,
-                            args.snapshot_timeout, args.full)
+                            args.snapshot_timeout, args.full,
+                            getattr(args, "allow_crash_consistent", False), freeze_timeout)
     except BaseExceptionGroup as group:  # trio's nurseries wrap what they raise
         raise _user_error_in(group) or group from None
     summary = _summary(manifest)

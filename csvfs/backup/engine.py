@@ -161,12 +161,16 @@ class BackupRun:
 
 async def run_backup(image: Path, key_path: Path | None, repo: Repository, kind: str,
                      paths: list[str], snapshot_timeout: float = SNAPSHOT_TIMEOUT,
-                     full: bool = False) -> dict:
+                     full: bool = False, allow_crash_consistent: bool = False,
+                     freeze_timeout: float = 10.0) -> dict:
     """Back up the whole volume (kind "volume") or the given files (kind "vm"); returns
     the manifest as saved."""
     with repo.lock():
         async with Requester.connect(image, key_path, snapshot_timeout) as requester:
-            async with requester.snapshot(paths if kind == "vm" else None) as point:
+            vm = kind == "vm"
+            async with requester.snapshot(paths if vm else None, freeze=vm,
+                                          allow_crash_consistent=allow_crash_consistent,
+                                          freeze_timeout=freeze_timeout) as point:
                 files = await requester.files(point["id"])
                 fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
                 try:
@@ -194,8 +198,16 @@ async def _copy(repo: Repository, requester: Requester, view: SnapshotView, kind
     finally:
         run.close()
     stats = run.stats
-    warnings = [f"{entry['path']}: no writer registered; taken crash-consistent"
-                for entry in entries] if kind == "vm" else []
+    warnings = []
+    for entry in entries:  # a vm backup says how each file was taken; a volume, crash
+        consistency, why = point["consistency"].get(entry["path"], ["crash", ""])
+        entry["consistency"] = consistency
+        if why:
+            entry["consistency_detail"] = why
+        if consistency == "application":  # vmload verify --at-freeze checks a restore
+            entry["freeze_id"] = point["freeze_id"]
+        if consistency != "application" and kind == "vm":
+            warnings.append(f"{entry['path']}: {why}")
     return {
         "format": 1, "kind": kind, "time_ns": view.t_ns, "snapshot": view.id,
         "source": {"volume": view.volume, "image": "", "unit_size": view.unit_size},

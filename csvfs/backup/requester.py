@@ -131,13 +131,19 @@ class Requester:
         self.reconnects += 1
 
     @contextlib.asynccontextmanager
-    async def snapshot(self, files: list[str] | None = None):
+    async def snapshot(self, files: list[str] | None = None, freeze: bool = False,
+                       allow_crash_consistent: bool = False, freeze_timeout: float = 10.0):
         """Take a snapshot, renew it in the background, release it at the end. Yields
-        the point: {id, t_ns, version, pause_s}. `files`: the paths the backup takes
-        (default every file), whose change tracking starts afresh at the point."""
-        args = {"timeout": float(self.timeout)}
+        the point: {id, t_ns, version, pause_s, consistency}. `files`: the paths the
+        backup takes (default every file), whose change tracking starts afresh at the
+        point; with `freeze`, their writers freeze for it."""
+        args: dict = {"timeout": float(self.timeout)}
         if files is not None:
             args["files"] = ["/" + path.strip("/") for path in files]
+            if freeze:
+                args["freeze"] = args["files"]
+                args["allow_crash_consistent"] = allow_crash_consistent
+                args["freeze_timeout"] = float(freeze_timeout)
         point = await self.call(messages.SNAPSHOT_TAKE, **args)
         outcome = "failed"
         try:

@@ -15,8 +15,10 @@ HEARTBEAT = "heartbeat"  # renews the member's grant -> {epoch, grant_seconds}
 ACK = "ack"  # {token}: the push that carried this token is done
 GOODBYE = "goodbye"  # a clean unmount: every file is closed, no I/O follows
 STATUS = "status"  # what `csvfs status` shows of the coordinator
+# {id, results: {ino: "frozen" | "failed: why"}}: this node's writers answered FREEZE
+WRITERS_FROZEN = "writers_frozen"
 
-SESSION_REQUESTS = (REGISTER, HEARTBEAT, ACK, GOODBYE, STATUS)
+SESSION_REQUESTS = (REGISTER, HEARTBEAT, ACK, GOODBYE, STATUS, WRITERS_FROZEN)
 
 # -- pushes, coordinator -> member: the quiesce protocol -------------------------------
 PAUSE = "pause"  # {ino, token}: close ino's I/O gate; ack once nothing is in flight
@@ -28,9 +30,12 @@ INVALIDATE = "invalidate"  # {inos, entries[, token]}: drop what the kernel cach
 HOLD = "hold"  # {token}: hold every file's I/O; ack once nothing is in flight
 SNAPSHOT_SET = "snapshot_set"  # {version}: the point is set; maps older than version ask
 # first before every write; the hold is over
+FREEZE = "freeze"  # {id, inos, timeout}: freeze the writers of inos; answer WRITERS_FROZEN
+THAW = "thaw"  # {id}: let the writers that freeze held go on
 
 # -- requests of a backup (csvfs/backup/), from any process holding the cluster key -------
-SNAPSHOT_TAKE = "snapshot_take"  # {timeout} -> {id, t_ns, version, pause_s}
+# {timeout, files, freeze, allow_crash_consistent} -> {id, t_ns, version, pause_s, consistency}
+SNAPSHOT_TAKE = "snapshot_take"
 SNAPSHOT_FILES = "snapshot_files"  # {id} -> the frozen namespace and maps, and `preserved`
 SNAPSHOT_CHECK = "snapshot_check"  # {id, since} -> preserves after the first `since`
 SNAPSHOT_RENEW = "snapshot_renew"  # {id}: the requester is still at work
