@@ -166,14 +166,18 @@ def test_a_snapshot_whose_backup_was_killed_is_released_after_its_timeout(
     assert "stopped renewing it (timeout)" in events
 
 
-def test_sigkill_of_the_coordinator_during_a_backup(tmp_path, image, nodes):
+def test_sigkill_of_the_coordinator_during_a_backup(tmp_path, image, nodes, vm_processes):
     """The snapshot is journaled: the backup goes on with the new coordinator, the
-    snapshot goes at the end, and no space is lost."""
+    snapshot goes at the end, no space is lost, and a VM on the member sees no error."""
     nodes.allow_log_errors = True  # the killed coordinator's node logs its end
     n1, n2 = start_cluster(nodes, image, 2)
     data = os.urandom(48 * M)
     n2.path("big").write_bytes(data)
     backup("init", tmp_path / "repo")
+    state = tmp_path / "vmstate"
+    vm = start_vm(state, n2.mountpoint, "guest", "--seconds", "6")
+    vm_processes.append(vm)
+    time.sleep(0.5)
     job = subprocess.Popen([*_csvfs(), "backup", "volume", str(image), "--repo",
                             str(tmp_path / "repo"), "--snapshot-timeout", "3"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -193,6 +197,10 @@ def test_sigkill_of_the_coordinator_during_a_backup(tmp_path, image, nodes):
         time.sleep(0.2)
     assert status(image)["snapshots"] == []
     assert n2.path("big").read_bytes() == data
+    out, err = vm.communicate(timeout=60)
+    assert vm.returncode == 0 and json.loads(out)["error"] is None, err
+    check = vmload("verify", "--mount", n2.mountpoint, "--vm", "guest", "--state", state)
+    assert check.returncode == 0, check.stdout
     n2.unmount()
     assert "volume is clean" in csvfs("fsck", image).stdout
 
@@ -253,6 +261,16 @@ def test_verify_finds_a_flipped_byte_and_restore_refuses_it(tmp_path, image, nod
                     tmp_path / "out", check=False)
     assert result.returncode == ExitCode.REPO_CORRUPT
     assert "Traceback" not in result.stderr
+    stored = repo / "manifests" / manifest["id"]  # and a byte of the manifest
+    raw = bytearray(stored.read_bytes())
+    raw[len(raw) // 3] ^= 0x40
+    stored.write_bytes(bytes(raw))
+    for args in (["verify"], ["list"], ["restore", manifest["id"], "--file", "/f", "--to",
+                                        tmp_path / "out2"]):
+        result = backup(*args[:1], "--repo", repo, *args[1:], check=False)
+        assert result.returncode == ExitCode.REPO_CORRUPT, (args, result.stderr)
+        assert manifest["id"] in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr
 
 
 # -- incrementals from change tracking ------------------------------------------------------
@@ -367,8 +385,9 @@ def test_vm_backups_are_application_consistent_on_three_nodes(tmp_path, image, n
                                                              vm_processes):
     """Three VMs, one migrating between nodes and one growing its disk; a VM backup of
     all three freezes each VM on the node it runs on, and every restored disk holds
-    exactly the writes its VM made before its freeze. A volume backup taken meanwhile
-    restores to a volume that mounts."""
+    exactly the writes its VM made before its freeze. In a volume backup taken while
+    they run, every disk holds every write acknowledged before its point and none
+    issued after it; the volume restores to one that fsck passes."""
     n1, n2, n3 = start_cluster(nodes, image, 3)
     state, repo = tmp_path / "vmstate", tmp_path / "repo"
     backup("init", repo)
@@ -380,12 +399,12 @@ def test_vm_backups_are_application_consistent_on_three_nodes(tmp_path, image, n
                  "--grow-by", "4M", "--max-size", "64M"),
     ]
     time.sleep(3)
-    taken = []
+    taken, volumes = [], []
     for _round in range(2):
         result = backup("vm", image, "--repo", repo, "/steady.img", "/mover.img",
                         "/grower.img", "--json")
         taken.append(json.loads(result.stdout))
-        backup("volume", image, "--repo", repo)
+        volumes.append(json.loads(backup("volume", image, "--repo", repo, "--json").stdout))
         time.sleep(1.5)
     for process in vm_processes:
         out, err = process.communicate(timeout=60)
@@ -404,9 +423,19 @@ def test_vm_backups_are_application_consistent_on_three_nodes(tmp_path, image, n
             report = json.loads(check.stdout)
             assert check.returncode == 0 and report["ok"], report
             assert report["in_flight"] == 0 and report["written"] > 0
-    volume_backup = last_backup(repo)
+    for summary in volumes:
+        manifest = manifest_of(repo, summary["id"])
+        assert {entry["consistency"] for entry in manifest["files"]} == {"crash"}
+        for vm in ("steady", "mover", "grower"):
+            restored = tmp_path / f"{summary['id']}-{vm}.img"
+            backup("restore", "--repo", repo, summary["id"], "--file", f"/{vm}.img",
+                   "--to", restored)
+            check = vmload("verify", "--mount", n1.mountpoint, "--vm", vm, "--state", state,
+                           "--disk", restored, "--at-time", manifest["time_ns"], "--json")
+            report = json.loads(check.stdout)
+            assert check.returncode == 0 and report["ok"], report
     new_image = tmp_path / "volume.img"
-    backup("restore", "--repo", repo, volume_backup["id"], "--to", new_image)
+    backup("restore", "--repo", repo, volumes[-1]["id"], "--to", new_image)
     assert "volume is clean" in csvfs("fsck", new_image).stdout
 
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from vmload import stamp
-from vmload.record import Facts, Log, Paths, read_log
+from vmload.record import ENTRY_SIZE, Facts, Log, Paths, RecordError, read_log
 from vmload.verify import Expected, verify
 from vmload.vm import VM, Settings
 
@@ -156,7 +156,7 @@ def test_a_write_in_flight_may_or_may_not_have_landed(tmp_path):
     generation = max(e.value for e in read_log(paths.log) if e.kind == b"W") + 1
     target = 1000
     with open(paths.log, "r+b") as f:  # drop the clean end, as if the process had died
-        f.truncate(os.path.getsize(paths.log) - 24)
+        f.truncate(os.path.getsize(paths.log) - ENTRY_SIZE)
     log = Log(paths.log)
     log.write(generation, target, 4)  # logged, never issued
     log.write(generation + 1, target + 8, 1)  # issued and acknowledged meanwhile
@@ -261,3 +261,24 @@ def test_a_commanded_migration_that_fails_exits_5(tmp_path):
             runner.kill()
             runner.communicate()
     assert runner.returncode == 0 and json.loads(out)["writes"] > 0
+
+
+def test_replay_at_a_point_in_time_and_at_a_freeze():
+    """At a snapshot point: writes acknowledged before it are there, one issued before
+    and acknowledged after may be, none issued after is. At a freeze: exactly those
+    before it."""
+    from vmload.record import DONE, FROZEN, WRITE, Entry
+
+    entries = [
+        Entry(WRITE, 1, 10, 1, time_ns=100), Entry(DONE, 1, time_ns=110),
+        Entry(WRITE, 2, 10, 1, time_ns=120), Entry(DONE, 2, time_ns=210),  # across it
+        Entry(WRITE, 3, 20, 1, time_ns=130), Entry(DONE, 3, time_ns=140),
+        Entry(FROZEN, 77, time_ns=150),
+        Entry(WRITE, 4, 20, 1, time_ns=220), Entry(DONE, 4, time_ns=230),  # after it
+    ]
+    at_point = Expected.replay(entries, 1 << 20, at_time=200)
+    assert at_point.generations == {10: 1, 20: 3} and at_point.in_flight == {10: 2}
+    at_freeze = Expected.replay(entries, 1 << 20, at_freeze=77)
+    assert at_freeze.generations == {10: 2, 20: 3} and at_freeze.in_flight == {}
+    with pytest.raises(RecordError):
+        Expected.replay(entries, 1 << 20, at_freeze=78)

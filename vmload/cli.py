@@ -143,9 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--disk", type=Path,
                        help="check this file instead of the disk on the mount (a restored "
                        "backup, say)")
-    check.add_argument("--at-freeze", type=int, metavar="ID",
+    point = check.add_mutually_exclusive_group()
+    point.add_argument("--at-freeze", type=int, metavar="ID",
                        help="expect exactly the writes before this backup freeze (the id is "
                        "in the backup's manifest)")
+    point.add_argument("--at-time", type=int, metavar="NS",
+                       help="expect a crash-consistent snapshot taken at this time (ns since "
+                       "the epoch, the manifest's time_ns): every write acknowledged before "
+                       "it, none issued after it")
     check.add_argument("--state", type=Path, default=_default_state(), help=state_help)
     check.add_argument("--json", action="store_true")
 
@@ -225,7 +230,8 @@ def cmd_verify(args) -> int:
     paths = Paths.of(args.state, args.vm)
     try:
         facts = Facts.load(paths.facts)
-        expected = Expected.replay(read_log(paths.log), facts.size, args.at_freeze)
+        expected = Expected.replay(read_log(paths.log), facts.size, args.at_freeze,
+                                   args.at_time)
     except RecordError as exc:
         raise _Failed(EXIT_NOT_FOUND, str(exc)) from None
     disk = args.disk or args.mount / facts.disk

@@ -6,7 +6,8 @@ volume, a write csvfs lost could take the record of that write with it, and the 
 would pass unseen. On this machine every node is a local process, so a local file is
 readable from "any node"; on several hosts it would go on storage of their own.
 
-STATE/NAME.log is a sequence of fixed-size entries, appended with O_APPEND:
+STATE/NAME.log is a sequence of fixed-size entries, appended with O_APPEND, each
+with the wall-clock time it was appended at:
 
     W gen first count   a write of `count` sectors from `first`, logged before it is
                         issued
@@ -33,10 +34,13 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_ENTRY = struct.Struct("<cxxxIQQ")  # kind, count, gen (or size, or number), first
+# kind, count, gen (or size, number, freeze id), first, wall-clock time of the entry
+_ENTRY = struct.Struct("<cxxxIQQq")
+ENTRY_SIZE = _ENTRY.size
 WRITE, DONE, SYNC, GROW, MOVE, FROZEN, END = b"W", b"D", b"S", b"G", b"M", b"F", b"E"
 
 
@@ -50,6 +54,7 @@ class Entry:
     value: int  # generation, size or migration number
     first: int = 0
     count: int = 0
+    time_ns: int = 0  # when it was logged: a W before its write, a D after it returned
 
 
 class Log:
@@ -88,7 +93,7 @@ class Log:
         os.close(self._fd)
 
     def _append(self, kind: bytes, count: int, value: int, first: int) -> None:
-        entry = _ENTRY.pack(kind, count, value, first)
+        entry = _ENTRY.pack(kind, count, value, first, time.time_ns())
         if os.write(self._fd, entry) != len(entry):
             raise OSError(f"short write to {self.path}")
 
@@ -103,10 +108,10 @@ def read_log(path: Path) -> list[Entry]:
     whole = len(data) - len(data) % _ENTRY.size  # a torn last entry is ignored
     entries = []
     for offset in range(0, whole, _ENTRY.size):
-        kind, count, value, first = _ENTRY.unpack_from(data, offset)
+        kind, count, value, first, time_ns = _ENTRY.unpack_from(data, offset)
         if kind not in (WRITE, DONE, SYNC, GROW, MOVE, FROZEN, END):
             raise RecordError(f"{path}: unknown entry {kind!r} at byte {offset}")
-        entries.append(Entry(kind, value, first, count))
+        entries.append(Entry(kind, value, first, count, time_ns))
     return entries
 
 

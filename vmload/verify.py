@@ -30,9 +30,15 @@ class Expected:
     clean: bool = False  # the run ended cleanly
 
     @classmethod
-    def replay(cls, entries: list[Entry], size: int, at_freeze: int | None = None) -> Expected:
+    def replay(cls, entries: list[Entry], size: int, at_freeze: int | None = None,
+               at_time: int | None = None) -> Expected:
         """What the disk holds now; with `at_freeze`, what a backup taken at that freeze
-        holds: exactly the writes before it (none was in flight then)."""
+        holds: exactly the writes before it (none was in flight then); with `at_time`,
+        what a crash-consistent snapshot at that wall-clock time holds: every write
+        acknowledged before it, and perhaps one issued before it and acknowledged after
+        (in flight at the point); none issued after it."""
+        if at_time is not None:
+            return cls._replay_until(entries, size, at_time)
         if at_freeze is not None:
             cut = next((index for index, entry in enumerate(entries)
                         if entry.kind == FROZEN and entry.value == at_freeze), None)
@@ -52,6 +58,27 @@ class Expected:
                 expected.size = max(expected.size, entry.value)
                 expected.grows += 1
             expected.clean = entry.kind == END
+        return expected
+
+    @classmethod
+    def _replay_until(cls, entries: list[Entry], size: int, point_ns: int) -> Expected:
+        expected = cls(size)
+        acked_at = {entry.value: entry.time_ns for entry in entries if entry.kind == DONE}
+        for entry in entries:
+            if entry.time_ns >= point_ns:
+                continue  # W entries are logged before their write: issued after the point
+            if entry.kind == WRITE:
+                done = acked_at.get(entry.value, point_ns) < point_ns
+                for number in range(entry.first, entry.first + entry.count):
+                    if done:
+                        expected.generations[number] = entry.value
+                        expected.in_flight.pop(number, None)
+                    else:
+                        expected.in_flight[number] = entry.value
+                expected.writes += 1
+            elif entry.kind == GROW:
+                expected.size = max(expected.size, entry.value)
+                expected.grows += 1
         return expected
 
     def allows(self, number: int, found: stamp.Found, vm: int) -> bool:
