@@ -77,6 +77,10 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1))]
 
 
+def rounds(count: int) -> str:
+    return f"{count} round{'' if count == 1 else 's'}"
+
+
 def allocated(path: Path) -> int:
     """Bytes a file or a directory tree takes on disk."""
     if path.is_file():
@@ -498,14 +502,14 @@ def run_backups(setup: Setup, args) -> str:
     def rate(seconds: float) -> str:
         return f"{size / MiB / seconds:.0f}"
 
-    rounds = f"median of {args.repeat} rounds" if args.repeat > 1 else "one run"
+    paired = f"median of {args.repeat} rounds" if args.repeat > 1 else "one run"
     full_rows = [
         "| full backup | seconds | MiB/s (logical) | stored | |",
         "|---|---:|---:|---:|---|",
         f"| `cp --sparse=always` to a plain directory | {cp_full:.1f} | {rate(cp_full)} | "
-        f"{size_text(copy_size)} | {rounds}; no hashing, no compression |",
+        f"{size_text(copy_size)} | {paired}; no hashing, no compression |",
         f"| **`csvfs backup vm`** | {csvfs_full:.1f} | {rate(csvfs_full)} | "
-        f"{size_text(csvfs_repo_size)} | {rounds}; unencrypted, zstd; read "
+        f"{size_text(csvfs_repo_size)} | {paired}; unencrypted, zstd; read "
         f"{size_text(full_summary['read'])} of the image, paused "
         f"{full_summary['pause_s'] * 1000:.1f} ms |",
         f"| `csvfs backup vm`, encrypted repository | {encrypted_time:.1f} | "
@@ -658,7 +662,7 @@ def run_pause(setup: Setup, args) -> str:
         "snapshot points one after another through the coordinator (A), each released "
         "at once, 100 ms apart (SNAPSHOT_TAKE / SNAPSHOT_RELEASE, as a backup does), and "
         "as a control without them for as long; "
-        f"{args.pause_rounds} rounds with the order alternating, {total} points in all, "
+        f"{rounds(args.pause_rounds)} with the order alternating, {total} points in all, "
         "write latencies pooled.\n\n" + "\n".join(rows) +
         f"\n\nThe coordinator's pause (pause_s of the SNAPSHOT_TAKE reply): p50 "
         f"{percentile(pauses, 0.5):.1f} ms, p99 {percentile(pauses, 0.99):.1f} ms, max "
@@ -676,6 +680,7 @@ def run_vm_writes(setup: Setup, args) -> str:
     fill_random(setup.a / "vm.img", size, size)
     path = setup.b / "vm.img"
     results = {"none": [], "backup": []}
+    seconds_of = {"none": 0.0, "backup": 0.0}
     backups = []
     window = None
     for round_no in range(args.vm_rounds):
@@ -705,22 +710,24 @@ def run_vm_writes(setup: Setup, args) -> str:
                 remove(repo)
                 remove(repo.with_name(repo.name + ".key"))
             results[condition].append(samples)
+            seconds_of[condition] += (end - begin) / 1e9
     remove(setup.a / "vm.img")
 
-    def cells(condition: str) -> tuple[int, float, float]:
+    def cells(condition: str) -> str:
         runs = results[condition]
-        return (sum(map(len, runs)), statistics.median(percentile(r, 0.5) for r in runs),
-                statistics.median(percentile(r, 0.99) for r in runs))
+        count = sum(map(len, runs))
+        return (f"{count} | {count / seconds_of[condition]:.0f} | "
+                f"{statistics.median(percentile(r, 0.5) for r in runs):.3f} | "
+                f"{statistics.median(percentile(r, 0.99) for r in runs):.3f}")
 
-    alone, during = cells("none"), cells("backup")
     ratio = statistics.median(percentile(b, 0.99) / percentile(n, 0.99)
                               for b, n in zip(results["backup"], results["none"], strict=True))
     seconds = statistics.median(window for window, _summary in backups)
     rereads = sum(summary["reread_chunks"] for _window, summary in backups)
-    rows = ["| the VM's 4 KiB writes on B | writes | p50 ms | p99 ms |", "|---|---:|---:|---:|",
-            f"| alone (control) | {alone[0]} | {alone[1]:.3f} | {alone[2]:.3f} |",
-            f"| during a full `csvfs backup vm` of its disk | {during[0]} | {during[1]:.3f} | "
-            f"{during[2]:.3f} |"]
+    rows = ["| the VM's 4 KiB writes on B | writes | writes/s (paced at 1000) | p50 ms | p99 ms |",
+            "|---|---:|---:|---:|---:|",
+            f"| alone (control) | {cells('none')} |",
+            f"| during a full `csvfs backup vm` of its disk | {cells('backup')} |"]
     return (
         "\n#### A VM's writes during a backup\n\n"
         f"A VM-like writer on B: random 4 KiB pwrites on a {size_text(size)} disk full of "
@@ -728,7 +735,7 @@ def run_vm_writes(setup: Setup, args) -> str:
         "counted as a write), alone and while a full `csvfs backup vm` of that same disk "
         "runs (into a new repository each time; the writer's own first write to each "
         "1 MiB granule after the snapshot point waits for its preservation). "
-        f"{args.vm_rounds} rounds, the order alternating, each control as long as the "
+        f"{rounds(args.vm_rounds)}, the order alternating, each control as long as the "
         f"backup before it; medians of the per-round p50 and p99. The backup took "
         f"{seconds:.1f} s ({size / MiB / seconds:.0f} MiB/s), and read {rereads} chunks "
         "again because their granule was preserved meanwhile.\n\n" + "\n".join(rows) +
