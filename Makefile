@@ -1,7 +1,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 N ?= 3
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc qemu-utils
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc qemu-utils restic borgbackup
 
 .PHONY: setup test bench lint clean cluster cluster-down demo-vms
 

@@ -26,8 +26,9 @@ coordinator, then B, a member, later C) and four more sections are measured:
                      B's paced 4 KiB writes to another file with A idle or truncating
   aggregate writes   fio seq write 1 MiB from 1, 2 and 3 nodes at once, one file each
 
-and then, each in a process of its own, the failover time (failoverbench.py) and what
-applications see beyond the data path (appbench.py: small files, locks, appends).
+and then, each in a process of its own, the failover time (failoverbench.py), what
+applications see beyond the data path (appbench.py: small files, locks, appends), and
+backups against cp, restic and borg (backupbench.py).
 
 The code: bench_targets.py (the single-node targets, fio and metadata rounds),
 bench_cluster.py (the cluster sections), bench_report.py (the tables).
@@ -180,6 +181,32 @@ def run_applications(args) -> str:
     return proc.stdout
 
 
+def run_backups(args) -> str:
+    """scripts/backupbench.py (backups, snapshot pauses), in a process of its own."""
+    log("measuring backups ...")
+    proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "scripts" / "backupbench.py"),
+                             "--csvfs", args.csvfs, "--dir", args.dir,
+                             *(["--quick"] if args.quick else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=1200)
+    except BaseException as exc:
+        # SIGTERM, not subprocess.run's SIGKILL: it tears its mounts down first
+        proc.terminate()
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            return "\n### Backup\n\nNot measured: it did not finish within 1200 s\n"
+        raise
+    if proc.returncode != 0:
+        last = err.strip().splitlines()[-3:]
+        return f"\n### Backup\n\nNot measured: {' / '.join(last)}\n"
+    return out
+
+
 def raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -248,6 +275,7 @@ def main(argv=None) -> int:
     if args.cluster:
         report += run_failover(args)
         report += run_applications(args)
+        report += run_backups(args)
     RESULTS_FILE.write_text(report)
     print(report, end="")
     log(f"written to {RESULTS_FILE.relative_to(PROJECT_ROOT)}")
