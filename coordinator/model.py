@@ -417,6 +417,10 @@ class MetadataState:
         for kind, granule, copy in op["copies"]:
             self.snapshots.preserve(kind, granule, copy)
 
+    def _apply_unhold(self, op: dict) -> None:
+        if op["id"] in self.snapshots.by_id:
+            self.snapshots.unhold(op["id"], op["kind"], op["granules"])
+
     def _apply_release(self, op: dict) -> None:
         """The end of a snapshot. If its backup failed, the files it was to take go
         back to tracking from their base before it (unless a later point took them)."""

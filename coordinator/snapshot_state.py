@@ -129,21 +129,30 @@ class SnapshotSet:
 
     def release(self, snap_id: int) -> None:
         """A "release" record: free what only this snapshot kept."""
-        snapshot = self.by_id.pop(snap_id)
-        for kind, granule in snapshot.held():
-            waiting = self.waiting[kind].get(granule)
-            if waiting is not None:
-                waiting.discard(snap_id)
-                if not waiting:
-                    del self.waiting[kind][granule]
-            if granule in self.parked[kind] and not self.is_held(kind, granule):
-                self.parked[kind].discard(granule)
-                self._free(kind, granule)
+        snapshot = self.by_id[snap_id]
+        for kind in KINDS:
+            self.unhold(snap_id, kind, [granule for held_kind, granule in snapshot.held()
+                                        if held_kind == kind])
+        del self.by_id[snap_id]
         for kind, copies in snapshot.copies.items():
             still_used = {copy for other in self.by_id.values()
                           for copy in other.copies[kind].values()}
             for copy in set(copies.values()) - still_used:
                 self._free(kind, copy)
+
+    def unhold(self, snap_id: int, kind: str, granules) -> None:
+        """An "unhold" record: the snapshot's reader has what it needs of these
+        granules, so writes there need no copy for it any more."""
+        for granule in granules:
+            waiting = self.waiting[kind].get(granule)
+            if waiting is None or snap_id not in waiting:
+                continue
+            waiting.discard(snap_id)
+            if not waiting:
+                del self.waiting[kind][granule]
+                if granule in self.parked[kind]:
+                    self.parked[kind].discard(granule)
+                    self._free(kind, granule)
 
     def park(self, kind: str, granule: int) -> bool:
         """A live file frees granule: True if a snapshot holds it, which keeps it."""

@@ -56,6 +56,12 @@ them. The next backup reads only the granules changed since its base and
 takes the rest from the base's manifest. A backup that fails gives its files
 back their earlier base, with the changes of both periods.
 
+As the requester goes, it tells the coordinator which granules it has read
+for good (`read`: after the check that followed them): the snapshot stops
+holding those, so later writes there need no copy. A backup that reads a disk
+front to back while a VM writes it at random pays for copies only ahead of
+itself.
+
 Release: the requester releases its snapshot when its backup ends; one that
 stops renewing is released after its timeout. If a preserve finds no free
 space, the snapshots that hold those granules are dropped (released, with an
@@ -285,8 +291,10 @@ class Snapshots:
         return allocator.find(count) if kind == UNITS else allocator.find_blocks(count)
 
     async def _copy(self, kind: str, size: int, pairs: list[tuple[int, int]]) -> None:
-        """Copy each granule to its copy and make the copies durable, before the record
-        that points there: a crash in between leaves the copies simply free."""
+        """Copy each granule to its copy, before the record that points there. The
+        record's commit makes them durable too: the journal is in the same image, and
+        its fdatasync flushes every page written to it before (a crash before that
+        leaves the copies simply free, and the write not done)."""
         self.commits.check_lease()
         volume = self.commits.volume
         base = volume.sb.data.offset
@@ -294,7 +302,6 @@ class Snapshots:
         def copy() -> None:
             for granule, target in pairs:
                 volume.write(base + target * size, volume.read(base + granule * size, size))
-            volume.sync()
 
         try:
             await trio.to_thread.run_sync(copy)
@@ -332,6 +339,20 @@ class Snapshots:
         """Preserves after the first `since` ones: granules to read again from copies."""
         snapshot = self._get(snapshot)
         return {"copies": snapshot.preserved[since:], "preserved": len(snapshot.preserved)}
+
+    async def request_read(self, requester: str, snapshot: int, kind: str,
+                           granules: list[int]) -> None:
+        """The requester has read these granules for good: stop holding them. Not
+        waited for: a crash before the record is durable only keeps them held."""
+        self._get(snapshot)
+        if kind not in (UNITS, BLOCKS):
+            raise MetaError(errno.EINVAL, f"no granule kind {kind!r}")
+        async with self.commits.mutation():
+            held = [granule for granule in granules
+                    if snapshot in self.state.waiting[kind].get(granule, ())]
+            if held:
+                self.commits.append({"op": "unhold", "id": snapshot, "kind": kind,
+                                     "granules": held})
 
     async def request_renew(self, requester: str, snapshot: int) -> None:
         self.deadlines[snapshot] = trio.current_time() + self._get(snapshot).timeout

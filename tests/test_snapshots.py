@@ -342,3 +342,26 @@ async def test_a_backup_of_some_files_tracks_only_those(cluster):
                                               {"files": ["/taken", "/missing"]})
     state = cluster.service.state
     assert state.inodes[taken].base == reply["id"] and state.inodes[other].base == 0
+
+
+async def test_granules_read_for_good_are_held_no_more(cluster):
+    node = Node(cluster)
+    await node.join()
+    ino, handle = await make_file(cluster, node, b"disk", os.urandom(3 * UNIT))
+    snap_id = await take(cluster)
+    units = cluster.units(ino)
+    await cluster.service.backup_call("r", "snapshot_read", {
+        "snapshot": snap_id, "kind": "u", "granules": [units[0], units[1]]})
+    free = cluster.free
+    await node.data.write(handle, 0, b"no copy needed")  # unit 0: read already
+    assert cluster.free == free
+    await node.data.write(handle, 2 * UNIT, b"a copy")  # unit 2: still held
+    assert cluster.free == free - 1
+    await cluster.call("setattr", ino=ino, changes={"size": 0})
+    # units 0 and 1 (read) and 2 (copied) are free; the rest (allocated ahead) parked
+    parked = len(units) - 3
+    assert cluster.free == free - 1 + 3
+    cluster.restart()  # the same after a replay
+    assert cluster.free == free - 1 + 3 and fsck_problems(cluster) == []
+    await cluster.service.backup_call("r", "snapshot_release", {"snapshot": snap_id})
+    assert cluster.free == free + 3 + parked  # the copy and the parked units too

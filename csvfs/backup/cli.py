@@ -99,10 +99,14 @@ def cmd_vm(args) -> int:
     return _backup(args, "vm", args.paths)
 
 
+BACKUP_NICE = 10  # the copy yields the CPU to the nodes and their applications
+
+
 def _backup(args, kind: str, paths: list[str]) -> int:
     from csvfs.backup.engine import run_backup
 
     repo = _open(args)
+    os.nice(BACKUP_NICE)
     if not 1 <= args.snapshot_timeout <= 3600:
         raise UsageError("--snapshot-timeout must be between 1 and 3600 seconds")
     freeze_timeout = getattr(args, "freeze_timeout", 10.0)

@@ -77,13 +77,16 @@ class BackupRun:
         progress.update(sum(min(size, inode.size - offset) for offset in chunks))
         for first in range(0, len(offsets), BATCH_CHUNKS):
             batch = pending = offsets[first:first + BATCH_CHUNKS]
+            read: set = set()
             while pending:  # until a check finds none of them read stale
                 live: set = set()
                 for offset in pending:
                     chunks.pop(offset, None)
                 chunks.update(await trio.to_thread.run_sync(self._store, inode, pending, live))
+                read |= live
                 pending = await self._preserved_meanwhile(inode, pending, live)
                 self.stats.reread += len(pending)
+            await self._done_with(read)
             progress.update(sum(min(size, inode.size - offset) for offset in batch))
         self.stats.logical += inode.size
         return dict(attributes(inode), path=path, size=inode.size, consistency="crash",
@@ -110,6 +113,13 @@ class BackupRun:
         read = [offset for offset in every
                 if offset + size > last or offset // size in dirty]
         return reuse, read
+
+    async def _done_with(self, granules: set) -> None:
+        """Read and checked: the snapshot need not hold these any more."""
+        for kind in ("u", "b"):
+            chosen = sorted(granule for each_kind, granule in granules if each_kind == kind)
+            if chosen:
+                await self.requester.read(self.view.id, kind, chosen)
 
     async def _preserved_meanwhile(self, inode: Inode, batch: list[int],
                                    live: set) -> list[int]:

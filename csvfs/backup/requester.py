@@ -169,5 +169,8 @@ class Requester:
     async def files(self, snap_id: int) -> dict:
         return await self.call(messages.SNAPSHOT_FILES, snapshot=snap_id)
 
+    async def read(self, snap_id: int, kind: str, granules: list[int]) -> None:
+        await self.call(messages.SNAPSHOT_READ, snapshot=snap_id, kind=kind, granules=granules)
+
     async def check(self, snap_id: int, since: int) -> dict:
         return await self.call(messages.SNAPSHOT_CHECK, snapshot=snap_id, since=since)

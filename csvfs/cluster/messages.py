@@ -38,11 +38,12 @@ THAW = "thaw"  # {id}: let the writers that freeze held go on
 SNAPSHOT_TAKE = "snapshot_take"
 SNAPSHOT_FILES = "snapshot_files"  # {id} -> the frozen namespace and maps, and `preserved`
 SNAPSHOT_CHECK = "snapshot_check"  # {id, since} -> preserves after the first `since`
+SNAPSHOT_READ = "snapshot_read"  # {id, kind, granules}: read for good; hold them no more
 SNAPSHOT_RENEW = "snapshot_renew"  # {id}: the requester is still at work
 SNAPSHOT_RELEASE = "snapshot_release"  # {id, outcome}
 
-BACKUP_REQUESTS = (SNAPSHOT_TAKE, SNAPSHOT_FILES, SNAPSHOT_CHECK, SNAPSHOT_RENEW,
-                   SNAPSHOT_RELEASE)
+BACKUP_REQUESTS = (SNAPSHOT_TAKE, SNAPSHOT_FILES, SNAPSHOT_CHECK, SNAPSHOT_READ,
+                   SNAPSHOT_RENEW, SNAPSHOT_RELEASE)
 
 # -- pushes, coordinator -> member: locks (coordinator/locks.py, csvfs/locks.py) ---------
 LOCKS_CHANGED = "locks_changed"  # {ino}: locks on ino were released; waiters try again
