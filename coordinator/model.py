@@ -31,6 +31,7 @@ from csvfs.volume.format import DEFAULT_UNIT
 ROOT_INO = 1
 NAME_MAX = 255  # bytes in one name
 DONE_PER_NODE = 256  # remembered requests per node; a node has at most 64 in flight
+MAX_BASES = 4  # change tracking: the last backups of a file that incrementals can build on
 
 
 @dataclass
@@ -49,10 +50,10 @@ class Inode:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     units: UnitMap = field(default_factory=dict)  # file granule -> volume granule
     blocks: bool = False  # the map is in BLOCKs, not allocation units
-    # Change tracking: the snapshot whose backup last took this file (0: none), and the
-    # file granules that may differ from what it took. Only those need reading again.
-    base: int = 0
-    changed: set[int] = field(default_factory=set)
+    # Change tracking: for each of the last snapshots whose backup took this file (its
+    # bases), the file granules that may differ from what it took. Only those need
+    # reading again. Several, so that backups into several repositories each have one.
+    tracking: dict[int, set[int]] = field(default_factory=dict)
 
     @property
     def is_dir(self) -> bool:
@@ -68,27 +69,33 @@ class Inode:
             self.mtime_ns, self.ctime_ns, self.size, self.rdev, self.target,
             list(self.xattrs.items()), to_runs(self.units),
         ]  # fmt: skip
-        if self.base:  # a tracked file: the blocks flag, its base and what changed since
-            return row + [int(self.blocks), self.base, sorted(self.changed)]
+        if self.tracking:  # a tracked file: the blocks flag, then [base, changed] pairs
+            return row + [int(self.blocks), [[base, sorted(changed)]
+                                             for base, changed in self.tracking.items()]]
         return row + ([1] if self.blocks else [])
 
     @classmethod
     def from_list(cls, row: list) -> Inode:
         """Rows end with the runs; a block-mapped file's with 1 after them; a tracked
-        file's with the blocks flag, its base and its changed granules."""
-        base, changed = 0, ()
+        file's with the blocks flag and its bases with their changed granules."""
+        tracking = ()
         if len(row) > 14:
-            *row, base, changed = row
+            *row, tracking = row
         blocks = 0
         if len(row) > 13:
             *row, blocks = row
         *head, xattrs, runs = row
         return cls(*head, xattrs=dict(xattrs), units=from_runs(runs), blocks=bool(blocks),
-                   base=base, changed=set(changed))
+                   tracking={base: set(changed) for base, changed in tracking})
 
     def mark_changed(self, granules) -> None:
-        if self.base:
-            self.changed.update(granules)
+        granules = list(granules)
+        for changed in self.tracking.values():
+            changed.update(granules)
+
+    def unmarked(self, index: int) -> bool:
+        """Must a write to file granule `index` be recorded first (for some base)?"""
+        return any(index not in changed for changed in self.tracking.values())
 
     def granule(self, unit_size: int) -> int:
         """Bytes per map entry: BLOCK for a block-mapped file, else the unit size."""
@@ -352,7 +359,7 @@ class MetadataState:
         inode = self.inodes[op["ino"]]
         self.free_map(inode)
         inode.blocks = False
-        inode.base, inode.changed = 0, set()  # its granules changed size: a full read next
+        inode.tracking = {}  # its granules changed size: the next backup reads it whole
         self._change_map(op, block=False)
 
     def _change_map(self, op: dict, block: bool) -> None:
@@ -404,8 +411,11 @@ class MetadataState:
         for ino in self.inodes if taken is None else taken:
             inode = self.inodes.get(ino)
             if inode is not None and inode.is_reg:
-                snapshot.tracking[ino] = [inode.base, sorted(inode.changed)]
-                inode.base, inode.changed = snapshot.id, set()
+                snapshot.tracking[ino] = [[base, sorted(changed)]
+                                          for base, changed in inode.tracking.items()]
+                inode.tracking[snapshot.id] = set()
+                while len(inode.tracking) > MAX_BASES:  # the oldest base goes
+                    del inode.tracking[min(inode.tracking)]
         self.snapshots.take(snapshot)
 
     def _apply_changed(self, op: dict) -> None:
@@ -422,15 +432,14 @@ class MetadataState:
             self.snapshots.unhold(op["id"], op["kind"], op["granules"])
 
     def _apply_release(self, op: dict) -> None:
-        """The end of a snapshot. If its backup failed, the files it was to take go
-        back to tracking from their base before it (unless a later point took them)."""
+        """The end of a snapshot. If its backup failed, it is no base for the files it
+        was to take (their other bases went on tracking meanwhile)."""
         snapshot = self.snapshots.by_id.get(op["id"])
         if snapshot is None:
             return
         if op.get("failed"):
-            for ino, (base, changed) in snapshot.tracking.items():
+            for ino in snapshot.tracking:
                 inode = self.inodes.get(ino)
-                if inode is not None and inode.base == snapshot.id:
-                    inode.base = base
-                    inode.changed.update(changed)
+                if inode is not None:
+                    inode.tracking.pop(snapshot.id, None)
         self.snapshots.release(op["id"])

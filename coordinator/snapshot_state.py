@@ -43,7 +43,7 @@ class Snapshot:
         # Preserves in the order they happened, [kind, granule, copy]: a reader that
         # read a live granule checks here afterwards whether it was preserved meanwhile.
         self.preserved: list[list] = []
-        # ino -> [base, changed granules] of each file it took, as tracked before it
+        # ino -> [[base, changed granules]...] of each file it took, as tracked up to it
         self.tracking: dict[int, list] = {}
 
     def held(self):
@@ -95,12 +95,12 @@ class SnapshotSet:
         coordinator before its first write: a snapshot holds the granule, or the file
         is tracked and the granule not yet marked changed."""
         waiting = self.waiting[BLOCKS if inode.blocks else UNITS] if self.by_id else {}
-        if not inode.units or not (waiting or inode.base):
+        if not inode.units or not (waiting or inode.tracking):
             return []
         runs: list[list[int]] = []
         for index in sorted(index for index, granule in inode.units.items()
                             if waiting.get(granule)
-                            or (inode.base and index not in inode.changed)):
+                            or inode.unmarked(index)):
             if runs and runs[-1][0] + runs[-1][1] == index:
                 runs[-1][1] += 1
             else:

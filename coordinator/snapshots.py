@@ -47,14 +47,15 @@ afterwards was read as it was at the point; one preserved meanwhile is read
 again from its copy.
 
 Change tracking uses the same mark. The files a backup takes are tracked from
-its point on: each keeps the snapshot as its base and the granules changed
-since. A granule of a tracked file that is not marked changed asks first too,
-and the first write there appends a "changed" record, durable before the
+its point on: each keeps the snapshot as a base (the last few, so that backups
+into several repositories each find theirs) with the granules changed since.
+A granule of a tracked file not yet marked changed for every base asks first
+too, and the first write there appends a "changed" record, durable before the
 write goes ahead (and so before it is acknowledged), whichever node writes.
 Allocations and frees mark what they touch in the same record that makes
-them. The next backup reads only the granules changed since its base and
-takes the rest from the base's manifest. A backup that fails gives its files
-back their earlier base, with the changes of both periods.
+them. The next backup reads only the granules changed since the newest base
+its repository holds a backup of, and takes the rest from that backup. A
+backup that fails is no base.
 
 As the requester goes, it tells the coordinator which granules it has read
 for good (`read`: after the check that followed them): the snapshot stops
@@ -75,6 +76,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import msgpack
 import trio
 
 from coordinator.allocator import NoSpace
@@ -157,6 +159,8 @@ class Snapshots:
         """path -> [consistency, why]; raises if a writer failed and that is not allowed."""
         consistency = {}
         for path, ino in inos.items():
+            if ino is None:
+                continue  # no such file: the requester says so
             said = outcomes.get(ino, [])
             failed = [outcome for outcome in said if not outcome.startswith("frozen")]
             if said and not failed:
@@ -177,10 +181,17 @@ class Snapshots:
 
     async def _take(self, requester: str, timeout: float, files: list[str] | None) -> dict:
         commits = self.commits
+        # Flush what the nodes wrote first, with nothing held: the record's commit in
+        # the hold then has little but itself to write out.
+        try:
+            await trio.to_thread.run_sync(commits.volume.sync)
+        except OSError as exc:
+            raise MetaError(errno.EIO, f"cannot flush the volume: {exc}") from None
         async with commits.mutation():
             started = trio.current_time()
             seq = 0  # until the record is appended, ending the hold marks nothing
             timeout = _bounded(timeout)
+            self._check_room()
             try:
                 await self._hold_every_node()
                 snap_id = commits.journal.next_seq  # unique for the life of the volume
@@ -204,6 +215,22 @@ class Snapshots:
         self.events.emit("snapshot", f"snapshot {snap_id} for {requester}: volume paused "
                          f"{paused * 1000:.1f} ms")
         return {"id": snap_id, "t_ns": t_ns, "version": seq, "pause_s": paused}
+
+    def _check_room(self) -> None:
+        """A snapshot keeps a copy of the inode table and namespace in every checkpoint
+        until it is released: refuse one that would not fit (the backup fails; the
+        volume's metadata must never)."""
+        state = self.commits.state
+        image = msgpack.packb(state.to_image(), use_bin_type=True)
+        frozen = msgpack.packb([[inode.to_list() for inode in state.inodes.values()],
+                                [[ino, list(names.items())]
+                                 for ino, names in state.entries.items()]],
+                               use_bin_type=True)
+        slot = self.commits.volume.sb.checkpoint_slots()[0].length
+        if (len(image) + len(frozen)) * 1.25 > slot:
+            raise MetaError(errno.ENOSPC, f"no room for a snapshot: the volume's metadata "
+                                          f"({len(image)} bytes) and a frozen copy of it "
+                                          f"would not fit a checkpoint slot of {slot} bytes")
 
     def _inos_of(self, paths: list[str]) -> list[int]:
         """The regular files at these paths now (a path that is none is left out: the
@@ -258,11 +285,11 @@ class Snapshots:
         return seq
 
     def _unmarked(self, inode: Inode, start: int, end: int) -> list[int]:
-        if not inode.base:
+        if not inode.tracking:
             return []
         size = inode.granule(self.commits.unit)
         return [index for index in range(start // size, (end - 1) // size + 1)
-                if index not in inode.changed]
+                if inode.unmarked(index)]
 
     async def _preserve(self, inode: Inode, start: int, end: int) -> int | None:
         snapshots = self.state

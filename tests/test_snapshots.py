@@ -292,26 +292,26 @@ async def test_a_tracked_file_marks_each_granule_changed_once_and_durably(cluste
     snap_id = await take(cluster)
     await cluster.service.backup_call("r", "snapshot_release", {"snapshot": snap_id})
     inode = cluster.service.state.inodes[ino]
-    assert inode.base == snap_id and inode.changed == set()
+    assert inode.tracking == {snap_id: set()}
     assert handle.ask == set(handle.units)  # tracked: every granule asks first
 
     seq = cluster.service.journal.next_seq
     await node.data.write(handle, UNIT + 5, b"x")
-    assert inode.changed == {1} and handle.ask == set(handle.units) - {1}
+    assert inode.tracking[snap_id] == {1} and handle.ask == set(handle.units) - {1}
     assert cluster.service.journal.next_seq == seq + 1  # one "changed" record
     await node.data.write(handle, UNIT + 9, b"y")  # no second record
     assert cluster.service.journal.next_seq == seq + 1
     await node.data.write(handle, 5 * UNIT, b"z")  # growth marks what it adds
-    assert {1, 5} <= inode.changed
+    assert {1, 5} <= inode.tracking[snap_id]
     await cluster.call("setattr", ino=ino, changes={"size": 3 * UNIT})  # drops are changes
-    assert {3, 4} <= inode.changed
+    assert {3, 4} <= inode.tracking[snap_id]
 
     cluster.restart()  # durable: replayed from the journal
-    inode = cluster.service.state.inodes[ino]
-    assert inode.base == snap_id and {1, 3, 4, 5} <= inode.changed and 0 not in inode.changed
+    changed = cluster.service.state.inodes[ino].tracking[snap_id]
+    assert {1, 3, 4, 5} <= changed and 0 not in changed
     await cluster.service.checkpoint_now()
     cluster.restart()
-    assert cluster.service.state.inodes[ino].changed == inode.changed
+    assert cluster.service.state.inodes[ino].tracking == {snap_id: changed}
 
 
 async def test_the_next_point_hands_the_changes_to_its_snapshot(cluster):
@@ -323,14 +323,19 @@ async def test_the_next_point_hands_the_changes_to_its_snapshot(cluster):
     await node.data.write(handle, 0, b"changed")
     second = await take(cluster)
     snap = await view(cluster, second)
-    assert snap.tracking[ino] == [first, [0]]  # what the incremental reads
-    assert cluster.service.state.inodes[ino].base == second
-    # a failed backup gives the file its earlier base back, with every change since
+    assert snap.tracking[ino] == {first: [0]}  # what the incremental reads
+    inode = cluster.service.state.inodes[ino]
+    assert inode.tracking == {first: {0}, second: set()}  # a base for each backup
     await node.data.write(handle, UNIT, b"more")
+    assert inode.tracking == {first: {0, 1}, second: {1}}
+    # a failed backup is no base; the one before it tracked every change all along
     await cluster.service.backup_call("r", "snapshot_release",
                                       {"snapshot": second, "outcome": "failed"})
-    inode = cluster.service.state.inodes[ino]
-    assert inode.base == first and inode.changed == {0, 1}
+    assert inode.tracking == {first: {0, 1}}
+    for _ in range(5):  # only the last few bases are kept
+        await cluster.service.backup_call("r", "snapshot_release",
+                                          {"snapshot": await take(cluster)})
+    assert len(inode.tracking) == 4 and first not in inode.tracking
 
 
 async def test_a_backup_of_some_files_tracks_only_those(cluster):
@@ -341,7 +346,7 @@ async def test_a_backup_of_some_files_tracks_only_those(cluster):
     reply = await cluster.service.backup_call("r", "snapshot_take",
                                               {"files": ["/taken", "/missing"]})
     state = cluster.service.state
-    assert state.inodes[taken].base == reply["id"] and state.inodes[other].base == 0
+    assert reply["id"] in state.inodes[taken].tracking and state.inodes[other].tracking == {}
 
 
 async def test_granules_read_for_good_are_held_no_more(cluster):

@@ -99,10 +99,12 @@ class BackupRun:
         size = self.repo.chunk_size
         every = list(range(0, inode.size, size))
         granule = self.view.granule(inode)
-        base, changed = self.view.tracking.get(inode.ino, (0, ()))
-        entry = self.bases.get((base, inode.ino)) if base else None
-        if entry is None or entry.get("granule") != granule:
+        bases = self.view.tracking.get(inode.ino, {})
+        found = [base for base in sorted(bases, reverse=True) if (base, inode.ino) in self.bases
+                 and self.bases[base, inode.ino].get("granule") == granule]
+        if not found:  # no backup in this repository it could build on: read it all
             return {}, every
+        entry, changed = self.bases[found[0], inode.ino], bases[found[0]]
         dirty = {chunk for index in changed  # the chunks a changed granule lies in
                  for chunk in range(index * granule // size,
                                     ((index + 1) * granule - 1) // size + 1)}
@@ -234,7 +236,7 @@ async def _copy(repo: Repository, requester: Requester, view: SnapshotView, kind
 def _bases(repo: Repository, view: SnapshotView) -> dict[tuple[int, int], dict]:
     """(snapshot, ino) -> the file's entry in this repository's backup from that
     snapshot of this volume: what an incremental takes unchanged chunks from."""
-    wanted = {base for base, _changed in view.tracking.values() if base}
+    wanted = {base for bases in view.tracking.values() for base in bases}
     bases = {}
     for manifest in repo.backups() if wanted else ():
         if manifest["snapshot"] in wanted and manifest["source"]["volume"] == view.volume \

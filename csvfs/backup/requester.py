@@ -26,6 +26,7 @@ from csvfs.cluster.errors import MetaError, is_not_coordinator
 from csvfs.cluster.rpc_client import RpcClient
 from csvfs.cluster.transport import split_address
 from csvfs.cluster.wire import RpcError
+from csvfs.volume import format as fmt
 from csvfs.volume.errors import ExitCode, UserError
 from csvfs.volume.image import Volume, default_key_path, read_key
 
@@ -48,6 +49,10 @@ class SnapshotLost(UserError):
     exit_code = ExitCode.BACKUP_FAILED
 
 
+class TakeoverUnderWay(NoCoordinator):
+    """Nodes are alive but no coordinator answers yet: worth trying again shortly."""
+
+
 def find_coordinator(image: Path, key_path: Path | None) -> tuple[str, bytes, str]:
     """(address, cluster key, volume uuid) of the volume's live coordinator."""
     key_path = key_path or default_key_path(image)
@@ -58,10 +63,14 @@ def find_coordinator(image: Path, key_path: Path | None) -> tuple[str, bytes, st
         lease = read_lease(volume)
         record = read_slot(volume, lease.owner_slot) if lease.owner_slot >= 0 else None
         alive = record is not None and slot_alive(volume, lease.owner_slot)
+        anyone = any(slot_alive(volume, slot) for slot in range(fmt.MAX_NODES))
         uuid = str(volume.sb.uuid)
     finally:
         volume.close()
     if not alive or lease.expiry_ns < time.time_ns() or not record.get("address"):
+        if anyone:
+            raise TakeoverUnderWay(f"{image}: the nodes that have the volume mounted have "
+                                   f"no coordinator yet")
         raise NoCoordinator(f"{image}: no node has the volume mounted, so no coordinator "
                             f"can set a snapshot (mount it on a node first)")
     return record["address"], key, uuid
@@ -83,7 +92,15 @@ class Requester:
     async def connect(cls, image: Path, key_path: Path | None,
                       timeout: float = SNAPSHOT_TIMEOUT):
         requester = cls(image, key_path, timeout)
-        await requester._connect()
+        give_up = trio.current_time() + RECONNECT_FOR
+        while True:
+            try:
+                await requester._connect()
+                break
+            except TakeoverUnderWay:
+                if trio.current_time() > give_up:
+                    raise
+                await trio.sleep(0.2)
         try:
             yield requester
         finally:
@@ -98,8 +115,8 @@ class Requester:
             self.client = await RpcClient.connect(host, port, key, f"backup-{os.getpid()}",
                                                   timeout=CALL_TIMEOUT)
         except (RpcError, OSError, trio.TooSlowError) as exc:
-            raise NoCoordinator(f"coordinator at {self.address} did not answer: "
-                                f"{exc or 'timeout'}") from None
+            raise TakeoverUnderWay(f"coordinator at {self.address} did not answer: "
+                                   f"{exc or 'timeout'}") from None
 
     async def call(self, method: str, **args):
         """A request; after a failover, the same request to the new coordinator."""

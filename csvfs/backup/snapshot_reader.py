@@ -41,8 +41,9 @@ class SnapshotView:
         self.base = files["data_offset"]
         self.inodes = {inode.ino: inode for inode in map(Inode.from_list, files["inodes"])}
         self.entries = {ino: dict(names) for ino, names in files["dirs"]}
-        # ino -> [base snapshot, granules changed since]: what an incremental reads
-        self.tracking = {ino: pair for ino, pair in files.get("tracking", [])}
+        # ino -> {base snapshot: granules changed since}: what an incremental reads
+        self.tracking = {ino: {base: changed for base, changed in bases}
+                         for ino, bases in files.get("tracking", [])}
         self.copies: dict[str, dict[int, int]] = {UNITS: {}, BLOCKS: {}}
         self.preserved = 0
         self.take_copies(files["copies"], files["preserved"])
