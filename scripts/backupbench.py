@@ -552,12 +552,12 @@ def run_backups(setup: Setup, args) -> str:
         "read repositories that were just written, also from the cache. Restored files "
         "are fsynced before the clock stops (csvfs restore does it itself). csvfs and cp "
         "run in paired rounds, the order alternating; the others run once, after them.\n\n"
-        "#### Full backup\n\n" + "\n".join(full_rows) +
+        "### Full backup\n\n" + "\n".join(full_rows) +
         f"\n\ncsvfs / cp throughput: **{ratio:.2f}** (target >= 0.8; median of the "
         "per-round ratios). The csvfs repository is unencrypted, as by default; restic "
         "cannot be, and borg runs with repokey, so the encrypted csvfs row is the one to "
         "hold against them.\n\n"
-        f"#### Incremental: {args.incremental_fraction:.0%} rewritten\n\n"
+        f"### Incremental: {args.incremental_fraction:.0%} rewritten\n\n"
         f"{len(spots)} seeded random 64 KiB spots ({size_text(len(spots) * SPOT)}) "
         "rewritten through A, then a second backup into the same repository with each "
         "tool (one run each). csvfs read "
@@ -565,11 +565,11 @@ def run_backups(setup: Setup, args) -> str:
         f"{size_text(incr_summary['new'])} anew.\n\n" + "\n".join(incr_rows) +
         f"\n\ncsvfs incremental / csvfs full: **{incr_share:.0%}** (target <= 5 %); "
         f"restic / csvfs: **{restic_incr / csvfs_incr:.1f}x**, borg / csvfs: "
-        f"**{borg_incr / csvfs_incr:.1f}x** (target >= 10x). Today every csvfs backup "
-        "reads the whole disk (every backup is a logical full; unchanged chunks cost a "
-        "hash but no space); restic and borg see a changed mtime and read the whole file "
-        "too.\n\n"
-        "#### Restore\n\n"
+        f"**{borg_incr / csvfs_incr:.1f}x** (target >= 10x). csvfs reads only the "
+        "allocation units its change tracking marked (a unit is 1 MiB here, so 64 KiB "
+        "spots at random mark far more than 1 % of the disk); restic and borg see a "
+        "changed mtime and read the whole file.\n\n"
+        "### Restore\n\n"
         "The whole disk to a new file in a plain directory, one run each; every restored "
         f"file was checked against the disk at {len(checked)} spots (the rewritten ones "
         "among them). restic 0.14 has no sparse restore: it writes the hole as zeros.\n\n"
@@ -656,7 +656,7 @@ def run_pause(setup: Setup, args) -> str:
     total = args.snapshots * args.pause_rounds
     p99 = percentile(takes, 0.99) if takes else float("nan")
     return (
-        "\n#### Snapshot pause seen by a writer on the other node\n\n"
+        "\n### Snapshot pause seen by a writer on the other node\n\n"
         f"A writer on B (a member) does one 4 KiB pwrite per millisecond at one spot of an "
         f"allocated file, timing each, while a requester on the side sets {args.snapshots} "
         "snapshot points one after another through the coordinator (A), each released "
@@ -729,7 +729,7 @@ def run_vm_writes(setup: Setup, args) -> str:
             f"| alone (control) | {cells('none')} |",
             f"| during a full `csvfs backup vm` of its disk | {cells('backup')} |"]
     return (
-        "\n#### A VM's writes during a backup\n\n"
+        "\n### A VM's writes during a backup\n\n"
         f"A VM-like writer on B: random 4 KiB pwrites on a {size_text(size)} disk full of "
         f"random data, one per millisecond, an fsync every {VM_FSYNC_EVERY} (the fsync not "
         "counted as a write), alone and while a full `csvfs backup vm` of that same disk "
@@ -805,7 +805,7 @@ def main(argv=None) -> int:
                             ValueError, KeyError) as exc:
                         name = section.__name__.removeprefix("run_").replace("_", " ")
                         log(f"{name}: {exc}")
-                        report += f"\n#### {name.capitalize()}\n\nNot measured: {exc}\n"
+                        report += f"\n### {name.capitalize()}\n\nNot measured: {exc}\n"
                         setup.tools.kill_children()
             finally:
                 # teardown must finish: no more Ctrl-C or SIGTERM (every step has a timeout)
@@ -827,7 +827,7 @@ def main(argv=None) -> int:
     if status:
         return status
     minutes = (time.monotonic() - started) / 60
-    print(f"### Backup\n\nOn a 2-node csvfs cluster, {os.cpu_count()} CPUs, "
+    print(f"## Backup\n\nOn a 2-node csvfs cluster, {os.cpu_count()} CPUs, "
           f"{_memory_gib():.0f} GiB of RAM; this section took {minutes:.1f} minutes.\n\n"
           + report, end="")
     return 0

@@ -199,11 +199,11 @@ def run_backups(args) -> str:
             proc.kill()
             proc.communicate()
         if isinstance(exc, subprocess.TimeoutExpired):
-            return "\n### Backup\n\nNot measured: it did not finish within 1200 s\n"
+            return "\n## Backup\n\nNot measured: it did not finish within 1200 s\n"
         raise
     if proc.returncode != 0:
         last = err.strip().splitlines()[-3:]
-        return f"\n### Backup\n\nNot measured: {' / '.join(last)}\n"
+        return f"\n## Backup\n\nNot measured: {' / '.join(last)}\n"
     return out
 
 
