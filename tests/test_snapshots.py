@@ -370,3 +370,15 @@ async def test_granules_read_for_good_are_held_no_more(cluster):
     assert cluster.free == free - 1 + 3 and fsck_problems(cluster) == []
     await cluster.service.backup_call("r", "snapshot_release", {"snapshot": snap_id})
     assert cluster.free == free + 3 + parked  # the copy and the parked units too
+
+
+def test_backup_batches_never_split_a_granule():
+    from csvfs.backup.engine import batches
+
+    chunk = 1 << 20
+    offsets = [index * chunk for index in (0, 1, 2, 5, 6, 7, 8, 13)]
+    # 4 MiB granules: 0-3, 4-7, 8-11, 12-15 (in chunks); batches of about 2
+    assert list(batches(offsets, 4 * chunk, size=2)) == [
+        [0, chunk, 2 * chunk], [5 * chunk, 6 * chunk, 7 * chunk], [8 * chunk, 13 * chunk]]
+    assert list(batches(offsets, 64 << 10, size=3)) == [offsets[:3], offsets[3:6],
+                                                         offsets[6:]]

@@ -75,8 +75,8 @@ class BackupRun:
         size = self.repo.chunk_size
         chunks, offsets = self._unchanged(inode)
         progress.update(sum(min(size, inode.size - offset) for offset in chunks))
-        for first in range(0, len(offsets), BATCH_CHUNKS):
-            batch = pending = offsets[first:first + BATCH_CHUNKS]
+        for batch in batches(offsets, self.view.granule(inode)):
+            pending = batch
             read: set = set()
             while pending:  # until a check finds none of them read stale
                 live: set = set()
@@ -231,6 +231,20 @@ async def _copy(repo: Repository, requester: Requester, view: SnapshotView, kind
                   "duration_s": round(time.monotonic() - stats.started, 3)},
         "warnings": warnings,
     }
+
+
+def batches(offsets: list[int], granule: int, size: int = BATCH_CHUNKS):
+    """The chunk offsets in batches of about `size`, never splitting a granule: its
+    hold ends with the batch that read it (BackupRun._done_with), so every chunk of
+    it must be read by then."""
+    batch: list[int] = []
+    for offset in offsets:
+        if len(batch) >= size and offset // granule != batch[-1] // granule:
+            yield batch
+            batch = []
+        batch.append(offset)
+    if batch:
+        yield batch
 
 
 def _bases(repo: Repository, view: SnapshotView) -> dict[tuple[int, int], dict]:
