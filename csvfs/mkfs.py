@@ -16,6 +16,7 @@ from csvfs.cluster.events import EventLog
 from csvfs.volume import format as fmt
 from csvfs.volume.errors import UsageError, VolumeError, VolumeExistsError
 from csvfs.volume.image import Volume, default_key_path
+from csvfs.volume.keyfile import write_secret
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def make_volume(image: str | os.PathLike, size: int, unit_size: int = fmt.DEFAUL
         if block_device:
             for region in (sb.lease, sb.events, sb.journal, sb.checkpoint_a, sb.checkpoint_b):
                 volume.zero(region.offset, region.length)
-        _write_key(key_path, key)
+        write_secret(key_path, key)
         _write_initial_metadata(volume)
         volume.write_superblocks()  # last: until now the image is not a volume
     finally:
@@ -100,13 +101,3 @@ def _create_image(image: Path, size: int, block_device: bool) -> int:
     except OSError as exc:
         raise VolumeError(f"{image}: cannot create: {exc.strerror}") from None
     return fd
-
-
-def _write_key(key_path: Path, key: bytes) -> None:
-    temporary = key_path.with_name(key_path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key.hex() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, key_path)

@@ -14,7 +14,7 @@ Layout::
     REPO/lock                        flock'd by the one process that writes; names it
     REPO/tmp/                        where every file is written before it is renamed
 
-Keys. The 32-byte master key lives outside the repository, in a key file
+Keys (csvfs/backup/keys.py). The 32-byte master key lives outside the repository, in a key file
 (REPO.key unless told otherwise; hex, mode 0600, like the cluster key). Sub-keys
 are derived from it with BLAKE3's key derivation: one keys the chunk ids (the
 BLAKE3-256 of the plaintext, so equal data dedups but ids reveal nothing to
@@ -50,7 +50,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
@@ -59,13 +58,32 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from csvfs.volume.errors import ExitCode, UsageError, UserError
+from csvfs.backup.errors import (
+    AmbiguousBackup,
+    CorruptChunk,
+    CorruptManifest,
+    MissingChunk,
+    NoSuchBackup,
+    RepositoryCorrupt,
+    RepositoryExists,
+    RepositoryKeyError,
+    RepositoryLocked,
+    RepositoryMissing,
+)
+from csvfs.backup.keys import (
+    KEY_SIZE,
+    Keys,
+    default_key_path,
+    key_check,
+    read_key,
+    write_key,
+)
+from csvfs.backup.manifest import ID_SIZE, file_chunks, manifest_chunks
+from csvfs.volume.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-KEY_SIZE = 32
-ID_SIZE = 32
 NONCE_SIZE = 12
 MAC_SIZE = 32
 TAG_SIZE = 16
@@ -76,128 +94,16 @@ MAX_CHUNK = 1 << 28
 _CHUNK_PLAIN = 1
 _CHUNK_ENCRYPTED = 2
 _ZSTD_LEVEL = 3
-_KEY_CHECK = b"csvfs backup repository key check"
-_KEY_CONTEXT = "csvfs backup 2026 {}"
 _BACKUP_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 _CHUNK_NAME = re.compile(r"[0-9a-f]{64}")
 # Threads that read chunks back for verify and restore_file.
 _WORKERS = min(8, os.cpu_count() or 1)
 
 
-class RepositoryMissing(UserError):
-    exit_code = ExitCode.REPO_MISSING
-
-
-class RepositoryExists(UserError):
-    exit_code = ExitCode.REPO_EXISTS
-
-
-class RepositoryLocked(UserError):
-    exit_code = ExitCode.REPO_LOCKED
-
-
-class RepositoryKeyError(UserError):
-    exit_code = ExitCode.REPO_KEY
-
-
-class RepositoryCorrupt(UserError):
-    """Something stored is damaged or gone; the subclasses say what."""
-
-    exit_code = ExitCode.REPO_CORRUPT
-
-
-class CorruptChunk(RepositoryCorrupt):
-    pass
-
-
-class MissingChunk(RepositoryCorrupt):
-    pass
-
-
-class CorruptManifest(RepositoryCorrupt):
-    pass
-
-
-class NoSuchBackup(UserError):
-    exit_code = ExitCode.NO_SUCH_BACKUP
-
-
-class AmbiguousBackup(NoSuchBackup):
-    """A backup id prefix that matches more than one backup."""
-
-
-def default_key_path(path: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(path)}.key")
-
-
-def read_key(path: str | os.PathLike) -> bytes:
-    """The master key in a key file: hex text, readable by its owner only (whoever
-    can read it can read every backup in the repository)."""
-    try:
-        with open(path, "rb") as key_file:
-            mode = os.fstat(key_file.fileno()).st_mode
-            raw = key_file.read(4096)
-    except FileNotFoundError:
-        raise RepositoryKeyError(f"repository key file {path} does not exist "
-                                 f"(give --key KEYFILE)") from None
-    except OSError as exc:
-        raise RepositoryKeyError(f"cannot read repository key file {path}: "
-                                 f"{exc.strerror}") from None
-    if mode & 0o077:
-        raise RepositoryKeyError(f"repository key file {path} is open to group or others "
-                                 f"(mode {mode & 0o7777:04o}); run 'chmod 600 {path}'")
-    try:
-        key = bytes.fromhex(raw.decode("ascii").strip())
-    except ValueError:  # not ASCII (UnicodeDecodeError is one), or not hex
-        key = b""
-    if len(key) != KEY_SIZE:
-        raise RepositoryKeyError(f"repository key file {path} is not a csvfs backup key "
-                                 f"(expected {KEY_SIZE} bytes in hex)")
-    return key
-
-
-def write_key(path: str | os.PathLike, key: bytes) -> None:
-    """Write a key file atomically, readable by its owner only."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key.hex() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_dir(path.parent)
-
-
-@dataclass(frozen=True)
-class _Keys:
-    """The sub-keys of one master key, one per purpose, so that no key serves two."""
-
-    chunk_id: bytes
-    mac: bytes
-    encryption: bytes
-    check: bytes
-
-    @classmethod
-    def derive(cls, master: bytes) -> _Keys:
-        def sub(purpose: str) -> bytes:
-            context = _KEY_CONTEXT.format(purpose)
-            return blake3.blake3(master, derive_key_context=context).digest()
-
-        return cls(sub("chunk id"), sub("manifest mac"), sub("encryption"), sub("key check"))
-
-
-def _key_check(keys: _Keys, config: dict) -> bytes:
-    """The config's key check value: covers the fields, so none can be altered."""
-    fields = [_KEY_CHECK, config["format"], config["repo_id"], config["encrypted"],
-              config["chunk_size"]]
-    return blake3.blake3(msgpack.packb(fields), key=keys.check).digest()
-
-
 class Repository:
     """An opened repository; see the module docstring for what it guarantees."""
 
-    def __init__(self, path: Path, config: dict, keys: _Keys, key_path: Path):
+    def __init__(self, path: Path, config: dict, keys: Keys, key_path: Path):
         self.path = path
         self.key_path = key_path
         self.repo_id: str = config["repo_id"]
@@ -229,7 +135,7 @@ class Repository:
             raise UsageError(f"chunk size {chunk_size} is out of range "
                              f"(4096 to {MAX_CHUNK} bytes)")
         _refuse_existing(path)
-        keys = _Keys.derive(_key_for_new_repository(key_path))
+        keys = Keys.derive(_key_for_new_repository(key_path))
         for sub in ("chunks", "manifests", "tmp"):
             (path / sub).mkdir(mode=0o700)
         for prefix in range(256):  # made now, so that writers never race to make them
@@ -238,7 +144,7 @@ class Repository:
         _fsync_dir(path)
         config = {"format": FORMAT, "repo_id": secrets.token_hex(16), "encrypted": bool(encrypt),
                   "chunk_size": chunk_size}
-        config["key_check"] = _key_check(keys, config)
+        config["key_check"] = key_check(keys, config)
         repo = cls(path, config, keys, key_path)
         # Last: until the config is there, the directory is not a repository.
         repo._write_file(path / "config", msgpack.packb(config))
@@ -251,8 +157,8 @@ class Repository:
         path = Path(path)
         key_path = Path(key_path) if key_path is not None else default_key_path(path)
         config = _read_config(path)
-        keys = _Keys.derive(read_key(key_path))
-        if not hmac.compare_digest(_key_check(keys, config), config["key_check"]):
+        keys = Keys.derive(read_key(key_path))
+        if not hmac.compare_digest(key_check(keys, config), config["key_check"]):
             raise RepositoryKeyError(f"key file {key_path} does not open the repository at "
                                      f"{path} (wrong key, or its config was altered)")
         return cls(path, config, keys, key_path)
@@ -598,33 +504,6 @@ class Repository:
         finally:
             os.close(fd)
         return temporary
-
-
-def manifest_chunks(manifest: dict) -> Iterator[tuple[str, int, int, bytes]]:
-    """(file path, offset, length, chunk id) of every chunk a manifest references,
-    its shape checked (CorruptManifest)."""
-    files = manifest.get("files")
-    if not isinstance(files, list):
-        raise CorruptManifest(f"manifest {manifest.get('id')}: has no list of files")
-    for entry in files:
-        for offset, length, chunk_id in file_chunks(entry):
-            yield entry["path"], offset, length, chunk_id
-
-
-def file_chunks(entry: dict) -> list[tuple[int, int, bytes]]:
-    """The (offset, length, chunk id) of a manifest's file entry, checked to be in
-    order, not overlapping, and within the file's size (CorruptManifest)."""
-    try:
-        path, size, chunks = entry["path"], entry["size"], entry["chunks"]
-        refs = [(int(offset), int(length), bytes(chunk_id)) for offset, length, chunk_id in chunks]
-    except (KeyError, TypeError, ValueError):
-        raise CorruptManifest(f"manifest entry {entry!r:.80}: malformed") from None
-    end = 0
-    for offset, length, chunk_id in refs:
-        if offset < end or length <= 0 or offset + length > size or len(chunk_id) != ID_SIZE:
-            raise CorruptManifest(f"manifest entry for {path}: bad chunk at offset {offset}")
-        end = offset + length
-    return refs
 
 
 def restore_file(repo: Repository, entry: dict, fd: int,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from csvfs.volume import format as fmt
 from csvfs.volume.errors import KeyFileError, VolumeError
+from csvfs.volume.keyfile import parse_hex, read_secret
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +33,11 @@ def default_key_path(image: str | os.PathLike) -> Path:
 def read_key(path: str | os.PathLike) -> bytes:
     """The cluster key in a key file: hex text, readable by its owner only (like an ssh
     private key: whoever can read it can join the cluster and read every file)."""
-    try:
-        with open(path, "rb") as key_file:
-            mode = os.fstat(key_file.fileno()).st_mode
-            raw = key_file.read(4096)
-    except FileNotFoundError:
-        raise KeyFileError(f"cluster key file {path} does not exist (give --key KEYFILE)") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read cluster key file {path}: {exc.strerror}") from None
-    if mode & 0o077:
-        raise KeyFileError(f"cluster key file {path} is open to group or others (mode "
-                           f"{stat.S_IMODE(mode):04o}): anyone who can read it can join the "
-                           f"cluster; run 'chmod 600 {path}'")
-    return _parse_key(raw, path)
-
-
-def _parse_key(raw: bytes, path: str | os.PathLike) -> bytes:
-    try:
-        key = bytes.fromhex(raw.decode("ascii").strip())
-    except ValueError:  # not ASCII (UnicodeDecodeError is one), or not hex
-        raise KeyFileError(f"cluster key file {path} is not a csvfs key (expected hex)") from None
+    raw = read_secret(path, "cluster key", KeyFileError,
+                      ": anyone who can read it can join the cluster")
+    key = parse_hex(raw)
+    if key is None:
+        raise KeyFileError(f"cluster key file {path} is not a csvfs key (expected hex)")
     if len(key) < 16:
         raise KeyFileError(f"cluster key file {path} is too short to be a csvfs key")
     return key
