@@ -24,12 +24,10 @@ removed on exit, also on an error, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import importlib.util
 import json
 import math
-import multiprocessing
 import os
 import random
 import shutil
@@ -41,27 +39,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from backup_tools import Tools
+from bench_targets import BenchError, log
 from nodes import MountProcess, NodeError, csvfs_command, mounts_under
+from writer_latency import Writer, first_after, overlapping, percentile
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 GiB = 1 << 30
-SECTOR = 4096
 SPOT = 64 << 10  # the incremental's rewrites
 MOUNT_TIMEOUT = 30.0
-COMMAND_TIMEOUT = 900.0
-PASSWORD = "csvfs-backupbench"  # of the throwaway restic and borg repositories
-SNAPSHOT_TIMEOUT = 60.0
-WRITE_INTERVAL_NS = 1_000_000  # the paced writers: one 4 KiB pwrite per millisecond
+WRITER_LATENCY = os.fspath(Path(__file__).resolve().parent / "writer_latency.py")
 VM_FSYNC_EVERY = 64
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    """A step failed; the message is one line."""
 
 
 def raise_on_sigterm(signum, frame):
@@ -69,12 +58,6 @@ def raise_on_sigterm(signum, frame):
 
 
 # -- small helpers ----------------------------------------------------------------------------
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of values (not empty)."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1))]
 
 
 def rounds(count: int) -> str:
@@ -134,179 +117,6 @@ def helper_python(csvfs: list[str]) -> str:
 # -- the commands -------------------------------------------------------------------------------
 
 
-class Tools:
-    """csvfs backup, restic and borg with their settings; each call returns wall-clock
-    seconds (the process's start included, the same for every tool)."""
-
-    def __init__(self, csvfs: list[str], scratch: Path, image: Path):
-        self.csvfs = csvfs
-        self.image = image
-        self.env = {**os.environ,
-                    "RESTIC_PASSWORD": PASSWORD,
-                    "RESTIC_CACHE_DIR": os.fspath(scratch / "restic-cache"),
-                    "BORG_PASSPHRASE": PASSWORD,
-                    "BORG_BASE_DIR": os.fspath(scratch / "borg-home"),
-                    "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
-        self.children: set[subprocess.Popen] = set()  # killed by kill_children
-
-    def run(self, command: list, what: str, cwd: Path | None = None) -> tuple[float, str]:
-        started = time.perf_counter()
-        try:
-            result = subprocess.run([os.fspath(arg) for arg in command], cwd=cwd,
-                                    env=self.env, capture_output=True, text=True,
-                                    stdin=subprocess.DEVNULL, timeout=COMMAND_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{what} did not finish within {COMMAND_TIMEOUT:.0f} s") from None
-        seconds = time.perf_counter() - started
-        if result.returncode != 0:
-            lines = result.stderr.strip().splitlines()
-            raise BenchError(f"{what} exited {result.returncode}"
-                             + (f": {lines[-1]}" if lines else ""))
-        return seconds, result.stdout
-
-    def start(self, command: list) -> subprocess.Popen:
-        process = subprocess.Popen([os.fspath(arg) for arg in command], env=self.env,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        self.children.add(process)
-        return process
-
-    def finish(self, process: subprocess.Popen, what: str) -> str:
-        try:
-            out, err = process.communicate(timeout=COMMAND_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{what} did not finish within {COMMAND_TIMEOUT:.0f} s") from None
-        finally:
-            self.children.discard(process)
-        if process.returncode != 0:
-            lines = err.strip().splitlines()
-            raise BenchError(f"{what} exited {process.returncode}"
-                             + (f": {lines[-1]}" if lines else ""))
-        return out
-
-    def kill_children(self) -> None:
-        for process in list(self.children):
-            if process.poll() is None:
-                process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.communicate(timeout=10)
-        self.children.clear()
-
-    # csvfs
-    def csvfs_init(self, repo: Path, encrypt: bool = False) -> None:
-        self.run([*self.csvfs, "backup", "init", repo, *(["--encrypt"] if encrypt else [])],
-                 "csvfs backup init")
-
-    def csvfs_backup_command(self, repo: Path, path: str) -> list:
-        return [*self.csvfs, "backup", "vm", self.image, "--repo", repo, path, "--json"]
-
-    def csvfs_backup(self, repo: Path, path: str) -> tuple[float, dict]:
-        seconds, out = self.run(self.csvfs_backup_command(repo, path), "csvfs backup vm")
-        return seconds, json.loads(out)
-
-    def csvfs_restore(self, repo: Path, backup_id: str, path: str, to: Path) -> float:
-        return self.run([*self.csvfs, "backup", "restore", backup_id, "--repo", repo,
-                         "--file", path, "--to", to], "csvfs backup restore")[0]
-
-    # restic (0.14 in Debian 12: repository format 1, no compression, always encrypted)
-    def restic_init(self, repo: Path) -> None:
-        self.run(["restic", "-r", repo, "init"], "restic init")
-
-    def restic_backup(self, repo: Path, path: Path) -> float:
-        return self.run(["restic", "-r", repo, "backup", "--host", "bench", "-q", path],
-                        "restic backup")[0]
-
-    def restic_restore(self, repo: Path, target: Path) -> float:
-        return self.run(["restic", "-r", repo, "restore", "latest", "--target", target, "-q"],
-                        "restic restore")[0]
-
-    # borg (repokey: AES-256-CTR + HMAC-SHA256; lz4 compression, its default)
-    def borg_init(self, repo: Path) -> None:
-        self.run(["borg", "init", "--encryption=repokey", repo], "borg init")
-
-    def borg_create(self, repo: Path, archive: str, directory: Path, name: str) -> float:
-        return self.run(["borg", "create", f"{repo}::{archive}", name], "borg create",
-                        cwd=directory)[0]
-
-    def borg_extract(self, repo: Path, archive: str, target: Path) -> float:
-        return self.run(["borg", "extract", "--sparse", f"{repo}::{archive}"], "borg extract",
-                        cwd=target)[0]
-
-
-# -- writers on the mounts ------------------------------------------------------------------------
-
-
-def _write_loop(path: str, size: int, fixed: bool, fsync_every: int, seed: int, ready,
-                stop, out: str) -> None:
-    """A paced 4 KiB pwrite loop (in a process of its own): at offset 0 if fixed, else at
-    random sectors; (start ns, latency ns) of every write go to out at the end."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    fd = os.open(path, os.O_RDWR)
-    rng = random.Random(seed)
-    block = os.urandom(SECTOR)
-    sectors = size // SECTOR
-    samples = array.array("q")
-    count = 0
-    ready.set()
-    due = time.perf_counter_ns()
-    while not stop.is_set():
-        offset = 0 if fixed else rng.randrange(sectors) * SECTOR
-        started = time.perf_counter_ns()
-        os.pwrite(fd, block, offset)
-        samples.append(started)
-        samples.append(time.perf_counter_ns() - started)
-        count += 1
-        if fsync_every and count % fsync_every == 0:
-            os.fsync(fd)
-        due += WRITE_INTERVAL_NS
-        delay = due - time.perf_counter_ns()
-        if delay > 0:
-            time.sleep(delay / 1e9)
-        else:
-            due = time.perf_counter_ns()  # behind: no burst to catch up
-    os.close(fd)
-    with open(out, "wb") as output:
-        samples.tofile(output)
-
-
-class Writer:
-    """One paced writer process; samples() is [(start ns, latency ms)]."""
-
-    def __init__(self, path: Path, size: int, fixed: bool, fsync_every: int, seed: int,
-                 out: Path):
-        self.out = out
-        self.ready, self.stop_event = multiprocessing.Event(), multiprocessing.Event()
-        self.process = multiprocessing.Process(
-            target=_write_loop, args=(os.fspath(path), size, fixed, fsync_every, seed,
-                                      self.ready, self.stop_event, os.fspath(out)))
-
-    def __enter__(self) -> Writer:
-        self.process.start()
-        if not self.ready.wait(30):
-            raise BenchError("the writer did not start")
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(10)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(10)
-        remove(self.out)
-
-    def finish(self) -> list[tuple[int, float]]:
-        self.stop_event.set()
-        self.process.join(60)
-        if self.process.exitcode != 0:
-            raise BenchError(f"the writer failed (exit {self.process.exitcode})")
-        raw = array.array("q")
-        with open(self.out, "rb") as source:
-            raw.frombytes(source.read())
-        return [(raw[i], raw[i + 1] / 1e6) for i in range(0, len(raw), 2)]
-
-
 def fill_random(path: Path, data_bytes: int, size: int) -> None:
     """A disk of size bytes whose first data_bytes are random, the rest never written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -348,31 +158,6 @@ def same_spots(original: Path, restored: Path, offsets: list[int]) -> None:
 
 
 # -- the snapshot driver (a process of its own, with csvfs imported) ------------------------------
-
-
-def take_snapshots(image: str, count: int, gap: float) -> None:
-    """Set and release count snapshot points one after another, gap seconds apart; one
-    JSON line per point on stdout: the take and release call's times (perf_counter_ns)
-    and the coordinator's pause_s."""
-    import trio
-
-    from csvfs.backup.requester import Requester
-    from csvfs.cluster import messages
-
-    async def main() -> None:
-        async with Requester.connect(Path(image), None, SNAPSHOT_TIMEOUT) as requester:
-            for _ in range(count):
-                take = time.perf_counter_ns()
-                point = await requester.call(messages.SNAPSHOT_TAKE, timeout=SNAPSHOT_TIMEOUT)
-                taken = time.perf_counter_ns()
-                await requester.call(messages.SNAPSHOT_RELEASE, snapshot=point["id"],
-                                     outcome="done")
-                released = time.perf_counter_ns()
-                print(json.dumps({"take": take, "taken": taken, "released": released,
-                                  "pause_s": point["pause_s"]}), flush=True)
-                await trio.sleep(gap)
-
-    trio.run(main)
 
 
 # -- the setup ----------------------------------------------------------------------------------
@@ -579,27 +364,6 @@ def run_backups(setup: Setup, args) -> str:
 # -- 4: the snapshot pause -----------------------------------------------------------------------
 
 
-def overlapping(samples: list[tuple[int, float]], windows: list[tuple[int, int]]) -> list:
-    """Latencies (ms) of the writes whose [start, end] overlaps one of the windows."""
-    found = []
-    for started, latency in samples:
-        ended = started + latency * 1e6
-        if any(started <= end and ended >= begin for begin, end in windows):
-            found.append(latency)
-    return found
-
-
-def first_after(samples: list[tuple[int, float]], moments: list[int]) -> list[float]:
-    """The latency of the first write that started after each moment."""
-    starts = [started for started, _latency in samples]
-    found = []
-    for moment in moments:
-        index = next((i for i, started in enumerate(starts) if started >= moment), None)
-        if index is not None:
-            found.append(samples[index][1])
-    return found
-
-
 def run_pause(setup: Setup, args) -> str:
     python = helper_python(setup.tools.csvfs)
     path = setup.b / "pause-file"
@@ -619,7 +383,7 @@ def run_pause(setup: Setup, args) -> str:
                 if condition == "none":
                     time.sleep(args.pause_window)
                 else:
-                    driver = setup.tools.start([python, __file__, "--take-snapshots",
+                    driver = setup.tools.start([python, WRITER_LATENCY, "take-snapshots",
                                                 setup.image, str(args.snapshots), "0.1"])
                     points = [json.loads(line) for line in
                               setup.tools.finish(driver, "the snapshot driver").splitlines()]
@@ -755,11 +519,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--disk-mib", type=int,
                         help="the VM disk's size in MiB (default 4096; --quick: 256)")
-    parser.add_argument("--take-snapshots", nargs=3, metavar=("IMAGE", "COUNT", "GAP"),
-                        help=argparse.SUPPRESS)  # the snapshot driver, run by this script
     args = parser.parse_args(argv)
-    if args.take_snapshots:
-        return args
     args.csvfs = [args.csvfs] if args.csvfs else csvfs_command()
     quick = args.quick
     args.disk_size = (args.disk_mib or (256 if quick else 4096)) * MiB
@@ -785,10 +545,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.take_snapshots:
-        image, count, gap = args.take_snapshots
-        take_snapshots(image, int(count), float(gap))
-        return 0
     signal.signal(signal.SIGTERM, raise_on_sigterm)  # the same teardown as Ctrl-C
     scratch = Path(tempfile.mkdtemp(prefix="csvfs-backupbench-", dir=args.dir))
     report = ""
