@@ -97,10 +97,13 @@ class SnapshotSet:
         waiting = self.waiting[BLOCKS if inode.blocks else UNITS] if self.by_id else {}
         if not inode.units or not (waiting or inode.tracking):
             return []
+        ask: set[int] = set()
+        if inode.tracking:  # set operations: a VM disk has thousands of units
+            ask = inode.units.keys() - set.intersection(*inode.tracking.values())
+        if waiting:
+            ask |= {index for index, granule in inode.units.items() if granule in waiting}
         runs: list[list[int]] = []
-        for index in sorted(index for index, granule in inode.units.items()
-                            if waiting.get(granule)
-                            or inode.unmarked(index)):
+        for index in sorted(ask):
             if runs and runs[-1][0] + runs[-1][1] == index:
                 runs[-1][1] += 1
             else:
