@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
+from csvfs.backup.manifest import ChunkRef, to_item
+from csvfs.backup.mount import BackupOperations
 from csvfs.backup.repository import Repository
 from scripts.nodes import REPO, MountProcess, csvfs_command, is_mounted, wait_until
 
@@ -322,6 +325,72 @@ def test_vm_backup(any_repo, mounts):
     assert pread(db, 5000, CHUNK - 2500) == DB[CHUNK - 2500:CHUNK + 2500]
     assert read(mp / "web.img") == WEB
     expect_errno(errno.EROFS, os.open, db, os.O_RDWR)
+
+
+# -- slices of chunks, as incremental backups write them --------------------------------------
+
+
+X, Y, W = pattern(7, CHUNK), pattern(8, CHUNK), pattern(9, 3000)
+SLICES = [  # (offset, chunk, skip, length) of /sliced.img, whose size is SLICED_SIZE
+    (0, X, 0, 10_000),  # the start of a chunk
+    (10_000, Y, 20_000, 40_000),  # from a chunk's middle
+    (50_000, W, 0, 3000),  # a whole chunk
+    # a hole [53000, 70000)
+    (70_000, X, 5, CHUNK - 5),  # a chunk's end
+    (70_000 + CHUNK - 5, Y, 0, CHUNK),  # a whole chunk, that a slice takes from too
+    # a hole to the end
+]
+SLICED_SIZE = 300_000
+
+
+def sliced_entry(repo: Repository, path: str, ino: int, refs: list) -> tuple[dict, bytes]:
+    items, data = [], bytearray(SLICED_SIZE)
+    for offset, chunk, skip, length in refs:
+        chunk_id = repo.chunk_id(chunk)
+        repo.put_chunk(chunk, chunk_id)
+        items.append(to_item(ChunkRef(offset, length, chunk_id, skip)))
+        data[offset:offset + length] = chunk[skip:skip + length]
+    entry = dict(attrs(ino, 0o100644), path=path, size=SLICED_SIZE, consistency="crash",
+                 chunks=items)
+    return entry, bytes(data)
+
+
+def test_slices_of_chunks_read_exactly(any_repo, mounts):
+    entry, expected = sliced_entry(any_repo, "/sliced.img", 30, SLICES)
+    # bytes [20000, 70000) of W, which holds 3000: every read of them fails
+    short, _ = sliced_entry(any_repo, "/short.img", 31, [(1000, W, 20_000, 50_000)])
+    assert sorted({len(item) for item in entry["chunks"]}) == [3, 4]
+    mount = mounts.start(any_repo, manifest("vm", [entry, short], []))
+    sliced = mount.path / "sliced.img"
+    assert os.stat(sliced).st_size == SLICED_SIZE
+    assert read(sliced) == expected
+    assert os.stat(sliced).st_blocks == -(-sum(length for *_, length in SLICES) // 512)
+    # reads that begin or end at every boundary, and that span several slices
+    edges = sorted({edge for offset, _chunk, _skip, length in SLICES
+                    for edge in (offset, offset + length)})
+    for edge in edges:
+        for size in (1, 100, 5000, CHUNK + 1):
+            for start in (edge - size, edge - size // 2, edge):
+                start = max(start, 0)
+                assert pread(sliced, size, start) == expected[start:start + size], (edge, start)
+    assert pread(sliced, 60_000, 5_000) == expected[5_000:65_000]  # four slices and a hole
+    assert pread(sliced, 10_000, 55_000) == bytes(10_000)  # in the hole
+    expect_errno(errno.EIO, read, mount.path / "short.img")
+    # its hole still reads (far enough that the kernel's readahead stays out of the slice)
+    assert pread(mount.path / "short.img", 500, 200_000) == bytes(500)
+    assert read(sliced) == expected and mount.server.running()
+    assert "too short" in mount.output() and "Traceback" not in mount.output()
+
+
+def test_a_read_anywhere_takes_the_right_bytes_of_each_slice(repo):
+    """The read path alone, at offsets and sizes the kernel's page cache never asks."""
+    entry, expected = sliced_entry(repo, "/sliced.img", 30, SLICES)
+    operations = BackupOperations(repo, dict(manifest("vm", [entry], []), id="direct"))
+    (node,) = [node for node in operations.nodes.values() if node.path == "/sliced.img"]
+    for start in range(0, SLICED_SIZE + 1000, 997):
+        for size in (1, 4096, 70_001):
+            got = trio.run(operations._read, node, start, size)
+            assert got == expected[start:start + size], (start, size)
 
 
 # -- running and stopping ----------------------------------------------------------------------

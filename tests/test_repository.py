@@ -15,6 +15,7 @@ import msgpack
 import pytest
 
 from csvfs.backup import progress
+from csvfs.backup.manifest import ChunkRef, to_item
 from csvfs.backup.repository import (
     AmbiguousBackup,
     CorruptChunk,
@@ -30,6 +31,7 @@ from csvfs.backup.repository import (
     write_key,
 )
 from csvfs.volume.errors import ExitCode
+from tests.cluster import csvfs
 
 ROOT = Path(__file__).resolve().parent.parent
 KIB = 1 << 10
@@ -523,6 +525,139 @@ def test_restore_file_refuses_overlapping_chunks(repo, tmp_path):
     finally:
         os.close(fd)
     assert (tmp_path / "out").stat().st_size == 0  # refused before writing anything
+
+
+# Slices of chunks
+
+
+def sliced_entry(repo: Repository, path: str = "/sliced") -> tuple[dict, bytes]:
+    """A file entry that mixes whole chunks, slices of chunks and holes, as an
+    incremental backup writes them, and the bytes the file holds."""
+    old, other, fresh = blob(1, 256 * KIB), blob(2, 128 * KIB), blob(3, 64 * KIB)
+    half_zeros = bytes(32 * KIB) + blob(4, 32 * KIB)
+    for data in (old, other, fresh, half_zeros):
+        repo.put_chunk(data)
+    size = MIB
+    refs = [  # (offset in the file, the chunk's data, skip, length)
+        (0, old, 0, 64 * KIB),  # the start of a chunk: a 3-element item, shorter
+        (64 * KIB, fresh, 0, 64 * KIB),  # a whole chunk
+        (128 * KIB, old, 128 * KIB, 128 * KIB),  # a chunk's end
+        # a hole [256 KiB, 320 KiB)
+        (320 * KIB, other, 32 * KIB, 32 * KIB),  # the middle of a chunk
+        (352 * KIB, other, 0, 128 * KIB),  # the same chunk, whole
+        (480 * KIB, half_zeros, 0, 32 * KIB),  # a slice of zeros (stays a hole)
+        (512 * KIB, half_zeros, 32 * KIB, 32 * KIB),
+        (900 * KIB, old, 10, 1000),  # odd offsets and lengths; then a hole to the end
+    ]
+    expected = bytearray(size)
+    items = []
+    for offset, data, skip, length in refs:
+        expected[offset:offset + length] = data[skip:skip + length]
+        items.append(to_item(ChunkRef(offset, length, repo.chunk_id(data), skip)))
+    return file_entry(path, size, items), bytes(expected)
+
+
+def file_entry(path: str, size: int, items: list) -> dict:
+    return {"path": path, "ino": 0, "size": size, "mode": 0o100644, "uid": 0, "gid": 0,
+            "atime_ns": 0, "mtime_ns": 0, "ctime_ns": 0, "xattrs": [],
+            "consistency": "crash", "chunks": items}
+
+
+def backup_of(repo: Repository, *entries: dict) -> str:
+    manifest = manifest_of(repo, {})
+    manifest["files"] = list(entries)
+    return repo.save_manifest(manifest)
+
+
+def restore_to(repo: Repository, entry: dict, target: Path, done=None) -> None:
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        restore_file(repo, entry, fd, progress=done)
+    finally:
+        os.close(fd)
+
+
+def test_restore_file_takes_slices_of_chunks(repo, tmp_path):
+    entry, expected = sliced_entry(repo)
+    backup_id = backup_of(repo, entry)
+    loaded = repo.load_manifest(backup_id)["files"][0]
+    assert loaded["chunks"] == entry["chunks"]
+    assert sorted({len(item) for item in loaded["chunks"]}) == [3, 4]
+    done = []
+    restore_to(repo, loaded, tmp_path / "out", done.append)
+    assert (tmp_path / "out").read_bytes() == expected
+    assert sum(done) == sum(item[1] for item in entry["chunks"])
+    assert (tmp_path / "out").stat().st_blocks * 512 < 600 * KIB  # holes stayed holes
+    assert repo.verify() == []
+
+
+def test_verify_checks_each_chunk_for_the_most_any_slice_takes(repo):
+    entry, _expected = sliced_entry(repo)
+    backup_id = backup_of(repo, entry)
+    seen = []
+    assert repo.verify([backup_id], progress=seen.append) == []
+    # old: up to 256 KiB; other and half_zeros: whole; fresh: whole
+    assert sorted(seen) == [64 * KIB, 64 * KIB, 128 * KIB, 256 * KIB]
+
+
+def test_a_chunk_shorter_than_a_slice_is_found_and_refused(repo, tmp_path):
+    data = blob(1, 16 * KIB)
+    chunk_id = repo.chunk_id(data)
+    repo.put_chunk(data)
+    fits = file_entry("/fits", 64 * KIB,
+                      [[0, 8 * KIB, chunk_id], [8 * KIB, 8 * KIB, chunk_id, 8 * KIB]])
+    # bytes [12 KiB, 20 KiB) of a chunk of 16 KiB
+    past = file_entry("/past", 64 * KIB, [[4096, 8 * KIB, chunk_id, 12 * KIB]])
+    backup_id = backup_of(repo, fits, past)
+    (problem,) = repo.verify()
+    assert chunk_id.hex()[:16] in problem and backup_id in problem and "/past" in problem
+    assert f"holds {16 * KIB} bytes" in problem and f"needs {20 * KIB}" in problem
+    restore_to(repo, fits, tmp_path / "fits")
+    assert (tmp_path / "fits").read_bytes() == data + bytes(48 * KIB)
+    with pytest.raises(CorruptChunk) as exc:
+        restore_to(repo, past, tmp_path / "past")
+    assert chunk_id.hex()[:16] in one_line(exc) and "/past" in str(exc.value)
+    assert exc.value.exit_code == ExitCode.REPO_CORRUPT == 24
+    key = ["--repo-key", repo.key_path]
+    result = csvfs("backup", "verify", "--repo", repo.path, *key, check=False)
+    assert result.returncode == 24 and f"needs {20 * KIB}" in result.stdout, result
+    result = csvfs("backup", "restore", "--repo", repo.path, *key, backup_id, "--file", "/past",
+                   "--to", tmp_path / "cli-past", check=False)
+    assert result.returncode == 24 and chunk_id.hex()[:16] in result.stderr, result
+    assert "Traceback" not in result.stderr
+    result = csvfs("backup", "restore", "--repo", repo.path, *key, backup_id, "--file", "/fits",
+                   "--to", tmp_path / "cli-fits")
+    assert (tmp_path / "cli-fits").read_bytes() == data + bytes(48 * KIB)
+
+
+@pytest.mark.parametrize("skip", [-1, "5", 1.5, None])
+def test_a_malformed_skip_is_a_corrupt_manifest(repo, tmp_path, skip):
+    data = blob(1, 16 * KIB)
+    repo.put_chunk(data)
+    entry = file_entry("/bad-skip", 64 * KIB, [[0, 4 * KIB, repo.chunk_id(data), skip]])
+    backup_id = backup_of(repo, entry)
+    (problem,) = repo.verify()
+    assert backup_id in problem and "/bad-skip" in problem and "skip" in problem
+    with pytest.raises(CorruptManifest, match="/bad-skip") as exc:
+        restore_to(repo, entry, tmp_path / "out")
+    assert exc.value.exit_code == 24
+    assert (tmp_path / "out").stat().st_size == 0  # refused before writing anything
+    with pytest.raises(CorruptManifest):
+        repo.prune()  # which chunks it needs cannot be told: nothing is deleted
+    assert repo.has_chunk(repo.chunk_id(data))
+
+
+def test_prune_keeps_a_chunk_only_a_slice_still_uses(repo):
+    data, other = blob(1), blob(2)
+    whole = repo.save_manifest(manifest_of(repo, {"/f": [(0, data), (64 * KIB, other)]},
+                                           time_ns=1))
+    sliced = file_entry("/f", 128 * KIB,
+                        [to_item(ChunkRef(4096, 4096, repo.chunk_id(data), 4096))])
+    backup_of(repo, sliced)
+    repo.forget([whole])
+    assert repo.prune()["chunks_removed"] == 1
+    assert repo.has_chunk(repo.chunk_id(data)) and not repo.has_chunk(repo.chunk_id(other))
+    assert repo.verify() == []
 
 
 # Threads

@@ -7,6 +7,8 @@ import stat
 
 import pytest
 
+from csvfs.backup.errors import CorruptManifest
+from csvfs.backup.manifest import ChunkRef, to_item
 from csvfs.backup.restore_image import BadBackupError, build_image
 from csvfs.fsck import run_fsck
 from csvfs.volume.errors import UsageError, VolumeExistsError
@@ -47,18 +49,26 @@ class Backup:
 
     def add_file(self, path, size, pieces, perm=0o644, **extra) -> dict:
         """pieces: {offset: data}; offsets are multiples of CHUNK."""
+        refs = [(offset, data, 0, len(data)) for offset, data in sorted(pieces.items())]
+        return self.add_sliced_file(path, size, refs, perm, **extra)[0]
+
+    def add_sliced_file(self, path, size, refs, perm=0o644, **extra) -> tuple[dict, bytes]:
+        """refs: (offset, a chunk's data, skip, length): the file's bytes [offset,
+        offset+length) are the chunk's [skip, skip+length). Returns the tree entry and
+        the bytes the file holds."""
         entry = self.add(path, "file", perm, **extra)
-        chunks = []
-        for offset, data in sorted(pieces.items()):
-            chunk_id = hashlib.blake2b(data, digest_size=16).digest()
+        chunks, content = [], bytearray(size)
+        for offset, data, skip, length in refs:
+            chunk_id = hashlib.blake2b(data, digest_size=32).digest()
             self.chunks[chunk_id] = data
-            chunks.append([offset, len(data), chunk_id])
+            chunks.append(to_item(ChunkRef(offset, length, chunk_id, skip)))
+            content[offset:offset + length] = data[skip:skip + length]
         self.files.append({"path": path, "ino": entry["ino"], "size": size,
                            "mode": entry["mode"], "uid": entry["uid"], "gid": entry["gid"],
                            "atime_ns": entry["atime_ns"], "mtime_ns": entry["mtime_ns"],
                            "ctime_ns": entry["ctime_ns"], "xattrs": entry["xattrs"],
                            "consistency": "crash", "chunks": chunks})
-        return entry
+        return entry, bytes(content)
 
     def link(self, path, existing: dict) -> None:
         self.tree.append(dict(existing, path=path))
@@ -253,3 +263,75 @@ def test_a_bad_chunk_leaves_no_volume_behind(tmp_path):
         build_image(backup.manifest(), backup.read_chunk, image)
     assert not image.exists()
     assert not (tmp_path / "bad.img.key").exists()
+
+
+# -- slices of chunks, as incremental backups write them ---------------------------------------
+
+
+def sliced_backup() -> tuple[Backup, dict[str, bytes]]:
+    """Files whose references mix whole chunks, slices of chunks (with a skip, and
+    shorter than their chunk) and holes; and the bytes each holds."""
+    backup = Backup()
+    a, b = _pattern(CHUNK, 11), _pattern(CHUNK, 12)
+    zeros_then_data = bytes(UNIT) + _pattern(CHUNK - UNIT, 13)
+    big = [  # (offset, chunk, skip, length)
+        (0, a, 0, 100_000),  # the start of a chunk
+        (100_000, b, 5_000, 60_000),  # from its middle, over a unit boundary
+        # a hole to unit 4
+        (4 * UNIT, a, 0, CHUNK),  # a whole chunk, that a slice takes from too
+        (6 * UNIT + 1000, zeros_then_data, 0, 20_000),  # zeros: allocated, not written
+        (6 * UNIT + 21_000, zeros_then_data, UNIT, 30_000),
+        (9 * UNIT - 10, b, CHUNK - 50, 50),  # a chunk's tail, over a unit boundary
+        # a hole to the end
+    ]
+    small = [  # within the first unit: 4 KiB blocks
+        (100, a, 7, 5000),
+        (5100, b, 0, 3000),
+        (30_000, a, 100_000, 9000),
+    ]
+    expected = {"/big": backup.add_sliced_file("/big", 12 * UNIT, big)[1],
+                "/small": backup.add_sliced_file("/small", 40_000, small)[1]}
+    return backup, expected
+
+
+def test_slices_of_chunks_restore_exactly(tmp_path, nodes, capsys):
+    backup, expected = sliced_backup()
+    image = tmp_path / "sliced.img"
+    seen = []
+    stats = build_image(backup.manifest(), backup.read_chunk, image,
+                        progress=lambda done, total: seen.append((done, total)))
+    assert run_fsck(image) == 0
+    assert "volume is clean" in capsys.readouterr().out
+    # big: units 0, 1, 2, 4, 5, 6, 8, 9; small: blocks 0, 1, 7, 8, 9
+    assert stats["allocated"] == 8 * UNIT + 5 * BLOCK
+    assert stats["bytes"] == 12 * UNIT + 40_000
+    total = sum(item[1] for entry in backup.files for item in entry["chunks"])
+    assert seen[-1] == (total, total)
+    node = nodes.start(image)
+    for path, data in expected.items():
+        restored = node.path(path.lstrip("/"))
+        assert restored.stat().st_size == len(data), path
+        assert restored.read_bytes() == data, path
+
+
+def test_a_chunk_too_short_for_its_slice_leaves_no_volume_behind(tmp_path):
+    backup, _expected = sliced_backup()
+    (short_id,) = [chunk_id for chunk_id, data in backup.chunks.items() if data[:UNIT] ==
+                   bytes(UNIT)]
+    backup.chunks[short_id] = backup.chunks[short_id][:UNIT + 29_999]  # one byte short
+    image = tmp_path / "short.img"
+    with pytest.raises(BadBackupError, match="the manifest says it holds at least") as caught:
+        build_image(backup.manifest(), backup.read_chunk, image)
+    assert caught.value.exit_code == 24
+    assert not image.exists() and not (tmp_path / "short.img.key").exists()
+
+
+@pytest.mark.parametrize("skip", [-5, "7"])
+def test_a_malformed_skip_is_refused_before_anything_is_made(tmp_path, skip):
+    backup, _expected = sliced_backup()
+    backup.files[0]["chunks"][1][3] = skip
+    image = tmp_path / "bad-skip.img"
+    with pytest.raises(CorruptManifest, match="/big") as caught:
+        build_image(backup.manifest(), backup.read_chunk, image)
+    assert caught.value.exit_code == 24
+    assert not image.exists()

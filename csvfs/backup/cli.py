@@ -11,8 +11,9 @@ from pathlib import Path
 
 import trio
 
+from csvfs.backup.manifest import chunk_needs
 from csvfs.backup.progress import bar
-from csvfs.backup.repository import Repository, file_chunks, restore_file
+from csvfs.backup.repository import Repository, restore_file
 from csvfs.volume.errors import ExitCode, MountpointError, UsageError, UserError
 from csvfs.volume.sizes import format_size
 
@@ -177,8 +178,8 @@ def cmd_verify(args) -> int:
     repo = _open(args)
     chosen = [repo.load_manifest(backup_id) for backup_id in args.ids] if args.ids \
         else repo.backups()
-    total = sum(length for manifest in chosen for entry in manifest["files"]
-                for _offset, length, _id in file_chunks(entry))
+    # what verify reads: each chunk once, as much of it as any reference needs
+    total = sum(chunk_needs(chosen).values())
     with bar(total, "verify") as progress:
         problems = repo.verify([manifest["id"] for manifest in chosen] if args.ids else None,
                                progress=progress.update)

@@ -10,11 +10,12 @@ The manifest is read once at mount and turned into an inode table held in memory
 - a VM backup has no tree, only files: their directories are made up from their
   paths (mode 0555, owned by whoever mounts, with the backup's time).
 
-A read maps its byte range to the file's chunks (bisect over their offsets); what
-no chunk covers is a hole and reads as zeros. Chunks are fetched with
-Repository.get_chunk on a worker thread, which authenticates and re-hashes them, and
-the last few decoded ones are kept (an LRU), since the kernel reads a file in pieces
-much smaller than a chunk. A chunk that is corrupt or missing fails that read with
+A read maps its byte range to the file's chunk references (slice_refs, a bisect),
+each all of a chunk or a slice of one; what no reference covers is a hole and reads
+as zeros. Chunks are fetched with Repository.get_chunk on a worker thread, which
+authenticates and re-hashes them, and the last few decoded ones are kept (an LRU),
+since the kernel reads a file in pieces much smaller than a chunk. A chunk that is
+corrupt, missing or too short for the bytes a read takes of it fails that read with
 EIO and is logged once; the mount goes on serving everything else.
 
 Nothing here ever changes, so the kernel may cache names, attributes and pages for
@@ -28,10 +29,8 @@ SIGINT, SIGTERM, SIGHUP or `fusermount3 -u MOUNTPOINT`.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import functools
-import itertools
 import logging
 import os
 import signal
@@ -44,12 +43,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from csvfs.backup.manifest import ChunkRef, file_chunks, slice_refs
 from csvfs.backup.repository import (
     CorruptChunk,
     CorruptManifest,
     Repository,
     RepositoryCorrupt,
-    file_chunks,
 )
 from csvfs.volume.errors import MountpointError
 
@@ -83,9 +82,8 @@ class Node:
     target: bytes = b""
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     nlink: int = 1
-    chunks: list[tuple[int, int, bytes]] = field(default_factory=list)
-    starts: list[int] = field(default_factory=list)  # each chunk's offset, for bisect
-    stored: int = 0  # bytes its chunks hold: less than its size where it has holes
+    chunks: list[ChunkRef] = field(default_factory=list)
+    stored: int = 0  # bytes its chunks give it: less than its size where it has holes
     parent: int = pyfuse3.ROOT_INODE  # directories only, for ".."
     children: dict[bytes, int] = field(default_factory=dict)
     listing: list[tuple[bytes, int]] = field(default_factory=list)  # children, in order
@@ -94,10 +92,9 @@ class Node:
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
-    def set_chunks(self, chunks: list[tuple[int, int, bytes]]) -> None:
+    def set_chunks(self, chunks: list[ChunkRef]) -> None:
         self.chunks = chunks
-        self.starts = [offset for offset, _length, _id in chunks]
-        self.stored = sum(length for _offset, length, _id in chunks)
+        self.stored = sum(ref.length for ref in chunks)
 
 
 # -- the inode table, from a manifest ------------------------------------------------------
@@ -395,19 +392,14 @@ class BackupOperations(pyfuse3.Operations):
         if off >= end:
             return b""
         out = bytearray(end - off)  # zeros: what no chunk covers is a hole
-        first = max(bisect.bisect_right(node.starts, off) - 1, 0)
-        for offset, length, chunk_id in itertools.islice(node.chunks, first, None):
-            if offset >= end:
-                break
-            if offset + length <= off:
-                continue
-            data = await self._chunk(chunk_id, length)
-            low, high = max(off, offset), min(end, offset + length)
-            out[low - off:high - off] = data[low - offset:high - offset]
+        for ref in slice_refs(node.chunks, off, end):
+            data = await self._chunk(ref.chunk_id, ref.needed)
+            out[ref.offset - off:ref.end - off] = ref.piece(data)
         return bytes(out)
 
-    async def _chunk(self, chunk_id: bytes, length: int) -> bytes:
-        """A chunk's data, from the cache or the repository (checked there)."""
+    async def _chunk(self, chunk_id: bytes, needed: int) -> bytes:
+        """A chunk's data, from the cache or the repository (checked there), which
+        must hold at least the bytes needed of it."""
         while (data := self._cache.get(chunk_id)) is None:
             pending = self._fetching.get(chunk_id)
             if pending is None:
@@ -415,9 +407,9 @@ class BackupOperations(pyfuse3.Operations):
                 break
             await pending.wait()  # then look again: the fetch may have failed
         self._cache.move_to_end(chunk_id)
-        if len(data) != length:
+        if len(data) < needed:
             raise CorruptChunk(f"chunk {chunk_id.hex()[:16]}… holds {len(data)} bytes where "
-                               f"the manifest says {length}")
+                               f"the manifest needs {needed} (too short)")
         return data
 
     async def _fetch(self, chunk_id: bytes) -> bytes:

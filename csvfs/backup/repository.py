@@ -78,7 +78,7 @@ from csvfs.backup.keys import (
     read_key,
     write_key,
 )
-from csvfs.backup.manifest import ID_SIZE, file_chunks, manifest_chunks
+from csvfs.backup.manifest import ID_SIZE, ChunkRef, file_chunks, manifest_chunks
 from csvfs.volume.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -380,11 +380,13 @@ class Repository:
     def verify(self, ids: Iterable[str] | None = None,
                progress: Callable[[int], object] | None = None) -> list[str]:
         """Re-read every manifest, and re-read and re-hash every chunk the chosen
-        backups (default: all) reference. Returns one line per problem; none means
-        all is well. progress, if given, is called with the bytes each chunk adds."""
+        backups (default: all) reference, checking that it holds the bytes every
+        reference takes of it. Returns one line per problem; none means all is well.
+        progress, if given, is called with the bytes each chunk is needed for
+        (chunk_needs says how many in all)."""
         problems: list[str] = []
         chosen = set(self._backup_ids() if ids is None else map(self._resolve, ids))
-        wanted: dict[bytes, tuple[int, str]] = {}  # chunk id -> (length, who uses it)
+        wanted: dict[bytes, tuple[int, str]] = {}  # chunk id -> (bytes needed, who needs them)
         for backup_id in self._backup_ids():
             try:
                 manifest = self._read_manifest(backup_id)
@@ -393,31 +395,35 @@ class Repository:
                 problems.append(str(exc))
                 continue
             if backup_id in chosen:
-                for path, _offset, length, chunk_id in refs:
-                    wanted.setdefault(chunk_id, (length, f"backup {backup_id}, file {path}"))
+                for path, ref in refs:  # the reference that needs the most of a chunk
+                    if ref.needed > wanted.get(ref.chunk_id, (0, ""))[0]:
+                        wanted[ref.chunk_id] = (ref.needed, f"backup {backup_id}, file {path}")
         problems += self._check_chunks(wanted, progress)
         return problems
 
     def _check_chunks(self, wanted: dict[bytes, tuple[int, str]],
                       progress: Callable[[int], object] | None) -> list[str]:
         def check(item: tuple[bytes, tuple[int, str]]) -> tuple[str | None, int]:
-            chunk_id, (length, user) = item
+            chunk_id, (needed, user) = item
             try:
                 data = self.get_chunk(chunk_id)
             except RepositoryCorrupt as exc:
-                return f"{exc} (used by {user})", length
-            if len(data) != length:
-                return (self._chunk_problem(chunk_id, f"holds {len(data)} bytes where {user} "
-                                            f"expects {length}"), length)
-            return None, length
+                return f"{exc} (used by {user})", needed
+            if len(data) < needed:
+                return self._too_short(chunk_id, len(data), needed, user), needed
+            return None, needed
 
         problems = []
-        for problem, length in _ordered_map(check, wanted.items()):
+        for problem, needed in _ordered_map(check, wanted.items()):
             if problem:
                 problems.append(problem)
             if progress:
-                progress(length)
+                progress(needed)
         return problems
+
+    def _too_short(self, chunk_id: bytes, held: int, needed: int, user: str) -> str:
+        return self._chunk_problem(chunk_id, f"holds {held} bytes where {user} "
+                                   f"needs {needed} (too short)")
 
     # Removing
 
@@ -453,8 +459,8 @@ class Repository:
     def _collect_garbage(self) -> tuple[int, int]:
         # Any manifest that cannot be read stops the collection (CorruptManifest):
         # the chunks it references must not be deleted on a guess.
-        referenced = {chunk_id for backup_id in self._backup_ids()
-                      for _, _, _, chunk_id in manifest_chunks(self._read_manifest(backup_id))}
+        referenced = {ref.chunk_id for backup_id in self._backup_ids()
+                      for _path, ref in manifest_chunks(self._read_manifest(backup_id))}
         removed = freed = 0
         for directory in sorted((self.path / "chunks").iterdir()):
             touched = False
@@ -508,24 +514,24 @@ class Repository:
 
 def restore_file(repo: Repository, entry: dict, fd: int,
                  progress: Callable[[int], object] | None = None) -> None:
-    """Write a file's contents from its manifest entry to fd, sparse: each chunk at
-    its offset, holes (and chunks of zeros) left unwritten, then the size set. So
-    fd must read as zeros where nothing is written: a new or truncated file."""
+    """Write a file's contents from its manifest entry to fd, sparse: each chunk's
+    piece (all of it, or the slice the entry names) at its offset, holes (and pieces
+    of zeros) left unwritten, then the size set. So fd must read as zeros where
+    nothing is written: a new or truncated file."""
     refs = file_chunks(entry)
 
-    def fetch(ref: tuple[int, int, bytes]) -> tuple[int, bytes]:
-        offset, length, chunk_id = ref
-        data = repo.get_chunk(chunk_id)
-        if len(data) != length:
-            raise CorruptChunk(repo._chunk_problem(
-                chunk_id, f"holds {len(data)} bytes where {entry['path']} expects {length}"))
-        return offset, data
+    def fetch(ref: ChunkRef) -> tuple[int, bytes]:
+        data = repo.get_chunk(ref.chunk_id)
+        if len(data) < ref.needed:
+            raise CorruptChunk(repo._too_short(ref.chunk_id, len(data), ref.needed,
+                                               f"{entry['path']} at offset {ref.offset}"))
+        return ref.offset, ref.piece(data)
 
-    for offset, data in _ordered_map(fetch, refs):
-        if data != bytes(len(data)):
-            _pwrite_all(fd, data, offset)
+    for offset, piece in _ordered_map(fetch, refs):
+        if piece != bytes(len(piece)):
+            _pwrite_all(fd, piece, offset)
         if progress:
-            progress(len(data))
+            progress(len(piece))
     os.ftruncate(fd, entry["size"])
 
 

@@ -17,10 +17,11 @@ cluster would have written:
    mknod (or link, for a further name of an inode already made), map or
    bmap for a regular file's data, setxattr, and last setattr, since the
    records before it move the times.
-4. Each file's chunks are written at their units' offsets in the image.
-   Only units (or, for a small file, 4 KiB blocks) that some chunk touches
-   are allocated, so holes stay holes; chunks of zeros are not written, so
-   the image stays sparse. Then one fdatasync.
+4. Each file's chunk references (a whole chunk, or a slice of one) are
+   written at their units' offsets in the image. Only units (or, for a small
+   file, 4 KiB blocks) that some reference touches are allocated, so holes
+   stay holes; pieces of zeros are not written, so the image stays sparse.
+   Then one fdatasync.
 5. Only then is the state written as a checkpoint, into the slot recovery
    did not load from, with a sequence number past the mkfs checkpoint's (so
    recovery takes it) and a new journal generation (so the journal, blank
@@ -43,6 +44,7 @@ from pathlib import Path
 from coordinator import recovery
 from coordinator.allocator import NoSpace
 from coordinator.model import NAME_MAX, ROOT_INO, MetadataState
+from csvfs.backup.manifest import ChunkRef, file_chunks
 from csvfs.mkfs import make_volume
 from csvfs.volume import format as fmt
 from csvfs.volume.errors import ExitCode, UsageError, UserError, VolumeError
@@ -69,10 +71,10 @@ class BadBackupError(UserError):
 
 @dataclass
 class Plan:
-    """A regular file's data: where its chunks go, in the file's granules."""
+    """A regular file's data: where its chunk references go, in the file's granules."""
 
     size: int
-    chunks: list  # [offset, length, chunk id]
+    chunks: list[ChunkRef]
     blocks: bool  # small: mapped in 4 KiB blocks, not whole units
     granules: list[int] = field(default_factory=list)  # file granules some chunk touches
 
@@ -170,21 +172,17 @@ def _plan_files(manifest: dict, unit_size: int) -> dict[int, Plan]:
 
 
 def _plan(path: str, content: dict, unit_size: int) -> Plan:
-    size, chunks, end = content["size"], content["chunks"], 0
-    for offset, length, _chunk_id in chunks:
-        if offset < end or length < 0 or offset + length > size:
-            raise BadBackupError(f"{path}: chunk at {offset} (+{length}) overlaps another or "
-                                 f"lies past the file's size {size}")
-        end = offset + length
+    # checked as every reader checks a file entry (CorruptManifest)
+    refs = file_chunks(dict(content, path=path))
+    end = refs[-1].end if refs else 0
     # The coordinator's rule for a file with no map yet: blocks while it stays in its
     # first unit (coordinator/allocation.py, _in_blocks).
     blocks = 0 < end < unit_size
     granule = BLOCK if blocks else unit_size
     touched = set()
-    for offset, length, _chunk_id in chunks:
-        if length:
-            touched.update(range(offset // granule, (offset + length - 1) // granule + 1))
-    return Plan(size, chunks, blocks, sorted(touched))
+    for ref in refs:
+        touched.update(range(ref.offset // granule, (ref.end - 1) // granule + 1))
+    return Plan(content["size"], refs, blocks, sorted(touched))
 
 
 def _units_needed(plans: dict[int, Plan], unit_size: int) -> int:
@@ -273,7 +271,7 @@ class Builder:
         self.records = 0
         self.by_path: dict[str, int] = {}  # path -> new inode
         self.by_source: dict[int, int] = {}  # source inode -> new inode
-        self.total = sum(length for plan in plans.values() for _o, length, _c in plan.chunks)
+        self.total = sum(ref.length for plan in plans.values() for ref in plan.chunks)
         self.written = 0
 
     def apply(self, op: dict) -> None:
@@ -348,18 +346,19 @@ class Builder:
         inode = self.state.inodes[ino]
         granule = inode.granule(self.state.unit_size)
         base = self.volume.sb.data.offset
-        for offset, length, chunk_id in plan.chunks:
-            data = self.read_chunk(chunk_id)
-            if len(data) != length:
-                raise BadBackupError(f"{path}: chunk {_hex(chunk_id)} has {len(data)} bytes, "
-                                     f"the manifest says {length}")
-            # Chunks of zeros stay unwritten: the new image reads zeros there already.
-            if data != bytes(length):
-                view = memoryview(data)
-                for start, end, file_granule in pieces(offset, offset + length, granule):
+        for ref in plan.chunks:
+            data = self.read_chunk(ref.chunk_id)
+            if len(data) < ref.needed:
+                raise BadBackupError(f"{path}: chunk {_hex(ref.chunk_id)} has {len(data)} "
+                                     f"bytes, the manifest says it holds at least {ref.needed}")
+            piece = ref.piece(data)
+            # Pieces of zeros stay unwritten: the new image reads zeros there already.
+            if piece != bytes(ref.length):
+                view = memoryview(piece)
+                for start, end, file_granule in pieces(ref.offset, ref.end, granule):
                     at = base + inode.units[file_granule] * granule + start % granule
-                    self.volume.write(at, view[start - offset:end - offset])
-            self.written += length
+                    self.volume.write(at, view[start - ref.offset:end - ref.offset])
+            self.written += ref.length
             if self.progress is not None:
                 self.progress(self.written, self.total)
 
