@@ -239,6 +239,8 @@ class Commits:
         ask = self.state.snapshots.asks(inode)  # granules to ask first about
         if ask:  # (coordinator/snapshots.py)
             reply["ask"] = ask
+        if inode.tracks_stripes(self.unit):  # the node notes which stripes it writes
+            reply["stripes"] = True
         return reply
 
     def unit_offset(self, volume_unit: int) -> int:

@@ -45,6 +45,7 @@ class RemoteSession(NodeSession):
         self.valid_until = trio.current_time() + grant_seconds
         self._outbox_send, self._outbox = trio.open_memory_channel(math.inf)
         self._acks: dict[int, trio.Event] = {}
+        self._results: dict[int, object] = {}  # token -> what the node answered
         self._tokens = itertools.count(1)
         self._freezes: dict[int, tuple[trio.Event, dict]] = {}  # freeze id -> its answer
 
@@ -83,8 +84,9 @@ class RemoteSession(NodeSession):
         log.debug("%s to %s: %s", kind, self.name, body)
         return True
 
-    async def _acknowledged(self, kind: str, body: dict) -> None:
-        """Push a notification and wait until the node says it has carried it out."""
+    async def _acknowledged(self, kind: str, body: dict):
+        """Push a notification and wait until the node says it has carried it out;
+        returns what it answered."""
         if self.peer.closed:
             raise RpcDisconnected(f"{self.peer} is gone")
         token = next(self._tokens)
@@ -105,10 +107,13 @@ class RemoteSession(NodeSession):
             self._acks.pop(token, None)
         if not acked.is_set():
             raise RpcDisconnected(f"{self.peer} left before it acknowledged a {kind}")
+        return self._results.pop(token, None)
 
-    def acknowledged(self, token: int) -> None:
+    def acknowledged(self, token: int, result=None) -> None:
         acked = self._acks.get(token)
         if acked is not None:
+            if result is not None:
+                self._results[token] = result
             acked.set()
 
     async def take_map(self, ino: int, reply: dict, resume: bool, forget: bool,
@@ -119,6 +124,8 @@ class RemoteSession(NodeSession):
             body["granule"] = reply["granule"]
         if "ask" in reply:
             body["ask"] = reply["ask"]
+        if reply.get("stripes"):
+            body["stripes"] = True
         if wait:
             await self._acknowledged(messages.MAP, body)
         else:
@@ -127,8 +134,9 @@ class RemoteSession(NodeSession):
     def resume(self, ino: int) -> None:
         self._push(messages.RESUME, {"ino": ino})
 
-    async def hold(self) -> None:
-        await self._acknowledged(messages.HOLD, {})
+    async def hold(self) -> list:
+        """Returns the stripes the node wrote since its last report."""
+        return await self._acknowledged(messages.HOLD, {}) or []
 
     async def freeze_writers(self, freeze_id: int, inos: list[int],
                              timeout: float) -> dict[int, str]:
@@ -226,12 +234,14 @@ class CoordinatorEndpoint:
         session.renew()
         return {"epoch": self.service.epoch, "grant_seconds": session.grant_seconds}
 
-    async def _ack(self, peer: Peer, token: int) -> None:
-        self._session(peer).acknowledged(token)
+    async def _ack(self, peer: Peer, token: int, result: list | None = None) -> None:
+        self._session(peer).acknowledged(token, result)
 
-    async def _goodbye(self, peer: Peer) -> None:
-        """A clean unmount: the node has stopped all I/O and closed every file."""
+    async def _goodbye(self, peer: Peer, written: list | None = None) -> None:
+        """A clean unmount: the node has stopped all I/O and closed every file, and
+        says which stripes it wrote since its last report."""
         session = self._session(peer)
+        self.service.snapshots.stripes.goodbye(written, peer.name)
         del self.sessions[peer.name]
         session.close()
         await self.service.leave(peer.name)
@@ -250,6 +260,7 @@ class CoordinatorEndpoint:
             return
         del self.sessions[peer.name]
         session.close()
+        self.service.snapshots.stripes.lost(f"{peer.name} left without a goodbye")
         # A dead node writes nothing more; a live one may until its grant runs out.
         until = session.valid_until if self.slot_alive(session.slot) else None
         log.info("%s disconnected (%s)", peer, peer.close_reason)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from coordinator.allocator import Allocator
 from coordinator.snapshot_state import BLOCKS, UNITS, Snapshot, SnapshotSet
-from csvfs.volume.extents import BLOCK, UnitMap, from_runs, to_runs
+from csvfs.volume.extents import BLOCK, STRIPE, UnitMap, from_runs, to_runs
 from csvfs.volume.format import DEFAULT_UNIT
 
 ROOT_INO = 1
@@ -54,6 +54,10 @@ class Inode:
     # bases), the file granules that may differ from what it took. Only those need
     # reading again. Several, so that backups into several repositories each have one.
     tracking: dict[int, set[int]] = field(default_factory=dict)
+    # Of those, per base, the units where only some 64 KiB stripes may differ: unit ->
+    # bitmask of the stripes the nodes reported writing (csvfs/datapath.py). A changed
+    # unit not listed may differ anywhere. Masks only grow, until the next base.
+    partial: dict[int, dict[int, int]] = field(default_factory=dict)
 
     @property
     def is_dir(self) -> bool:
@@ -69,10 +73,14 @@ class Inode:
             self.mtime_ns, self.ctime_ns, self.size, self.rdev, self.target,
             list(self.xattrs.items()), to_runs(self.units),
         ]  # fmt: skip
-        if self.tracking:  # a tracked file: the blocks flag, then [base, changed] pairs
-            return row + [int(self.blocks), [[base, sorted(changed)]
-                                             for base, changed in self.tracking.items()]]
+        if self.tracking:  # a tracked file: the blocks flag, then its bases
+            return row + [int(self.blocks), self.tracking_list()]
         return row + ([1] if self.blocks else [])
+
+    def tracking_list(self) -> list:
+        """[base, changed granules, [[unit, stripes mask]...]] for each base."""
+        return [[base, sorted(changed), sorted(self.partial.get(base, {}).items())]
+                for base, changed in self.tracking.items()]
 
     @classmethod
     def from_list(cls, row: list) -> Inode:
@@ -85,13 +93,61 @@ class Inode:
         if len(row) > 13:
             *row, blocks = row
         *head, xattrs, runs = row
-        return cls(*head, xattrs=dict(xattrs), units=from_runs(runs), blocks=bool(blocks),
-                   tracking={base: set(changed) for base, changed in tracking})
+        inode = cls(*head, xattrs=dict(xattrs), units=from_runs(runs), blocks=bool(blocks))
+        for base, changed, *partial in tracking:
+            inode.tracking[base] = set(changed)
+            inode.partial[base] = {unit: mask for unit, mask in (partial[0] if partial else ())}
+        return inode
 
     def mark_changed(self, granules) -> None:
+        """Changed anywhere in these granules (allocated, freed, written by the
+        coordinator, or by a node with no stripes to report)."""
         granules = list(granules)
-        for changed in self.tracking.values():
+        for base, changed in self.tracking.items():
             changed.update(granules)
+            partial = self.partial.get(base)
+            if partial:
+                for granule in granules:
+                    partial.pop(granule, None)
+
+    def mark_written_by_nodes(self, units) -> None:
+        """A node's first write to these units since a base: the nodes that write them
+        report which stripes they wrote (`add_stripes`), so unmarked units start empty."""
+        units = list(units)
+        for base, changed in self.tracking.items():
+            fresh = [unit for unit in units if unit not in changed]
+            changed.update(fresh)
+            self.partial.setdefault(base, {}).update(dict.fromkeys(fresh, 0))
+
+    def add_stripes(self, masks: dict[int, int]) -> None:
+        """Stripes the nodes wrote, in units they wrote since every base."""
+        for partial in self.partial.values():
+            for unit, mask in masks.items():
+                if unit in partial:
+                    partial[unit] |= mask
+
+    def tracks_stripes(self, unit_size: int) -> bool:
+        """Do the nodes report the stripes they write to this file's units?"""
+        return bool(self.tracking) and not self.blocks and unit_size > STRIPE
+
+    def has_partial(self, index: int) -> bool:
+        return any(index in partial for partial in self.partial.values())
+
+    def new_base(self, base: int) -> None:
+        """Track changes afresh from snapshot `base`; the oldest base beyond
+        MAX_BASES goes."""
+        self.tracking[base] = set()
+        self.partial[base] = {}
+        while len(self.tracking) > MAX_BASES:
+            self.drop_base(min(self.tracking))
+
+    def drop_base(self, base: int) -> None:
+        self.tracking.pop(base, None)
+        self.partial.pop(base, None)
+
+    def reset_tracking(self) -> None:
+        self.tracking = {}
+        self.partial = {}
 
     def unmarked(self, index: int) -> bool:
         """Must a write to file granule `index` be recorded first (for some base)?"""
@@ -359,7 +415,7 @@ class MetadataState:
         inode = self.inodes[op["ino"]]
         self.free_map(inode)
         inode.blocks = False
-        inode.tracking = {}  # its granules changed size: the next backup reads it whole
+        inode.reset_tracking()  # its granules changed size: the next backup reads it whole
         self._change_map(op, block=False)
 
     def _change_map(self, op: dict, block: bool) -> None:
@@ -377,8 +433,13 @@ class MetadataState:
                     self._free(block, unit)
         if op.get("add"):
             inode.blocks = block
+        # A unit added where the base had a hole reads as zeros, as it did: only what
+        # is written to it differs, which the nodes report (the coordinator's own
+        # writes mark the whole unit). One changed since the base stays whole.
+        mark_added = inode.mark_written_by_nodes if inode.tracks_stripes(self.unit_size) \
+            else inode.mark_changed
         for file_unit, volume_unit, count in op.get("add", ()):
-            inode.mark_changed(range(file_unit, file_unit + count))
+            mark_added(range(file_unit, file_unit + count))
             for step in range(count):
                 take(volume_unit + step)
                 inode.units[file_unit + step] = volume_unit + step
@@ -403,6 +464,7 @@ class MetadataState:
         """Freeze the whole namespace and every map as they are now. The files the backup
         takes ("inos", default all) start tracking changes afresh from this point; the
         snapshot keeps what they had tracked before, for the backup to read."""
+        self._take_stripe_reports(op)
         inodes = {ino: Inode.from_list(inode.to_list()) for ino, inode in self.inodes.items()}
         entries = {ino: dict(names) for ino, names in self.entries.items()}
         snapshot = Snapshot(op["id"], op["t"], op.get("requester", ""), inodes, entries,
@@ -411,16 +473,31 @@ class MetadataState:
         for ino in self.inodes if taken is None else taken:
             inode = self.inodes.get(ino)
             if inode is not None and inode.is_reg:
-                snapshot.tracking[ino] = [[base, sorted(changed)]
-                                          for base, changed in inode.tracking.items()]
-                inode.tracking[snapshot.id] = set()
-                while len(inode.tracking) > MAX_BASES:  # the oldest base goes
-                    del inode.tracking[min(inode.tracking)]
+                snapshot.tracking[ino] = inode.tracking_list()
+                inode.new_base(snapshot.id)
         self.snapshots.take(snapshot)
 
+    def _take_stripe_reports(self, op: dict) -> None:
+        """The stripes the nodes wrote up to a snapshot point count for the bases before
+        it: "written", as they reported them ([[ino, [[unit, mask]...]]...]). If some
+        node's report is lost ("stripes_lost": it died, or the coordinator did), every
+        changed unit may differ anywhere."""
+        if op.get("stripes_lost"):
+            for inode in self.inodes.values():
+                inode.partial = {base: {} for base in inode.partial}
+        for ino, masks in op.get("written", ()):
+            inode = self.inodes.get(ino)
+            if inode is not None:
+                inode.add_stripes(dict(masks))
+
     def _apply_changed(self, op: dict) -> None:
-        """The first write to these granules of a tracked file since its base."""
-        self.inodes[op["ino"]].mark_changed(op["granules"])
+        """The first write to these granules of a tracked file since its base: by a
+        node ("by_node", which reports its stripes later), or by the coordinator."""
+        inode = self.inodes[op["ino"]]
+        if op.get("by_node"):
+            inode.mark_written_by_nodes(op["granules"])
+        else:
+            inode.mark_changed(op["granules"])
 
     def _apply_preserve(self, op: dict) -> None:
         """Held granules' old contents were copied (and made durable) before this record."""
@@ -441,5 +518,5 @@ class MetadataState:
             for ino in snapshot.tracking:
                 inode = self.inodes.get(ino)
                 if inode is not None:
-                    inode.tracking.pop(snapshot.id, None)
+                    inode.drop_base(snapshot.id)
         self.snapshots.release(op["id"])

@@ -83,9 +83,10 @@ class NodeSession(Protocol):
         stale["inos"] and the names stale["entries"] ([parent, name] pairs). With
         `wait`, return once it has."""
 
-    async def hold(self) -> None:
+    async def hold(self) -> list:
         """Hold new I/O on every file and return once none is in flight (the snapshot
-        point, coordinator/snapshots.py)."""
+        point, coordinator/snapshots.py), with the stripes of tracked files the node
+        wrote since its last report: [[ino, [[file unit, stripes mask]...]]...]."""
 
     def snapshot_set(self, version: int) -> None:
         """End the hold; maps older than `version` now ask first before every write."""

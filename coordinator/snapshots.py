@@ -57,6 +57,19 @@ them. The next backup reads only the granules changed since the newest base
 its repository holds a backup of, and takes the rest from that backup. A
 backup that fails is no base.
 
+Tracking is finer than the unit where it can be: for a tracked file mapped in
+units larger than 64 KiB, a node's first write marks the unit with an empty
+mask of 64 KiB stripes, and from then on every node notes the stripes it
+writes there (its map says "stripes"). A node reports those when it
+acknowledges a hold (so the snapshot record carries them, for the bases
+before its point) or in its goodbye. A unit added where the base had a hole
+also starts empty (it reads as zeros, as the hole did). The coordinator's own
+writes, frees, and any unit marked otherwise count whole. If a report may be
+lost (a node left without a goodbye or did not acknowledge a hold, or this
+coordinator took over from another), the next snapshot record says
+"stripes_lost", and every changed unit counts whole again: an incremental
+then reads more, never less.
+
 As the requester goes, it tells the coordinator which granules it has read
 for good (`read`: after the check that followed them): the snapshot stops
 holding those, so later writes there need no copy. A backup that reads a disk
@@ -109,6 +122,10 @@ class Snapshots:
         self.dropped: dict[int, str] = {}  # snapshot id -> why it was released early
         # Told of granules a preserve wrote (copies): what knows them as clean forgets.
         self.on_copied: Callable[[str, list[int]], None] = lambda kind, granules: None
+        # The stripes nodes reported writing (at a goodbye) since the last point, and
+        # whether some node's report is lost since: a new coordinator cannot know
+        # what nodes that died before it took over had written.
+        self.stripes = StripeReports()
 
     @property
     def state(self):
@@ -193,14 +210,15 @@ class Snapshots:
             timeout = _bounded(timeout)
             self._check_room()
             try:
-                await self._hold_every_node()
+                reports = await self._hold_every_node()
                 snap_id = commits.journal.next_seq  # unique for the life of the volume
                 t_ns = commits.now()
                 op = {"op": "snapshot", "id": snap_id, "t": t_ns, "requester": requester,
-                      "timeout": timeout}
+                      "timeout": timeout, **self.stripes.record(reports)}
                 if files is not None:
                     op["inos"] = self._inos_of(files)
                 seq = commits.append(op)
+                self.stripes.recorded()
                 await commits.durable(seq)
             finally:
                 # Also when it failed: a record that may be on the volume counts, and
@@ -242,16 +260,29 @@ class Snapshots:
                 inos.append(ino)
         return inos
 
-    async def _hold_every_node(self) -> None:
+    async def _hold_every_node(self) -> list:
+        """Hold every node; returns the stripes each reported writing since its last
+        report (a node that did not acknowledge is evicted, and its report lost)."""
+        reports: list = []
+
+        async def hold(session) -> None:
+            report = await session.hold()
+            if self.stripes.well_formed(report, session.name):
+                reports.append(report)
+
+        async def hold_node(name: str) -> None:
+            if not await self.sessions.acknowledged(name, "hold of every file", hold):
+                self.stripes.lost(f"{name} did not acknowledge the hold")
+
         async with trio.open_nursery() as nursery:
             for name in list(self.sessions.by_name):
-                nursery.start_soon(self.sessions.acknowledged, name, "hold of every file",
-                                   _hold_now)
+                nursery.start_soon(hold_node, name)
         for name, until in list(self.sessions.lingering.items()):
             if until > trio.current_time():  # cut off, it may still write until then
                 log.info("snapshot waits %.2f s for %s's grant to run out", name,
                          until - trio.current_time())
                 await trio.sleep_until(until)
+        return reports
 
     # -- copy-on-write ----------------------------------------------------------------------
 
@@ -263,33 +294,42 @@ class Snapshots:
         commits = self.commits
         async with commits.mutation():
             inode = commits.regular(ino)
-            seq = await self.before_write(inode, offset, end)
+            seq = await self.before_write(inode, offset, end, by_node=True)
             reply = commits.map_of(inode)
         await commits.durable(seq)
         return reply
 
-    async def before_write(self, inode: Inode, start: int, end: int) -> int | None:
+    async def before_write(self, inode: Inode, start: int, end: int,
+                           by_node: bool = False) -> int | None:
         """Before anything writes to [start, end) of a live file: copy the granules a
         snapshot holds there, and mark changed those of a tracked file. Call with the
         metadata lock held. Returns once the records are durable (a write before
         that, then a crash, would leave a snapshot reading the new data, or an
-        incremental missing it), with the last one's seq (None: nothing to do)."""
+        incremental missing it), with the last one's seq (None: nothing to do).
+        `by_node`: a node writes, and reports the stripes it wrote (if the file's map
+        says so); otherwise the coordinator does, and its units changed anywhere."""
         if end <= start:
             return None
         seq = await self._preserve(inode, start, end)
-        changed = self._unmarked(inode, start, end)
+        stripes = by_node and inode.tracks_stripes(self.commits.unit)
+        changed = self._to_mark(inode, start, end, stripes)
         if changed:
-            seq = self.commits.append({"op": "changed", "ino": inode.ino, "granules": changed})
+            op = {"op": "changed", "ino": inode.ino, "granules": changed}
+            if stripes:
+                op["by_node"] = True
+            seq = self.commits.append(op)
         if seq is not None:
             await self.commits.durable(seq)
         return seq
 
-    def _unmarked(self, inode: Inode, start: int, end: int) -> list[int]:
+    def _to_mark(self, inode: Inode, start: int, end: int, stripes: bool) -> list[int]:
+        """The granules of [start, end) to mark: those not marked for every base, and,
+        unless the writer reports its stripes, those only some stripes of are."""
         if not inode.tracking:
             return []
         size = inode.granule(self.commits.unit)
         return [index for index in range(start // size, (end - 1) // size + 1)
-                if inode.unmarked(index)]
+                if inode.unmarked(index) or (not stripes and inode.has_partial(index))]
 
     async def _preserve(self, inode: Inode, start: int, end: int) -> int | None:
         snapshots = self.state
@@ -448,9 +488,67 @@ class Snapshots:
         return rows
 
 
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
 def _bounded(timeout: float) -> float:
     return min(max(float(timeout), 1.0), MAX_TIMEOUT)
 
 
-async def _hold_now(session) -> None:
-    await session.hold()
+class StripeReports:
+    """What the next snapshot record says of the stripes nodes wrote (the model's
+    `_take_stripe_reports` applies it): the reports so far, and whether one is lost.
+
+    Reports arrive with each node's acknowledgement of a hold, and at a clean
+    goodbye. A node that leaves any other way (it died, was evicted, lost its
+    connection) may have written stripes it never reported, and so may the nodes
+    of a coordinator before this one: then the next record says "stripes_lost".
+    """
+
+    def __init__(self):
+        self.missing = "a new coordinator does not know what nodes wrote before it"
+        self.goodbyes: list = []
+
+    def lost(self, why: str) -> None:
+        if not self.missing:
+            log.info("stripe reports lost: %s; the next incrementals read whole units", why)
+        self.missing = self.missing or why
+
+    def goodbye(self, report: list | None, name: str) -> None:
+        if report and self.well_formed(report, name):
+            self.goodbyes.append(report)
+
+    def well_formed(self, report, name: str) -> bool:
+        """Is report [[ino, [[unit, mask]...]]...]? One that is not is lost."""
+        try:
+            good = all(isinstance(ino, int) and all(_natural(unit) and _natural(mask)
+                                                    for unit, mask in masks)
+                       for ino, masks in report)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            log.warning("%s sent a malformed report of the stripes it wrote", name)
+            self.lost(f"{name} sent a malformed report")
+        return good
+
+    def record(self, reports: list) -> dict:
+        """The fields of a snapshot record: "written" and, if so, "stripes_lost"."""
+        merged: dict[int, dict[int, int]] = {}
+        for report in [*self.goodbyes, *reports]:
+            for ino, masks in report or ():
+                units = merged.setdefault(ino, {})
+                for unit, mask in masks:
+                    units[unit] = units.get(unit, 0) | mask
+        fields: dict = {}
+        if merged:
+            fields["written"] = [[ino, sorted(units.items())] for ino, units in merged.items()]
+        if self.missing:
+            fields["stripes_lost"] = True
+        return fields
+
+    def recorded(self) -> None:
+        """The snapshot record has them (or the coordinator fails, and the next one
+        starts with its reports missing)."""
+        self.missing = ""
+        self.goodbyes = []

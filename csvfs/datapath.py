@@ -19,6 +19,11 @@ protocol). A map older than the last snapshot point this node heard of asks
 first everywhere. A volume-wide hold, also closed and opened by that protocol,
 stops all I/O while the point is set.
 
+Change tracking is finer than the map: for a file whose map says "stripes",
+each write notes which 64 KiB stripes of its units it touched (`written`), and
+the node reports them when it acknowledges the next hold, or says goodbye, so
+that an incremental backup reads those stripes and not whole units.
+
 The per-inode I/O gate is a flag and an event, closed and opened by the
 quiesce protocol (csvfs/quiesce.py). I/O runs inline in the trio thread, so
 once a request passes the gate it completes without yielding; a pause
@@ -38,7 +43,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from csvfs.volume.extents import UnitMap, from_runs, pieces
+from csvfs.volume.extents import UnitMap, from_runs, pieces, stripe_mask
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ class OpenFile:
     the gate that the quiesce protocol closes (csvfs/quiesce.py)."""
 
     __slots__ = ("ino", "size", "units", "granule", "version", "refs", "paused", "resumed",
-                 "dirty_mtime", "gone", "ask")
+                 "dirty_mtime", "gone", "ask", "stripes")
 
     def __init__(self, ino: int, size: int, units: UnitMap, version: int, granule: int):
         self.ino = ino
@@ -66,6 +71,7 @@ class OpenFile:
         self.dirty_mtime = 0  # time of the last local write not yet sent to the coordinator
         self.gone = False  # the file vanished while this node was cut off: ESTALE
         self.ask: set[int] = set()  # file granules whose first write asks the coordinator
+        self.stripes = False  # note the stripes each write touches (change tracking)
 
     def close_gate(self) -> None:
         if not self.paused:
@@ -104,11 +110,14 @@ class DataPath:
         self.holding = False
         self.hold_over = trio.Event()
         self.snapshot_version = 0  # maps older than this ask first everywhere
+        # ino -> file unit -> mask of the stripes written there since the last report
+        self.written: dict[int, dict[int, int]] = {}
 
     # -- open files ------------------------------------------------------------------
 
     def opened(self, ino: int, size: int, runs: list, version: int,
-               granule: int | None = None, ask: list | None = None) -> OpenFile:
+               granule: int | None = None, ask: list | None = None,
+               stripes: bool = False) -> OpenFile:
         """One more handle of ino, with the map an open returned."""
         self._check_fenced()
         handle = self.files.get(ino)
@@ -116,8 +125,9 @@ class DataPath:
             handle = self.files[ino] = OpenFile(ino, size, from_runs(runs), version,
                                                 granule or self.unit)
             self._set_asks(handle, ask)
+            handle.stripes = stripes
         else:
-            self.update_map(ino, size, runs, version, granule, ask)
+            self.update_map(ino, size, runs, version, granule, ask, stripes)
         handle.refs += 1
         return handle
 
@@ -130,7 +140,8 @@ class DataPath:
         return True
 
     def update_map(self, ino: int, size: int, runs: list, version: int = 0,
-                   granule: int | None = None, ask: list | None = None) -> bool:
+                   granule: int | None = None, ask: list | None = None,
+                   stripes: bool = False) -> bool:
         """Take a new map of ino unless a newer one is here already; False if ino is not
         open here. `granule` is the map's (the unit if not given)."""
         handle = self.files.get(ino)
@@ -138,21 +149,22 @@ class DataPath:
             return False
         if version and version < handle.version:
             return True  # a reply overtaken by a newer map
-        self._set_map(handle, size, runs, max(handle.version, version), granule, ask)
+        self._set_map(handle, size, runs, max(handle.version, version), granule, ask, stripes)
         return True
 
     def reset_map(self, handle: OpenFile, reply: dict) -> None:
         """Take the coordinator's map at a rejoin, whatever version this node saw before
         (the versions of another coordinator's journal)."""
-        self._set_map(handle, reply["size"], reply["runs"], reply["version"],
-                      reply.get("granule"), reply.get("ask"))
+        size, runs, _version, granule, ask, stripes = map_fields(reply)
+        self._set_map(handle, size, runs, reply["version"], granule, ask, stripes)
 
     def _set_map(self, handle: OpenFile, size: int, runs: list, version: int,
-                 granule: int | None, ask: list | None) -> None:
+                 granule: int | None, ask: list | None, stripes: bool) -> None:
         handle.size = size
         handle.units = from_runs(runs)
         handle.granule = granule or self.unit
         handle.version = version
+        handle.stripes = stripes
         self._set_asks(handle, ask)
 
     def _set_asks(self, handle: OpenFile, ask: list | None) -> None:
@@ -180,6 +192,15 @@ class DataPath:
                     handle.ask = set(handle.units)
         self.holding = False
         self.hold_over.set()
+
+    def stripe_report(self) -> list:
+        """[[ino, [[file unit, stripes mask]...]]...]: what this node wrote since its
+        last report, in files whose maps say "stripes"."""
+        return [[ino, list(units.items())] for ino, units in self.written.items() if units]
+
+    def stripes_reported(self) -> None:
+        """The coordinator recorded the last report (at a hold nothing was written since)."""
+        self.written = {}
 
     # -- I/O ------------------------------------------------------------------------------
 
@@ -220,8 +241,7 @@ class DataPath:
         return False
 
     def _take_map(self, handle: OpenFile, reply: dict) -> None:
-        self.update_map(handle.ino, reply["size"], reply["runs"], reply["version"],
-                        reply.get("granule"), reply.get("ask"))
+        self.update_map(handle.ino, *map_fields(reply))
 
     async def _ensure_valid(self) -> bool:
         """Raise EIO if shut down or the file is gone; revalidate an expired session.
@@ -305,6 +325,9 @@ class DataPath:
             volume_unit = units.get(file_unit)
             if volume_unit is None or (handle.ask and file_unit in handle.ask):
                 return False
+            if handle.stripes:
+                self._note_stripes(handle.ino, file_unit,
+                                   stripe_mask(offset, offset + len(data), unit))
             os.pwrite(self.fd, data, self.base + volume_unit * unit + offset % unit)
             return True
         if any(index not in units or index in handle.ask
@@ -312,14 +335,29 @@ class DataPath:
             return False
         view = memoryview(data)
         for start, end, index in pieces(offset, offset + len(data), unit):
+            if handle.stripes:
+                self._note_stripes(handle.ino, index, stripe_mask(start, end, unit))
             position = self.base + units[index] * unit + start % unit
             os.pwrite(self.fd, view[start - offset : end - offset], position)
         return True
+
+    def _note_stripes(self, ino: int, file_unit: int, mask: int) -> None:
+        units = self.written.get(ino)
+        if units is None:
+            units = self.written[ino] = {}
+        units[file_unit] = units.get(file_unit, 0) | mask
 
     async def sync(self) -> None:
         """fsync: in a worker thread, since flushing the image may take long and every
         other request (and the lease renewal) would wait behind it."""
         await trio.to_thread.run_sync(os.fdatasync, self.fd)
+
+
+def map_fields(reply: dict) -> tuple:
+    """(size, runs, version, granule, ask, stripes): a map as the coordinator sends it,
+    in the order `DataPath.update_map` takes it."""
+    return (reply["size"], reply["runs"], reply["version"], reply.get("granule"),
+            reply.get("ask"), bool(reply.get("stripes")))
 
 
 async def _always_valid() -> float:

@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from csvfs.cluster.errors import MetaError
-from csvfs.datapath import DataPath, OpenFile
+from csvfs.datapath import DataPath, OpenFile, map_fields
 from csvfs.locks import NodeLocks
 from csvfs.quiesce import FileGates
 
@@ -375,7 +375,8 @@ class CsvfsOperations(pyfuse3.Operations):
         handle = None
         if attrs["mode"] & 0o170000 == 0o100000:
             handle = self.gates.opened(ino, attrs["size"], reply["runs"], reply["version"],
-                                       reply.get("granule"), reply.get("ask"))
+                                       reply.get("granule"), reply.get("ask"),
+                                       bool(reply.get("stripes")))
         fh = self._new_fh()
         self._handles[fh] = _Handle(ino, handle)
         if handle is not None:
@@ -473,8 +474,7 @@ class CsvfsOperations(pyfuse3.Operations):
         have moved; the coordinator writes at the real end (coordinator/allocation.py)."""
         handle.dirty_mtime = 0  # the append's own time is later than any write before it
         reply = await self.meta("append", ino=handle.ino, data=bytes(data))
-        self.data.update_map(handle.ino, reply["size"], reply["runs"], reply["version"],
-                             reply.get("granule"), reply.get("ask"))
+        self.data.update_map(handle.ino, *map_fields(reply))
         return len(data)
 
     @_errors
@@ -524,8 +524,7 @@ class CsvfsOperations(pyfuse3.Operations):
                                     length=length)
         except MetaError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
-        self.data.update_map(inode, reply["size"], reply["runs"], reply["version"],
-                             reply.get("granule"), reply.get("ask"))
+        self.data.update_map(inode, *map_fields(reply))
 
     # -- locks: called through the FUSE shim (pyfuse3 has no lock handlers) ------------------
 

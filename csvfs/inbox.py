@@ -20,9 +20,9 @@ PushHandler = Callable[[dict], Awaitable[None]]
 
 class Inbox:
     def __init__(self, handlers: dict[str, PushHandler], nursery: trio.Nursery,
-                 acknowledge: Callable[[int], Awaitable[None]]):
-        """`handlers` by push kind; `acknowledge(token)` tells the coordinator a push
-        is done."""
+                 acknowledge: Callable[[int, object], Awaitable[None]]):
+        """`handlers` by push kind; `acknowledge(token, result)` tells the coordinator
+        a push is done, with what its handler returned."""
         self.handlers = handlers
         self.nursery = nursery
         self.acknowledge = acknowledge
@@ -47,6 +47,6 @@ class Inbox:
             log.warning("ignoring an unknown %r push", kind)
             return
         log.debug("%s push: %s", kind, body)
-        await handler(body)
+        result = await handler(body)
         if "token" in body:  # the coordinator waits for this one to be done
-            self.nursery.start_soon(self.acknowledge, body["token"])
+            self.nursery.start_soon(self.acknowledge, body["token"], result)

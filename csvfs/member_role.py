@@ -131,13 +131,15 @@ class MemberRole:
         except (RpcError, MetaError) as exc:
             log.info("freeze results not delivered: %s", exc)
 
-    async def _acknowledge(self, token: int) -> None:
-        """The inbox handles pushes only once this session is in place (`ready`)."""
+    async def _acknowledge(self, token: int, result=None) -> None:
+        """The inbox handles pushes only once this session is in place (`ready`).
+        `result`: what the push's handler answers (a hold: the stripes written)."""
         client = self.client
         if client is None:
             return  # lost meanwhile: the coordinator evicts us, and we rejoin
+        args = {"token": token} if result is None else {"token": token, "result": result}
         try:
-            await client.call(messages.ACK, {"token": token}, timeout=CALL_TIMEOUT)
+            await client.call(messages.ACK, args, timeout=CALL_TIMEOUT)
         except (RpcError, MetaError) as exc:
             log.info("acknowledgement not delivered: %s", exc)
 
@@ -185,13 +187,15 @@ class MemberRole:
         self.on_lost(self, reason)
 
     async def close(self) -> None:
-        """Clean unmount: the node has stopped all I/O and closed every file."""
+        """Clean unmount: the node has stopped all I/O and closed every file. It says
+        which stripes it wrote since its last report, so that nothing is lost."""
         client, self.client = self.client, None
         if client is None:
             return
+        args = {"written": self.datapath.stripe_report()}
         with trio.move_on_after(GOODBYE_TIMEOUT):
             try:
-                await client.call(messages.GOODBYE, timeout=GOODBYE_TIMEOUT)
+                await client.call(messages.GOODBYE, args, timeout=GOODBYE_TIMEOUT)
             except (RpcError, MetaError) as exc:
                 log.info("goodbye to the coordinator failed: %s", exc)
         await client.aclose()

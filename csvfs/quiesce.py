@@ -46,7 +46,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from csvfs.cluster import messages
-from csvfs.datapath import DataPath, OpenFile
+from csvfs.datapath import DataPath, OpenFile, map_fields
 from csvfs.snapshot import SnapshotHold
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ class FileGates:
         return _Opening(self, ino)
 
     def opened(self, ino: int, size: int, runs: list, version: int,
-               granule: int | None = None, ask: list | None = None) -> OpenFile:
-        handle = self.datapath.opened(ino, size, runs, version, granule, ask)
+               granule: int | None = None, ask: list | None = None,
+               stripes: bool = False) -> OpenFile:
+        handle = self.datapath.opened(ino, size, runs, version, granule, ask, stripes)
         early = self._early.pop(ino, None)
         if early is not None:
             if "map" in early:
@@ -136,8 +137,7 @@ class FileGates:
         or not)."""
         log.debug("inode %d: map version %d, size %d%s", ino, reply["version"], reply["size"],
                   ", resume" if resume else "")
-        map_ = (reply["size"], reply["runs"], reply["version"], reply.get("granule"),
-                reply.get("ask"))
+        map_ = map_fields(reply)
         if not self.datapath.update_map(ino, *map_):
             early = self._early.get(ino, {}).get("map")
             if early is None or map_[2] >= early[2]:
@@ -153,8 +153,8 @@ class FileGates:
     def locks_changed(self, ino: int) -> None:
         self.on_locks_changed(ino)
 
-    async def hold(self) -> None:
-        await self.snapshot.hold()
+    async def hold(self) -> list:
+        return await self.snapshot.hold()
 
     def snapshot_set(self, version: int) -> None:
         self.snapshot.snapshot_set(version)

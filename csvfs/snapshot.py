@@ -5,8 +5,10 @@ What a node does:
 
 1. HOLD: stop new data I/O on every file (DataPath.hold). Requests run inline
    in the node's event loop, so once the push is handled none is in flight:
-   acknowledge at once.
-2. SNAPSHOT_SET(version): the point is set. Every map this node has that is
+   acknowledge at once, with the stripes of tracked files written since the
+   last report (DataPath.stripe_report), which the snapshot record carries.
+2. SNAPSHOT_SET(version): the point is set. If it is one (version > 0), the
+   record holds this node's report, which it forgets. Every map this node has that is
    older than `version` asks first before any write, in all its granules, and
    so does every older map that arrives later (a reply already on its way);
    maps from the coordinator after the point say themselves which granules
@@ -73,12 +75,16 @@ class SnapshotHold:
     async def _on_thaw(self, body: dict) -> None:
         self.thaw_writers(body["id"])
 
-    async def hold(self) -> None:
+    async def hold(self) -> list:
+        """Hold; returns the stripes written since the last report."""
         log.debug("snapshot hold")
         self.datapath.hold()
+        return self.datapath.stripe_report()
 
     def snapshot_set(self, version: int) -> None:
         log.debug("snapshot point at version %d; hold over", version)
+        if version and self.datapath.holding:
+            self.datapath.stripes_reported()
         self.datapath.end_hold(version)
 
     def rejoined(self) -> None:
@@ -87,8 +93,8 @@ class SnapshotHold:
         self.datapath.snapshot_version = 0
         self.datapath.end_hold(0)
 
-    async def _on_hold(self, body: dict) -> None:
-        await self.hold()
+    async def _on_hold(self, body: dict) -> list:
+        return await self.hold()
 
     async def _on_set(self, body: dict) -> None:
         self.snapshot_set(body["version"])

@@ -20,6 +20,7 @@ from tests.stamp_writer import BLOCK, read_log, read_stamp, stamped
 pytestmark = pytest.mark.timeout(120)
 
 M = 1 << 20
+STRIPE = 64 << 10
 
 
 def start_cluster(nodes, image, count):
@@ -305,13 +306,37 @@ def test_an_incremental_reads_only_what_changed(tmp_path, image, nodes):
     rewrite_spots(n1.path("disk"), [17 * M + 70000])
     backup("vm", image, "--repo", repo, "/disk")
     incremental = last_backup(repo)
-    # three chunks changed (a partial tail chunk would be read too: not here)
-    assert incremental["stats"]["read"] == 3 * M, incremental["stats"]
+    # the 64 KiB stripes the spots touched: two of unit 3, two of unit 30, and of unit
+    # 17 the member's first and the coordinator's next two
+    assert incremental["stats"]["read"] == 7 * STRIPE, incremental["stats"]
     assert incremental["files"][0]["read"] == "changed"
     restore_and_compare(tmp_path, repo, incremental, "/disk", n1.path("disk").read_bytes())
     restore_and_compare(tmp_path, repo, full, "/disk", original)  # still as it was
     forced = backup("vm", image, "--repo", repo, "/disk", "--full", "--json").stdout
     assert json.loads(forced)["read"] == 32 * M
+
+
+def test_stripes_written_without_asking_and_before_a_goodbye_are_read(tmp_path, image, nodes):
+    """A node that writes a unit another node marked first asks for nothing, and a
+    node that unmounts reports its stripes in its goodbye: an incremental still reads
+    every stripe they wrote, and only those, also in a unit allocated in a hole."""
+    n1, n2, n3 = start_cluster(nodes, image, 3)
+    repo = tmp_path / "repo"
+    backup("init", repo)
+    with open(n1.path("disk"), "wb") as disk:  # data, then a hole from 4 MiB on
+        disk.write(os.urandom(4 * M))
+        disk.truncate(8 * M)
+    backup("vm", image, "--repo", repo, "/disk")
+
+    with open(n2.path("disk"), "r+b") as member, open(n3.path("disk"), "r+b") as other:
+        for handle, spot in ((member, 2 * M), (other, 2 * M + 5 * STRIPE),
+                             (member, 2 * M + 9 * STRIPE), (other, 6 * M + 100)):
+            os.pwrite(handle.fileno(), os.urandom(4096), spot)
+    n3.unmount()
+    backup("vm", image, "--repo", repo, "/disk")
+    manifest = last_backup(repo)
+    assert manifest["stats"]["read"] == 4 * STRIPE, manifest["stats"]
+    restore_and_compare(tmp_path, repo, manifest, "/disk", n1.path("disk").read_bytes())
 
 
 def test_change_tracking_survives_a_node_kill_failover_and_unmount(tmp_path, image, nodes):

@@ -190,6 +190,29 @@ def test_the_same_chunk_is_stored_once(repo):
     assert repo.get_chunk(repo.chunk_id(data)) == data
 
 
+def test_a_chunk_batch_places_its_chunks_at_its_end(repo):
+    first, second = blob(1), blob(2)
+    with repo.chunk_batch():
+        assert repo.put_chunk(first) > 0
+        assert repo.put_chunk(first) == 0, "staged already: stored once"
+        assert repo.put_chunk(second) > 0
+        assert chunk_files(repo) == [], "nothing in place before the batch ends"
+        repo.place_staged()  # as a backup does, on a worker thread
+        assert len(chunk_files(repo)) == 2
+        third = blob(3)
+        repo.put_chunk(third)
+    assert len(chunk_files(repo)) == 3 and repo.get_chunk(repo.chunk_id(third)) == third
+    assert list((repo.path / "tmp").iterdir()) == []
+
+
+def test_a_failed_chunk_batch_leaves_nothing(repo):
+    with pytest.raises(RuntimeError, match="copy failed"), repo.chunk_batch():
+        repo.put_chunk(blob(4))
+        raise RuntimeError("copy failed")
+    assert chunk_files(repo) == [] and list((repo.path / "tmp").iterdir()) == []
+    assert repo.put_chunk(blob(4)) > 0  # and the repository works on
+
+
 def test_two_backups_of_the_same_data_share_its_chunks(repo):
     pieces = [(0, blob(1)), (64 * KIB, blob(2))]
     repo.save_manifest(manifest_of(repo, {"/a": pieces}))

@@ -323,7 +323,8 @@ async def test_the_next_point_hands_the_changes_to_its_snapshot(cluster):
     await node.data.write(handle, 0, b"changed")
     second = await take(cluster)
     snap = await view(cluster, second)
-    assert snap.tracking[ino] == {first: [0]}  # what the incremental reads
+    assert snap.tracking[ino] == {first: ([0], {})}  # what the incremental reads (whole: one
+    # stripe is the whole of a 64 KiB unit)
     inode = cluster.service.state.inodes[ino]
     assert inode.tracking == {first: {0}, second: set()}  # a base for each backup
     await node.data.write(handle, UNIT, b"more")
@@ -376,9 +377,10 @@ def test_backup_batches_never_split_a_granule():
     from csvfs.backup.engine import batches
 
     chunk = 1 << 20
-    offsets = [index * chunk for index in (0, 1, 2, 5, 6, 7, 8, 13)]
+    reads = [(index * chunk, chunk) for index in (0, 1, 2, 5, 6, 7, 8, 13)]
     # 4 MiB granules: 0-3, 4-7, 8-11, 12-15 (in chunks); batches of about 2
-    assert list(batches(offsets, 4 * chunk, size=2)) == [
-        [0, chunk, 2 * chunk], [5 * chunk, 6 * chunk, 7 * chunk], [8 * chunk, 13 * chunk]]
-    assert list(batches(offsets, 64 << 10, size=3)) == [offsets[:3], offsets[3:6],
-                                                         offsets[6:]]
+    assert list(batches(reads, 4 * chunk, size=2)) == [reads[:3], reads[3:6], reads[6:]]
+    assert list(batches(reads, 64 << 10, size=3)) == [reads[:3], reads[3:6], reads[6:]]
+    # a read that ends inside the next granule keeps it in its batch
+    crossing = [(0, chunk), (chunk, 2 * chunk), (3 * chunk, chunk), (4 * chunk, 10)]
+    assert list(batches(crossing, 2 * chunk, size=1)) == [crossing[:3], crossing[3:]]

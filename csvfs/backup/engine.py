@@ -11,10 +11,11 @@ so a restore is sparse.
 Every backup is a logical full: its manifest lists every chunk of every file,
 and chunks already in the repository cost a hash but no space. An incremental
 reads less: the coordinator tracks, for each file a backup took, the granules
-changed since (its base, coordinator/snapshots.py); when the repository holds
-the backup of that base, only the chunks over changed granules (and the tail,
-whose length may differ) are read, and the others are that backup's chunks.
-`--full` reads everything anyway.
+changed since (its base, coordinator/snapshots.py), and of most units the 64 KiB
+stripes the nodes wrote. When the repository holds the backup of that base,
+only those stripes (and what lies past the base's end) are read, each changed
+run stored as a chunk of its own; the rest are slices of that backup's chunks
+(csvfs/backup/manifest.py). `--full` reads everything anyway.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from pathlib import Path
 import trio
 
 from coordinator.model import Inode
+from csvfs.backup.manifest import ChunkRef, file_chunks, slice_refs, to_item
 from csvfs.backup.progress import bar
 from csvfs.backup.repository import Repository
 from csvfs.backup.requester import SNAPSHOT_TIMEOUT, Requester
 from csvfs.backup.snapshot_reader import SnapshotView, attributes
 from csvfs.volume.errors import ExitCode, UserError
+from csvfs.volume.extents import STRIPE
 
 log = logging.getLogger(__name__)
 
@@ -62,59 +65,70 @@ class BackupRun:
     """One backup of the files of one snapshot into one repository."""
 
     def __init__(self, repo: Repository, requester: Requester, view: SnapshotView,
-                 full: bool):
+                 full: bool, inos: set[int]):
         self.repo = repo
         self.requester = requester
         self.view = view
         self.stats = Stats()
         self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="backup")
-        self.bases = {} if full else _bases(repo, view)
+        self.bases = {} if full else _bases(repo, view, inos)
 
     async def file(self, path: str, inode: Inode, progress) -> dict:
         """The manifest entry of one regular file, its chunks stored."""
-        size = self.repo.chunk_size
-        chunks, offsets = self._unchanged(inode)
-        progress.update(sum(min(size, inode.size - offset) for offset in chunks))
-        for batch in batches(offsets, self.view.granule(inode)):
+        kept, reads = self._plan(inode)
+        progress.update(inode.size - sum(length for _offset, length in reads))
+        await self._done_with(self._not_needed(inode, reads))
+        stored: dict[int, ChunkRef] = {}
+        for batch in batches(reads, self.view.granule(inode)):
             pending = batch
             read: set = set()
             while pending:  # until a check finds none of them read stale
                 live: set = set()
-                for offset in pending:
-                    chunks.pop(offset, None)
-                chunks.update(await trio.to_thread.run_sync(self._store, inode, pending, live))
+                for offset, _length in pending:
+                    stored.pop(offset, None)
+                stored.update(await trio.to_thread.run_sync(self._store, inode, pending, live))
                 read |= live
                 pending = await self._preserved_meanwhile(inode, pending, live)
                 self.stats.reread += len(pending)
             await self._done_with(read)
-            progress.update(sum(min(size, inode.size - offset) for offset in batch))
+            progress.update(sum(length for _offset, length in batch))
         self.stats.logical += inode.size
+        refs = _coalesced(sorted([*kept, *stored.values()]))
         return dict(attributes(inode), path=path, size=inode.size, consistency="crash",
-                    chunks=[chunks[offset] for offset in sorted(chunks)],
-                    granule=self.view.granule(inode),
-                    read="changed" if len(offsets) < len(range(0, inode.size, size)) else "all")
+                    chunks=[to_item(ref) for ref in refs],
+                    granule=self.view.granule(inode), read="changed" if kept else "all")
 
-    def _unchanged(self, inode: Inode) -> tuple[dict[int, list], list[int]]:
-        """The chunks to take from the base's backup, and the offsets to read."""
-        size = self.repo.chunk_size
-        every = list(range(0, inode.size, size))
+    def _plan(self, inode: Inode) -> tuple[list[ChunkRef], list[tuple[int, int]]]:
+        """What to take from the base's backup (slices of its chunks), and the byte
+        ranges (offset, length) to read, each inside one chunk of the grid."""
+        base = self._base_of(inode)
+        if base is None:  # no backup in this repository it could build on: read it all
+            return [], _on_grid([(0, inode.size)], self.repo.chunk_size)
+        entry, changed = base
+        last = min(inode.size, entry["size"])  # past the base's end, everything is new
+        dirty = _merged([*_aligned(changed, STRIPE), (last, inode.size)], inode.size)
+        refs = file_chunks(entry)
+        kept = [ref for start, end in _gaps(dirty, last) for ref in slice_refs(refs, start, end)]
+        return kept, _on_grid(dirty, self.repo.chunk_size)
+
+    def _base_of(self, inode: Inode) -> tuple[dict, list[tuple[int, int]]] | None:
+        """The file's entry in the backup of its newest base that this repository
+        holds, and the byte ranges changed since; None if there is none."""
         granule = self.view.granule(inode)
         bases = self.view.tracking.get(inode.ino, {})
-        found = [base for base in sorted(bases, reverse=True) if (base, inode.ino) in self.bases
-                 and self.bases[base, inode.ino].get("granule") == granule]
-        if not found:  # no backup in this repository it could build on: read it all
-            return {}, every
-        entry, changed = self.bases[found[0], inode.ino], bases[found[0]]
-        dirty = {chunk for index in changed  # the chunks a changed granule lies in
-                 for chunk in range(index * granule // size,
-                                    ((index + 1) * granule - 1) // size + 1)}
-        before = {chunk[0]: list(chunk) for chunk in entry["chunks"]}
-        last = min(inode.size, entry["size"])  # the tail chunk's length may differ
-        reuse = {offset: before[offset] for offset in every
-                 if offset + size <= last and offset // size not in dirty and offset in before}
-        read = [offset for offset in every
-                if offset + size > last or offset // size in dirty]
-        return reuse, read
+        for base in sorted(bases, reverse=True):
+            entry = self.bases.get((base, inode.ino))
+            if entry is not None and entry.get("granule") == granule:
+                return entry, self.view.changed_since(inode, base)
+        return None
+
+    def _not_needed(self, inode: Inode, reads: list[tuple[int, int]]) -> set:
+        """The file's granules that no read touches: the snapshot need not hold them
+        (an incremental takes them from the base), so writes there need no copy."""
+        needed: set = set()
+        for offset, length in reads:
+            needed |= self.view.granules_of(inode, offset, length)
+        return self.view.granules_of(inode, 0, inode.size) - needed
 
     async def _done_with(self, granules: set) -> None:
         """Read and checked: the snapshot need not hold these any more."""
@@ -123,12 +137,12 @@ class BackupRun:
             if chosen:
                 await self.requester.read(self.view.id, kind, chosen)
 
-    async def _preserved_meanwhile(self, inode: Inode, batch: list[int],
-                                   live: set) -> list[int]:
-        """Offsets of the chunks of the batch that read a granule live which has been
-        preserved since: they may hold data written after the point. After a
-        failover, the new coordinator's copies replace what this view knew (a preserve
-        that never became durable is not one), and the batch is read again."""
+    async def _preserved_meanwhile(self, inode: Inode, batch: list[tuple[int, int]],
+                                   live: set) -> list[tuple[int, int]]:
+        """The reads of the batch that read a granule live which has been preserved
+        since: they may hold data written after the point. After a failover, the new
+        coordinator's copies replace what this view knew (a preserve that never
+        became durable is not one), and the batch is read again."""
         reconnects = self.requester.reconnects
         answer = await self.requester.check(self.view.id, self.view.preserved)
         if self.requester.reconnects != reconnects:
@@ -138,33 +152,31 @@ class BackupRun:
         fresh = self.view.take_copies(answer["copies"], answer["preserved"]) & live
         if not fresh:
             return []
-        size = self.repo.chunk_size
-        return [offset for offset in batch
-                if self.view.granules_of(inode, offset, size) & fresh]
+        return [(offset, length) for offset, length in batch
+                if self.view.granules_of(inode, offset, length) & fresh]
 
-    def _store(self, inode: Inode, offsets: list[int], live: set) -> dict:
-        """Read and store chunks (in a worker thread): {offset: [offset, length, id]}."""
-        size = self.repo.chunk_size
+    def _store(self, inode: Inode, reads: list[tuple[int, int]], live: set) -> dict:
+        """Read and store byte ranges (in a worker thread): {offset: ChunkRef}."""
 
-        def one(offset: int):
+        def one(read: tuple[int, int]):
+            offset, length = read
             seen: set = set()
-            data = self.view.read(inode, offset, size, seen)
+            data = self.view.read(inode, offset, length, seen)
             if data is None:
                 return offset, None, 0, 0, seen
-            read = len(data)
             if not any(data):  # bytes(...).count would scan twice; any stops early
-                return offset, None, read, 0, seen
+                return offset, None, len(data), 0, seen
             chunk_id = self.repo.chunk_id(data)
             new = self.repo.put_chunk(data, chunk_id)
-            return offset, [offset, len(data), chunk_id], read, new, seen
+            return offset, ChunkRef(offset, len(data), chunk_id), len(data), new, seen
 
         stored = {}
-        for offset, entry, read, new, seen in self.pool.map(one, offsets):
+        for offset, ref, read, new, seen in self.pool.map(one, reads):
             self.stats.read += read
             self.stats.new += new
             live.update(seen)
-            if entry is not None:
-                stored[offset] = entry
+            if ref is not None:
+                stored[offset] = ref
         return stored
 
     def close(self) -> None:
@@ -187,7 +199,10 @@ async def run_backup(image: Path, key_path: Path | None, repo: Repository, kind:
                 fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     view = SnapshotView(files, fd)
-                    manifest = await _copy(repo, requester, view, kind, paths, point, full)
+                    with repo.chunk_batch():  # durable at its end, before the manifest
+                        manifest = await _copy(repo, requester, view, kind, paths, point,
+                                               full)
+                        await trio.to_thread.run_sync(repo.place_staged)
                 finally:
                     os.close(fd)
                 manifest["source"]["image"] = str(image)
@@ -200,7 +215,7 @@ async def run_backup(image: Path, key_path: Path | None, repo: Repository, kind:
 async def _copy(repo: Repository, requester: Requester, view: SnapshotView, kind: str,
                 paths: list[str], point: dict, full: bool) -> dict:
     chosen = _chosen_files(view, kind, paths)
-    run = BackupRun(repo, requester, view, full)
+    run = BackupRun(repo, requester, view, full, {inode.ino for _path, inode in chosen})
     entries = []
     try:
         total = sum(inode.size for _path, inode in chosen)
@@ -233,30 +248,97 @@ async def _copy(repo: Repository, requester: Requester, view: SnapshotView, kind
     }
 
 
-def batches(offsets: list[int], granule: int, size: int = BATCH_CHUNKS):
-    """The chunk offsets in batches of about `size`, never splitting a granule: its
-    hold ends with the batch that read it (BackupRun._done_with), so every chunk of
-    it must be read by then."""
-    batch: list[int] = []
-    for offset in offsets:
-        if len(batch) >= size and offset // granule != batch[-1] // granule:
+def batches(reads: list[tuple[int, int]], granule: int, size: int = BATCH_CHUNKS):
+    """The reads (offset, length) in batches of about `size`, never splitting a
+    granule: its hold ends with the batch that read it (BackupRun._done_with), so
+    every read of it must be done by then."""
+    batch: list[tuple[int, int]] = []
+    for offset, length in reads:
+        if len(batch) >= size and offset // granule != (sum(batch[-1]) - 1) // granule:
             yield batch
             batch = []
-        batch.append(offset)
+        batch.append((offset, length))
     if batch:
         yield batch
 
 
-def _bases(repo: Repository, view: SnapshotView) -> dict[tuple[int, int], dict]:
+def _aligned(ranges: list[tuple[int, int]], alignment: int) -> list[tuple[int, int]]:
+    """Each range rounded out to multiples of alignment: an incremental stores what
+    changed in pieces of at least a stripe (small files change by the 4 KiB block)."""
+    return [(start - start % alignment, -(-end // alignment) * alignment)
+            for start, end in ranges]
+
+
+def _merged(ranges: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    """The ranges clipped to [0, limit), sorted, overlapping and touching ones joined."""
+    merged: list[list[int]] = []
+    for start, end in sorted((start, min(end, limit)) for start, end in ranges):
+        if start >= end:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end) for start, end in merged]
+
+
+def _gaps(ranges: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    """What sorted, disjoint ranges leave of [0, limit)."""
+    gaps, position = [], 0
+    for start, end in ranges:
+        if start > position:
+            gaps.append((position, min(start, limit)))
+        position = max(position, end)
+    if position < limit:
+        gaps.append((position, limit))
+    return [(start, end) for start, end in gaps if start < end]
+
+
+def _on_grid(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The ranges as reads (offset, length), cut at multiples of `size`: a chunk of
+    a full backup, or the changed part of one."""
+    reads = []
+    for start, end in ranges:
+        while start < end:
+            stop = min(end, (start // size + 1) * size)
+            reads.append((start, stop - start))
+            start = stop
+    return reads
+
+
+def _coalesced(refs: list[ChunkRef]) -> list[ChunkRef]:
+    """Adjacent slices of one chunk, in order, joined: a manifest stays as short as
+    the base's where an incremental cut it around a change that is gone."""
+    joined: list[ChunkRef] = []
+    for ref in refs:
+        last = joined[-1] if joined else None
+        if last is not None and last.chunk_id == ref.chunk_id \
+                and last.offset + last.length == ref.offset \
+                and last.skip + last.length == ref.skip:
+            joined[-1] = last._replace(length=last.length + ref.length)
+        else:
+            joined.append(ref)
+    return joined
+
+
+def _bases(repo: Repository, view: SnapshotView,
+           inos: set[int]) -> dict[tuple[int, int], dict]:
     """(snapshot, ino) -> the file's entry in this repository's backup from that
-    snapshot of this volume: what an incremental takes unchanged chunks from."""
-    wanted = {base for bases in view.tracking.values() for base in bases}
+    snapshot of this volume: what an incremental of files `inos` takes unchanged
+    chunks from. Only the newest base of each file counts, so the manifests are
+    read newest first, until every file has one."""
+    wanted = {base for ino in inos for base in view.tracking.get(ino, ())}
+    untold = {ino for ino in inos if ino in view.tracking}
     bases = {}
-    for manifest in repo.backups() if wanted else ():
+    for backup_id in reversed(repo.backup_ids() if wanted else []):
+        manifest = repo.load_manifest(backup_id)
         if manifest["snapshot"] in wanted and manifest["source"]["volume"] == view.volume \
                 and manifest["chunk_size"] == repo.chunk_size:
             for entry in manifest["files"]:
-                bases[manifest["snapshot"], entry["ino"]] = entry
+                bases.setdefault((manifest["snapshot"], entry["ino"]), entry)
+                untold.discard(entry["ino"])
+        if not untold:
+            break
     return bases
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sys
 
-from tqdm import tqdm
-
 
 class _NoBar:
     """What `bar` returns when nobody is watching: every call does nothing."""
@@ -28,11 +26,12 @@ class _NoBar:
         self.close()
 
 
-def bar(total_bytes: int, description: str) -> tqdm | _NoBar:
+def bar(total_bytes: int, description: str):
     """A byte-counting bar over total_bytes; use it as a context manager and call
     .update(n) with the bytes just done."""
     if not sys.stdout.isatty():
         return _NoBar()
+    from tqdm import tqdm  # only here: a scripted backup does not pay for the import
     # Drawn on stdout, the stream whose being a terminal decided to draw it.
     return tqdm(total=total_bytes, desc=description, unit="B", unit_scale=True,
                 unit_divisor=1024, file=sys.stdout, dynamic_ncols=True)

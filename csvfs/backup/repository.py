@@ -27,7 +27,10 @@ Guarantees.
   into place, and its directory fsync'd. put_chunk returns once the chunk is
   durable, and a backup writes its manifest after all its chunks, so an
   interrupted backup leaves only chunks that no manifest references; prune
-  removes them, and the leftovers in tmp/.
+  removes them, and the leftovers in tmp/. Inside `chunk_batch` the chunks wait
+  in tmp/ and become durable together at its end (fsyncs on many threads at
+  once, which the filesystem commits together, instead of two per chunk in
+  turn); only then are they renamed into place.
 - Nothing read back is trusted: a chunk is authenticated (when encrypted),
   decompressed and re-hashed against its id; a manifest's MAC or AEAD tag covers
   its id too, so a manifest renamed or swapped is caught as well.
@@ -98,6 +101,7 @@ _BACKUP_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 _CHUNK_NAME = re.compile(r"[0-9a-f]{64}")
 # Threads that read chunks back for verify and restore_file.
 _WORKERS = min(8, os.cpu_count() or 1)
+_SYNC_WORKERS = 16  # fsyncs in flight at once: the filesystem commits them together
 
 
 class Repository:
@@ -114,6 +118,8 @@ class Repository:
         # Held from "is this chunk there yet?" to its rename, so that of two threads
         # storing the same chunk exactly one counts the bytes.
         self._store_lock = threading.Lock()
+        # Inside chunk_batch: chunk id -> the file in tmp/ that will become it
+        self._staged: dict[bytes, Path] | None = None
         self._lock_guard = threading.Lock()
         self._lock_depth = 0
         self._lock_fd: int | None = None
@@ -222,19 +228,61 @@ class Repository:
         if chunk_id is None:
             chunk_id = self.chunk_id(data)
         final = self._chunk_path(chunk_id)
-        if final.exists():
+        if final.exists() or self._is_staged(chunk_id):
             return 0
         stored = self._seal_chunk(chunk_id, data)
-        temporary = self._write_temporary(final.name, stored)
+        staging = self._staged is not None
+        temporary = self._write_temporary(final.name, stored, durable=not staging)
         with self._store_lock:
-            duplicate = final.exists()
-            if not duplicate:
+            duplicate = final.exists() or self._is_staged(chunk_id)
+            if not duplicate and staging:
+                self._staged[chunk_id] = temporary
+            elif not duplicate:
                 os.replace(temporary, final)
         if duplicate:  # another thread stored it meanwhile
             os.unlink(temporary)
             return 0
-        _fsync_dir(final.parent)
+        if not staging:
+            _fsync_dir(final.parent)
         return len(stored)
+
+    def _is_staged(self, chunk_id: bytes) -> bool:
+        staged = self._staged
+        return staged is not None and chunk_id in staged
+
+    @contextlib.contextmanager
+    def chunk_batch(self) -> Iterator[None]:
+        """Chunks put inside are durable, in place, once it ends without an error (a
+        manifest naming them may follow); after an error they are gone. Call
+        `place_staged` (on a worker thread, say) before the end to choose where the
+        fsyncs wait."""
+        if self._staged is not None:
+            raise RuntimeError("chunk batches do not nest")
+        self._staged = {}
+        try:
+            yield
+            self.place_staged()
+        except BaseException:
+            for temporary in self._staged.values():
+                temporary.unlink(missing_ok=True)
+            raise
+        finally:
+            self._staged = None
+
+    def place_staged(self) -> None:
+        """Make the chunks staged so far durable, rename them into place, then make
+        the renames durable: a chunk file in chunks/ always holds its whole chunk."""
+        with self._store_lock:
+            staged, self._staged = self._staged or {}, {}
+        for _ in _ordered_map(_fsync_path, staged.values(), _SYNC_WORKERS):
+            pass
+        directories = set()
+        for chunk_id, temporary in staged.items():
+            final = self._chunk_path(chunk_id)
+            os.replace(temporary, final)
+            directories.add(final.parent)
+        for _ in _ordered_map(_fsync_dir, sorted(directories), _SYNC_WORKERS):
+            pass
 
     def get_chunk(self, chunk_id: bytes) -> bytes:
         """The chunk's data, checked: CorruptChunk unless it decrypts, decompresses
@@ -313,6 +361,10 @@ class Repository:
         """Every backup's manifest, oldest first."""
         manifests = [self._read_manifest(backup_id) for backup_id in self._backup_ids()]
         return sorted(manifests, key=_age)
+
+    def backup_ids(self) -> list[str]:
+        """Every backup's id, oldest first (ids sort by the time they were saved)."""
+        return self._backup_ids()
 
     def _backup_ids(self) -> list[str]:
         names = os.listdir(self.path / "manifests")
@@ -497,13 +549,15 @@ class Repository:
         os.replace(self._write_temporary(final.name, data), final)
         _fsync_dir(final.parent)
 
-    def _write_temporary(self, name: str, data: bytes) -> Path:
-        """A durable file in tmp/ holding data, under a name no other writer uses."""
+    def _write_temporary(self, name: str, data: bytes, durable: bool = True) -> Path:
+        """A file in tmp/ holding data (durable unless told), under a name no other
+        writer uses."""
         temporary = self.path / "tmp" / f"{name}.{secrets.token_hex(6)}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             _pwrite_all(fd, data, 0)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.unlink(temporary)
             raise
@@ -625,10 +679,14 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in the directory durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync_path(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in the directory durable."""
+    _fsync_path(path, os.O_DIRECTORY)

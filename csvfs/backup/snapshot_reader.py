@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 
 from coordinator.model import Inode
+from csvfs.volume.extents import STRIPE, stripe_runs
 
 UNITS, BLOCKS = "u", "b"
 
@@ -41,8 +42,10 @@ class SnapshotView:
         self.base = files["data_offset"]
         self.inodes = {inode.ino: inode for inode in map(Inode.from_list, files["inodes"])}
         self.entries = {ino: dict(names) for ino, names in files["dirs"]}
-        # ino -> {base snapshot: granules changed since}: what an incremental reads
-        self.tracking = {ino: {base: changed for base, changed in bases}
+        # ino -> {base snapshot: (granules changed since, {unit: stripes mask} of those
+        # where only some stripes did)}: what an incremental reads
+        self.tracking = {ino: {base: (changed, dict(partial[0]) if partial else {})
+                               for base, changed, *partial in bases}
                          for ino, bases in files.get("tracking", [])}
         self.copies: dict[str, dict[int, int]] = {UNITS: {}, BLOCKS: {}}
         self.preserved = 0
@@ -112,6 +115,23 @@ class SnapshotView:
                 pieces.append(self._pread(piece_end - position, where + position % granule))
             position = piece_end
         return b"".join(pieces) if mapped else None
+
+    def changed_since(self, inode: Inode, base: int) -> list[tuple[int, int]]:
+        """Byte ranges [start, end) of the file that may differ from snapshot `base`
+        (which must be one of its bases): whole granules, or the stripes written of
+        those where the nodes reported them."""
+        changed, partial = self.tracking[inode.ino][base]
+        granule = self.granule(inode)
+        ranges = []
+        for index in sorted(changed):
+            mask = partial.get(index)
+            if mask is None:
+                ranges.append((index * granule, (index + 1) * granule))
+                continue
+            for first, count in stripe_runs(mask):
+                start = index * granule + first * STRIPE
+                ranges.append((start, start + count * STRIPE))
+        return ranges
 
     def granules_of(self, inode: Inode, offset: int, length: int) -> set[tuple[str, int]]:
         """The volume granules under a byte range of the file."""

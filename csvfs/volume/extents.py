@@ -46,3 +46,33 @@ def from_runs(runs: list[list[int]]) -> UnitMap:
         for step in range(count):
             units[file_unit + step] = volume_unit + step
     return units
+
+
+# Change tracking is finer than the unit: a unit is cut into stripes, and the nodes
+# report which stripes of a tracked file's units they wrote (coordinator/model.py).
+STRIPE = 64 * 1024
+
+
+def stripe_mask(start: int, end: int, unit: int) -> int:
+    """The stripes of one unit that the byte range [start, end) of it touches (offsets
+    within the file; the range must lie inside one unit)."""
+    first = (start % unit) // STRIPE
+    last = ((end - 1) % unit) // STRIPE
+    return (1 << (last + 1)) - (1 << first)
+
+
+def stripe_runs(mask: int) -> Iterator[tuple[int, int]]:
+    """(first stripe, count) of each run of set bits in mask."""
+    index = 0
+    while mask:
+        if mask & 1:
+            count = 0
+            while mask & 1:
+                mask >>= 1
+                count += 1
+            yield index, count
+            index += count
+        else:
+            skip = (mask & -mask).bit_length() - 1
+            mask >>= skip
+            index += skip
