@@ -310,6 +310,11 @@ def test_an_incremental_reads_only_what_changed(tmp_path, image, nodes):
     # 17 the member's first and the coordinator's next two
     assert incremental["stats"]["read"] == 7 * STRIPE, incremental["stats"]
     assert incremental["files"][0]["read"] == "changed"
+    # the three changed runs are packed into one new chunk, each a slice of it
+    before = {item[2] for item in full["files"][0]["chunks"]}
+    new = [item for item in incremental["files"][0]["chunks"] if item[2] not in before]
+    assert [item[1] for item in new] == [2 * STRIPE, 3 * STRIPE, 2 * STRIPE]
+    assert len({item[2] for item in new}) == 1
     restore_and_compare(tmp_path, repo, incremental, "/disk", n1.path("disk").read_bytes())
     restore_and_compare(tmp_path, repo, full, "/disk", original)  # still as it was
     forced = backup("vm", image, "--repo", repo, "/disk", "--full", "--json").stdout

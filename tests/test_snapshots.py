@@ -378,9 +378,11 @@ def test_backup_batches_never_split_a_granule():
 
     chunk = 1 << 20
     reads = [(index * chunk, chunk) for index in (0, 1, 2, 5, 6, 7, 8, 13)]
-    # 4 MiB granules: 0-3, 4-7, 8-11, 12-15 (in chunks); batches of about 2
-    assert list(batches(reads, 4 * chunk, size=2)) == [reads[:3], reads[3:6], reads[6:]]
-    assert list(batches(reads, 64 << 10, size=3)) == [reads[:3], reads[3:6], reads[6:]]
+    # 4 MiB granules: 0-3, 4-7, 8-11, 12-15 (in chunks); batches of about 2 chunks
+    assert list(batches(reads, 4 * chunk, 2 * chunk)) == [reads[:3], reads[3:6], reads[6:]]
+    assert list(batches(reads, 64 << 10, 3 * chunk)) == [reads[:3], reads[3:6], reads[6:]]
     # a read that ends inside the next granule keeps it in its batch
     crossing = [(0, chunk), (chunk, 2 * chunk), (3 * chunk, chunk), (4 * chunk, 10)]
-    assert list(batches(crossing, 2 * chunk, size=1)) == [crossing[:3], crossing[3:]]
+    assert list(batches(crossing, 2 * chunk, chunk)) == [crossing[:3], crossing[3:]]
+    small = [(index * chunk, 64 << 10) for index in range(40)]  # batches count bytes
+    assert list(batches(small, chunk, chunk)) == [small[:16], small[16:32], small[32:]]

@@ -13,7 +13,7 @@ import trio
 
 from csvfs.backup.manifest import chunk_needs
 from csvfs.backup.progress import bar
-from csvfs.backup.repository import Repository, restore_file
+from csvfs.backup.repository import ChunkCache, Repository, restore_file
 from csvfs.volume.errors import ExitCode, MountpointError, UsageError, UserError
 from csvfs.volume.sizes import format_size
 
@@ -209,7 +209,7 @@ def cmd_restore(args) -> int:
             progress.update(done_bytes - done[0])
             done[0] = done_bytes
 
-        stats = build_image(manifest, repo.get_chunk, args.target, progress=advance)
+        stats = build_image(manifest, ChunkCache(repo).get, args.target, progress=advance)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:

@@ -13,9 +13,10 @@ and chunks already in the repository cost a hash but no space. An incremental
 reads less: the coordinator tracks, for each file a backup took, the granules
 changed since (its base, coordinator/snapshots.py), and of most units the 64 KiB
 stripes the nodes wrote. When the repository holds the backup of that base,
-only those stripes (and what lies past the base's end) are read, each changed
-run stored as a chunk of its own; the rest are slices of that backup's chunks
-(csvfs/backup/manifest.py). `--full` reads everything anyway.
+only those stripes (and what lies past the base's end) are read, and the
+changed runs of a batch are packed into chunks of their own, each run a slice
+of one; the rest are slices of that backup's chunks (csvfs/backup/manifest.py).
+`--full` reads everything anyway.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from csvfs.volume.extents import STRIPE
 
 log = logging.getLogger(__name__)
 
-BATCH_CHUNKS = 64  # chunks read between two checks with the coordinator
+BATCH_CHUNKS = 64  # chunks' worth of bytes read between two checks with the coordinator
+PACK_BELOW = 4  # pieces under 1/4 of a chunk are packed together (BackupRun._pack)
 WORKERS = 4
 
 TYPES = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
@@ -79,17 +81,24 @@ class BackupRun:
         progress.update(inode.size - sum(length for _offset, length in reads))
         await self._done_with(self._not_needed(inode, reads))
         stored: dict[int, ChunkRef] = {}
-        for batch in batches(reads, self.view.granule(inode)):
+        batch_bytes = BATCH_CHUNKS * self.repo.chunk_size
+        for batch in batches(reads, self.view.granule(inode), batch_bytes):
             pending = batch
             read: set = set()
+            small: dict[int, bytes] = {}  # offset -> a small piece's bytes, to pack
             while pending:  # until a check finds none of them read stale
                 live: set = set()
                 for offset, _length in pending:
                     stored.pop(offset, None)
-                stored.update(await trio.to_thread.run_sync(self._store, inode, pending, live))
+                    small.pop(offset, None)
+                whole, pieces = await trio.to_thread.run_sync(self._store, inode, pending,
+                                                              live)
+                stored.update(whole)
+                small.update(pieces)
                 read |= live
                 pending = await self._preserved_meanwhile(inode, pending, live)
                 self.stats.reread += len(pending)
+            stored.update(await trio.to_thread.run_sync(self._pack, small))
             await self._done_with(read)
             progress.update(sum(length for _offset, length in batch))
         self.stats.logical += inode.size
@@ -155,8 +164,11 @@ class BackupRun:
         return [(offset, length) for offset, length in batch
                 if self.view.granules_of(inode, offset, length) & fresh]
 
-    def _store(self, inode: Inode, reads: list[tuple[int, int]], live: set) -> dict:
-        """Read and store byte ranges (in a worker thread): {offset: ChunkRef}."""
+    def _store(self, inode: Inode, reads: list[tuple[int, int]],
+               live: set) -> tuple[dict[int, ChunkRef], dict[int, bytes]]:
+        """Read byte ranges (in a worker thread). A whole chunk's is stored at once
+        ({offset: ChunkRef}); a small piece's bytes are kept ({offset: bytes}), to be
+        packed with others once the check has passed them (`_pack`)."""
 
         def one(read: tuple[int, int]):
             offset, length = read
@@ -166,17 +178,50 @@ class BackupRun:
                 return offset, None, 0, 0, seen
             if not any(data):  # bytes(...).count would scan twice; any stops early
                 return offset, None, len(data), 0, seen
+            if len(data) < self.repo.chunk_size // PACK_BELOW:
+                return offset, data, len(data), 0, seen
             chunk_id = self.repo.chunk_id(data)
             new = self.repo.put_chunk(data, chunk_id)
             return offset, ChunkRef(offset, len(data), chunk_id), len(data), new, seen
 
-        stored = {}
-        for offset, ref, read, new, seen in self.pool.map(one, reads):
+        stored, pieces = {}, {}
+        for offset, result, read, new, seen in self.pool.map(one, reads):
             self.stats.read += read
             self.stats.new += new
             live.update(seen)
-            if ref is not None:
-                stored[offset] = ref
+            if isinstance(result, ChunkRef):
+                stored[offset] = result
+            elif result is not None:
+                pieces[offset] = result
+        return stored, pieces
+
+    def _pack(self, pieces: dict[int, bytes]) -> dict[int, ChunkRef]:
+        """Store small pieces (in a worker thread) several to a chunk, each then a
+        slice of it: an incremental's changed 64 KiB runs cost a hash, a compression
+        and a file per chunk, not per run."""
+        packs: list[list[tuple[int, bytes]]] = [[]]
+        filled = 0
+        for offset in sorted(pieces):
+            if filled + len(pieces[offset]) > self.repo.chunk_size:
+                packs.append([])
+                filled = 0
+            packs[-1].append((offset, pieces[offset]))
+            filled += len(pieces[offset])
+
+        def store(pack: list[tuple[int, bytes]]) -> tuple[list[ChunkRef], int]:
+            data = b"".join(piece for _offset, piece in pack)
+            chunk_id = self.repo.chunk_id(data)
+            new = self.repo.put_chunk(data, chunk_id)
+            refs, skip = [], 0
+            for offset, piece in pack:
+                refs.append(ChunkRef(offset, len(piece), chunk_id, skip))
+                skip += len(piece)
+            return refs, new
+
+        stored = {}
+        for refs, new in self.pool.map(store, [pack for pack in packs if pack]):
+            self.stats.new += new
+            stored.update((ref.offset, ref) for ref in refs)
         return stored
 
     def close(self) -> None:
@@ -189,27 +234,47 @@ async def run_backup(image: Path, key_path: Path | None, repo: Repository, kind:
                      freeze_timeout: float = 10.0) -> dict:
     """Back up the whole volume (kind "volume") or the given files (kind "vm"); returns
     the manifest as saved."""
+    clock = _Phases()
     with repo.lock():
         async with Requester.connect(image, key_path, snapshot_timeout) as requester:
+            clock.done("found the coordinator")
             vm = kind == "vm"
             async with requester.snapshot(paths if vm else None, freeze=vm,
                                           allow_crash_consistent=allow_crash_consistent,
                                           freeze_timeout=freeze_timeout) as point:
+                clock.done("set the snapshot point")
                 files = await requester.files(point["id"])
+                clock.done("read the snapshot's namespace")
                 fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     view = SnapshotView(files, fd)
                     with repo.chunk_batch():  # durable at its end, before the manifest
                         manifest = await _copy(repo, requester, view, kind, paths, point,
                                                full)
+                        clock.done("copied")
                         await trio.to_thread.run_sync(repo.place_staged)
+                        clock.done("made the chunks durable")
                 finally:
                     os.close(fd)
                 manifest["source"]["image"] = str(image)
                 # Before the release: only a backup in the repository moves the files'
                 # change tracking on to this point.
                 repo.save_manifest(manifest)
+                clock.done("saved the manifest")
+        clock.done("released the snapshot")
     return manifest
+
+
+class _Phases:
+    """Debug log of where a backup's time goes."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def done(self, what: str) -> None:
+        now = time.perf_counter()
+        log.debug("%s in %.1f ms", what, (now - self.last) * 1000)
+        self.last = now
 
 
 async def _copy(repo: Repository, requester: Requester, view: SnapshotView, kind: str,
@@ -248,16 +313,18 @@ async def _copy(repo: Repository, requester: Requester, view: SnapshotView, kind
     }
 
 
-def batches(reads: list[tuple[int, int]], granule: int, size: int = BATCH_CHUNKS):
-    """The reads (offset, length) in batches of about `size`, never splitting a
-    granule: its hold ends with the batch that read it (BackupRun._done_with), so
+def batches(reads: list[tuple[int, int]], granule: int, size: int):
+    """The reads (offset, length) in batches of about `size` bytes, never splitting
+    a granule: its hold ends with the batch that read it (BackupRun._done_with), so
     every read of it must be done by then."""
     batch: list[tuple[int, int]] = []
+    filled = 0
     for offset, length in reads:
-        if len(batch) >= size and offset // granule != (sum(batch[-1]) - 1) // granule:
+        if filled >= size and offset // granule != (sum(batch[-1]) - 1) // granule:
             yield batch
-            batch = []
+            batch, filled = [], 0
         batch.append((offset, length))
+        filled += length
     if batch:
         yield batch
 

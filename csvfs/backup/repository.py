@@ -50,7 +50,7 @@ import secrets
 import socket
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -566,6 +566,31 @@ class Repository:
         return temporary
 
 
+class ChunkCache:
+    """The last few chunks read, for readers that take several slices of one chunk
+    (an incremental packs its changed pieces into shared chunks): each is read,
+    checked and decompressed once. Safe on several threads."""
+
+    def __init__(self, repo: Repository, size: int = 16):
+        self.repo = repo
+        self.size = size
+        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, chunk_id: bytes) -> bytes:
+        with self._lock:
+            data = self._chunks.get(chunk_id)
+            if data is not None:
+                self._chunks.move_to_end(chunk_id)
+                return data
+        data = self.repo.get_chunk(chunk_id)
+        with self._lock:
+            self._chunks[chunk_id] = data
+            while len(self._chunks) > self.size:
+                self._chunks.popitem(last=False)
+        return data
+
+
 def restore_file(repo: Repository, entry: dict, fd: int,
                  progress: Callable[[int], object] | None = None) -> None:
     """Write a file's contents from its manifest entry to fd, sparse: each chunk's
@@ -573,9 +598,10 @@ def restore_file(repo: Repository, entry: dict, fd: int,
     of zeros) left unwritten, then the size set. So fd must read as zeros where
     nothing is written: a new or truncated file."""
     refs = file_chunks(entry)
+    cache = ChunkCache(repo)
 
     def fetch(ref: ChunkRef) -> tuple[int, bytes]:
-        data = repo.get_chunk(ref.chunk_id)
+        data = cache.get(ref.chunk_id)
         if len(data) < ref.needed:
             raise CorruptChunk(repo._too_short(ref.chunk_id, len(data), ref.needed,
                                                f"{entry['path']} at offset {ref.offset}"))
