@@ -210,8 +210,11 @@ def run_backups(setup: Setup, args) -> str:
         for tool in (("cp", "csvfs") if round_no % 2 == 0 else ("csvfs", "cp")):
             log(f"full backup, round {round_no + 1}/{args.repeat}: {tool} ...")
             if tool == "cp":
-                cp_times.append(tools.run(["cp", "--sparse=always", disk_b, copy], "cp")[0])
+                # Until the copy is on disk, as a backup is when csvfs returns.
+                seconds = tools.run(["cp", "--sparse=always", disk_b, copy], "cp")[0]
+                started = time.perf_counter()
                 fsync_path(copy)
+                cp_times.append(seconds + time.perf_counter() - started)
             else:
                 seconds, summary = tools.csvfs_backup(repo, "/disk")
                 csvfs_times.append(seconds)
@@ -336,8 +339,9 @@ def run_backups(setup: Setup, args) -> str:
         "coordinator, node A). Nothing is dropped from the page cache (it cannot be done "
         "reliably here): the disk was just written through A, csvfs mounts are direct_io, "
         "so every tool reads the image's pages from the host's page cache; the restores "
-        "read repositories that were just written, also from the cache. Restored files "
-        "are fsynced before the clock stops (csvfs restore does it itself). csvfs and cp "
+        "read repositories that were just written, also from the cache. cp's copy and "
+        "restored files are fsynced before the clock stops (csvfs backup and restore "
+        "make what they write durable before they return). csvfs and cp "
         "run in paired rounds, the order alternating; the others run once, after them.\n\n"
         "### Full backup\n\n" + "\n".join(full_rows) +
         f"\n\ncsvfs / cp throughput: **{ratio:.2f}** (target >= 0.8; median of the "
@@ -565,6 +569,9 @@ def main(argv=None) -> int:
                 setup = Setup(args, scratch, cleanup)
                 for name in args.only or SECTIONS:
                     section = SECTIONS[name]
+                    # What the last section wrote and removed (gigabytes of repositories)
+                    # is written back first, so that its writeback stalls nothing here.
+                    os.sync()
                     try:
                         report += section(setup, args)
                     except (BenchError, NodeError, OSError, subprocess.SubprocessError,

@@ -25,7 +25,7 @@ import logging
 import os
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 BATCH_CHUNKS = 64  # chunks' worth of bytes read between two checks with the coordinator
 PACK_BELOW = 4  # pieces under 1/4 of a chunk are packed together (BackupRun._pack)
+PLACE_EVERY = 256 << 20  # bytes of new chunks made durable while the copy goes on
 WORKERS = 4
 
 TYPES = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
@@ -74,6 +75,7 @@ class BackupRun:
         self.stats = Stats()
         self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="backup")
         self.bases = {} if full else _bases(repo, view, inos)
+        self.placing: Future | None = None  # new chunks being made durable meanwhile
 
     async def file(self, path: str, inode: Inode, progress) -> dict:
         """The manifest entry of one regular file, its chunks stored."""
@@ -100,6 +102,7 @@ class BackupRun:
                 self.stats.reread += len(pending)
             stored.update(await trio.to_thread.run_sync(self._pack, small))
             await self._done_with(read)
+            await self._place_meanwhile()
             progress.update(sum(length for _offset, length in batch))
         self.stats.logical += inode.size
         refs = _coalesced(sorted([*kept, *stored.values()]))
@@ -224,6 +227,21 @@ class BackupRun:
             stored.update((ref.offset, ref) for ref in refs)
         return stored
 
+    async def _place_meanwhile(self) -> None:
+        """Once enough new chunks wait in tmp/, make them durable (one round at a time)
+        while the copy goes on: the disk writes them back as they come, not all at
+        the end, and dirty pages do not pile up."""
+        if self.repo.staged_bytes < PLACE_EVERY:
+            return
+        await self.placed()
+        self.placing = self.pool.submit(self.repo.place_staged)
+
+    async def placed(self) -> None:
+        """Wait for the round being made durable, if any (its errors are raised here)."""
+        placing, self.placing = self.placing, None
+        if placing is not None:
+            await trio.to_thread.run_sync(placing.result)
+
     def close(self) -> None:
         self.pool.shutdown()
 
@@ -287,6 +305,7 @@ async def _copy(repo: Repository, requester: Requester, view: SnapshotView, kind
         with bar(total, f"{kind} backup") as progress:
             for path, inode in chosen:
                 entries.append(await run.file(path, inode, progress))
+        await run.placed()
     finally:
         run.close()
     stats = run.stats

@@ -120,6 +120,7 @@ class Repository:
         self._store_lock = threading.Lock()
         # Inside chunk_batch: chunk id -> the file in tmp/ that will become it
         self._staged: dict[bytes, Path] | None = None
+        self.staged_bytes = 0  # what they hold
         self._lock_guard = threading.Lock()
         self._lock_depth = 0
         self._lock_fd: int | None = None
@@ -230,13 +231,14 @@ class Repository:
         final = self._chunk_path(chunk_id)
         if final.exists() or self._is_staged(chunk_id):
             return 0
-        stored = self._seal_chunk(chunk_id, data)
+        stored = self._seal_chunk(chunk_id, data)  # the parts of the file, not joined
         staging = self._staged is not None
         temporary = self._write_temporary(final.name, stored, durable=not staging)
         with self._store_lock:
             duplicate = final.exists() or self._is_staged(chunk_id)
             if not duplicate and staging:
                 self._staged[chunk_id] = temporary
+                self.staged_bytes += sum(map(len, stored))
             elif not duplicate:
                 os.replace(temporary, final)
         if duplicate:  # another thread stored it meanwhile
@@ -244,7 +246,7 @@ class Repository:
             return 0
         if not staging:
             _fsync_dir(final.parent)
-        return len(stored)
+        return sum(map(len, stored))
 
     def _is_staged(self, chunk_id: bytes) -> bool:
         staged = self._staged
@@ -274,6 +276,7 @@ class Repository:
         the renames durable: a chunk file in chunks/ always holds its whole chunk."""
         with self._store_lock:
             staged, self._staged = self._staged or {}, {}
+            self.staged_bytes = 0
         for _ in _ordered_map(_fsync_path, staged.values(), _SYNC_WORKERS):
             pass
         directories = set()
@@ -306,12 +309,14 @@ class Repository:
     def _chunk_problem(self, chunk_id: bytes, what: str) -> str:
         return f"chunk {chunk_id.hex()[:16]}… in {self.path}: {what}"
 
-    def _seal_chunk(self, chunk_id: bytes, data: bytes) -> bytes:
+    def _seal_chunk(self, chunk_id: bytes, data: bytes) -> list[bytes]:
+        """The stored chunk, in parts: a megabyte joined to its format byte would be
+        one more copy (and a fresh allocation) per chunk."""
         frame = _compressor().compress(data)
         if self._aead is None:
-            return bytes([_CHUNK_PLAIN]) + frame
+            return [bytes([_CHUNK_PLAIN]), frame]
         nonce = os.urandom(NONCE_SIZE)
-        return bytes([_CHUNK_ENCRYPTED]) + nonce + self._aead.encrypt(nonce, frame, chunk_id)
+        return [bytes([_CHUNK_ENCRYPTED]) + nonce, self._aead.encrypt(nonce, frame, chunk_id)]
 
     def _unseal_chunk(self, chunk_id: bytes, stored: bytes) -> bytes:
         """The zstd frame in a stored chunk."""
@@ -549,13 +554,14 @@ class Repository:
         os.replace(self._write_temporary(final.name, data), final)
         _fsync_dir(final.parent)
 
-    def _write_temporary(self, name: str, data: bytes, durable: bool = True) -> Path:
-        """A file in tmp/ holding data (durable unless told), under a name no other
-        writer uses."""
+    def _write_temporary(self, name: str, data: bytes | list[bytes],
+                         durable: bool = True) -> Path:
+        """A file in tmp/ holding data, or its parts one after another (durable unless
+        told), under a name no other writer uses."""
         temporary = self.path / "tmp" / f"{name}.{secrets.token_hex(6)}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _pwrite_all(fd, data, 0)
+            _pwritev_all(fd, [data] if isinstance(data, bytes) else data, 0)
             if durable:
                 os.fsync(fd)
         except BaseException:
@@ -696,6 +702,17 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     if not hasattr(_codecs, "decompressor"):
         _codecs.decompressor = zstandard.ZstdDecompressor()
     return _codecs.decompressor
+
+
+def _pwritev_all(fd: int, parts: list[bytes], offset: int) -> None:
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
