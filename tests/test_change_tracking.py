@@ -143,3 +143,25 @@ def test_a_unit_added_in_a_hole_counts_only_what_is_written_to_it():
     small.apply({"op": "snapshot", "id": 10, "t": 3})
     small.apply({"op": "map", "ino": INO, "add": [[0, 0, 2]], "size": 128 << 10, "t": 4})
     assert small.inodes[INO].partial == {10: {}} and small.inodes[INO].tracking == {10: {0, 1}}
+
+
+def test_an_incremental_builds_on_the_newest_base_whatever_the_ids_order(tmp_path, monkeypatch):
+    """Backup ids sort by the second they were saved in: two in one second may sort
+    either way. The newest base is what counts, wherever its manifest sorts."""
+    from types import SimpleNamespace
+
+    from csvfs.backup.engine import _bases
+    from csvfs.backup.repository import Repository
+
+    repo = Repository.create(tmp_path / "repo")
+    ids = iter(["20261202T000000Z-bbbbbb", "20261202T000000Z-aaaaaa"])  # newer sorts first
+    monkeypatch.setattr(repo, "_new_backup_id", lambda: next(ids))
+    for snapshot in (10, 20):
+        repo.save_manifest({"format": 1, "kind": "vm", "time_ns": snapshot, "snapshot": snapshot,
+                            "source": {"volume": "v", "image": "", "unit_size": M},
+                            "chunk_size": repo.chunk_size, "tree": [], "warnings": [],
+                            "files": [{"ino": INO, "path": "/disk", "size": 0, "chunks": [],
+                                       "from": snapshot}]})
+    view = SimpleNamespace(volume="v", tracking={INO: {10: ([], {}), 20: ([], {})}})
+    bases = _bases(repo, view, {INO})
+    assert (20, INO) in bases and bases[20, INO]["from"] == 20

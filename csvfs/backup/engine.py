@@ -411,19 +411,18 @@ def _bases(repo: Repository, view: SnapshotView,
            inos: set[int]) -> dict[tuple[int, int], dict]:
     """(snapshot, ino) -> the file's entry in this repository's backup from that
     snapshot of this volume: what an incremental of files `inos` takes unchanged
-    chunks from. Only the newest base of each file counts, so the manifests are
-    read newest first, until every file has one."""
-    wanted = {base for ino in inos for base in view.tracking.get(ino, ())}
-    untold = {ino for ino in inos if ino in view.tracking}
+    chunks from. Reading stops once each file's newest base is found, which is
+    in the newest manifest when every backup goes to this repository."""
+    newest = {ino: max(view.tracking[ino]) for ino in inos if view.tracking.get(ino)}
+    wanted = {base for ino in newest for base in view.tracking[ino]}
     bases = {}
     for backup_id in reversed(repo.backup_ids() if wanted else []):
         manifest = repo.load_manifest(backup_id)
         if manifest["snapshot"] in wanted and manifest["source"]["volume"] == view.volume \
                 and manifest["chunk_size"] == repo.chunk_size:
             for entry in manifest["files"]:
-                bases.setdefault((manifest["snapshot"], entry["ino"]), entry)
-                untold.discard(entry["ino"])
-        if not untold:
+                bases[manifest["snapshot"], entry["ino"]] = entry
+        if all((base, ino) in bases for ino, base in newest.items()):
             break
     return bases
 
