@@ -15,21 +15,21 @@ import msgpack
 import pytest
 
 from csvfs.backup import progress
-from csvfs.backup.manifest import ChunkRef, to_item
-from csvfs.backup.repository import (
+from csvfs.backup.errors import (
     AmbiguousBackup,
     CorruptChunk,
     CorruptManifest,
     MissingChunk,
     NoSuchBackup,
-    Repository,
     RepositoryExists,
     RepositoryKeyError,
     RepositoryLocked,
     RepositoryMissing,
-    restore_file,
-    write_key,
 )
+from csvfs.backup.keys import write_key
+from csvfs.backup.manifest import ChunkRef, to_item
+from csvfs.backup.repository import Repository
+from csvfs.backup.restore_file import restore_file
 from csvfs.volume.errors import ExitCode
 from tests.cluster import csvfs
 

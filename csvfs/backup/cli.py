@@ -13,7 +13,8 @@ import trio
 
 from csvfs.backup.manifest import chunk_needs
 from csvfs.backup.progress import bar
-from csvfs.backup.repository import ChunkCache, Repository, restore_file
+from csvfs.backup.repository import Repository
+from csvfs.backup.restore_file import ChunkCache, restore_file
 from csvfs.volume.errors import ExitCode, MountpointError, UsageError, UserError
 from csvfs.volume.sizes import format_size
 

@@ -4,6 +4,7 @@ what each protects)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ import msgpack
 
 from csvfs.backup.errors import RepositoryKeyError
 from csvfs.volume.keyfile import parse_hex, read_secret, write_secret
+
+log = logging.getLogger(__name__)
 
 KEY_SIZE = 32
 _KEY_CHECK = b"csvfs backup repository key check"
@@ -61,3 +64,14 @@ def key_check(keys: Keys, config: dict) -> bytes:
     fields = [_KEY_CHECK, config["format"], config["repo_id"], config["encrypted"],
               config["chunk_size"]]
     return blake3.blake3(msgpack.packb(fields), key=keys.check).digest()
+
+
+def key_for_new_repository(key_path: Path) -> bytes:
+    """The key in key_path if there is one (several repositories may share a key),
+    else a new one written there."""
+    if key_path.exists():
+        log.info("using the existing key in %s", key_path)
+        return read_key(key_path)
+    key = os.urandom(KEY_SIZE)
+    write_key(key_path, key)
+    return key

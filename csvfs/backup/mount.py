@@ -35,7 +35,6 @@ import logging
 import os
 import signal
 import stat
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from csvfs.backup.repository import (
     Repository,
     RepositoryCorrupt,
 )
+from csvfs.backup.restore_file import ChunkCache
 from csvfs.volume.errors import MountpointError
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class BackupOperations(pyfuse3.Operations):
         self.backup_id = manifest["id"]
         self.nodes = build_nodes(manifest)
         self.logical = sum(node.size for node in self.nodes.values() if stat.S_ISREG(node.mode))
-        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache = ChunkCache(repo, CHUNK_CACHE)
         self._fetching: dict[bytes, trio.Event] = {}  # so that one thread decodes a chunk
         self._reported: set[bytes] = set()  # bad chunks already logged
 
@@ -400,13 +400,12 @@ class BackupOperations(pyfuse3.Operations):
     async def _chunk(self, chunk_id: bytes, needed: int) -> bytes:
         """A chunk's data, from the cache or the repository (checked there), which
         must hold at least the bytes needed of it."""
-        while (data := self._cache.get(chunk_id)) is None:
+        while (data := self._cache.cached(chunk_id)) is None:
             pending = self._fetching.get(chunk_id)
             if pending is None:
                 data = await self._fetch(chunk_id)
                 break
             await pending.wait()  # then look again: the fetch may have failed
-        self._cache.move_to_end(chunk_id)
         if len(data) < needed:
             raise CorruptChunk(f"chunk {chunk_id.hex()[:16]}… holds {len(data)} bytes where "
                                f"the manifest needs {needed} (too short)")
@@ -416,14 +415,10 @@ class BackupOperations(pyfuse3.Operations):
         done = self._fetching[chunk_id] = trio.Event()
         try:
             # decompressing and hashing a chunk takes milliseconds: not on the loop
-            data = await trio.to_thread.run_sync(self.repo.get_chunk, chunk_id)
+            return await trio.to_thread.run_sync(self._cache.get, chunk_id)
         finally:
             del self._fetching[chunk_id]
             done.set()
-        self._cache[chunk_id] = data
-        while len(self._cache) > CHUNK_CACHE:
-            self._cache.popitem(last=False)
-        return data
 
     async def release(self, fh):
         pass

@@ -50,9 +50,7 @@ import secrets
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
@@ -61,6 +59,7 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from csvfs.backup.config import FORMAT, read_config, refuse_existing, unpack
 from csvfs.backup.errors import (
     AmbiguousBackup,
     CorruptChunk,
@@ -68,25 +67,22 @@ from csvfs.backup.errors import (
     MissingChunk,
     NoSuchBackup,
     RepositoryCorrupt,
-    RepositoryExists,
     RepositoryKeyError,
     RepositoryLocked,
-    RepositoryMissing,
 )
+from csvfs.backup.files import SYNC_WORKERS, fsync_dir, fsync_path, ordered_map, write_all
 from csvfs.backup.keys import (
-    KEY_SIZE,
     Keys,
     default_key_path,
     key_check,
+    key_for_new_repository,
     read_key,
-    write_key,
 )
-from csvfs.backup.manifest import ID_SIZE, ChunkRef, file_chunks, manifest_chunks
+from csvfs.backup.manifest import ID_SIZE, manifest_chunks
 from csvfs.volume.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
 NONCE_SIZE = 12
 MAC_SIZE = 32
 TAG_SIZE = 16
@@ -99,9 +95,6 @@ _CHUNK_ENCRYPTED = 2
 _ZSTD_LEVEL = 3
 _BACKUP_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 _CHUNK_NAME = re.compile(r"[0-9a-f]{64}")
-# Threads that read chunks back for verify and restore_file.
-_WORKERS = min(8, os.cpu_count() or 1)
-_SYNC_WORKERS = 16  # fsyncs in flight at once: the filesystem commits them together
 
 
 class Repository:
@@ -141,14 +134,14 @@ class Repository:
         if not isinstance(chunk_size, int) or not 4096 <= chunk_size <= MAX_CHUNK:
             raise UsageError(f"chunk size {chunk_size} is out of range "
                              f"(4096 to {MAX_CHUNK} bytes)")
-        _refuse_existing(path)
-        keys = Keys.derive(_key_for_new_repository(key_path))
+        refuse_existing(path)
+        keys = Keys.derive(key_for_new_repository(key_path))
         for sub in ("chunks", "manifests", "tmp"):
             (path / sub).mkdir(mode=0o700)
         for prefix in range(256):  # made now, so that writers never race to make them
             (path / "chunks" / f"{prefix:02x}").mkdir(mode=0o700)
-        _fsync_dir(path / "chunks")
-        _fsync_dir(path)
+        fsync_dir(path / "chunks")
+        fsync_dir(path)
         config = {"format": FORMAT, "repo_id": secrets.token_hex(16), "encrypted": bool(encrypt),
                   "chunk_size": chunk_size}
         config["key_check"] = key_check(keys, config)
@@ -163,7 +156,7 @@ class Repository:
     def open(cls, path, key_path=None) -> Repository:
         path = Path(path)
         key_path = Path(key_path) if key_path is not None else default_key_path(path)
-        config = _read_config(path)
+        config = read_config(path)
         keys = Keys.derive(read_key(key_path))
         if not hmac.compare_digest(key_check(keys, config), config["key_check"]):
             raise RepositoryKeyError(f"key file {key_path} does not open the repository at "
@@ -245,7 +238,7 @@ class Repository:
             os.unlink(temporary)
             return 0
         if not staging:
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         return sum(map(len, stored))
 
     def _is_staged(self, chunk_id: bytes) -> bool:
@@ -277,14 +270,14 @@ class Repository:
         with self._store_lock:
             staged, self._staged = self._staged or {}, {}
             self.staged_bytes = 0
-        for _ in _ordered_map(_fsync_path, staged.values(), _SYNC_WORKERS):
+        for _ in ordered_map(fsync_path, staged.values(), SYNC_WORKERS):
             pass
         directories = set()
         for chunk_id, temporary in staged.items():
             final = self._chunk_path(chunk_id)
             os.replace(temporary, final)
             directories.add(final.parent)
-        for _ in _ordered_map(_fsync_dir, sorted(directories), _SYNC_WORKERS):
+        for _ in ordered_map(fsync_dir, sorted(directories), SYNC_WORKERS):
             pass
 
     def get_chunk(self, chunk_id: bytes) -> bytes:
@@ -411,7 +404,7 @@ class Repository:
             raise NoSuchBackup(f"no backup {backup_id} in the repository at "
                                f"{self.path}") from None
         body = self._unseal_manifest(backup_id, raw)
-        manifest = _unpack(body)
+        manifest = unpack(body)
         if not isinstance(manifest, dict) or manifest.get("id") != backup_id:
             raise CorruptManifest(f"manifest {backup_id} in {self.path}: authenticated but "
                                   f"malformed")
@@ -467,18 +460,18 @@ class Repository:
             except RepositoryCorrupt as exc:
                 return f"{exc} (used by {user})", needed
             if len(data) < needed:
-                return self._too_short(chunk_id, len(data), needed, user), needed
+                return self.too_short(chunk_id, len(data), needed, user), needed
             return None, needed
 
         problems = []
-        for problem, needed in _ordered_map(check, wanted.items()):
+        for problem, needed in ordered_map(check, wanted.items()):
             if problem:
                 problems.append(problem)
             if progress:
                 progress(needed)
         return problems
 
-    def _too_short(self, chunk_id: bytes, held: int, needed: int, user: str) -> str:
+    def too_short(self, chunk_id: bytes, held: int, needed: int, user: str) -> str:
         return self._chunk_problem(chunk_id, f"holds {held} bytes where {user} "
                                    f"needs {needed} (too short)")
 
@@ -493,7 +486,7 @@ class Repository:
             for backup_id in chosen:
                 os.unlink(self.path / "manifests" / backup_id)
                 log.info("forgot backup %s in %s", backup_id, self.path)
-            _fsync_dir(self.path / "manifests")
+            fsync_dir(self.path / "manifests")
         return chosen
 
     def prune(self, keep_last: int | None = None) -> dict:
@@ -530,7 +523,7 @@ class Repository:
                     removed += 1
                     touched = True
             if touched:
-                _fsync_dir(directory)
+                fsync_dir(directory)
         return removed, freed
 
     def _clean_tmp(self) -> None:
@@ -552,7 +545,7 @@ class Repository:
 
     def _write_file(self, final: Path, data: bytes) -> None:
         os.replace(self._write_temporary(final.name, data), final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def _write_temporary(self, name: str, data: bytes | list[bytes],
                          durable: bool = True) -> Path:
@@ -561,7 +554,7 @@ class Repository:
         temporary = self.path / "tmp" / f"{name}.{secrets.token_hex(6)}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _pwritev_all(fd, [data] if isinstance(data, bytes) else data, 0)
+            write_all(fd, [data] if isinstance(data, bytes) else data, 0)
             if durable:
                 os.fsync(fd)
         except BaseException:
@@ -570,116 +563,6 @@ class Repository:
         finally:
             os.close(fd)
         return temporary
-
-
-class ChunkCache:
-    """The last few chunks read, for readers that take several slices of one chunk
-    (an incremental packs its changed pieces into shared chunks): each is read,
-    checked and decompressed once. Safe on several threads."""
-
-    def __init__(self, repo: Repository, size: int = 16):
-        self.repo = repo
-        self.size = size
-        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, chunk_id: bytes) -> bytes:
-        with self._lock:
-            data = self._chunks.get(chunk_id)
-            if data is not None:
-                self._chunks.move_to_end(chunk_id)
-                return data
-        data = self.repo.get_chunk(chunk_id)
-        with self._lock:
-            self._chunks[chunk_id] = data
-            while len(self._chunks) > self.size:
-                self._chunks.popitem(last=False)
-        return data
-
-
-def restore_file(repo: Repository, entry: dict, fd: int,
-                 progress: Callable[[int], object] | None = None) -> None:
-    """Write a file's contents from its manifest entry to fd, sparse: each chunk's
-    piece (all of it, or the slice the entry names) at its offset, holes (and pieces
-    of zeros) left unwritten, then the size set. So fd must read as zeros where
-    nothing is written: a new or truncated file."""
-    refs = file_chunks(entry)
-    cache = ChunkCache(repo)
-
-    def fetch(ref: ChunkRef) -> tuple[int, bytes]:
-        data = cache.get(ref.chunk_id)
-        if len(data) < ref.needed:
-            raise CorruptChunk(repo._too_short(ref.chunk_id, len(data), ref.needed,
-                                               f"{entry['path']} at offset {ref.offset}"))
-        return ref.offset, ref.piece(data)
-
-    for offset, piece in _ordered_map(fetch, refs):
-        if piece != bytes(len(piece)):
-            _pwrite_all(fd, piece, offset)
-        if progress:
-            progress(len(piece))
-    os.ftruncate(fd, entry["size"])
-
-
-def _ordered_map(fn, items: Iterable, workers: int = _WORKERS) -> Iterator:
-    """fn over items on a few threads, results in order, with few in flight so that
-    memory stays bounded however many items there are."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _refuse_existing(path: Path) -> None:
-    if (path / "config").exists():
-        raise RepositoryExists(f"there is already a backup repository at {path}")
-    if path.exists() and not path.is_dir():
-        raise RepositoryExists(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        raise RepositoryExists(f"{path} exists and is not empty")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-
-def _key_for_new_repository(key_path: Path) -> bytes:
-    if key_path.exists():
-        log.info("using the existing key in %s", key_path)
-        return read_key(key_path)
-    key = os.urandom(KEY_SIZE)
-    write_key(key_path, key)
-    return key
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        raw = (path / "config").read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        if not path.exists():
-            raise RepositoryMissing(f"no backup repository at {path}") from None
-        raise RepositoryMissing(f"{path} is not a backup repository (it has no config)") from None
-    except OSError as exc:
-        raise RepositoryMissing(f"cannot read {path / 'config'}: {exc.strerror}") from None
-    config = _unpack(raw)
-    fields = {"format": int, "repo_id": str, "encrypted": bool, "chunk_size": int,
-              "key_check": bytes}
-    if not isinstance(config, dict) or not all(isinstance(config.get(name), kind)
-                                               for name, kind in fields.items()):
-        raise RepositoryMissing(f"{path / 'config'} is not a csvfs backup repository config")
-    if config["format"] != FORMAT:
-        raise RepositoryMissing(f"the repository at {path} has format {config['format']}; "
-                                f"this csvfs reads format {FORMAT}")
-    return config
-
-
-def _unpack(raw: bytes):
-    """msgpack data, or None for bytes that are not."""
-    try:
-        return msgpack.unpackb(raw)
-    except (ValueError, TypeError, msgpack.UnpackException):
-        return None
 
 
 def _age(manifest: dict) -> tuple:
@@ -702,34 +585,3 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     if not hasattr(_codecs, "decompressor"):
         _codecs.decompressor = zstandard.ZstdDecompressor()
     return _codecs.decompressor
-
-
-def _pwritev_all(fd: int, parts: list[bytes], offset: int) -> None:
-    views = [memoryview(part) for part in parts if part]
-    while views:
-        written = os.pwritev(fd, views, offset)
-        offset += written
-        while views and written >= len(views[0]):
-            written -= len(views.pop(0))
-        if views:
-            views[0] = views[0][written:]
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _fsync_path(path: Path, flags: int = 0) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in the directory durable."""
-    _fsync_path(path, os.O_DIRECTORY)
