@@ -155,8 +155,7 @@ class DataPath:
     def reset_map(self, handle: OpenFile, reply: dict) -> None:
         """Take the coordinator's map at a rejoin, whatever version this node saw before
         (the versions of another coordinator's journal)."""
-        size, runs, _version, granule, ask, stripes = map_fields(reply)
-        self._set_map(handle, size, runs, reply["version"], granule, ask, stripes)
+        self._set_map(handle, *map_fields(reply))
 
     def _set_map(self, handle: OpenFile, size: int, runs: list, version: int,
                  granule: int | None, ask: list | None, stripes: bool) -> None:

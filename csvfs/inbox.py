@@ -15,7 +15,7 @@ import trio
 
 log = logging.getLogger(__name__)
 
-PushHandler = Callable[[dict], Awaitable[None]]
+PushHandler = Callable[[dict], Awaitable[object]]  # what it returns goes in the ACK
 
 
 class Inbox:
