@@ -16,7 +16,7 @@ import errno
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -29,6 +29,8 @@ from csvfs.cluster.rpc_server import Peer
 from csvfs.cluster.transport import RpcDisconnected
 
 log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT = 5.0  # a node that has not carried out a CONTROL by then failed it
 
 
 class RemoteSession(NodeSession):
@@ -165,6 +167,19 @@ class RemoteSession(NodeSession):
     def locks_changed(self, ino: int) -> None:
         self._push(messages.LOCKS_CHANGED, {"ino": ino})
 
+    async def control(self, action: str) -> dict:
+        """`csvfs fault` or `csvfs redirect` for this node (csvfs/redirect.py); its
+        I/O mode after it, {mode, reason, since_ns}."""
+        state = None
+        with trio.move_on_after(CONTROL_TIMEOUT):
+            try:
+                state = await self._acknowledged(messages.CONTROL, {"action": action})
+            except RpcDisconnected as exc:
+                raise MetaError(errno.EIO, f"{action} not done: {exc}") from None
+        if not isinstance(state, dict) or not {"mode", "reason"} <= state.keys():
+            raise MetaError(errno.EIO, f"{self.name} gave no I/O mode for {action}")
+        return state
+
     def evict(self, reason: str) -> float | None:
         self.peer.close(f"evicted: {reason}")
         self._outbox_send.close()
@@ -179,17 +194,22 @@ class CoordinatorEndpoint:
     process provably still lives (its liveness lock on the volume is held)."""
 
     def __init__(self, service: MetadataService, nursery: trio.Nursery, grant_seconds: float,
-                 slot_alive: Callable[[int], bool], status: Callable[[], dict]):
+                 slot_alive: Callable[[int], bool], status: Callable[[], dict],
+                 control: Callable[..., Awaitable[dict]]):
         self.service = service
         self.nursery = nursery
         self.grant_seconds = grant_seconds
         self.slot_alive = slot_alive
         self.status = status
+        self.control = control  # (node, action): csvfs/coordinator_role.py
         self.sessions: dict[str, RemoteSession] = {}
 
     async def handle(self, peer: Peer, method: str, args: dict):
         if method in messages.BACKUP_REQUESTS:  # a backup's requester: no node, no session
             return await self.service.backup_call(peer.name, method, args)
+        if method == messages.CONTROL:  # `csvfs fault` or `csvfs redirect`: no session
+            check_arguments(method, self._control, args)
+            return await self._control(peer, **args)
         if method not in messages.SESSION_REQUESTS:
             self._session(peer)
             return await self.service.call(peer.name, method, args)
@@ -234,7 +254,7 @@ class CoordinatorEndpoint:
         session.renew()
         return {"epoch": self.service.epoch, "grant_seconds": session.grant_seconds}
 
-    async def _ack(self, peer: Peer, token: int, result: list | None = None) -> None:
+    async def _ack(self, peer: Peer, token: int, result: list | dict | None = None) -> None:
         self._session(peer).acknowledged(token, result)
 
     async def _goodbye(self, peer: Peer, written: list | None = None) -> None:
@@ -249,6 +269,10 @@ class CoordinatorEndpoint:
 
     async def _status(self, peer: Peer) -> dict:
         return self.status()
+
+    async def _control(self, peer: Peer, node: str, action: str) -> dict:
+        log.info("%s asks for %s on %s", peer, action, node)
+        return await self.control(node, action)
 
     async def _writers_frozen(self, peer: Peer, id: int, results: dict) -> None:
         self._session(peer).writers_frozen(id, results)

@@ -23,7 +23,9 @@ The parts, one concern each, from the bottom up:
 - coordinator/namespace.py: lookups, and adding, moving and removing names;
 - coordinator/locks.py: cluster-wide flock, POSIX and OFD locks;
 - coordinator/snapshots.py: snapshot points, copy-on-write, and the requests
-  of a backup (which come from outside any node's session: `backup_call`).
+  of a backup (which come from outside any node's session: `backup_call`);
+- coordinator/redirect.py: the data I/O of nodes whose path to the image
+  failed, and each node's I/O mode.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from coordinator.model import NAME_MAX, MetadataState
 from coordinator.namespace import Namespace
 from coordinator.open_files import OpenFiles
 from coordinator.quiesce import NodeSession, Quiesce, Sessions
+from coordinator.redirect import Redirect
 from coordinator.snapshots import Snapshots
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.events import EventLog
@@ -77,8 +80,9 @@ class MetadataService:
         self.namespace = Namespace(self.commits, self.open_files, self.sessions,
                                    self.attributes)
         self.locks = Locks(self.sessions)
+        self.redirect = Redirect(self.commits, self.snapshots, events)
         self._homes = _homes(self, self.namespace, self.attributes, self.open_files,
-                             self.allocation, self.locks, self.snapshots)
+                             self.allocation, self.locks, self.snapshots, self.redirect)
 
     @property
     def state(self) -> MetadataState:
@@ -199,6 +203,7 @@ class MetadataService:
         await self.open_files.leave(name, writing_until)
         if name not in self.sessions:  # gone for good, not back with a new registration
             self.locks.node_gone(name)
+            self.redirect.forget(name)
 
     async def reclaim_orphans(self) -> None:
         await self.open_files.reclaim_orphans()

@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
     status.add_argument("--json", action="store_true", help="print JSON")
 
+    fault = sub.add_parser("fault", help="make one node's path to the image fail, or "
+                           "work again (for tests and drills)", parents=[debug])
+    fault.add_argument("image", type=Path)
+    fault.add_argument("--node", required=True, help="the node's name")
+    fault.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    fault.add_argument("action", choices=["storage-down", "storage-up"])
+
+    redirect = sub.add_parser("redirect", help="send one node's data I/O through the "
+                              "coordinator (on), or let it go direct again (off)",
+                              parents=[debug])
+    redirect.add_argument("image", type=Path)
+    redirect.add_argument("--node", required=True, help="the node's name")
+    redirect.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    redirect.add_argument("action", choices=["on", "off"])
+
     events = sub.add_parser("events", help="print the volume's event ring", parents=[debug])
     events.add_argument("image", type=Path)
     events.add_argument("--json", action="store_true")
@@ -166,6 +181,15 @@ def cmd_status(args) -> int:
     return run_status(args.image, args.key or default_key_path(args.image), args.json)
 
 
+def cmd_control(args) -> int:
+    from csvfs.control import run_control
+    from csvfs.volume.image import default_key_path
+
+    action = args.action if args.command == "fault" else f"redirect-{args.action}"
+    return run_control(args.image, args.key or default_key_path(args.image), args.node,
+                       action)
+
+
 def cmd_backup(args) -> int:
     from csvfs.backup.cli import run
 
@@ -173,7 +197,8 @@ def cmd_backup(args) -> int:
 
 
 COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "fsck": cmd_fsck, "events": cmd_events,
-            "status": cmd_status, "backup": cmd_backup}
+            "status": cmd_status, "backup": cmd_backup, "fault": cmd_control,
+            "redirect": cmd_control}
 
 
 def default_node_name() -> str:

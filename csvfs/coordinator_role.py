@@ -23,6 +23,7 @@ over at once.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from csvfs.cluster.events import EventLog
 from csvfs.datapath import GRANT_USE, DataPath
 from csvfs.locks import NodeLocks
 from csvfs.quiesce import FileGates
+from csvfs.redirect import ACTIONS
 from csvfs.volume import format as fmt
 from csvfs.volume.image import Volume
 
@@ -87,7 +89,8 @@ class CoordinatorRole:
                              trio.current_time() + 2 * self.lease_seconds)
         await service.start(reclaim_orphans=not others)
         self.endpoint = CoordinatorEndpoint(service, self.nursery, self.lease_seconds,
-                                            partial(slot_alive, self.volume), self.status)
+                                            partial(slot_alive, self.volume), self.status,
+                                            self.control)
         log.info("coordinator of %s, epoch %d", self.volume.path, epoch)
         if others:
             self.nursery.start_soon(self._reclaim_orphans_later, service)
@@ -194,10 +197,14 @@ class CoordinatorRole:
     def status(self) -> dict:
         """What `csvfs status` shows of the coordinator: its sessions and open files."""
         service = self.service
-        sessions = [{"name": self.name, "slot": self.election.slot, "coordinator": True}]
+        redirect = service.redirect
+        own = {**self.datapath.storage.state(), "served": redirect.served.get(self.name, {})}
+        sessions = [{"name": self.name, "slot": self.election.slot, "coordinator": True,
+                     "io": own}]
         for session in (self.endpoint.sessions.values() if self.endpoint else ()):
             sessions.append({"name": session.name, "slot": session.slot,
-                             "address": session.peer.address, "coordinator": False})
+                             "address": session.peer.address, "coordinator": False,
+                             "io": redirect.state_of(session.name)})
         holders = service.open_table()
         locks = service.locks.table_of()
         paths = service.state.paths({**holders, **locks})
@@ -211,6 +218,23 @@ class CoordinatorRole:
                       for lock in each],
             "snapshots": service.snapshots.table(),
         }
+
+    async def control(self, node: str, action: str) -> dict:
+        """`csvfs fault` or `csvfs redirect` (csvfs/redirect.py): done here for this node,
+        pushed to a member, and answered once that node has done it."""
+        if action not in ACTIONS:
+            raise MetaError(errno.EINVAL, f"unknown action {action!r}: one of "
+                                          f"{', '.join(ACTIONS)}")
+        if node == self.name:
+            self.datapath.storage.control(action)
+            state = self.datapath.storage.state()
+        else:
+            session = self.endpoint.sessions.get(node) if self.endpoint else None
+            if session is None:
+                raise MetaError(errno.ENOENT, f"no node named {node} is in session")
+            state = await session.control(action)
+        self.events.emit("control", f"{action} on {node}", level="info")
+        return {"node": node, "mode": state["mode"], "reason": state["reason"]}
 
     async def close(self) -> None:
         """Clean unmount, after FUSE is gone: hand the volume back in good order."""

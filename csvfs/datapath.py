@@ -37,12 +37,12 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable
 
 import trio
 
+from csvfs.redirect import StoragePath
 from csvfs.volume.extents import UnitMap, from_runs, pieces, stripe_mask
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,9 @@ class DataPath:
     def __init__(self, fd: int, data_offset: int, unit_size: int, meta: MetaCall,
                  revalidate: Callable[[], Awaitable[float | None]] | None = None):
         self.fd = fd
+        # Every data pread, pwrite and fdatasync goes through it; when one fails, I/O
+        # goes to the coordinator instead (csvfs/redirect.py tells the protocol).
+        self.storage = StoragePath(fd)
         self.base = data_offset
         self.unit = unit_size
         self.meta = meta
@@ -208,6 +211,15 @@ class DataPath:
         the session needs revalidating."""
         if handle.paused or self.holding or time.monotonic() > self.valid_until:
             return None
+        if self.storage.redirected:
+            return None
+        try:
+            return self._read_mapped(handle, offset, length)
+        except OSError as exc:
+            self.storage.failed("pread", exc)
+            return None
+
+    def _read_mapped(self, handle: OpenFile, offset: int, length: int) -> bytes:
         end = min(offset + length, handle.size)
         if offset >= end:
             return b""
@@ -222,7 +234,9 @@ class DataPath:
 
     async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
         while (data := self.read_direct(handle, offset, length)) is None:
-            await self._waited(handle)
+            if not await self._waited(handle) and self.storage.redirected:
+                return await self.meta("io_read", ino=handle.ino, offset=offset,
+                                       length=length)
         return data
 
     async def _waited(self, handle: OpenFile) -> bool:
@@ -276,7 +290,7 @@ class DataPath:
                 yield self._pread(piece_end - start, position)
 
     def _pread(self, length: int, position: int) -> bytes:
-        data = os.pread(self.fd, length, position)
+        data = self.storage.pread(length, position)
         if len(data) < length:  # only past the end of a short image
             data += bytes(length - len(data))
         return data
@@ -290,9 +304,13 @@ class DataPath:
         first, or return False."""
         if handle.paused or self.holding or offset + len(data) > handle.size:
             return False
-        if time.monotonic() > self.valid_until:
+        if time.monotonic() > self.valid_until or self.storage.redirected:
             return False
-        if not self._write_direct(handle, offset, data):
+        try:
+            if not self._write_direct(handle, offset, data):
+                return False
+        except OSError as exc:  # the whole write is done again through the coordinator
+            self.storage.failed("pwrite", exc)
             return False
         handle.dirty_mtime = time.time_ns()
         return True
@@ -302,11 +320,29 @@ class DataPath:
         while not self.write_direct(handle, offset, data):
             if await self._waited(handle):
                 continue
-            # A hole or past EOF: allocate; otherwise a snapshot holds a granule here.
-            method = "extend" if self._unmapped(handle, offset, end) else "first_write"
+            # A hole or past EOF: allocate; otherwise a snapshot holds a granule here,
+            # or this node's path to the image is lost.
+            if self._unmapped(handle, offset, end):
+                method = "extend"
+            elif self.storage.redirected:
+                if await self._write_redirected(handle, offset, data):
+                    break
+                continue
+            else:
+                method = "first_write"
             self._take_map(handle, await self.meta(method, ino=handle.ino, offset=offset,
                                                    end=end))
         return len(data)
+
+    async def _write_redirected(self, handle: OpenFile, offset: int, data: bytes) -> bool:
+        """The coordinator writes for this node; False if its map of the file differs
+        from ours (the reply's map is ours now, and the write starts over)."""
+        reply = await self.meta("io_write", ino=handle.ino, offset=offset, data=bytes(data))
+        if "runs" in reply:
+            self._take_map(handle, reply)
+            return False
+        handle.dirty_mtime = time.time_ns()
+        return True
 
     @staticmethod
     def _unmapped(handle: OpenFile, offset: int, end: int) -> bool:
@@ -327,7 +363,7 @@ class DataPath:
             if handle.stripes:
                 self._note_stripes(handle.ino, file_unit,
                                    stripe_mask(offset, offset + len(data), unit))
-            os.pwrite(self.fd, data, self.base + volume_unit * unit + offset % unit)
+            self.storage.pwrite(data, self.base + volume_unit * unit + offset % unit)
             return True
         if any(index not in units or index in handle.ask
                for index in range(file_unit, last_unit + 1)):
@@ -337,7 +373,7 @@ class DataPath:
             if handle.stripes:
                 self._note_stripes(handle.ino, index, stripe_mask(start, end, unit))
             position = self.base + units[index] * unit + start % unit
-            os.pwrite(self.fd, view[start - offset : end - offset], position)
+            self.storage.pwrite(view[start - offset : end - offset], position)
         return True
 
     def _note_stripes(self, ino: int, file_unit: int, mask: int) -> None:
@@ -349,7 +385,13 @@ class DataPath:
     async def sync(self) -> None:
         """fsync: in a worker thread, since flushing the image may take long and every
         other request (and the lease renewal) would wait behind it."""
-        await trio.to_thread.run_sync(os.fdatasync, self.fd)
+        if not self.storage.redirected:
+            try:
+                await trio.to_thread.run_sync(self.storage.fdatasync)
+                return
+            except OSError as exc:
+                self.storage.failed("fdatasync", exc)
+        await self.meta("io_sync")
 
 
 def map_fields(reply: dict) -> tuple:

@@ -71,7 +71,8 @@ class MemberRole:
         record = read_slot(self.volume, lease.owner_slot) or {}
         host, port = split_address(record.get("address", ""))
         timeout = max(0.1, min(JOIN_TIMEOUT, lease.expiry_ns / 1e9 - time.time()))
-        inbox = Inbox({**self.gates.push_handlers(), **self.locks.push_handlers()},
+        inbox = Inbox({**self.gates.push_handlers(), **self.locks.push_handlers(),
+                       messages.CONTROL: self._control},
                       self.nursery, self._acknowledge)
         with trio.fail_after(timeout):
             client = await RpcClient.connect(host, port, self.key, self.name,
@@ -85,7 +86,9 @@ class MemberRole:
         self.grant_seconds, self.epoch = reply["grant_seconds"], reply["epoch"]
         self.datapath.valid_until = started + GRANT_USE * self.grant_seconds
         self.client, self.coordinator_name = client, lease.owner_name
-        self.election.write_slot(mode="direct")
+        self.election.write_slot(mode=self.election.io_mode)
+        if self.datapath.storage.redirected:  # the new coordinator has not heard of it
+            self.datapath.storage.on_change()
         log.info("joined coordinator %s at %s (epoch %d)", lease.owner_name, client.address,
                  self.epoch)
         await inbox.ready()
@@ -119,6 +122,11 @@ class MemberRole:
         except RpcError as exc:
             self._lost(client, str(exc))
         raise NotCoordinator(f"{method}: the session with the coordinator was lost")
+
+    async def _control(self, body: dict) -> dict:
+        """`csvfs fault` or `csvfs redirect` for this node (csvfs/redirect.py)."""
+        self.datapath.storage.control(body["action"])
+        return self.datapath.storage.state()
 
     async def _report_frozen(self, freeze_id: int, results: dict) -> None:
         """This node's writers answered a freeze (csvfs/snapshot.py)."""
@@ -170,7 +178,7 @@ class MemberRole:
         self.datapath.valid_until = max(self.datapath.valid_until,
                                         started + GRANT_USE * self.grant_seconds)
         try:
-            self.election.write_slot(mode="direct")
+            self.election.write_slot(mode=self.election.io_mode)
         except OSError as exc:
             log.warning("cannot write this node's slot: %s", exc)
         return True

@@ -19,7 +19,7 @@ import trio
 
 from csvfs import fuse_shim
 from csvfs.cluster.election import Election, read_slot, slot_alive
-from csvfs.cluster.errors import NotCoordinator
+from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.rpc_server import RpcServer
 from csvfs.cluster.transport import join_address, split_address, split_advertised
 from csvfs.datapath import DataPath
@@ -27,6 +27,7 @@ from csvfs.fuse_ops import REFUSED_RELEASE_REPLIES, CsvfsOperations
 from csvfs.locks import NodeLocks
 from csvfs.membership import Membership
 from csvfs.quiesce import FileGates
+from csvfs.redirect import PROBE_INTERVAL
 from csvfs.volume import format as fmt
 from csvfs.volume.errors import MountpointError, UsageError, UserError, VolumeBusyError
 from csvfs.volume.image import Volume, read_key
@@ -129,6 +130,10 @@ class Node:
             self.datapath = DataPath(self.volume.fd, sb.data.offset, sb.unit_size, self._meta,
                                      self._revalidate)
             self.gates = FileGates(config.name, self.datapath, self._forget_in_kernel)
+            mode_changed = trio.Event()
+            self.datapath.storage.on_change = mode_changed.set
+            nursery.start_soon(self._report_io_mode, mode_changed)
+            nursery.start_soon(self._probe_storage)
             writers = self.gates.snapshot.writers = Writers(config.mountpoint)
             self.gates.snapshot.nursery = nursery
             nursery.start_soon(writers.serve)
@@ -141,6 +146,29 @@ class Node:
             await self._mount_and_serve(ready)
             nursery.cancel_scope.cancel()
         self.volume.close()
+
+    # -- redirected I/O (csvfs/redirect.py) -----------------------------------------------
+
+    async def _report_io_mode(self, changed: trio.Event) -> None:
+        """Tell the coordinator each new I/O mode, the latest one if several came."""
+        storage = self.datapath.storage
+        while True:
+            await changed.wait()
+            changed = trio.Event()
+            storage.on_change = changed.set
+            self.election.io_mode = storage.mode
+            try:
+                await self._meta("io_mode", **storage.state())
+            except (MetaError, OSError) as exc:
+                log.warning("cannot report the I/O mode to the coordinator: %s", exc)
+
+    async def _probe_storage(self) -> None:
+        """While the path is lost, try it now and then; Direct again once it works."""
+        storage = self.datapath.storage
+        while True:
+            await trio.sleep(PROBE_INTERVAL)
+            if storage.lost and await trio.to_thread.run_sync(storage.probe):
+                storage.probed()
 
     # The data path, the FUSE operations and the protocols reach the node's other
     # parts through these, which exist before those parts do.

@@ -69,6 +69,25 @@ def gather(image: Path, key_path: Path) -> dict:
     return report
 
 
+def find_coordinator(image: Path, key_path: Path) -> tuple[str, str, bytes]:
+    """(name, RPC address, cluster key) of the volume's live coordinator."""
+    volume = Volume.open(image)
+    try:
+        lease = read_lease(volume)
+        owner = None
+        live = lease.owner_slot >= 0 and lease.expiry_ns > time.time_ns()
+        if live and slot_alive(volume, lease.owner_slot):
+            owner = read_slot(volume, lease.owner_slot)
+        if not owner:
+            raise CoordinatorUnreachable(f"{image}: no coordinator (no node has the volume "
+                                         "mounted)")
+        key = read_key(key_path)
+        volume.check_key(key)
+    finally:
+        volume.close()
+    return owner.get("name", "?"), owner.get("address", ""), key
+
+
 def _node(volume: Volume, slot: int, lease) -> dict | None:
     record = read_slot(volume, slot)
     if record is None:
@@ -84,7 +103,10 @@ def _node(volume: Volume, slot: int, lease) -> dict | None:
         "alive": alive,
         "state": "alive" if alive else ("stopped" if record.get("mode") == "stopped" else "dead"),
         "coordinator": coordinator,
-        "io_mode": mode,
+        "io_mode": mode,  # as the slot says; the coordinator's word replaces it
+        "io_reason": "",
+        "io_since_ns": None,
+        "redirected_io": {},  # what the coordinator did for the node: reads, writes, ...
         "heartbeat_age_s": round((time.time_ns() - record.get("heartbeat_ns", 0)) / 1e9, 3),
         "session": coordinator,
     }
@@ -99,9 +121,14 @@ async def _ask(address: str, key: bytes) -> dict:
 
 
 def _merge(report: dict, answer: dict) -> None:
-    members = {session["name"] for session in answer["sessions"]}
+    members = {session["name"]: session for session in answer["sessions"]}
     for node in report["nodes"]:
         node["session"] = node["name"] in members and node["alive"]
+        io = members[node["name"]].get("io") if node["session"] else None
+        if io:  # Direct or Redirected, why, and since when (csvfs/redirect.py)
+            node["io_mode"], node["io_reason"] = io["mode"], io["reason"]
+            node["io_since_ns"] = io["since_ns"]
+            node["redirected_io"] = io.get("served", {})
     report["coordinator"]["epoch"] = answer["epoch"]
     report["lingering"] = answer.get("lingering", [])
     report["open_files"] = [{"ino": ino, "path": path, "nodes": nodes}
@@ -126,12 +153,14 @@ def render(report: dict) -> str:
                      f"epoch {coordinator['epoch']}, lease valid for "
                      f"{max(coordinator['lease_left_s'], 0):.1f} s more")
     lines.append("")
-    rows = [["NODE", "SLOT", "PID", "ADDRESS", "STATE", "ROLE", "I/O MODE", "HEARTBEAT"]]
+    rows = [["NODE", "SLOT", "PID", "ADDRESS", "STATE", "ROLE", "I/O MODE", "SINCE", "REASON",
+             "HEARTBEAT"]]
     for node in report["nodes"]:
         role = "coordinator" if node["coordinator"] else ("member" if node["session"] else "-")
         age = f"{node['heartbeat_age_s']:.1f} s ago" if node["alive"] else "-"
         rows.append([node["name"], str(node["slot"]), str(node["pid"]), node["address"] or "-",
-                     node["state"], role, node["io_mode"], age])
+                     node["state"], role, node["io_mode"], _since(node["io_since_ns"]),
+                     node["io_reason"] or "-", age])
     lines += _table(rows)
     if coordinator is not None and "error" not in report:
         lines.append("")
@@ -147,6 +176,12 @@ def render(report: dict) -> str:
         lines += _locks(report.get("locks", []))
         lines += _snapshots(report.get("snapshots", []))
     return "\n".join(lines)
+
+
+def _since(since_ns: int | None) -> str:
+    if since_ns is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(since_ns / 1e9))
 
 
 def _snapshots(snapshots: list[dict]) -> list[str]:

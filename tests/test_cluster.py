@@ -200,12 +200,16 @@ def test_sizes_and_data_are_coherent_on_open_files(image, nodes, count):
 # -- the hard rule: no write lands in a unit freed or given to another file ----------------
 
 
-def test_truncate_while_another_node_writes_never_touches_other_files(tmp_path, nodes):
+@pytest.mark.parametrize("writer_path", ["direct", "redirected"])
+def test_truncate_while_another_node_writes_never_touches_other_files(tmp_path, nodes,
+                                                                      writer_path):
     # A small volume with small units: the allocator's cursor comes round fast, so units
     # freed by the shrink go to the other files within moments.
     image = make_volume(tmp_path, size="24M", unit="64K")
     shrinker, writer = start_cluster(nodes, image, 2)
     shrinker.path("contested").write_bytes(b"")
+    if writer_path == "redirected":  # the writer's path fails: the coordinator writes for it
+        csvfs("fault", image, "--node", writer.name, "storage-down")
     stop = threading.Event()
     failures: list[BaseException] = []
     counts = {"cycles": 0, "writes": 0, "others": 0}
@@ -279,6 +283,8 @@ def test_truncate_while_another_node_writes_never_touches_other_files(tmp_path, 
                 f"{name} changed, seen from {node.name}"
     contested = shrinker.path("contested").read_bytes()
     assert set(contested) <= {0, 0xEE}  # only the writer's bytes, or zeros
+    writer_state = next(node for node in status(image)["nodes"] if node["name"] == writer.name)
+    assert writer_state["io_mode"] == writer_path, writer_state
     for node in (shrinker, writer):
         node.unmount()
     report = csvfs("fsck", image, check=False)

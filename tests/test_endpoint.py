@@ -87,10 +87,39 @@ async def test_a_malformed_registration_is_refused(tmp_path, args):
         service = MetadataService(volume, recovery.load(volume), epoch=1,
                                   events=EventLog(volume, "t"))
         async with trio.open_nursery() as nursery:
-            endpoint = CoordinatorEndpoint(service, nursery, 3.0, lambda slot: True, dict)
+            endpoint = CoordinatorEndpoint(service, nursery, 3.0, lambda slot: True, dict,
+                                           never_called)
             with pytest.raises(MetaError) as caught:
                 await endpoint.handle(QuietPeer(), "register", args)
             assert caught.value.errno == errno.EINVAL
             assert endpoint.sessions == {} and service.sessions.by_name == {}
+    finally:
+        volume.close()
+
+
+async def never_called(node, action):
+    raise AssertionError("a malformed request reached its handler")
+
+
+@pytest.mark.parametrize("args", [
+    {},
+    {"node": "n1"},
+    {"node": 7, "action": "storage-down"},
+    {"node": "n1", "action": ["storage-down"]},
+    {"node": "n1", "action": "storage-down", "extra": 1},
+])
+async def test_a_malformed_control_request_is_refused(tmp_path, args):
+    image = tmp_path / "vol.img"
+    make_volume(image, 64 * 2**20, 2**20)
+    volume = Volume.open(image, writable=True)
+    try:
+        service = MetadataService(volume, recovery.load(volume), epoch=1,
+                                  events=EventLog(volume, "t"))
+        async with trio.open_nursery() as nursery:
+            endpoint = CoordinatorEndpoint(service, nursery, 3.0, lambda slot: True, dict,
+                                           never_called)
+            with pytest.raises(MetaError) as caught:
+                await endpoint.handle(QuietPeer(), "control", args)
+            assert caught.value.errno == errno.EINVAL
     finally:
         volume.close()

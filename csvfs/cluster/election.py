@@ -115,6 +115,7 @@ class Election:
         self.slot = -1
         self.epoch = 0
         self.address = ""  # where this node's RPC server listens, published in its slot
+        self.io_mode = "direct"  # published in the slot too (csvfs/redirect.py)
 
     def claim_slot(self) -> int:
         """Take the liveness lock of a free slot (a dead node's slot is free). Writes nothing."""
@@ -151,7 +152,7 @@ class Election:
             if lease.owner_slot != self.slot or lease.epoch != self.epoch:
                 return False
             self._write_lease()
-        self.write_slot(mode="direct")
+        self.write_slot(mode=self.io_mode)
         return True
 
     def release(self) -> None:

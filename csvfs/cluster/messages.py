@@ -45,6 +45,11 @@ SNAPSHOT_RELEASE = "snapshot_release"  # {id, outcome}
 BACKUP_REQUESTS = (SNAPSHOT_TAKE, SNAPSHOT_FILES, SNAPSHOT_CHECK, SNAPSHOT_READ,
                    SNAPSHOT_RENEW, SNAPSHOT_RELEASE)
 
+# -- redirected I/O (coordinator/redirect.py, csvfs/redirect.py) --------------------------
+# {node, action}, from any process holding the cluster key (`csvfs fault`, `csvfs
+# redirect`) -> {node, mode, reason}; the coordinator pushes CONTROL {action, token} on
+CONTROL = "control"
+
 # -- pushes, coordinator -> member: locks (coordinator/locks.py, csvfs/locks.py) ---------
 LOCKS_CHANGED = "locks_changed"  # {ino}: locks on ino were released; waiters try again
 
