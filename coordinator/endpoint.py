@@ -195,13 +195,15 @@ class CoordinatorEndpoint:
 
     def __init__(self, service: MetadataService, nursery: trio.Nursery, grant_seconds: float,
                  slot_alive: Callable[[int], bool], status: Callable[[], dict],
-                 control: Callable[..., Awaitable[dict]]):
+                 control: Callable[..., Awaitable[dict]],
+                 move: Callable[..., Awaitable[dict]] | None = None):
         self.service = service
         self.nursery = nursery
         self.grant_seconds = grant_seconds
         self.slot_alive = slot_alive
         self.status = status
         self.control = control  # (node, action): csvfs/coordinator_role.py
+        self.move = move  # (heir): csvfs/coordinator_role.py
         self.sessions: dict[str, RemoteSession] = {}
 
     async def handle(self, peer: Peer, method: str, args: dict):
@@ -210,6 +212,9 @@ class CoordinatorEndpoint:
         if method == messages.CONTROL:  # `csvfs fault` or `csvfs redirect`: no session
             check_arguments(method, self._control, args)
             return await self._control(peer, **args)
+        if method == messages.MOVE:  # `csvfs move`: no session
+            check_arguments(method, self._move, args)
+            return await self._move(peer, **args)
         if method not in messages.SESSION_REQUESTS:
             self._session(peer)
             return await self.service.call(peer.name, method, args)
@@ -269,6 +274,12 @@ class CoordinatorEndpoint:
 
     async def _status(self, peer: Peer) -> dict:
         return self.status()
+
+    async def _move(self, peer: Peer, to: str = "") -> dict:
+        if self.move is None:
+            raise MetaError(errno.ENOSYS, "this coordinator cannot hand its role over")
+        log.info("%s asks to move the coordinator role to %s", peer, to or "the best node")
+        return await self.move(to)
 
     async def _control(self, peer: Peer, node: str, action: str) -> dict:
         log.info("%s asks for %s on %s", peer, action, node)

@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     redirect.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
     redirect.add_argument("action", choices=["on", "off"])
 
+    move = sub.add_parser("move", help="hand the coordinator role to another node",
+                          parents=[debug])
+    move.add_argument("image", type=Path)
+    move.add_argument("--to", default="", metavar="NODE",
+                      help="the node to take it (default: the best one by the balance rule)")
+    move.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+
     events = sub.add_parser("events", help="print the volume's event ring", parents=[debug])
     events.add_argument("image", type=Path)
     events.add_argument("--json", action="store_true")
@@ -190,6 +197,13 @@ def cmd_control(args) -> int:
                        action)
 
 
+def cmd_move(args) -> int:
+    from csvfs.control import run_move
+    from csvfs.volume.image import default_key_path
+
+    return run_move(args.image, args.key or default_key_path(args.image), args.to)
+
+
 def cmd_backup(args) -> int:
     from csvfs.backup.cli import run
 
@@ -198,7 +212,7 @@ def cmd_backup(args) -> int:
 
 COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "fsck": cmd_fsck, "events": cmd_events,
             "status": cmd_status, "backup": cmd_backup, "fault": cmd_control,
-            "redirect": cmd_control}
+            "redirect": cmd_control, "move": cmd_move}
 
 
 def default_node_name() -> str:

@@ -1,20 +1,24 @@
-"""`csvfs fault` and `csvfs redirect`: ask one node, through the volume's
-coordinator, to lose or regain its path to the image, or to send its I/O through
-the coordinator on purpose (csvfs/redirect.py tells the protocol).
+"""`csvfs fault`, `csvfs redirect` and `csvfs move`: ask the volume's coordinator
+to have one node lose or regain its path to the image, or send its I/O through the
+coordinator on purpose (csvfs/redirect.py tells the protocol), or to hand its own
+role to another node (csvfs/coordinator_role.py `move`).
 
     csvfs fault IMAGE --node NAME storage-down|storage-up
     csvfs redirect IMAGE --node NAME on|off
+    csvfs move IMAGE [--to NODE]
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 import trio
 
 from csvfs.cluster import messages
+from csvfs.cluster.election import read_lease
 from csvfs.cluster.errors import MetaError
 from csvfs.cluster.rpc_client import RpcClient
 from csvfs.cluster.transport import split_address
@@ -22,28 +26,78 @@ from csvfs.cluster.wire import RpcError
 from csvfs.redirect import REDIRECT_OFF, REDIRECT_ON
 from csvfs.status import ASK_TIMEOUT, CoordinatorUnreachable, find_coordinator
 from csvfs.volume.errors import ExitCode, UserError
+from csvfs.volume.image import Volume
 
 CONTROL_TIMEOUT = ASK_TIMEOUT + 5.0  # the coordinator waits up to 5 s for the node
+
+
+MOVE_WAIT = 10.0  # seconds for the heir to take the lease
 
 
 class NoSuchNode(UserError):
     exit_code = ExitCode.NO_SUCH_NODE
 
 
+class CannotMove(UserError):
+    exit_code = ExitCode.CANNOT_MOVE
+
+
 def run_control(image: Path, key_path: Path, node: str, action: str) -> int:
+    answer = _request(image, key_path, messages.CONTROL, {"node": node, "action": action})
+    print(_describe(node, action, answer))
+    return ExitCode.OK
+
+
+def run_move(image: Path, key_path: Path, heir: str) -> int:
+    started = time.monotonic()
+    try:
+        answer = _request(image, key_path, messages.MOVE, {"to": heir})
+    except AlreadyThere as exc:
+        print(exc)
+        return ExitCode.OK
+    owner = _wait_for_owner(image, answer["to"])
+    print(f"coordinator of {image} moved from {answer['from']} to {owner.owner_name} "
+          f"(epoch {owner.epoch}) in {(time.monotonic() - started) * 1e3:.0f} ms")
+    return ExitCode.OK
+
+
+class AlreadyThere(Exception):
+    pass
+
+
+def _wait_for_owner(image: Path, heir: str):
+    deadline = time.monotonic() + MOVE_WAIT
+    while True:
+        volume = Volume.open(image)
+        try:
+            lease = read_lease(volume)
+        finally:
+            volume.close()
+        if lease.owner_name == heir and lease.expiry_ns > time.time_ns():
+            return lease
+        if time.monotonic() > deadline:
+            raise CannotMove(f"{image}: {heir} did not take the coordinator role within "
+                             f"{MOVE_WAIT:g} s (csvfs events {image} may say why)")
+        time.sleep(0.01)
+
+
+def _request(image: Path, key_path: Path, method: str, args: dict) -> dict:
+    """One request to the volume's coordinator; its errors as user errors."""
     name, address, key = find_coordinator(image, key_path)
     try:
-        answer = trio.run(_ask, address, key, node, action)
+        return trio.run(_ask, address, key, method, args)
     except MetaError as exc:
         if exc.errno == errno.ENOENT:
             raise NoSuchNode(f"{image}: {exc}") from None
+        if exc.errno == errno.EALREADY:
+            raise AlreadyThere(str(exc)) from None
+        if exc.errno == errno.EHOSTUNREACH:
+            raise CannotMove(f"{image}: {exc}") from None
         raise CoordinatorUnreachable(f"coordinator {name} at {address}: {exc}") from None
     except (RpcError, OSError, ValueError, trio.TooSlowError) as exc:
         reason = str(exc) or f"no answer within {CONTROL_TIMEOUT:g} s"
         raise CoordinatorUnreachable(f"coordinator {name} at {address} did not answer: "
                                      f"{reason}") from None
-    print(_describe(node, action, answer))
-    return ExitCode.OK
 
 
 def _describe(node: str, action: str, answer: dict) -> str:
@@ -57,10 +111,9 @@ def _describe(node: str, action: str, answer: dict) -> str:
     return f"{node}: {action}: {effect}; I/O mode now {mode}{reason}"
 
 
-async def _ask(address: str, key: bytes, node: str, action: str) -> dict:
+async def _ask(address: str, key: bytes, method: str, args: dict) -> dict:
     host, port = split_address(address)
     with trio.fail_after(CONTROL_TIMEOUT):
         async with await RpcClient.connect(host, port, key, f"control-{os.getpid()}",
                                            timeout=ASK_TIMEOUT) as client:
-            return await client.call(messages.CONTROL, {"node": node, "action": action},
-                                     timeout=CONTROL_TIMEOUT)
+            return await client.call(method, args, timeout=CONTROL_TIMEOUT)

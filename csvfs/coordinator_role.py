@@ -40,7 +40,7 @@ from csvfs.cluster.events import EventLog
 from csvfs.datapath import GRANT_USE, DataPath
 from csvfs.locks import NodeLocks
 from csvfs.quiesce import FileGates
-from csvfs.redirect import ACTIONS
+from csvfs.redirect import ACTIONS, USER_REQUEST
 from csvfs.volume import format as fmt
 from csvfs.volume.image import Volume
 
@@ -90,7 +90,7 @@ class CoordinatorRole:
         await service.start(reclaim_orphans=not others)
         self.endpoint = CoordinatorEndpoint(service, self.nursery, self.lease_seconds,
                                             partial(slot_alive, self.volume), self.status,
-                                            self.control)
+                                            self.control, self.move)
         log.info("coordinator of %s, epoch %d", self.volume.path, epoch)
         if others:
             self.nursery.start_soon(self._reclaim_orphans_later, service)
@@ -235,6 +235,54 @@ class CoordinatorRole:
             state = await session.control(action)
         self.events.emit("control", f"{action} on {node}", level="info")
         return {"node": node, "mode": state["mode"], "reason": state["reason"]}
+
+    # -- moving the role (`csvfs move`) ----------------------------------------------------------
+
+    async def move(self, heir: str, reason: str = "requested") -> dict:
+        """Hand the role to the member `heir` ("": the best one): no metadata change after
+        a checkpoint, the lease freed for the heir alone, and this service fenced, which
+        closes every session. The members find the heir (csvfs/membership.py), and so
+        does this node, as a member. Applications see a pause."""
+        service = self.service
+        if service is None:
+            raise NotCoordinator("this node stepped down")
+        name, slot = self._heir(heir)
+        started = time.monotonic()
+        async with service.commits.lock:
+            await service.commits.durable()
+            await service.commits.checkpoint()  # the heir starts with nothing to replay
+            if not self.election.hand_over(slot):
+                raise NotCoordinator("the coordinator lease is not ours any more")
+            self.events.emit("move", f"coordinator role moves from {self.name} to {name} "
+                             f"({reason})")
+            service.commits.fence(f"the coordinator role moved to {name}")
+        log.info("handed the coordinator role to %s in %.1f ms", name,
+                 (time.monotonic() - started) * 1e3)
+        return {"from": self.name, "to": name, "epoch": service.epoch}
+
+    def _heir(self, wanted: str) -> tuple[str, int]:
+        """(name, slot) of the member to hand the role to: `wanted`, or the best one."""
+        sessions = self.endpoint.sessions if self.endpoint else {}
+        if wanted == self.name:
+            raise MetaError(errno.EALREADY, f"{self.name} is the coordinator already")
+        if wanted:
+            session = sessions.get(wanted)
+            if session is None:
+                raise MetaError(errno.ENOENT, f"no node named {wanted} is in session")
+            if self._path_lost(wanted):
+                raise MetaError(errno.EHOSTUNREACH, f"{wanted} has lost its path to the "
+                                                    "image and cannot coordinate")
+            return wanted, session.slot
+        able = sorted(name for name in sessions if not self._path_lost(name))
+        if not able:
+            raise MetaError(errno.EHOSTUNREACH, "no other node with a working path to the "
+                                                "image is in session")
+        return able[0], sessions[able[0]].slot
+
+    def _path_lost(self, node: str) -> bool:
+        mode = self.service.redirect.modes.get(node) if self.service else None
+        return bool(mode) and mode["mode"] == "redirected" and not mode["reason"].startswith(
+            USER_REQUEST)
 
     async def close(self) -> None:
         """Clean unmount, after FUSE is gone: hand the volume back in good order."""

@@ -46,6 +46,7 @@ from csvfs.volume.image import Volume
 log = logging.getLogger(__name__)
 
 RETRY_PAUSE = 0.05
+HEIR_POLL = 0.01  # while the heir of a move takes the lease
 Role = CoordinatorRole | MemberRole
 
 
@@ -128,6 +129,9 @@ class Membership:
                 await trio.sleep(1)
                 continue
             if isinstance(outcome, Lease):
+                if outcome.owner_slot < 0:  # a move: the heir takes the lease any moment
+                    await trio.sleep(HEIR_POLL)
+                    continue
                 if await self._join(outcome):
                     return
                 continue
@@ -140,7 +144,7 @@ class Membership:
         election = self.election
         with election.lease_lock():
             lease = read_lease(self.volume)
-            if election.live_owner(lease):
+            if election.live_owner(lease) or election.waits_for_heir(lease):
                 return lease
             recovered = self._recover()
             epoch = election.take(lease, recovered.last_epoch)

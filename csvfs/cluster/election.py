@@ -67,6 +67,10 @@ class Lease:
     owner_pid: int
     epoch: int
     expiry_ns: int
+    # A move (`csvfs move`): the old coordinator freed the lease for this slot alone,
+    # until heir_until_ns; the others wait for it, then join it.
+    heir_slot: int = -1
+    heir_until_ns: int = 0
 
     @classmethod
     def empty(cls) -> Lease:
@@ -136,6 +140,29 @@ class Election:
         if lease.expiry_ns <= time.time_ns():
             return False
         return slot_alive(self.volume, lease.owner_slot)
+
+    def waits_for_heir(self, lease: Lease) -> bool:
+        """Is the free lease kept for another live node, the heir of a move?"""
+        if lease.heir_slot < 0 or lease.heir_slot == self.slot:
+            return False
+        if lease.heir_until_ns <= time.time_ns():
+            return False
+        return slot_alive(self.volume, lease.heir_slot)
+
+    def hand_over(self, heir_slot: int) -> bool:
+        """Free our lease for `heir_slot` alone, for one lease period (a move); False if
+        the lease is not ours any more."""
+        with self.lease_lock():
+            lease = read_lease(self.volume)
+            if lease.owner_slot != self.slot or lease.epoch != self.epoch:
+                return False
+            until = time.time_ns() + int(self.lease_seconds * 1e9)
+            block = fmt.pack_block(fmt.LEASE_MAGIC,
+                                   Lease(-1, "", 0, self.epoch, 0, heir_slot, until).__dict__,
+                                   fmt.LEASE_RECORD_SIZE)
+            self.volume.write(self.volume.sb.lease.offset, block)
+        self.volume.sync()
+        return True
 
     def take(self, lease: Lease, min_epoch: int) -> int:
         """Become coordinator with a new epoch. Call under lease_lock()."""

@@ -49,6 +49,9 @@ BACKUP_REQUESTS = (SNAPSHOT_TAKE, SNAPSHOT_FILES, SNAPSHOT_CHECK, SNAPSHOT_READ,
 # {node, action}, from any process holding the cluster key (`csvfs fault`, `csvfs
 # redirect`) -> {node, mode, reason}; the coordinator pushes CONTROL {action, token} on
 CONTROL = "control"
+# {to}, from any process holding the cluster key (`csvfs move`): hand the coordinator
+# role to node `to` ("": the best one) -> {from, to, epoch}
+MOVE = "move"
 
 # -- pushes, coordinator -> member: locks (coordinator/locks.py, csvfs/locks.py) ---------
 LOCKS_CHANGED = "locks_changed"  # {ino}: locks on ino were released; waiters try again

@@ -15,7 +15,8 @@ class ExitCode:
     VOLUME_BUSY = 13  # another live node holds the volume
     EXISTS = 14  # mkfs target already holds a volume (use --force)
     UNREACHABLE = 15  # status: the lease names a live coordinator that did not answer
-    NO_SUCH_NODE = 16  # fault, redirect: no node of that name is in session
+    NO_SUCH_NODE = 16  # fault, redirect, move: no node of that name is in session
+    CANNOT_MOVE = 17  # move: no node can take the role (none other, or no working path)
     FSCK_REPAIRED = 1  # fsck found problems and repaired them all
     FSCK_UNREPAIRED = 4  # fsck found problems it left in place
     REPO_MISSING = 20  # no backup repository at that path, or not a repository
