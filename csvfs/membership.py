@@ -215,6 +215,17 @@ class Membership:
         finally:
             self._electing = False
 
+    async def hand_over(self, reason: str) -> None:
+        """If this node coordinates, move the role to a node whose path to the image
+        works (csvfs/redirect.py: a coordinator whose own path failed)."""
+        role = self.role
+        if not isinstance(role, CoordinatorRole):
+            return
+        try:
+            await role.move("", reason)
+        except MetaError as exc:
+            log.warning("keeping the coordinator role: %s", exc)
+
     # -- shutting down -----------------------------------------------------------------------
 
     async def close(self) -> None:

@@ -161,6 +161,8 @@ class Node:
                 await self._meta("io_mode", **storage.state())
             except (MetaError, OSError) as exc:
                 log.warning("cannot report the I/O mode to the coordinator: %s", exc)
+            if storage.lost:
+                await self.membership.hand_over(f"{self.config.name}'s storage path was lost")
 
     async def _probe_storage(self) -> None:
         """While the path is lost, try it now and then; Direct again once it works."""

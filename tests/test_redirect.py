@@ -213,3 +213,25 @@ def test_fault_and_redirect_refuse_bad_requests(image, nodes):
         f"csvfs: error: {image}: no node named nobody is in session"]
     result = csvfs("redirect", image, "--node", "n1", "sideways", check=False)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_a_coordinator_whose_path_fails_hands_the_role_to_a_node_whose_path_works(image, nodes):
+    first, second = [nodes.start(image, name) for name in ("n1", "n2")]
+    workload(second.mountpoint, "before")
+    csvfs("fault", image, "--node", "n1", "storage-down")
+    workload(first.mountpoint, "during")  # its first failed I/O sends the role away
+    deadline = time.monotonic() + 10
+    while status(image)["coordinator"]["name"] != "n2":
+        assert time.monotonic() < deadline, status(image)
+        time.sleep(0.1)
+    node = wait_for_mode(image, "n1", REDIRECTED)  # a member now, redirected to n2
+    assert node["io_reason"].startswith(PATH_LOST) and not node["coordinator"]
+    workload(first.mountpoint, "member")
+    assert io_state(image, "n1")["redirected_io"]["writes"] > 0
+    same = digest(second.mountpoint, "before")
+    for tag in ("during", "member"):
+        assert digest(second.mountpoint, tag) == same
+    moves = [e["msg"] for e in events(image) if e["kind"] == "move"]
+    assert moves == ["coordinator role moves from n1 to n2 (n1's storage path was lost)"]
+    csvfs("fault", image, "--node", "n1", "storage-up")
+    wait_for_mode(image, "n1", DIRECT)
