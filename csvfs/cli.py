@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="print the volume's event ring", parents=[debug])
     events.add_argument("image", type=Path)
     events.add_argument("--json", action="store_true")
+    events.add_argument("-f", "--follow", action="store_true",
+                        help="then print new events as they come, until interrupted")
     return parser
 
 
@@ -163,22 +165,29 @@ def cmd_fsck(args) -> int:
 
 
 def cmd_events(args) -> int:
-    from csvfs.cluster.events import read_events
+    from csvfs.cluster.events import follow, read_events
     from csvfs.volume.image import Volume
 
     volume = Volume.open(args.image)
     try:
-        events = read_events(volume)
+        events = follow(volume) if args.follow else read_events(volume)
+        for event in events:
+            print(_event_line(event, args.json), flush=args.follow)
+    except KeyboardInterrupt:  # the way to stop --follow, as with tail -f
+        pass
     finally:
         volume.close()
-    for event in events:
-        if args.json:
-            print(json.dumps(event))
-            continue
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["t"] / 1e9))
-        print(f"{event['seq']:>6} {stamp} {event['level']:<7} {event['node']:<16} "
-              f"{event['kind']:<10} {event['msg']}")
     return ExitCode.OK
+
+
+def _event_line(event: dict, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(event)
+    if "missed" in event:
+        return f"  ... {event['missed']} events overwritten before they could be shown"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["t"] / 1e9))
+    return (f"{event['seq']:>6} {stamp} {event['level']:<7} {event['node']:<16} "
+            f"{event['kind']:<10} {event['msg']}")
 
 
 def cmd_status(args) -> int:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
+import queue
+import signal
+import subprocess
+import threading
 import time
 
 import pytest
@@ -22,7 +27,7 @@ from csvfs.redirect import (
     StoragePath,
 )
 from scripts.nodes import events_json as events
-from tests.cluster import csvfs, status
+from tests.cluster import CSVFS, csvfs, status
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -235,3 +240,55 @@ def test_a_coordinator_whose_path_fails_hands_the_role_to_a_node_whose_path_work
     assert moves == ["coordinator role moves from n1 to n2 (n1's storage path was lost)"]
     csvfs("fault", image, "--node", "n1", "storage-up")
     wait_for_mode(image, "n1", DIRECT)
+
+
+def test_events_follow_prints_new_events_as_they_come(image, nodes):
+    nodes.start(image, "n1")
+    follower = subprocess.Popen([*CSVFS, "events", str(image), "--follow", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = read_lines(follower, until=lambda event: event["kind"] == "election")
+        assert lines[0]["seq"] == 1  # the whole ring first
+        nodes.start(image, "n2")
+        csvfs("redirect", image, "--node", "n2", "on")
+        seen = read_lines(follower, until=lambda event: event["kind"] == "io_mode")
+        assert [e["kind"] for e in seen if e["kind"] in ("join", "io_mode")] == \
+            ["join", "io_mode"]
+        seqs = [e["seq"] for e in lines + seen]
+        assert seqs == list(range(1, len(seqs) + 1))  # each once, in order
+    finally:
+        follower.send_signal(signal.SIGINT)  # how a user stops it, as with tail -f
+        follower.wait(timeout=10)
+        err = follower.stderr.read()
+        follower.stderr.close()
+    assert follower.returncode == 0 and err == ""
+
+
+def read_lines(process, until, timeout: float = 10.0) -> list[dict]:
+    """JSON lines from the process's stdout up to the first that `until` accepts."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = _line_queue(process).get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        assert line, "the follower ended"
+        lines.append(json.loads(line))
+        if until(lines[-1]):
+            return lines
+    raise AssertionError(f"no such event within {timeout} s: {lines}")
+
+
+def _line_queue(process) -> queue.Queue:
+    """The process's stdout lines, read by a thread of their own ("" at the end)."""
+    if not hasattr(process, "lines"):
+        process.lines = queue.Queue()
+
+        def pump():
+            for line in process.stdout:
+                process.lines.put(line)
+            process.lines.put("")
+
+        threading.Thread(target=pump, daemon=True).start()
+    return process.lines

@@ -11,6 +11,8 @@ from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 
+FOLLOW_INTERVAL = 0.2  # seconds between looks at the ring while following it
+
 
 def read_events(volume: Volume) -> list[dict]:
     """Every intact event in the ring, oldest first."""
@@ -28,6 +30,22 @@ def read_events(volume: Volume) -> list[dict]:
         if isinstance(event, dict) and isinstance(event.get("seq"), int):
             events.append(event)
     return sorted(events, key=lambda event: event["seq"])
+
+
+def follow(volume: Volume, interval: float = FOLLOW_INTERVAL):
+    """Every event in the ring, then each new one as it comes (`csvfs events --follow`),
+    forever. A gap in the numbers (the ring came round faster than we looked) yields
+    {"missed": count} in its place."""
+    last = 0
+    while True:
+        for event in read_events(volume):
+            if event["seq"] <= last:
+                continue
+            if last and event["seq"] > last + 1:
+                yield {"missed": event["seq"] - last - 1}
+            last = event["seq"]
+            yield event
+        time.sleep(interval)
 
 
 class EventLog:
