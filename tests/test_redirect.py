@@ -259,7 +259,10 @@ def test_events_follow_prints_new_events_as_they_come(image, nodes):
     finally:
         follower.send_signal(signal.SIGINT)  # how a user stops it, as with tail -f
         follower.wait(timeout=10)
+        while _line_queue(follower).get(timeout=10):
+            pass  # the pump saw the end of its output
         err = follower.stderr.read()
+        follower.stdout.close()
         follower.stderr.close()
     assert follower.returncode == 0 and err == ""
 
