@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("mountpoint", type=Path)
     mount.add_argument("--name", default="", help="node name (default HOST-PID)")
     mount.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    mount.add_argument("--cluster", type=Path, metavar="FILE",
+                       help="the cluster's volumes, one image per line: the coordinator "
+                       "roles are balanced over them (csvfs/balance.py)")
     mount.add_argument("--foreground", action="store_true", help="stay attached")
     mount.add_argument("--log", type=Path, help="append the node's log to this file")
     mount.add_argument("--lease", type=float, default=3.0,
@@ -93,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the node to take it (default: the best one by the balance rule)")
     move.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
 
+    balance = sub.add_parser("balance", help="even the coordinator roles out over the "
+                             "volumes of a cluster, and print what moved", parents=[debug])
+    balance.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    balance.add_argument("--key", type=Path,
+                         help="cluster key file (default: each IMAGE.key)")
+
     events = sub.add_parser("events", help="print the volume's event ring", parents=[debug])
     events.add_argument("image", type=Path)
     events.add_argument("--json", action="store_true")
@@ -135,6 +144,15 @@ def _check_addresses(listen: str, advertise: str | None) -> None:
                          "address")
 
 
+def _cluster_volumes(cluster: Path, image: Path) -> list[Path]:
+    from csvfs.balance import read_cluster_file
+
+    images = read_cluster_file(cluster)
+    if image.resolve() not in images:
+        raise UsageError(f"--cluster {cluster} does not list {image}")
+    return images
+
+
 def cmd_mount(args) -> int:
     from csvfs import fuse_shim
 
@@ -145,7 +163,9 @@ def cmd_mount(args) -> int:
     if not 0.3 <= args.lease <= 600:
         raise UsageError("--lease must be between 0.3 and 600 seconds")
     _check_addresses(args.listen, args.advertise)
+    cluster = _cluster_volumes(args.cluster, args.image) if args.cluster else []
     config = node.NodeConfig(
+        cluster=cluster,
         image=args.image.resolve(),
         mountpoint=args.mountpoint.resolve(),
         key_path=(args.key or default_key_path(args.image)).resolve(),
@@ -213,6 +233,12 @@ def cmd_move(args) -> int:
     return run_move(args.image, args.key or default_key_path(args.image), args.to)
 
 
+def cmd_balance(args) -> int:
+    from csvfs.control import run_balance
+
+    return run_balance(args.images, args.key)
+
+
 def cmd_backup(args) -> int:
     from csvfs.backup.cli import run
 
@@ -221,7 +247,8 @@ def cmd_backup(args) -> int:
 
 COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "fsck": cmd_fsck, "events": cmd_events,
             "status": cmd_status, "backup": cmd_backup, "fault": cmd_control,
-            "redirect": cmd_control, "move": cmd_move}
+            "redirect": cmd_control, "move": cmd_move,
+            "balance": cmd_balance}
 
 
 def default_node_name() -> str:

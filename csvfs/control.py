@@ -6,6 +6,7 @@ role to another node (csvfs/coordinator_role.py `move`).
     csvfs fault IMAGE --node NAME storage-down|storage-up
     csvfs redirect IMAGE --node NAME on|off
     csvfs move IMAGE [--to NODE]
+    csvfs balance IMAGE...
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from csvfs.balance import plan, read_cluster, role_counts
 from csvfs.cluster import messages
 from csvfs.cluster.election import read_lease
 from csvfs.cluster.errors import MetaError
@@ -26,7 +28,7 @@ from csvfs.cluster.wire import RpcError
 from csvfs.redirect import REDIRECT_OFF, REDIRECT_ON
 from csvfs.status import ASK_TIMEOUT, CoordinatorUnreachable, find_coordinator
 from csvfs.volume.errors import ExitCode, UserError
-from csvfs.volume.image import Volume
+from csvfs.volume.image import Volume, default_key_path
 
 CONTROL_TIMEOUT = ASK_TIMEOUT + 5.0  # the coordinator waits up to 5 s for the node
 
@@ -58,6 +60,23 @@ def run_move(image: Path, key_path: Path, heir: str) -> int:
     owner = _wait_for_owner(image, answer["to"])
     print(f"coordinator of {image} moved from {answer['from']} to {owner.owner_name} "
           f"(epoch {owner.epoch}) in {(time.monotonic() - started) * 1e3:.0f} ms")
+    return ExitCode.OK
+
+
+def run_balance(images: list[Path], key_path: Path | None) -> int:
+    """Make the moves that even the coordinator roles out over these volumes."""
+    volumes = read_cluster([image.resolve() for image in images])
+    moves = plan(volumes)
+    for move in moves:
+        image = Path(move.image)
+        key = key_path or default_key_path(image)
+        _request(image, key, messages.MOVE, {"to": move.target})
+        _wait_for_owner(image, move.target)
+        print(f"{image}: moved the coordinator role from {move.source} to {move.target}")
+    counts = role_counts(read_cluster([image.resolve() for image in images]))
+    summary = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+    print(f"{'balanced' if moves else 'already balanced'}: coordinator roles per node: "
+          f"{summary or 'none (no volume is mounted)'}")
     return ExitCode.OK
 
 

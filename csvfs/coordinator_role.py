@@ -28,12 +28,14 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import trio
 
 from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint
 from coordinator.service import MetadataService
+from csvfs import balance
 from csvfs.cluster.election import Election, Lease, read_slot, slot_alive
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.events import EventLog
@@ -56,8 +58,10 @@ class CoordinatorRole:
 
     def __init__(self, name: str, volume: Volume, election: Election, gates: FileGates,
                  datapath: DataPath, lease_seconds: float, nursery: trio.Nursery,
-                 on_lost: Callable[[CoordinatorRole, str], None], locks: NodeLocks):
+                 on_lost: Callable[[CoordinatorRole, str], None], locks: NodeLocks,
+                 cluster: list[Path] | None = None):
         self.name = name
+        self.cluster = cluster or []  # the cluster's volumes (csvfs/balance.py)
         self.locks = locks
         self.volume = volume
         self.election = election
@@ -96,6 +100,8 @@ class CoordinatorRole:
             self.nursery.start_soon(self._reclaim_orphans_later, service)
         self.nursery.start_soon(self._renew_lease, service)
         self.nursery.start_soon(self._expire_snapshots, service)
+        if self.cluster:
+            self.nursery.start_soon(self._keep_balance, service)
 
     def _record_election(self, events: EventLog, epoch: int, old: Lease) -> None:
         events.emit("election", f"{self.name} became coordinator, epoch {epoch}")
@@ -277,7 +283,26 @@ class CoordinatorRole:
         if not able:
             raise MetaError(errno.EHOSTUNREACH, "no other node with a working path to the "
                                                 "image is in session")
-        return able[0], sessions[able[0]].slot
+        best = balance.best_heir(balance.read_cluster(self.cluster), able) or able[0]
+        return best, sessions[best].slot
+
+    async def _keep_balance(self, service: MetadataService) -> None:
+        """Make the first move of the cluster's balance plan when it is ours."""
+        image = str(self.volume.path.resolve())
+        while service is self.service and not service.fenced:
+            await trio.sleep(balance.BALANCE_INTERVAL)
+            volumes = await trio.to_thread.run_sync(balance.read_cluster, self.cluster)
+            moves = balance.plan(volumes)
+            if not moves or moves[0].image != image or moves[0].source != self.name:
+                continue
+            target = moves[0].target
+            if service is not self.service or target not in (self.endpoint.sessions
+                                                              if self.endpoint else {}):
+                continue
+            try:
+                await self.move(target, "balancing the cluster's coordinators")
+            except MetaError as exc:
+                log.info("balance: not moving to %s: %s", target, exc)
 
     def _path_lost(self, node: str) -> bool:
         mode = self.service.redirect.modes.get(node) if self.service else None

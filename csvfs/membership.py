@@ -25,12 +25,15 @@ import itertools
 import logging
 import math
 import secrets
+import time
+from pathlib import Path
 
 import trio
 
 from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint
 from coordinator.service import ONCE_ONLY
+from csvfs import balance
 from csvfs.cluster.election import Election, Lease, read_lease
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.messages import brief
@@ -53,8 +56,10 @@ Role = CoordinatorRole | MemberRole
 class Membership:
     def __init__(self, name: str, volume: Volume, election: Election, key: bytes,
                  lease_seconds: float, gates: FileGates, datapath: DataPath,
-                 nursery: trio.Nursery, locks: NodeLocks):
+                 nursery: trio.Nursery, locks: NodeLocks, cluster: list[Path] | None = None):
         self.name = name
+        self.cluster = cluster or []  # the cluster's volumes, to balance roles over
+        self._defer_until: float | None = None  # a takeover waits for a node with fewer roles
         self.volume = volume
         self.election = election
         self.key = key
@@ -120,6 +125,8 @@ class Membership:
 
     async def _settle(self, first: bool = False) -> None:
         while not self.closing:
+            if not first and await self._defer_takeover():
+                continue
             try:
                 outcome = self._try_take()
             except (VolumeError, OSError) as exc:
@@ -137,6 +144,30 @@ class Membership:
                 continue
             await self._coordinate(*outcome)
             return
+
+    async def _defer_takeover(self) -> bool:
+        """Wait a moment, and True, while the lease is free and another node that
+        coordinates fewer of the cluster's volumes may take it (csvfs/balance.py)."""
+        if not self.cluster:
+            return False
+        lease = read_lease(self.volume)
+        moving = lease.heir_slot >= 0 and lease.heir_until_ns > time.time_ns()
+        if moving or (lease.owner_slot >= 0 and self.election.live_owner(lease)):
+            self._defer_until = None
+            return False
+        now = trio.current_time()
+        if self._defer_until is None:
+            volumes = await trio.to_thread.run_sync(balance.read_cluster, self.cluster)
+            delay = balance.takeover_delay(volumes, str(self.volume.path.resolve()), self.name)
+            if delay <= 0:
+                return False
+            log.info("leaving the free lease to a node with fewer roles for %.1f s", delay)
+            self._defer_until = now + delay
+        if now >= self._defer_until:
+            self._defer_until = None
+            return False
+        await trio.sleep(HEIR_POLL)
+        return True
 
     def _try_take(self):
         """Take the lease if nobody live holds it: returns (recovered, epoch, old lease).
@@ -167,8 +198,10 @@ class Membership:
         return recovered
 
     async def _coordinate(self, recovered: recovery.Recovered, epoch: int, old: Lease) -> None:
+        self._defer_until = None
         role = CoordinatorRole(self.name, self.volume, self.election, self.gates, self.datapath,
-                               self.lease_seconds, self.nursery, self._role_lost, self.locks)
+                               self.lease_seconds, self.nursery, self._role_lost, self.locks,
+                               self.cluster)
         await role.start(recovered, epoch, old)
         self._settle_on(role)
 

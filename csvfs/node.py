@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
@@ -46,6 +46,7 @@ class NodeConfig:
     lease_seconds: float = 3.0
     listen_text: str = "127.0.0.1:0"  # where the RPC server listens; port 0: any free one
     advertise_text: str = ""  # where other nodes reach it, if not there: HOST[:PORT]
+    cluster: list[Path] = field(default_factory=list)  # its volumes (csvfs/balance.py)
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -141,7 +142,7 @@ class Node:
             self.gates.on_locks_changed = self.locks.changed
             self.membership = Membership(config.name, self.volume, self.election, self.key,
                                          config.lease_seconds, self.gates, self.datapath,
-                                         nursery, self.locks)
+                                         nursery, self.locks, config.cluster)
             await self.membership.start()
             await self._mount_and_serve(ready)
             nursery.cancel_scope.cancel()
