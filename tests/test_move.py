@@ -10,7 +10,8 @@ import time
 import pytest
 
 from scripts.nodes import events_json as events
-from tests.cluster import csvfs, status
+from tests.cluster import csvfs, make_volume, status
+from tests.test_vmload import VMs, assert_verifies_everywhere
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,3 +125,54 @@ def test_a_move_refuses_what_it_cannot_do(image, nodes):
     result = csvfs("move", image, "--to", "n2", check=False)
     assert result.returncode == 17 and "n2 has lost its path to the image" in result.stderr
     assert coordinator(image)[0] == "n1"
+
+
+@pytest.mark.timeout(150)
+def test_vms_on_three_nodes_through_storage_flips_and_moves(tmp_path, nodes):
+    """One node's path fails and heals every 2 s, and the coordinator role moves every
+    5 s, while a VM writes (and grows) through each node: not one error, not one
+    sector wrong, read back through every node."""
+    image = make_volume(tmp_path, size="512M")
+    cluster = [nodes.start(image, name) for name in ("n1", "n2", "n3")]
+    vms = VMs(tmp_path / "vmstate")
+    try:
+        running = [vms.start(node.mountpoint, f"vm-{node.name}", "--size", "16M",
+                             "--seconds", "14", "--iodepth", "4", "--fsync-every", "16",
+                             "--grow", "--grow-every", "1", "--grow-by", "1M",
+                             "--max-size", "32M")
+                   for node in cluster]
+        flips, moves = chaos(image, seconds=14)
+        for process in running:
+            code, summary = vms.finish(process, timeout=60)
+            assert code == 0, summary
+            assert summary["writes"] > 200, summary
+        for node in cluster:
+            assert_verifies_everywhere(vms, cluster, f"vm-{node.name}")
+    finally:
+        vms.stop_all()
+    assert flips >= 6 and moves >= 2, (flips, moves)
+    kinds = [e["kind"] for e in events(image)]
+    assert kinds.count("move") >= moves and kinds.count("io_mode") >= flips
+
+
+def chaos(image, seconds: float) -> tuple[int, int]:
+    """n3's path down and up every 2 s; the role to the next node every 5 s."""
+    flips = moves = 0
+    down = False
+    started = time.monotonic()
+    next_flip, next_move = started + 2, started + 5
+    while next_flip < started + seconds:
+        time.sleep(max(0.0, next_flip - time.monotonic()))
+        next_flip += 2
+        down = not down
+        csvfs("fault", image, "--node", "n3", "storage-down" if down else "storage-up")
+        flips += 1
+        if time.monotonic() >= next_move:
+            current = coordinator(image)[0]
+            heirs = [n for n in ("n1", "n2", "n3") if n != current and not (down and n == "n3")]
+            csvfs("move", image, "--to", heirs[moves % len(heirs)])
+            moves += 1
+            next_move += 5
+    if down:
+        csvfs("fault", image, "--node", "n3", "storage-up")
+    return flips, moves
