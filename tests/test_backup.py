@@ -206,6 +206,12 @@ def test_sigkill_of_the_coordinator_during_a_backup(tmp_path, image, nodes, vm_p
     assert "volume is clean" in csvfs("fsck", image).stdout
 
 
+def json_events(image) -> list[dict]:
+    from scripts.nodes import events_json
+
+    return events_json(image)
+
+
 def _csvfs() -> list[str]:
     from tests.cluster import CSVFS
 
@@ -510,3 +516,52 @@ def test_a_writer_that_does_not_freeze_fails_the_backup_unless_allowed(tmp_path,
     events = csvfs("events", image).stdout
     assert "/stuck.img: its writer did not freeze" in events
     assert "/plain.img: no writer registered for it on any node" in events
+
+
+@pytest.mark.parametrize("trouble", ["move", "storage fault"])
+def test_a_backup_goes_on_through_a_move_or_a_storage_fault(tmp_path, image, nodes, trouble):
+    """Mid-backup, the coordinator role moves, or the writing member's path to the image
+    fails: the backup completes, its copy is the point in time, the writers see no
+    error, and the snapshot is released."""
+    n1, n2 = start_cluster(nodes, image, 2)
+    blocks = 1024
+    fill_stamped(n1.path("disk"), blocks)
+    data = os.urandom(48 * M)
+    n1.path("big").write_bytes(data)
+    backup("init", tmp_path / "repo")
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    writers = [start_writer(n1.path("disk"), 1, blocks, 4.0, logs[0]),
+               start_writer(n2.path("disk"), 2, blocks, 4.0, logs[1])]
+    try:
+        time.sleep(0.5)
+        job = subprocess.Popen([*_csvfs(), "backup", "volume", str(image), "--repo",
+                                str(tmp_path / "repo")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        time.sleep(0.3)
+        if trouble == "move":
+            csvfs("move", image, "--to", "n2")
+        else:
+            csvfs("fault", image, "--node", "n2", "storage-down")
+        out, err = job.communicate(timeout=90)
+        assert job.returncode == 0, err
+    finally:
+        assert [writer.wait(timeout=30) for writer in writers] == [0, 0]
+    if trouble == "move":
+        assert status(image)["coordinator"]["name"] == "n2"
+    else:
+        node = next(n for n in status(image)["nodes"] if n["name"] == "n2")
+        assert node["io_mode"] == "redirected" and node["redirected_io"]["writes"] > 0
+        csvfs("fault", image, "--node", "n2", "storage-up")
+    manifest = last_backup(tmp_path / "repo")
+    restored = tmp_path / "disk.out"
+    backup("restore", "--repo", tmp_path / "repo", manifest["id"], "--file", "/disk",
+           "--to", restored)
+    assert check_point_in_time(restored.read_bytes(), blocks, logs, manifest["time_ns"]) > 0
+    backup("restore", "--repo", tmp_path / "repo", manifest["id"], "--file", "/big",
+           "--to", tmp_path / "big.out")
+    assert (tmp_path / "big.out").read_bytes() == data
+    assert status(image)["snapshots"] == []
+    ring = json_events(image)
+    taken, released = [e["seq"] for e in ring if e["kind"] == "snapshot"]
+    kind = "move" if trouble == "move" else "io_mode"
+    assert any(taken < e["seq"] < released for e in ring if e["kind"] == kind), ring
