@@ -53,10 +53,24 @@ class Recovered:
         return 1 - self.checkpoint.slot if self.checkpoint else 0
 
 
+def _read_checkpoint_blob(volume: Volume, region) -> bytes:
+    """The bytes of the checkpoint in a slot: its header says how many, so a takeover
+    reads the metadata, not the whole slot. A header that does not parse gets the whole
+    slot, and decode_checkpoint says what is wrong with it."""
+    head = volume.read(region.offset, min(region.length, fmt.SECTOR))
+    try:
+        length = fmt.block_length(head, fmt.CHECKPOINT_MAGIC)
+    except fmt.FormatError:
+        return volume.read(region.offset, region.length)
+    if length <= len(head):
+        return head
+    return volume.read(region.offset, min(region.length, length))
+
+
 def read_checkpoints(volume: Volume) -> tuple[list[Checkpoint], list[str]]:
     found, problems = [], []
     for slot, region in enumerate(volume.sb.checkpoint_slots()):
-        raw = volume.read(region.offset, region.length)
+        raw = _read_checkpoint_blob(volume, region)
         if raw[:4] == b"\0\0\0\0":
             continue
         try:
