@@ -1,6 +1,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 N ?= 3
+VOLUMES ?= 1
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc qemu-utils restic borgbackup
 
 .PHONY: setup test bench lint clean cluster cluster-down demo-vms
@@ -26,7 +27,7 @@ bench:
 	$(PY) scripts/bench.py $(if $(BASELINE),--baseline $(BASELINE))
 
 cluster:
-	$(PY) scripts/cluster.py up -n $(N)
+	$(PY) scripts/cluster.py up -n $(N) --volumes $(VOLUMES)
 
 cluster-down:
 	$(PY) scripts/cluster.py down

@@ -1,13 +1,25 @@
 #!/usr/bin/env python3
-"""A local csvfs cluster for development: N nodes on one volume image, on this machine.
+"""A local csvfs cluster for development: N nodes on one or more volume images, on this
+machine.
 
-    python scripts/cluster.py up [-n N] [--dir DIR] [--image IMG] [--size SIZE] [--lease S]
+    python scripts/cluster.py up [-n N] [--volumes K] [--dir DIR] [--image IMG] [--size SIZE]
+                                 [--lease S]
     python scripts/cluster.py status [--dir DIR] [--json]
     python scripts/cluster.py down [--dir DIR]
 
 `up` creates the image if it is missing, then runs `csvfs mount` for node1..nodeN, one
 after the other (node1 becomes the coordinator, the others join it), with mountpoints
-DIR/node1.. and logs DIR/node1.log... What it started goes to DIR/cluster.json; `down`
+DIR/node1.. and logs DIR/node1.log...
+
+With --volumes K (K > 1) the images are DIR/vol1.img..DIR/volK.img, listed in the
+cluster file DIR/cluster.volumes, and a node is one `csvfs mount --cluster
+DIR/cluster.volumes` process per volume, all with the node's name, on DIR/nodeI/volJ
+with the log DIR/nodeI-volJ.log. The nodes start one after the other, each on every
+volume, so node1 first coordinates them all; the coordinators then hand roles over
+until each node has its share (csvfs/balance.py), and `up` waits for that (up to
+SETTLE_WAIT seconds) before it shows the status of each volume.
+
+What it started goes to DIR/cluster.json, one record per `csvfs mount` process; `down`
 reads it back and stops exactly those processes, and no others.
 """
 
@@ -39,6 +51,7 @@ from nodes import (
 
 PROG = "cluster.py"
 STATE_FILE = "cluster.json"
+VOLUMES_FILE = "cluster.volumes"  # with --volumes K > 1: csvfs mount --cluster reads it
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected failure
@@ -63,7 +76,10 @@ exit codes:
   other  status: the exit code of `csvfs status` (15: the coordinator does not answer)
 
 Errors are one line on stderr. Node logs stay in DIR/NODE.log, the image in DIR/vol.img
-(or --image) with its key IMAGE.key; `down` keeps both.
+(or --image) with its key IMAGE.key; `down` keeps both. With --volumes K > 1: the logs
+are DIR/NODE-volJ.log, the images DIR/vol1.img..DIR/volK.img, listed in
+DIR/cluster.volumes, and `status` shows every volume (its exit code is the first
+non-zero one of them).
 """
 
 MOUNT_TIMEOUT = 60.0  # one `csvfs mount`, until the node is ready
@@ -72,6 +88,8 @@ UNMOUNT_WAIT = 15.0  # after fusermount3 -u, for the node to write its checkpoin
 TERM_WAIT = 10.0  # after SIGTERM
 KILL_WAIT = 5.0  # after SIGKILL
 LOCK_WAIT = 120.0  # for another cluster.py working on the same DIR
+SETTLE_WAIT = 10.0  # up, several volumes: for the coordinators to even the roles out
+SETTLE_POLL = 0.5
 
 
 class ClusterError(Exception):
@@ -90,27 +108,48 @@ class _Parser(argparse.ArgumentParser):
 
 @dataclass
 class NodeRecord:
+    """One `csvfs mount` process: a node on one volume."""
+
     name: str
     mountpoint: str
     log: str
     pid: int
     slot: int | None = None
+    image: str = ""  # a cluster.json of before --volumes has none: the cluster's image
 
 
 @dataclass
 class Cluster:
     directory: Path
-    image: str
+    images: list[str]
     nodes: list[NodeRecord]
     lease: float | None = None
     started: str = ""
+    volumes_file: str | None = None  # the --cluster FILE of every node, with several volumes
+
+    @property
+    def image(self) -> str:
+        """The first (with one volume, the only) image."""
+        return self.images[0]
+
+    @property
+    def several(self) -> bool:
+        return len(self.images) > 1
 
     @property
     def state_path(self) -> Path:
         return self.directory / STATE_FILE
 
+    def label(self, node: NodeRecord) -> str:
+        """node in messages: with several volumes, a name is on one process per volume."""
+        return f"{node.name} on {Path(node.image).name}" if self.several else node.name
+
+    def describe_images(self) -> str:
+        return f"images {', '.join(self.images)}" if self.several else f"image {self.image}"
+
     def save(self) -> None:
-        data = {"image": self.image, "lease": self.lease, "started": self.started,
+        data = {"image": self.image, "images": self.images, "volumes_file": self.volumes_file,
+                "lease": self.lease, "started": self.started,
                 "nodes": [asdict(node) for node in self.nodes]}
         temporary = self.state_path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(data, indent=2) + "\n")
@@ -125,8 +164,12 @@ class Cluster:
         path = directory / STATE_FILE
         try:
             data = json.loads(path.read_text())
-            return cls(directory, data["image"], [NodeRecord(**node) for node in data["nodes"]],
-                       data.get("lease"), data.get("started", ""))
+            images = data.get("images") or [data["image"]]
+            nodes = [NodeRecord(**node) for node in data["nodes"]]
+            for node in nodes:
+                node.image = node.image or images[0]
+            return cls(directory, images, nodes, data.get("lease"), data.get("started", ""),
+                       data.get("volumes_file"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -201,10 +244,11 @@ def is_our_node(pid: int, node: NodeRecord) -> bool:
     return is_process_of(pid, node_argv(node))
 
 
-def find_pid(image: str, node: NodeRecord) -> tuple[int, int | None]:
-    """The pid and slot of a node that just mounted: from `csvfs status --json` by name,
-    or else from /proc (the daemon is a fork of `csvfs mount`, so it has its argv)."""
-    report = status_report(image) or {}
+def find_pid(node: NodeRecord) -> tuple[int, int | None]:
+    """The pid and slot of a node that just mounted: from `csvfs status --json` of its
+    image by name, or else from /proc (the daemon is a fork of `csvfs mount`, so it has
+    its argv)."""
+    report = status_report(node.image) or {}
     for entry in report.get("nodes", []):
         if entry.get("name") == node.name and entry.get("alive"):
             pid = int(entry.get("pid", 0))
@@ -216,32 +260,48 @@ def find_pid(image: str, node: NodeRecord) -> tuple[int, int | None]:
     return 0, None
 
 
-def stop_node(node: NodeRecord) -> tuple[bool, str]:
+def stop_node(cluster: Cluster, node: NodeRecord) -> tuple[bool, str]:
     """Stop one node, gently first; returns (stopped, what was done)."""
     stopped, steps = stop_daemon(node.pid, node.mountpoint, argv=node_argv(node),
                                  waits=Waits(UNMOUNT_WAIT, TERM_WAIT, KILL_WAIT))
-    with contextlib.suppress(OSError):
-        if stopped:
-            os.rmdir(node.mountpoint)  # only if empty
+    if stopped:
+        remove_mountpoint(cluster, node)
     return stopped, steps
 
 
-def stop_order(cluster: Cluster) -> list[NodeRecord]:
-    """Members first, newest first; the coordinator last, so nobody needs to take over."""
-    report = status_report(cluster.image) or {}
+def remove_mountpoint(cluster: Cluster, node: NodeRecord) -> None:
+    """Remove node's mountpoint if it is empty, and with several volumes DIR/NAME above
+    it too once its last volume has gone: what `up` created, never files."""
+    mountpoint = Path(node.mountpoint)
+    directories = [mountpoint, mountpoint.parent] if cluster.several else [mountpoint]
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)  # only if empty
+
+
+def stop_order(nodes: list[NodeRecord], image: str) -> list[NodeRecord]:
+    """The nodes of one volume: members first, newest first; the coordinator last, so
+    nobody needs to take over."""
+    report = status_report(image) or {}
     coordinator = (report.get("coordinator") or {}).get("name")
-    nodes = list(reversed(cluster.nodes))
-    return sorted(nodes, key=lambda node: node.name == coordinator)  # stable
+    ours = [node for node in reversed(nodes) if node.image == image]
+    return sorted(ours, key=lambda node: node.name == coordinator)  # stable
 
 
 def stop_all(cluster: Cluster) -> list[NodeRecord]:
-    """Stop every node of cluster, printing one line each; returns those that would not stop."""
+    """Stop every node of cluster, printing one line each; returns those that would not stop.
+
+    Volume by volume, the last started first: each volume's coordinator goes last, so
+    that no volume has a takeover, and a node keeps its other volumes meanwhile.
+    """
     left = []
-    for node in stop_order(cluster):
-        stopped, steps = stop_node(node)
-        print(f"{node.name} (pid {node.pid}, {node.mountpoint}): {steps}")
-        if not stopped:
-            left.append(node)
+    images = list(dict.fromkeys(node.image for node in cluster.nodes))  # every record's
+    for image in reversed(images):
+        for node in stop_order(cluster.nodes, image):
+            stopped, steps = stop_node(cluster, node)
+            print(f"{node.name} (pid {node.pid}, {node.mountpoint}): {steps}")
+            if not stopped:
+                left.append(node)
     return left
 
 
@@ -262,66 +322,141 @@ def again(args, command: str) -> str:
 def cmd_up(args) -> int:
     if args.n < 1:
         raise ClusterError("-n must be at least 1", EXIT_USAGE)
+    if args.volumes < 1:
+        raise ClusterError("--volumes must be at least 1", EXIT_USAGE)
+    if args.volumes > 1 and args.image is not None:
+        raise ClusterError("--image is the image of a single volume; with --volumes K the "
+                           "images are DIR/vol1.img..DIR/volK.img", EXIT_USAGE)
     directory = args.dir.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     with locked(directory):
-        old = Cluster.load(directory)
-        if old is not None:
-            live = live_nodes(old)
-            if live:
-                raise ClusterError(
-                    f"a cluster is already up in {directory} ({len(live)} of "
-                    f"{len(old.nodes)} nodes running or mounted, image {old.image}); "
-                    f"run `{again(args, 'down')}` first", EXIT_ALREADY_UP)
-            print(f"{old.state_path} is stale (none of its nodes is running): replacing it")
-            old.remove()
-        image = (args.image or directory / "vol.img").resolve()
-        cluster = Cluster(directory, os.fspath(image), [], args.lease,
+        forget_stale_cluster(args, directory)
+        images = image_paths(args, directory)
+        cluster = Cluster(directory, [os.fspath(image) for image in images], [], args.lease,
                           time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        nodes = [NodeRecord(f"node{index}", os.fspath(directory / f"node{index}"),
-                            os.fspath(directory / f"node{index}.log"), 0)
-                 for index in range(1, args.n + 1)]
-        busy = [node.mountpoint for node in nodes if is_mounted(node.mountpoint)]
-        if busy:
-            raise ClusterError(f"{busy[0]} is already mounted, and not by a cluster recorded "
-                               f"in {cluster.state_path}; unmount it first", EXIT_ALREADY_UP)
-        if not image.exists():
-            code, stdout, error = run_csvfs("mkfs", image, "--size", args.size, timeout=60)
-            if code != 0:
-                raise ClusterError(f"cannot create {image}: {strip_prefix(error)}",
-                                   EXIT_START_FAILED)
-            print(stdout.strip())
-        elif args.size_given:
-            print(f"{image} exists: using it as it is (--size applies only to a new image)")
-        try:
-            for node in nodes:
-                start_node(cluster, node)
-        except BaseException:  # a failed node, or ^C: stop what this run started
-            if cluster.nodes:
-                print(f"stopping the {len(cluster.nodes)} node(s) already started")
-                left = stop_all(cluster)
-                cluster.nodes = left
-                if left:
-                    cluster.save()
-                else:
-                    cluster.remove()
-            raise
-        print(f"{len(cluster.nodes)} node(s) up in {directory}; stop them with "
-              f"`{again(args, 'down')}`\n")
-        sys.stdout.flush()
+        nodes = node_records(directory, args.n, cluster.images)
+        refuse_busy_mountpoints(cluster, nodes)
+        for image in images:
+            create_image(image, args)
+        if cluster.several:
+            cluster.volumes_file = os.fspath(write_volumes_file(directory, images))
+        start_all(cluster, nodes)
+        announce(args, cluster)
         return show_status(cluster, as_json=False, exit_code=False)
 
 
-def start_node(cluster: Cluster, node: NodeRecord) -> None:
-    if not os.path.lexists(node.mountpoint):  # anything else there: csvfs says what is wrong
-        os.mkdir(node.mountpoint)
-    extra = ["--lease", str(cluster.lease)] if cluster.lease is not None else []
+def announce(args, cluster: Cluster) -> None:
+    """What is up, and how to stop it; with several volumes, once their roles are even."""
+    down = again(args, "down")
+    if not cluster.several:
+        print(f"{len(cluster.nodes)} node(s) up in {cluster.directory}; stop them with "
+              f"`{down}`\n")
+    else:
+        print(f"{args.n} node(s) up on {len(cluster.images)} volumes in {cluster.directory} "
+              f"({len(cluster.nodes)} csvfs processes); stop them with `{down}`")
+        settle(cluster)
+        print()
+    sys.stdout.flush()
+
+
+def forget_stale_cluster(args, directory: Path) -> None:
+    """Refuse if a cluster recorded in DIR still has a node running or mounted; forget
+    one whose nodes are all gone."""
+    old = Cluster.load(directory)
+    if old is None:
+        return
+    live = live_nodes(old)
+    if live:
+        what = "node processes" if old.several else "nodes"
+        raise ClusterError(
+            f"a cluster is already up in {directory} ({len(live)} of {len(old.nodes)} "
+            f"{what} running or mounted, {old.describe_images()}); "
+            f"run `{again(args, 'down')}` first", EXIT_ALREADY_UP)
+    print(f"{old.state_path} is stale (none of its nodes is running): replacing it")
+    old.remove()
+
+
+def image_paths(args, directory: Path) -> list[Path]:
+    if args.volumes == 1:  # the name of before --volumes, so that old DIRs still work
+        return [(args.image or directory / "vol.img").resolve()]
+    return [directory / f"vol{number}.img" for number in range(1, args.volumes + 1)]
+
+
+def node_records(directory: Path, count: int, images: list[str]) -> list[NodeRecord]:
+    """The processes to start, in order: node by node, each on every volume."""
+    nodes = []
+    for index in range(1, count + 1):
+        name = f"node{index}"
+        for number, image in enumerate(images, 1):
+            if len(images) == 1:
+                mountpoint, log = directory / name, directory / f"{name}.log"
+            else:
+                mountpoint, log = directory / name / f"vol{number}", \
+                    directory / f"{name}-vol{number}.log"
+            nodes.append(NodeRecord(name, os.fspath(mountpoint), os.fspath(log), 0,
+                                    image=image))
+    return nodes
+
+
+def refuse_busy_mountpoints(cluster: Cluster, nodes: list[NodeRecord]) -> None:
+    paths = [node.mountpoint for node in nodes]
+    if cluster.several:  # a mount on DIR/NAME would hide the mountpoints of its volumes
+        paths = [*dict.fromkeys(os.path.dirname(path) for path in paths), *paths]
+    busy = [path for path in paths if is_mounted(path)]
+    if busy:
+        raise ClusterError(f"{busy[0]} is already mounted, and not by a cluster recorded "
+                           f"in {cluster.state_path}; unmount it first", EXIT_ALREADY_UP)
+
+
+def create_image(image: Path, args) -> None:
+    if not image.exists():
+        code, stdout, error = run_csvfs("mkfs", image, "--size", args.size, timeout=60)
+        if code != 0:
+            raise ClusterError(f"cannot create {image}: {strip_prefix(error)}",
+                               EXIT_START_FAILED)
+        print(stdout.strip())
+    elif args.size_given:
+        print(f"{image} exists: using it as it is (--size applies only to a new image)")
+
+
+def write_volumes_file(directory: Path, images: list[Path]) -> Path:
+    """The cluster file every node gets with --cluster (csvfs/balance.py
+    read_cluster_file). Paths relative to DIR, so that DIR can be moved."""
+    path = directory / VOLUMES_FILE
+    lines = [f"# the volumes of the cluster in this directory, written by {PROG} up",
+             *(os.path.relpath(image, directory) for image in images)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_all(cluster: Cluster, nodes: list[NodeRecord]) -> None:
     try:
-        code, _stdout, error = run_csvfs("mount", cluster.image, node.mountpoint, "--name",
+        for node in nodes:
+            start_node(cluster, node)
+    except BaseException:  # a failed node, or ^C: stop what this run started
+        if cluster.nodes:
+            what = "node process(es)" if cluster.several else "node(s)"
+            print(f"stopping the {len(cluster.nodes)} {what} already started")
+            left = stop_all(cluster)
+            cluster.nodes = left
+            if left:
+                cluster.save()
+            else:
+                cluster.remove()
+        raise
+
+
+def start_node(cluster: Cluster, node: NodeRecord) -> None:
+    make_mountpoint(node)
+    extra = ["--lease", str(cluster.lease)] if cluster.lease is not None else []
+    if cluster.volumes_file is not None:
+        extra += ["--cluster", cluster.volumes_file]
+    try:
+        code, _stdout, error = run_csvfs("mount", node.image, node.mountpoint, "--name",
                                          node.name, "--log", node.log, *extra,
                                          timeout=MOUNT_TIMEOUT)
         if code == 0:
-            node.pid, node.slot = find_pid(cluster.image, node)
+            node.pid, node.slot = find_pid(node)
             cluster.nodes.append(node)
     except BaseException:  # ^C while mounting: the node's daemon may be on its way up
         adopt(cluster, node)
@@ -329,33 +464,107 @@ def start_node(cluster: Cluster, node: NodeRecord) -> None:
     if code != 0:
         adopt(cluster, node)  # a mount that timed out may have left a daemon
         detail = strip_prefix(error) or "no error message"
-        raise ClusterError(f"{node.name} failed to start (csvfs exit {code}): {detail}",
-                           EXIT_START_FAILED)
+        raise ClusterError(f"{cluster.label(node)} failed to start (csvfs exit {code}): "
+                           f"{detail}", EXIT_START_FAILED)
     cluster.save()  # at once: an interrupted `up` can still be brought `down`
     if not node.pid:
-        raise ClusterError(f"{node.name} mounted {node.mountpoint} but its pid is not in "
-                           f"`csvfs status` nor in /proc", EXIT_START_FAILED)
+        raise ClusterError(f"{cluster.label(node)} mounted {node.mountpoint} but its pid is "
+                           f"not in `csvfs status` nor in /proc", EXIT_START_FAILED)
     print(f"started {node.name}: pid {node.pid}, {node.mountpoint}, log {node.log}")
     sys.stdout.flush()
+
+
+def make_mountpoint(node: NodeRecord) -> None:
+    """Create node's mountpoint, and DIR/NAME above it with several volumes. Only below
+    a directory: anything else in the way is left for csvfs to name in its error."""
+    mountpoint = Path(node.mountpoint)
+    for path in (mountpoint.parent, mountpoint):
+        if not os.path.lexists(path) and os.path.isdir(path.parent):
+            os.mkdir(path)
 
 
 def adopt(cluster: Cluster, node: NodeRecord) -> None:
     """After a failed or interrupted mount: if node's daemon exists, record it so that
     the rollback stops it too."""
     if not node.pid:
-        node.pid, node.slot = find_pid(cluster.image, node)
+        node.pid, node.slot = find_pid(node)
     if (node.pid or is_mounted(node.mountpoint)) and node not in cluster.nodes:
         cluster.nodes.append(node)
 
 
+def coordinator_counts(cluster: Cluster) -> dict[str, int] | None:
+    """How many volumes each node coordinates, from `csvfs status` of every image; None
+    while a volume has no coordinator (an election or a move is under way)."""
+    counts = {node.name: 0 for node in cluster.nodes}
+    for image in cluster.images:
+        coordinator = ((status_report(image) or {}).get("coordinator") or {}).get("name")
+        if coordinator is None:
+            return None
+        counts[coordinator] = counts.get(coordinator, 0) + 1
+    return counts
+
+
+def is_even(counts: dict[str, int] | None) -> bool:
+    """No node coordinates more than one volume over another: csvfs moves no more roles."""
+    return bool(counts) and max(counts.values()) - min(counts.values()) <= 1
+
+
+def settle(cluster: Cluster) -> None:
+    """Wait until the coordinators have evened the roles out. Node1 started first, so it
+    took every volume; they hand roles over by themselves, one a second or so
+    (csvfs/balance.py), and the status `up` shows should be the one that lasts."""
+    deadline = time.monotonic() + SETTLE_WAIT
+    counts = coordinator_counts(cluster)
+    while not is_even(counts) and time.monotonic() < deadline:
+        time.sleep(SETTLE_POLL)
+        counts = coordinator_counts(cluster)
+    shares = ", ".join(f"{name} {count}" for name, count in (counts or {}).items())
+    if is_even(counts):
+        print(f"volumes coordinated: {shares}")
+    else:
+        print(f"the coordinator roles are not even after {SETTLE_WAIT:.0f} s "
+              f"({shares or 'a volume has no coordinator'}); csvfs keeps balancing them")
+
+
 def show_status(cluster: Cluster, as_json: bool, exit_code: bool = True) -> int:
+    """`csvfs status` of every volume; the exit code is the first non-zero one."""
     sys.stdout.flush()
-    command = [*csvfs_command(), "status", cluster.image, *(["--json"] if as_json else [])]
-    try:
-        code = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=STATUS_TIMEOUT).returncode
-    except subprocess.TimeoutExpired:
-        raise ClusterError(f"csvfs status did not answer within {STATUS_TIMEOUT:.0f} s") from None
+    if as_json and cluster.several:
+        code = print_status_json(cluster)
+    else:
+        codes = []
+        for index, image in enumerate(cluster.images):
+            if index:  # csvfs status starts with the volume's name: a blank line is enough
+                print(flush=True)
+            codes.append(run_status(cluster, image, as_json).returncode)
+        code = next((code for code in codes if code), EXIT_OK)
     return code if exit_code else EXIT_OK
+
+
+def print_status_json(cluster: Cluster) -> int:
+    """One JSON document for several volumes: {"volumes": [each `csvfs status --json`]}."""
+    reports, codes = [], []
+    for image in cluster.images:
+        result = run_status(cluster, image, as_json=True, capture=True)
+        codes.append(result.returncode)
+        try:
+            reports.append(json.loads(result.stdout))
+        except ValueError:  # csvfs said why on stderr, which is ours
+            reports.append({"image": image, "error": f"csvfs status exited "
+                                                     f"{result.returncode} without a report"})
+    print(json.dumps({"volumes_file": cluster.volumes_file, "volumes": reports}, indent=2))
+    return next((code for code in codes if code), EXIT_OK)
+
+
+def run_status(cluster: Cluster, image: str, as_json: bool,
+               capture: bool = False) -> subprocess.CompletedProcess:
+    command = [*csvfs_command(), "status", image, *(["--json"] if as_json else [])]
+    try:
+        return subprocess.run(command, stdin=subprocess.DEVNULL, timeout=STATUS_TIMEOUT,
+                              stdout=subprocess.PIPE if capture else None, text=True)
+    except subprocess.TimeoutExpired:
+        what = f"csvfs status {image}" if cluster.several else "csvfs status"
+        raise ClusterError(f"{what} did not answer within {STATUS_TIMEOUT:.0f} s") from None
 
 
 def cmd_status(args) -> int:
@@ -381,13 +590,20 @@ def cmd_down(args) -> int:
         if left:
             cluster.nodes = left
             cluster.save()
-            names = ", ".join(f"{node.name} (pid {node.pid})" for node in left)
+            names = ", ".join(f"{cluster.label(node)} (pid {node.pid})" for node in left)
             raise ClusterError(f"{names} did not stop; {cluster.state_path} keeps them",
                                EXIT_STOP_FAILED)
         cluster.remove()
-        print(f"cluster in {directory} is down: {len(cluster.nodes)} node(s) stopped, "
-              f"{STATE_FILE} removed; kept the image {cluster.image} and the node logs")
+        print(f"cluster in {directory} is down: {stopped_summary(cluster)}")
     return EXIT_OK
+
+
+def stopped_summary(cluster: Cluster) -> str:
+    if not cluster.several:
+        return (f"{len(cluster.nodes)} node(s) stopped, {STATE_FILE} removed; kept the image "
+                f"{cluster.image} and the node logs")
+    return (f"{len(cluster.nodes)} node process(es) stopped, {STATE_FILE} removed; kept the "
+            f"images, {VOLUMES_FILE} and the node logs")
 
 
 # -- command line -------------------------------------------------------------------------
@@ -396,24 +612,34 @@ def cmd_down(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog=PROG, description="Run a local csvfs cluster: N nodes on one "
-                     "volume image, each with its own mountpoint and log.",
+                     "volume image (or on K, with --volumes K), each with its own "
+                     "mountpoint and log per volume.",
                      epilog=EPILOG, formatter_class=formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     common = {"epilog": EPILOG, "formatter_class": formatter}
     dir_help = "where the image, mountpoints, logs and cluster.json go (default ./cluster)"
 
-    up = sub.add_parser("up", help="create the image if missing and start N nodes", **common)
+    up = sub.add_parser("up", help="create the images if missing and start N nodes", **common)
     up.add_argument("-n", type=int, default=3, metavar="N", help="number of nodes (default 3)")
+    up.add_argument("--volumes", type=int, default=1, metavar="K",
+                    help="number of volumes (default 1): with K > 1, images DIR/vol1.img.."
+                    "DIR/volK.img listed in DIR/cluster.volumes; every node mounts each one "
+                    "on DIR/nodeI/volJ, and up waits until the coordinator roles are "
+                    "balanced over the nodes")
     up.add_argument("--dir", type=Path, default=Path("cluster"), help=dir_help)
-    up.add_argument("--image", type=Path, help="volume image (default DIR/vol.img)")
+    up.add_argument("--image", type=Path,
+                    help="volume image (default DIR/vol.img); only with one volume")
     up.add_argument("--size", help="size of a new image, e.g. 256M, 1G (default 1G)")
     up.add_argument("--lease", type=float, metavar="S",
                     help="coordinator lease in seconds, passed to every node (csvfs default 3)")
 
-    status = sub.add_parser("status", help="run `csvfs status` on the cluster's image", **common)
+    status = sub.add_parser("status", help="run `csvfs status` on each of the cluster's "
+                            "images", **common)
     status.add_argument("--dir", type=Path, default=Path("cluster"), help=dir_help)
-    status.add_argument("--json", action="store_true", help="print JSON (csvfs status --json)")
+    status.add_argument("--json", action="store_true",
+                        help="print JSON (csvfs status --json; with several volumes "
+                        '{"volumes": [one report per image]})')
 
     down = sub.add_parser("down", help="stop every node of the cluster cleanly", **common)
     down.add_argument("--dir", type=Path, default=Path("cluster"), help=dir_help)

@@ -1,4 +1,5 @@
-"""scripts/cluster.py: a local cluster brought up, used, refused twice and brought down."""
+"""scripts/cluster.py: a local cluster brought up, used, refused twice and brought down,
+on one volume and on several."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from csvfs.balance import read_cluster_file
 from scripts.nodes import (
     cmdline,
     events_json,
@@ -18,6 +21,7 @@ from scripts.nodes import (
     mounts_under,
     pid_alive,
     processes_naming,
+    status_json,
     stop_daemon,
     wait_until,
 )
@@ -27,11 +31,13 @@ pytestmark = pytest.mark.timeout(90)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "cluster.py"
 NAMES = ["node1", "node2", "node3"]
+VOLUMES = ["vol1", "vol2", "vol3"]
 
 
-def run_script(directory: Path, *args: str) -> subprocess.CompletedProcess:
+def run_script(directory: Path, *args: str, timeout: float = 75) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.fspath(SCRIPT), *args, "--dir", os.fspath(directory)],
-                          capture_output=True, text=True, timeout=75, stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
 
 
 def processes_under(directory: Path) -> list[int]:
@@ -155,3 +161,103 @@ def test_down_cleans_up_after_a_killed_node(cluster_dir):
     assert mounts_under(directory) == []
     assert processes_under(directory) == []
     assert not (directory / "cluster.json").exists()
+
+
+# -- several volumes ----------------------------------------------------------------------
+
+
+def up_on_three_volumes(directory: Path, pids: set[int]) -> dict:
+    """`up -n 3 --volumes 3`; returns what cluster.json recorded."""
+    up = run_script(directory, "up", "-n", "3", "--volumes", "3", "--size", "256M",
+                    timeout=150)  # 9 mounts, then up to ~10 s for the roles to settle
+    if (directory / "cluster.json").exists():
+        pids.update(node["pid"] for node in recorded(directory)["nodes"])
+    assert up.returncode == 0, up.stderr
+    assert up.stderr == ""
+    assert up.stdout.count("coordinator: node") == 3  # `csvfs status` of every volume
+    return recorded(directory)
+
+
+def check_records(directory: Path, state: dict) -> None:
+    """One record per node per volume, started node by node, each with its own image."""
+    images = [os.fspath(directory / f"{volume}.img") for volume in VOLUMES]
+    assert state["images"] == images
+    assert read_cluster_file(directory / "cluster.volumes") == [Path(i) for i in images]
+    nodes = state["nodes"]
+    assert [(node["name"], node["image"]) for node in nodes] == \
+        [(name, image) for name in NAMES for image in images]
+    assert [node["mountpoint"] for node in nodes] == \
+        [os.fspath(directory / name / volume) for name in NAMES for volume in VOLUMES]
+    assert len({node["pid"] for node in nodes}) == 9
+    assert all(pid_alive(node["pid"]) for node in nodes)
+    assert sorted(mounts_under(directory)) == sorted(node["mountpoint"] for node in nodes)
+
+
+def check_volumes(directory: Path, state: dict) -> None:
+    """Each volume has the three nodes in session, and each node coordinates one volume."""
+    coordinators = []
+    for image in state["images"]:
+        report = status_json(image)
+        alive = {node["name"]: node["pid"] for node in report["nodes"]
+                 if node["state"] == "alive"}
+        assert alive == {node["name"]: node["pid"] for node in state["nodes"]
+                         if node["image"] == image}
+        coordinators.append(report["coordinator"]["name"])
+    assert Counter(coordinators) == Counter(NAMES)  # up waited for the balance
+
+
+@pytest.mark.timeout(300)
+def test_up_on_three_volumes_use_refuse_down(cluster_dir):
+    directory, pids = cluster_dir
+    state = up_on_three_volumes(directory, pids)
+    check_records(directory, state)
+    check_volumes(directory, state)
+
+    status = run_script(directory, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    reports = json.loads(status.stdout)["volumes"]
+    assert [report["image"] for report in reports] == state["images"]
+
+    data = os.urandom(3 * 65536 + 17)
+    (directory / "node1" / "vol2" / "hello.bin").write_bytes(data)
+    assert (directory / "node3" / "vol2" / "hello.bin").read_bytes() == data
+    assert not (directory / "node3" / "vol1" / "hello.bin").exists()  # another volume
+
+    again = run_script(directory, "up", "-n", "3", "--volumes", "3")
+    assert again.returncode == 3
+    assert len(again.stderr.splitlines()) == 1 and "already up" in again.stderr
+    assert recorded(directory) == state
+
+    down = run_script(directory, "down", timeout=150)
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.count(" (pid ") == 9
+    assert mounts_under(directory) == []  # /proc/mounts
+    assert not [pid for pid in pids if pid_alive(pid)]
+    assert processes_under(directory) == []
+    assert not (directory / "cluster.json").exists()
+    for image in state["images"]:  # each volume's coordinator stopped last
+        assert "takeover" not in [event["kind"] for event in events_json(image)]
+    assert log_problems(directory) == []
+
+
+def test_a_cluster_json_of_one_image_is_still_read(cluster_dir):
+    """cluster.json as written before --volumes: no "images", no image per node."""
+    directory, pids = cluster_dir
+    up = run_script(directory, "up", "-n", "1", "--size", "256M")
+    assert up.returncode == 0, up.stderr
+    assert not (directory / "cluster.volumes").exists()
+    state = recorded(directory)
+    pids.update(node["pid"] for node in state["nodes"])
+    old = {"image": state["image"], "lease": state["lease"], "started": state["started"],
+           "nodes": [{key: value for key, value in node.items() if key != "image"}
+                     for node in state["nodes"]]}
+    (directory / "cluster.json").write_text(json.dumps(old))
+
+    status = run_script(directory, "status")
+    assert status.returncode == 0, status.stderr
+    assert "coordinator: node1" in status.stdout
+    down = run_script(directory, "down")
+    assert down.returncode == 0, down.stderr
+    assert "node1 (pid" in down.stdout and "1 node(s) stopped" in down.stdout
+    assert mounts_under(directory) == []
+    assert processes_under(directory) == []
