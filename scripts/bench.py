@@ -27,8 +27,9 @@ coordinator, then B, a member, later C) and four more sections are measured:
   aggregate writes   fio seq write 1 MiB from 1, 2 and 3 nodes at once, one file each
 
 and then, each in a process of its own, the failover time (failoverbench.py), what
-applications see beyond the data path (appbench.py: small files, locks, appends), and
-backups against cp, restic and borg (backupbench.py).
+applications see beyond the data path (appbench.py: small files, locks, appends),
+redirected I/O and coordinator moves (opsbench.py), and backups against cp, restic and
+borg (backupbench.py).
 
 The code: bench_targets.py (the single-node targets, fio and metadata rounds),
 bench_cluster.py (the cluster sections), bench_report.py (the tables).
@@ -181,6 +182,18 @@ def run_applications(args) -> str:
     return proc.stdout
 
 
+def run_operations(args) -> str:
+    """scripts/opsbench.py (redirected I/O, coordinator moves), in a process of its own."""
+    log("measuring redirected I/O and coordinator moves ...")
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "opsbench.py"),
+                           "--dir", args.dir, *(["--quick"] if args.quick else [])],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    if proc.returncode != 0:
+        return ("\n## Redirected I/O and coordinator moves\n\n"
+                f"Not measured: {proc.stderr.strip()}\n")
+    return proc.stdout
+
+
 def run_backups(args) -> str:
     """scripts/backupbench.py (backups, snapshot pauses), in a process of its own."""
     log("measuring backups ...")
@@ -275,6 +288,7 @@ def main(argv=None) -> int:
     if args.cluster:
         report += run_failover(args)
         report += run_applications(args)
+        report += run_operations(args)
         report += run_backups(args)
     RESULTS_FILE.write_text(report)
     print(report, end="")
