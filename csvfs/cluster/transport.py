@@ -21,7 +21,7 @@ from csvfs.cluster.wire import ProtocolError, RpcError
 log = logging.getLogger(__name__)
 
 STALL_TIMEOUT = 10.0  # a frame half sent or half read for this long cuts the peer off
-RECEIVE_SIZE = 1 << 16
+RECEIVE_SIZE = 1 << 18
 
 
 class RpcTimeout(RpcError, TimeoutError):
