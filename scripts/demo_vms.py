@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster import Cluster  # scripts/cluster.py: this directory is on sys.path
+from cluster_state import Cluster  # scripts/cluster_state.py: this directory is on sys.path
 from nodes import NodeError, events_json, mounts_under
 
 from vmload.cli import positive
