@@ -67,3 +67,38 @@ async def test_expired_session_revalidates_before_any_byte_reaches_the_image(ima
     with pytest.raises(OSError):
         await data.read(handle, 0, 2)
     assert calls == []
+
+
+async def test_a_real_io_error_sends_the_write_through_the_coordinator(tmp_path):
+    """The image opened read-only: pwrite fails for real (EBADF), and the data path
+    does the write again through the coordinator, with no error to the caller."""
+    path = tmp_path / "image"
+    writable = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.ftruncate(writable, 16 * UNIT)
+    read_only = os.open(path, os.O_RDONLY)
+    calls = []
+
+    async def coordinator(method, **args):  # does the I/O where the path works
+        calls.append(method)
+        position = UNIT + 5 * UNIT + args["offset"]  # file unit 0 is volume unit 5
+        if method == "io_write":
+            os.pwrite(writable, args["data"], position)
+            return {"written": len(args["data"])}
+        return os.pread(writable, args["length"], position)
+
+    try:
+        data = DataPath(read_only, data_offset=UNIT, unit_size=UNIT, meta=coordinator)
+        handle = data.opened(7, size=UNIT, runs=[[0, 5, 1]], version=1)
+        assert await data.write(handle, 100, b"through") == 7
+        assert data.storage.redirected and "Bad file descriptor" in data.storage.reason
+        assert await data.read(handle, 100, 7) == b"through"
+        assert calls == ["io_write", "io_read"]
+        assert os.pread(read_only, 7, UNIT + 5 * UNIT + 100) == b"through"
+        assert data.storage.probe()  # reads work on this descriptor: the path is back
+        data.storage.probed()
+        assert not data.storage.redirected
+        assert await data.read(handle, 100, 7) == b"through"
+        assert calls == ["io_write", "io_read"]  # read directly again
+    finally:
+        os.close(read_only)
+        os.close(writable)
