@@ -1,7 +1,7 @@
 """`csvfs fault`, `csvfs redirect` and `csvfs move`: ask the volume's coordinator
 to have one node lose or regain its path to the image, or send its I/O through the
 coordinator on purpose (csvfs/redirect.py tells the protocol), or to hand its own
-role to another node (csvfs/coordinator_role.py `move`).
+role to another node (csvfs/move.py).
 
     csvfs fault IMAGE --node NAME storage-down|storage-up
     csvfs redirect IMAGE --node NAME on|off

@@ -35,14 +35,14 @@ import trio
 from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint
 from coordinator.service import MetadataService
-from csvfs import balance
+from csvfs import move
 from csvfs.cluster.election import Election, Lease, read_slot, slot_alive
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.events import EventLog
 from csvfs.datapath import GRANT_USE, DataPath
 from csvfs.locks import NodeLocks
 from csvfs.quiesce import FileGates
-from csvfs.redirect import ACTIONS, USER_REQUEST
+from csvfs.redirect import ACTIONS
 from csvfs.volume import format as fmt
 from csvfs.volume.image import Volume
 
@@ -101,7 +101,7 @@ class CoordinatorRole:
         self.nursery.start_soon(self._renew_lease, service)
         self.nursery.start_soon(self._expire_snapshots, service)
         if self.cluster:
-            self.nursery.start_soon(self._keep_balance, service)
+            self.nursery.start_soon(move.keep_balance, self, service)
 
     def _record_election(self, events: EventLog, epoch: int, old: Lease) -> None:
         events.emit("election", f"{self.name} became coordinator, epoch {epoch}")
@@ -242,72 +242,11 @@ class CoordinatorRole:
         self.events.emit("control", f"{action} on {node}", level="info")
         return {"node": node, "mode": state["mode"], "reason": state["reason"]}
 
-    # -- moving the role (`csvfs move`) ----------------------------------------------------------
+    # -- moving the role (csvfs/move.py) -------------------------------------------------------
 
     async def move(self, heir: str, reason: str = "requested") -> dict:
-        """Hand the role to the member `heir` ("": the best one): no metadata change after
-        a checkpoint, the lease freed for the heir alone, and this service fenced, which
-        closes every session. The members find the heir (csvfs/membership.py), and so
-        does this node, as a member. Applications see a pause."""
-        service = self.service
-        if service is None:
-            raise NotCoordinator("this node stepped down")
-        name, slot = self._heir(heir)
-        started = time.monotonic()
-        async with service.commits.lock:
-            await service.commits.durable()
-            await service.commits.checkpoint()  # the heir starts with nothing to replay
-            if not self.election.hand_over(slot):
-                raise NotCoordinator("the coordinator lease is not ours any more")
-            self.events.emit("move", f"coordinator role moves from {self.name} to {name} "
-                             f"({reason})")
-            service.commits.fence(f"the coordinator role moved to {name}")
-        log.info("handed the coordinator role to %s in %.1f ms", name,
-                 (time.monotonic() - started) * 1e3)
-        return {"from": self.name, "to": name, "epoch": service.epoch}
-
-    def _heir(self, wanted: str) -> tuple[str, int]:
-        """(name, slot) of the member to hand the role to: `wanted`, or the best one."""
-        sessions = self.endpoint.sessions if self.endpoint else {}
-        if wanted == self.name:
-            raise MetaError(errno.EALREADY, f"{self.name} is the coordinator already")
-        if wanted:
-            session = sessions.get(wanted)
-            if session is None:
-                raise MetaError(errno.ENOENT, f"no node named {wanted} is in session")
-            if self._path_lost(wanted):
-                raise MetaError(errno.EHOSTUNREACH, f"{wanted} has lost its path to the "
-                                                    "image and cannot coordinate")
-            return wanted, session.slot
-        able = sorted(name for name in sessions if not self._path_lost(name))
-        if not able:
-            raise MetaError(errno.EHOSTUNREACH, "no other node with a working path to the "
-                                                "image is in session")
-        best = balance.best_heir(balance.read_cluster(self.cluster), able) or able[0]
-        return best, sessions[best].slot
-
-    async def _keep_balance(self, service: MetadataService) -> None:
-        """Make the first move of the cluster's balance plan when it is ours."""
-        image = str(self.volume.path.resolve())
-        while service is self.service and not service.fenced:
-            await trio.sleep(balance.BALANCE_INTERVAL)
-            volumes = await trio.to_thread.run_sync(balance.read_cluster, self.cluster)
-            moves = balance.plan(volumes)
-            if not moves or moves[0].image != image or moves[0].source != self.name:
-                continue
-            target = moves[0].target
-            if service is not self.service or target not in (self.endpoint.sessions
-                                                              if self.endpoint else {}):
-                continue
-            try:
-                await self.move(target, "balancing the cluster's coordinators")
-            except MetaError as exc:
-                log.info("balance: not moving to %s: %s", target, exc)
-
-    def _path_lost(self, node: str) -> bool:
-        mode = self.service.redirect.modes.get(node) if self.service else None
-        return bool(mode) and mode["mode"] == "redirected" and not mode["reason"].startswith(
-            USER_REQUEST)
+        """Hand the role to the member `heir` ("": the best one)."""
+        return await move.hand_over(self, heir, reason)
 
     async def close(self) -> None:
         """Clean unmount, after FUSE is gone: hand the volume back in good order."""
