@@ -72,6 +72,7 @@ class Commits:
         self.journal.may_write = self.lease_held
         self.lock = trio.Lock()
         self.fenced = False
+        self.journal_failure: OSError | None = None  # why it fenced, if its path failed
         self.checkpoint_slot = recovered.next_checkpoint_slot
         self._checkpointed_seq: int | None = None  # seq of the last checkpoint written here
         # Trio clock time until which the lease is surely ours; the node moves it on
@@ -135,7 +136,13 @@ class Commits:
         except LeaseLost as exc:  # the node retries with whoever holds the lease now
             raise NotCoordinator(str(exc)) from None
         except OSError as exc:
-            raise MetaError(errno.EIO, str(exc)) from None
+            # This node's path to the journal failed: it must not go on coordinating.
+            # It steps down and renews its lease no more; a node whose path works takes
+            # over once the lease runs out and replays what is durable, and the nodes
+            # send their requests there (the application sees a pause, not EIO).
+            self.journal_failure = exc
+            self.fence(f"the journal on the image failed: {exc}")
+            raise NotCoordinator(f"the coordinator stepped down: {exc}") from None
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -189,9 +189,14 @@ class CoordinatorRole:
         self.datapath.valid_until = time.monotonic() + margin
 
     def _stepped_down(self) -> None:
-        """The service found the lease gone: commit nothing more, rejoin as a member."""
+        """The service found the lease gone, or its journal failing: commit nothing more,
+        rejoin as a member. A failed journal is this node's path to the image failing:
+        it stays out of the next election (csvfs/membership.py) until a probe works."""
         if self.service is None:
             return
+        failure = self.service.commits.journal_failure
+        if failure is not None:
+            self.datapath.storage.failed("journal write", failure)
         self.service = None
         if self.endpoint is not None:
             self.endpoint.close()

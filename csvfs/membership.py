@@ -34,7 +34,7 @@ from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint
 from coordinator.service import ONCE_ONLY
 from csvfs import balance
-from csvfs.cluster.election import Election, Lease, read_lease
+from csvfs.cluster.election import Election, Lease, read_lease, slot_alive
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.messages import brief
 from csvfs.cluster.wire import RpcError
@@ -43,6 +43,7 @@ from csvfs.datapath import DataPath
 from csvfs.locks import NodeLocks
 from csvfs.member_role import MemberRole
 from csvfs.quiesce import FileGates
+from csvfs.volume import format as fmt
 from csvfs.volume.errors import VolumeError
 from csvfs.volume.image import Volume
 
@@ -177,9 +178,15 @@ class Membership:
             lease = read_lease(self.volume)
             if election.live_owner(lease) or election.waits_for_heir(lease):
                 return lease
+            if self.datapath.storage.lost and self._others_alive():
+                return lease  # a node whose path to the image failed leaves the role to them
             recovered = self._recover()
             epoch = election.take(lease, recovered.last_epoch)
         return recovered, epoch, lease
+
+    def _others_alive(self) -> bool:
+        return any(slot != self.election.slot and slot_alive(self.volume, slot)
+                   for slot in range(fmt.MAX_NODES))
 
     def _recover(self) -> recovery.Recovered:
         image = self.volume.path

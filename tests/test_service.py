@@ -962,3 +962,28 @@ async def test_a_file_closed_while_its_node_was_cut_off_is_reclaimed_when_it_rej
     assert [ino for ino, _ in maps] == [kept["ino"]]
     assert gone["ino"] not in service.state.inodes
     assert kept["ino"] in service.state.inodes
+
+
+async def test_a_failing_journal_makes_the_coordinator_step_down(cluster, monkeypatch):
+    """Not EIO to the nodes: they retry with the next coordinator."""
+    import os
+
+    from csvfs.cluster.errors import NotCoordinator
+
+    fenced = []
+    cluster.service.commits._on_fenced = lambda: fenced.append(True)
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(NotCoordinator, match="stepped down"):
+        await cluster.mknod(b"lost")
+    assert cluster.service.fenced and fenced == [True]
+    monkeypatch.undo()
+    with pytest.raises(NotCoordinator):  # and takes no request any more
+        await cluster.call("statfs")
+    cluster.restart()  # the next coordinator serves again
+    # The record reached the image before its fdatasync failed, so it is replayed; a
+    # node's retry of that mknod gets the first answer (ONCE_ONLY in coordinator/service.py).
+    assert (await cluster.call("lookup", parent=ROOT_INO, name=b"lost"))["ino"] > ROOT_INO
