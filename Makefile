@@ -2,6 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 N ?= 3
 VOLUMES ?= 1
+ISOLATE ?=
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc qemu-utils restic borgbackup
 
 .PHONY: setup test bench lint clean cluster cluster-down demo-vms
@@ -27,7 +28,7 @@ bench:
 	$(PY) scripts/bench.py $(if $(BASELINE),--baseline $(BASELINE))
 
 cluster:
-	$(PY) scripts/cluster.py up -n $(N) --volumes $(VOLUMES)
+	$(PY) scripts/cluster.py up -n $(N) --volumes $(VOLUMES) $(if $(filter 1,$(ISOLATE)),--isolate)
 
 cluster-down:
 	$(PY) scripts/cluster.py down

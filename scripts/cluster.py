@@ -3,8 +3,10 @@
 machine.
 
     python scripts/cluster.py up [-n N] [--volumes K] [--dir DIR] [--image IMG] [--size SIZE]
-                                 [--lease S]
+                                 [--lease S] [--isolate]
     python scripts/cluster.py status [--dir DIR] [--json]
+    python scripts/cluster.py exec [--dir DIR] [--cwd PATH] NODE -- CMD...
+    python scripts/cluster.py cut|heal [--dir DIR] NODE
     python scripts/cluster.py down [--dir DIR]
 
 `up` creates the image if it is missing, then runs `csvfs mount` for node1..nodeN, one
@@ -18,6 +20,12 @@ with the log DIR/nodeI-volJ.log. The nodes start one after the other, each on ev
 volume, so node1 first coordinates them all; the coordinators then hand roles over
 until each node has its share (csvfs/balance.py), and `up` waits for that (up to
 SETTLE_WAIT seconds) before it shows the status of each volume.
+
+With --isolate (one volume only, for now) every node runs in a network and a mount
+namespace of its own, made by scripts/netns.py: it listens on its own address on a
+bridge, and its mount is seen only inside its namespace. `exec NODE -- CMD` runs CMD
+there (in its mountpoint unless --cwd), `cut NODE` drops every packet to and from it,
+`heal NODE` lets them through again. `down` also removes the namespaces and links.
 
 What it started goes to DIR/cluster.json, one record per `csvfs mount` process; `down`
 reads it back and stops exactly those processes, and no others.
@@ -39,6 +47,7 @@ import time
 from pathlib import Path
 
 # scripts/cluster_state.py, scripts/nodes.py: run as a script, this directory is on sys.path
+import netns
 from cluster_state import (
     STATE_FILE,
     STATUS_TIMEOUT,
@@ -46,8 +55,10 @@ from cluster_state import (
     ClusterError,
     NodeRecord,
     find_pid,
+    is_our_node,
     live_nodes,
     locked,
+    remove_network,
     status_report,
     stop_all,
 )
@@ -76,7 +87,8 @@ exit codes:
       stopped again, and the error names the node and csvfs's reason
   {EXIT_STOP_FAILED}   down: a node did not stop even after SIGKILL; cluster.json keeps it
   130 interrupted (up: the nodes it had started are stopped again)
-  other  status: the exit code of `csvfs status` (15: the coordinator does not answer)
+  other  status: the exit code of `csvfs status` (15: the coordinator does not answer);
+      exec: the exit code of CMD
 
 Errors are one line on stderr. Node logs stay in DIR/NODE.log, the image in DIR/vol.img
 (or --image) with its key IMAGE.key; `down` keeps both. With --volumes K > 1: the logs
@@ -98,15 +110,17 @@ class _Parser(argparse.ArgumentParser):
 # -- running csvfs ------------------------------------------------------------------------
 
 
-def run_csvfs(*args, timeout: float) -> tuple[int, str, str]:
-    """Run csvfs; returns (exit code, stdout, last stderr line).
+def run_csvfs(*args, timeout: float, holder: int = 0) -> tuple[int, str, str]:
+    """Run csvfs (inside the namespaces of holder, if given); returns (exit code,
+    stdout, last stderr line).
 
     Output goes through temporary files, not pipes: `csvfs mount` leaves a daemon behind
     that holds the caller's stdio until the mount is ready, and a pipe would wait for it.
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
-            code = subprocess.run([*csvfs_command(), *map(os.fspath, args)],
+            command = [*csvfs_command(), *map(os.fspath, args)]
+            code = subprocess.run(netns.enter(holder, command) if holder else command,
                                   stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                   timeout=timeout).returncode
         except subprocess.TimeoutExpired:
@@ -141,6 +155,8 @@ def cmd_up(args) -> int:
     if args.volumes > 1 and args.image is not None:
         raise ClusterError("--image is the image of a single volume; with --volumes K the "
                            "images are DIR/vol1.img..DIR/volK.img", EXIT_USAGE)
+    if args.isolate:
+        check_isolate(args)
     directory = args.dir.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     with locked(directory):
@@ -154,9 +170,20 @@ def cmd_up(args) -> int:
             create_image(image, args)
         if cluster.several:
             cluster.volumes_file = os.fspath(write_volumes_file(directory, images))
+        if args.isolate:
+            cluster.network = netns.Network.for_directory(directory)
         start_all(cluster, nodes)
         announce(args, cluster)
         return show_status(cluster, as_json=False, exit_code=False)
+
+
+def check_isolate(args) -> None:
+    if args.volumes > 1:
+        raise ClusterError("--isolate works with one volume only, for now", EXIT_USAGE)
+    if args.n > 253:
+        raise ClusterError("--isolate: at most 253 nodes (one /24 per cluster)", EXIT_USAGE)
+    if os.geteuid() != 0:
+        raise ClusterError("--isolate makes namespaces, links and a bridge: run as root")
 
 
 def announce(args, cluster: Cluster) -> None:
@@ -187,6 +214,7 @@ def forget_stale_cluster(args, directory: Path) -> None:
             f"{what} running or mounted, {old.describe_images()}); "
             f"run `{again(args, 'down')}` first", EXIT_ALREADY_UP)
     print(f"{old.state_path} is stale (none of its nodes is running): replacing it")
+    remove_network(old)
     old.remove()
 
 
@@ -245,19 +273,40 @@ def write_volumes_file(directory: Path, images: list[Path]) -> Path:
 
 def start_all(cluster: Cluster, nodes: list[NodeRecord]) -> None:
     try:
+        if cluster.network is not None:
+            cluster.save()  # before the first namespace: `down` can always remove them
+            make_namespaces(cluster.network, netns.create_bridge)
         for node in nodes:
+            if cluster.network is not None:
+                make_namespaces(cluster.network, netns.add_node, node.index)
+                node.holder = make_namespaces(cluster.network, netns.start_holder, node.index)
             start_node(cluster, node)
     except BaseException:  # a failed node, or ^C: stop what this run started
-        if cluster.nodes:
-            what = "node process(es)" if cluster.several else "node(s)"
-            print(f"stopping the {len(cluster.nodes)} {what} already started")
-            left = stop_all(cluster)
-            cluster.nodes = left
-            if left:
-                cluster.save()
-            else:
-                cluster.remove()
+        roll_back(cluster)
         raise
+
+
+def make_namespaces(network: netns.Network, make, *args):
+    try:
+        return make(network, *args)
+    except netns.NetnsError as exc:
+        raise ClusterError(f"--isolate: {exc}", EXIT_START_FAILED) from None
+
+
+def roll_back(cluster: Cluster) -> None:
+    """Stop the nodes this run started, and remove its namespaces and links."""
+    if not cluster.nodes and cluster.network is None:
+        return
+    if cluster.nodes:
+        what = "node process(es)" if cluster.several else "node(s)"
+        print(f"stopping the {len(cluster.nodes)} {what} already started")
+    left = stop_all(cluster)
+    remove_network(cluster)  # also kills what was left in the namespaces
+    cluster.nodes = [node for node in left if is_our_node(node.pid, node)]
+    if cluster.nodes:
+        cluster.save()
+    else:
+        cluster.remove()
 
 
 def start_node(cluster: Cluster, node: NodeRecord) -> None:
@@ -265,10 +314,12 @@ def start_node(cluster: Cluster, node: NodeRecord) -> None:
     extra = ["--lease", str(cluster.lease)] if cluster.lease is not None else []
     if cluster.volumes_file is not None:
         extra += ["--cluster", cluster.volumes_file]
+    if cluster.network is not None:  # RPC over the node's own address on the bridge
+        extra += ["--listen", f"{cluster.network.address(node.index)}:0"]
     try:
         code, _stdout, error = run_csvfs("mount", node.image, node.mountpoint, "--name",
                                          node.name, "--log", node.log, *extra,
-                                         timeout=MOUNT_TIMEOUT)
+                                         timeout=MOUNT_TIMEOUT, holder=node.holder)
         if code == 0:
             node.pid, node.slot = find_pid(node)
             cluster.nodes.append(node)
@@ -284,7 +335,11 @@ def start_node(cluster: Cluster, node: NodeRecord) -> None:
     if not node.pid:
         raise ClusterError(f"{cluster.label(node)} mounted {node.mountpoint} but its pid is "
                            f"not in `csvfs status` nor in /proc", EXIT_START_FAILED)
-    print(f"started {node.name}: pid {node.pid}, {node.mountpoint}, log {node.log}")
+    where = ""
+    if cluster.network is not None:
+        where = (f" (netns {cluster.network.netns(node.index)}, "
+                 f"{cluster.network.address(node.index)})")
+    print(f"started {node.name}: pid {node.pid}, {node.mountpoint}, log {node.log}{where}")
     sys.stdout.flush()
 
 
@@ -401,6 +456,8 @@ def cmd_down(args) -> int:
             print(f"no cluster is up in {directory}: nothing to stop")
             return EXIT_OK
         left = stop_all(cluster)
+        remove_network(cluster)  # also kills what was left in the namespaces
+        left = [node for node in left if is_our_node(node.pid, node)]
         if left:
             cluster.nodes = left
             cluster.save()
@@ -409,6 +466,45 @@ def cmd_down(args) -> int:
                                EXIT_STOP_FAILED)
         cluster.remove()
         print(f"cluster in {directory} is down: {stopped_summary(cluster)}")
+    return EXIT_OK
+
+
+def isolated_node(args) -> tuple[Cluster, NodeRecord]:
+    """The cluster in DIR and its node args.node, which must be isolated and running."""
+    directory = args.dir.resolve()
+    cluster = Cluster.load(directory) if directory.is_dir() else None
+    if cluster is None:
+        raise ClusterError(f"no cluster is up in {directory} (no {STATE_FILE})", EXIT_NOT_UP)
+    if cluster.network is None:
+        raise ClusterError(f"the cluster in {directory} was not started with --isolate",
+                           EXIT_USAGE)
+    node = next((node for node in cluster.nodes if node.name == args.node), None)
+    if node is None or not netns.is_holder(node.holder):
+        names = ", ".join(node.name for node in cluster.nodes)
+        raise ClusterError(f"no running node {args.node} in {directory} (nodes: {names})",
+                           EXIT_NOT_UP)
+    return cluster, node
+
+
+def cmd_exec(args) -> int:
+    _cluster, node = isolated_node(args)
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise ClusterError("exec: no command given (exec NODE -- CMD...)", EXIT_USAGE)
+    sys.stdout.flush()
+    return subprocess.run(netns.enter(node.holder, command, args.cwd or node.mountpoint)
+                          ).returncode
+
+
+def cmd_link(args) -> int:
+    """cut or heal a node's link to the bridge."""
+    cluster, node = isolated_node(args)
+    try:
+        netns.set_link(cluster.network, node.index, up=args.command == "heal")
+    except netns.NetnsError as exc:
+        raise ClusterError(str(exc)) from None
+    state = "healed: its link is up" if args.command == "heal" else "cut: its link is down"
+    print(f"{node.name} {state} ({cluster.network.link(node.index)})")
     return EXIT_OK
 
 
@@ -447,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--size", help="size of a new image, e.g. 256M, 1G (default 1G)")
     up.add_argument("--lease", type=float, metavar="S",
                     help="coordinator lease in seconds, passed to every node (csvfs default 3)")
+    up.add_argument("--isolate", action="store_true",
+                    help="each node in its own network and mount namespace, on a bridge "
+                    "(root; one volume only)")
 
     status = sub.add_parser("status", help="run `csvfs status` on each of the cluster's "
                             "images", **common)
@@ -457,10 +556,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="stop every node of the cluster cleanly", **common)
     down.add_argument("--dir", type=Path, default=Path("cluster"), help=dir_help)
+    add_isolated_commands(sub, common, dir_help)
     return parser
 
 
-COMMANDS = {"up": cmd_up, "status": cmd_status, "down": cmd_down}
+def add_isolated_commands(sub, common: dict, dir_help: str) -> None:
+    run = sub.add_parser("exec", help="run a command inside a node's namespaces "
+                         "(--isolate); exits with its exit code", **common)
+    run.add_argument("--dir", type=Path, default=Path("cluster"), help=dir_help)
+    run.add_argument("--cwd", help="where CMD runs (default: the node's mountpoint)")
+    run.add_argument("node", metavar="NODE")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    for name, what in (("cut", "drop every packet to and from a node (--isolate)"),
+                       ("heal", "let a cut node's packets through again")):
+        link = sub.add_parser(name, help=what, **common)
+        link.add_argument("--dir", type=Path, default=Path("cluster"), help=dir_help)
+        link.add_argument("node", metavar="NODE")
+
+
+COMMANDS = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "exec": cmd_exec,
+            "cut": cmd_link, "heal": cmd_link}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,9 @@ DIR/cluster.json holds a Cluster: its images, and a NodeRecord for every `csvfs 
 process that `up` started. Here are loading, saving and removing it, the lock that lets
 one cluster.py at a time work on DIR, finding the pid of a node that just mounted,
 telling which recorded nodes are still live, and stopping them: volume by volume, each
-volume's coordinator last.
+volume's coordinator last. An isolated cluster (up --isolate) also records its Network
+(scripts/netns.py), and each node the holder of its namespaces, through which it is
+unmounted.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# scripts/nodes.py: run as a script, this directory is on sys.path
+# scripts/netns.py, scripts/nodes.py: run as a script, this directory is on sys.path
+import netns
 from nodes import (
     NodeError,
     Waits,
@@ -26,6 +30,7 @@ from nodes import (
     processes_naming,
     status_json,
     stop_daemon,
+    wait_until,
 )
 
 STATE_FILE = "cluster.json"
@@ -59,6 +64,12 @@ class NodeRecord:
     pid: int
     slot: int | None = None
     image: str = ""  # a cluster.json of before --volumes has none: the cluster's image
+    holder: int = 0  # isolated: the pid holding its namespaces (scripts/netns.py)
+
+    @property
+    def index(self) -> int:
+        """I of nodeI: its place in the Network of an isolated cluster."""
+        return int(self.name.removeprefix("node"))
 
 
 @dataclass
@@ -69,6 +80,7 @@ class Cluster:
     lease: float | None = None
     started: str = ""
     volumes_file: str | None = None  # the --cluster FILE of every node, with several volumes
+    network: netns.Network | None = None  # up --isolate: each node in its own namespaces
 
     @property
     def image(self) -> str:
@@ -93,6 +105,7 @@ class Cluster:
     def save(self) -> None:
         data = {"image": self.image, "images": self.images, "volumes_file": self.volumes_file,
                 "lease": self.lease, "started": self.started,
+                "network": asdict(self.network) if self.network else None,
                 "nodes": [asdict(node) for node in self.nodes]}
         temporary = self.state_path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(data, indent=2) + "\n")
@@ -111,8 +124,9 @@ class Cluster:
             nodes = [NodeRecord(**node) for node in data["nodes"]]
             for node in nodes:
                 node.image = node.image or images[0]
+            network = netns.Network(**data["network"]) if data.get("network") else None
             return cls(directory, images, nodes, data.get("lease"), data.get("started", ""),
-                       data.get("volumes_file"))
+                       data.get("volumes_file"), network)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -179,11 +193,33 @@ def find_pid(node: NodeRecord) -> tuple[int, int | None]:
 
 def stop_node(cluster: Cluster, node: NodeRecord) -> tuple[bool, str]:
     """Stop one node, gently first; returns (stopped, what was done)."""
+    if node.holder:
+        return stop_isolated(node)
     stopped, steps = stop_daemon(node.pid, node.mountpoint, argv=node_argv(node),
                                  waits=Waits(UNMOUNT_WAIT, TERM_WAIT, KILL_WAIT))
     if stopped:
         remove_mountpoint(cluster, node)
     return stopped, steps
+
+
+def stop_isolated(node: NodeRecord) -> tuple[bool, str]:
+    """Stop a node of an isolated cluster: its mount is seen only inside its namespace,
+    so the clean unmount goes through nsenter; then signals if need be, and the holder
+    goes too, taking the mount namespace (and a dead mount in it) along."""
+    steps = []
+    if is_our_node(node.pid, node) and netns.mounted_in(node.holder, node.mountpoint):
+        complaint = netns.unmount(node.holder, node.mountpoint)
+        steps.append(f"fusermount3 -u failed ({complaint})" if complaint else "unmounted")
+        wait_until(lambda: not is_our_node(node.pid, node), UNMOUNT_WAIT)
+    stopped, more = stop_daemon(node.pid, None, argv=node_argv(node),
+                                waits=Waits(UNMOUNT_WAIT, TERM_WAIT, KILL_WAIT))
+    steps.append("exited" if steps and more == "was not running" else more)
+    if stopped and netns.is_holder(node.holder):
+        os.kill(node.holder, signal.SIGKILL)
+        steps.append("holder killed")
+    with contextlib.suppress(OSError):
+        os.rmdir(node.mountpoint)  # only if empty: what `up` created
+    return stopped, ", ".join(steps)
 
 
 def remove_mountpoint(cluster: Cluster, node: NodeRecord) -> None:
@@ -224,4 +260,14 @@ def stop_all(cluster: Cluster) -> list[NodeRecord]:
 
 def live_nodes(cluster: Cluster) -> list[NodeRecord]:
     return [node for node in cluster.nodes
-            if is_our_node(node.pid, node) or is_mounted(node.mountpoint)]
+            if is_our_node(node.pid, node) or is_mounted(node.mountpoint)
+            or netns.mounted_in(node.holder, node.mountpoint)]
+
+
+def remove_network(cluster: Cluster) -> None:
+    """After its nodes: every namespace and link of an isolated cluster, by name, so
+    that also what a crashed `up` made goes."""
+    if cluster.network is not None:
+        removed = netns.teardown(cluster.network)
+        if removed:
+            print(f"removed {', '.join(removed)}")
