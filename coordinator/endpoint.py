@@ -31,6 +31,7 @@ from csvfs.cluster.transport import RpcDisconnected
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = 5.0  # a node that has not carried out a CONTROL by then failed it
+SILENT_GRANTS = 2  # a member silent for this many grants is evicted
 
 
 class RemoteSession(NodeSession):
@@ -287,6 +288,22 @@ class CoordinatorEndpoint:
 
     async def _writers_frozen(self, peer: Peer, id: int, results: dict) -> None:
         self._session(peer).writers_frozen(id, results)
+
+    def evict_silent(self) -> list[str]:
+        """Evict every member that has not renewed its grant for SILENT_GRANTS grants:
+        it is cut off (a partition) or hung, and does no direct I/O any more. It rejoins,
+        and registers its files again, once it reaches us."""
+        now = trio.current_time()
+        silent = [name for name, session in self.sessions.items()
+                  if now > session.valid_until + (SILENT_GRANTS - 1) * session.grant_seconds]
+        for name in silent:
+            reason = (f"no heartbeat for {SILENT_GRANTS} grants of {self.grant_seconds:g} s: "
+                      "cut off or hung")
+            self.service.sessions.evict(name, reason)
+            session = self.sessions.get(name)
+            if session is not None:  # evicted before, by a pause, but not yet gone
+                session.peer.close(f"evicted: {reason}")
+        return silent
 
     def disconnected(self, peer: Peer) -> None:
         """RpcServer on_disconnect: a session ends with its connection."""

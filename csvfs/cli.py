@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("mountpoint", type=Path)
     mount.add_argument("--name", default="", help="node name (default HOST-PID)")
     mount.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    mount.add_argument("--io-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="how long applications wait while no coordinator is "
+                       "reachable (a partition) before their I/O fails with EIO "
+                       "(default 60, 1 to 86400)")
     mount.add_argument("--cluster", type=Path, metavar="FILE",
                        help="the cluster's volumes, one image per line: the coordinator "
                        "roles are balanced over them (csvfs/balance.py)")
@@ -162,10 +166,13 @@ def cmd_mount(args) -> int:
 
     if not 0.3 <= args.lease <= 600:
         raise UsageError("--lease must be between 0.3 and 600 seconds")
+    if not 1 <= args.io_timeout <= 86400:
+        raise UsageError("--io-timeout must be between 1 and 86400 seconds")
     _check_addresses(args.listen, args.advertise)
     cluster = _cluster_volumes(args.cluster, args.image) if args.cluster else []
     config = node.NodeConfig(
         cluster=cluster,
+        io_timeout=args.io_timeout,
         image=args.image.resolve(),
         mountpoint=args.mountpoint.resolve(),
         key_path=(args.key or default_key_path(args.image)).resolve(),

@@ -35,7 +35,7 @@ import trio
 from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint
 from coordinator.service import MetadataService
-from csvfs import move
+from csvfs import move, partition
 from csvfs.cluster.election import Election, Lease, read_slot, slot_alive
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.events import EventLog
@@ -71,6 +71,7 @@ class CoordinatorRole:
         self.nursery = nursery
         self.on_lost = on_lost
         self.service: MetadataService | None = None
+        self.cut_off = False  # stepped down, hearing too few nodes (csvfs/partition.py)
         self.endpoint: CoordinatorEndpoint | None = None
         self.events: EventLog | None = None
 
@@ -89,7 +90,7 @@ class CoordinatorRole:
         self.locks.registered(service.locks.join(self.name, self.locks.held()))
         others = self._other_nodes_alive()
         # Grant no lock over one a member has not re-registered yet (coordinator/locks.py).
-        service.locks.expect(self._other_node_names(),
+        service.locks.expect(self.other_node_names(),
                              trio.current_time() + 2 * self.lease_seconds)
         await service.start(reclaim_orphans=not others)
         self.endpoint = CoordinatorEndpoint(service, self.nursery, self.lease_seconds,
@@ -100,6 +101,7 @@ class CoordinatorRole:
             self.nursery.start_soon(self._reclaim_orphans_later, service)
         self.nursery.start_soon(self._renew_lease, service)
         self.nursery.start_soon(self._expire_snapshots, service)
+        self.nursery.start_soon(partition.watch_members, self, service)
         if self.cluster:
             self.nursery.start_soon(move.keep_balance, self, service)
 
@@ -129,7 +131,7 @@ class CoordinatorRole:
         return any(slot != self.election.slot and slot_alive(self.volume, slot)
                    for slot in range(fmt.MAX_NODES))
 
-    def _other_node_names(self) -> list[str]:
+    def other_node_names(self) -> list[str]:
         names = []
         for slot in range(fmt.MAX_NODES):
             if slot != self.election.slot and slot_alive(self.volume, slot):

@@ -42,6 +42,7 @@ from csvfs.coordinator_role import CoordinatorRole
 from csvfs.datapath import DataPath
 from csvfs.locks import NodeLocks
 from csvfs.member_role import MemberRole
+from csvfs.partition import STAY_OUT
 from csvfs.quiesce import FileGates
 from csvfs.volume import format as fmt
 from csvfs.volume.errors import VolumeError
@@ -49,7 +50,12 @@ from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 
+
+class CoordinatorUnreachable(MetaError):
+    """No coordinator for the I/O timeout: the request fails with EIO."""
+
 RETRY_PAUSE = 0.05
+IO_TIMEOUT = 60.0  # default of `csvfs mount --io-timeout`
 HEIR_POLL = 0.01  # while the heir of a move takes the lease
 Role = CoordinatorRole | MemberRole
 
@@ -57,8 +63,12 @@ Role = CoordinatorRole | MemberRole
 class Membership:
     def __init__(self, name: str, volume: Volume, election: Election, key: bytes,
                  lease_seconds: float, gates: FileGates, datapath: DataPath,
-                 nursery: trio.Nursery, locks: NodeLocks, cluster: list[Path] | None = None):
+                 nursery: trio.Nursery, locks: NodeLocks, cluster: list[Path] | None = None,
+                 io_timeout: float = IO_TIMEOUT):
         self.name = name
+        self.io_timeout = io_timeout  # how long requests wait for a coordinator, then EIO
+        self._lost_at = math.inf  # trio time the node lost its coordinator
+        self._stay_out_until = -math.inf  # after stepping down, cut off (csvfs/partition.py)
         self.cluster = cluster or []  # the cluster's volumes, to balance roles over
         self._defer_until: float | None = None  # a takeover waits for a node with fewer roles
         self.volume = volume
@@ -101,10 +111,13 @@ class Membership:
 
     async def revalidate(self) -> float | None:
         """A fresh deadline for direct I/O, once the node's session is sure again;
-        None when the node is shutting down."""
+        None when the node is shutting down. OSError(EIO) once no coordinator has been
+        reachable for the I/O timeout: that request fails, the node goes on trying."""
         while not self.closing:
             try:
                 role = await self._settled_role()
+            except CoordinatorUnreachable as exc:
+                raise OSError(errno.EIO, str(exc)) from None
             except MetaError:
                 return None
             if await role.revalidate():
@@ -112,10 +125,16 @@ class Membership:
         return None
 
     async def _settled_role(self) -> Role:
+        """The role, once there is one; requests wait for it at most the I/O timeout
+        from when the node lost its coordinator (a partition), then fail with EIO."""
         while self.role is None:
             if self.closing:
                 raise MetaError(errno.EIO, "the node is shutting down")
-            await self._settled.wait()
+            with trio.move_on_at(self._lost_at + self.io_timeout):
+                await self._settled.wait()
+                continue
+            raise CoordinatorUnreachable(
+                errno.EIO, f"no coordinator reachable for {self.io_timeout:g} s (--io-timeout)")
         return self.role
 
     # -- finding the coordinator, or becoming it ----------------------------------------
@@ -178,8 +197,9 @@ class Membership:
             lease = read_lease(self.volume)
             if election.live_owner(lease) or election.waits_for_heir(lease):
                 return lease
-            if self.datapath.storage.lost and self._others_alive():
-                return lease  # a node whose path to the image failed leaves the role to them
+            staying_out = trio.current_time() < self._stay_out_until
+            if (self.datapath.storage.lost or staying_out) and self._others_alive():
+                return lease  # a node whose path failed, or that was cut off, leaves it
             recovered = self._recover()
             epoch = election.take(lease, recovered.last_epoch)
         return recovered, epoch, lease
@@ -236,6 +256,9 @@ class Membership:
         if role is not self.role:
             return
         self.role = None
+        self._lost_at = trio.current_time()
+        if getattr(role, "cut_off", False):  # it gave the role up: leave it to the others
+            self._stay_out_until = self._lost_at + STAY_OUT * self.lease_seconds
         if not self.closing:
             log.warning("lost the %s role (coordinator %s): %s", role.kind,
                         role.coordinator_name, reason)

@@ -47,6 +47,7 @@ class NodeConfig:
     listen_text: str = "127.0.0.1:0"  # where the RPC server listens; port 0: any free one
     advertise_text: str = ""  # where other nodes reach it, if not there: HOST[:PORT]
     cluster: list[Path] = field(default_factory=list)  # its volumes (csvfs/balance.py)
+    io_timeout: float = 60.0  # how long I/O waits for a coordinator, then EIO
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -142,7 +143,8 @@ class Node:
             self.gates.on_locks_changed = self.locks.changed
             self.membership = Membership(config.name, self.volume, self.election, self.key,
                                          config.lease_seconds, self.gates, self.datapath,
-                                         nursery, self.locks, config.cluster)
+                                         nursery, self.locks, config.cluster,
+                                         config.io_timeout)
             await self.membership.start()
             await self._mount_and_serve(ready)
             nursery.cancel_scope.cancel()

@@ -3,7 +3,7 @@
 machine.
 
     python scripts/cluster.py up [-n N] [--volumes K] [--dir DIR] [--image IMG] [--size SIZE]
-                                 [--lease S] [--isolate]
+                                 [--lease S] [--io-timeout S] [--isolate]
     python scripts/cluster.py status [--dir DIR] [--json]
     python scripts/cluster.py exec [--dir DIR] [--cwd PATH] NODE -- CMD...
     python scripts/cluster.py cut|heal [--dir DIR] NODE
@@ -160,7 +160,7 @@ def cmd_up(args) -> int:
         forget_stale_cluster(args, directory)
         images = image_paths(args, directory)
         cluster = Cluster(directory, [os.fspath(image) for image in images], [], args.lease,
-                          time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                          time.strftime("%Y-%m-%dT%H:%M:%S%z"), io_timeout=args.io_timeout)
         nodes = node_records(directory, args.n, cluster.images)
         refuse_busy_mountpoints(cluster, nodes)
         for image in images:
@@ -309,6 +309,8 @@ def roll_back(cluster: Cluster) -> None:
 def start_node(cluster: Cluster, node: NodeRecord) -> None:
     make_mountpoint(node)
     extra = ["--lease", str(cluster.lease)] if cluster.lease is not None else []
+    if cluster.io_timeout is not None:
+        extra += ["--io-timeout", str(cluster.io_timeout)]
     if cluster.volumes_file is not None:
         extra += ["--cluster", cluster.volumes_file]
     if cluster.network is not None:  # RPC over the node's own address on the bridge
@@ -465,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--size", help="size of a new image, e.g. 256M, 1G (default 1G)")
     up.add_argument("--lease", type=float, metavar="S",
                     help="coordinator lease in seconds, passed to every node (csvfs default 3)")
+    up.add_argument("--io-timeout", type=float, metavar="S",
+                    help="how long a node's applications wait for a coordinator before EIO, "
+                    "passed to every node (csvfs default 60)")
     up.add_argument("--isolate", action="store_true",
                     help="each node in its own network and mount namespace, on a bridge "
                     "(root; one volume only)")

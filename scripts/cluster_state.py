@@ -81,6 +81,7 @@ class Cluster:
     started: str = ""
     volumes_file: str | None = None  # the --cluster FILE of every node, with several volumes
     network: netns.Network | None = None  # up --isolate: each node in its own namespaces
+    io_timeout: float | None = None  # up --io-timeout, passed to every node
 
     @property
     def image(self) -> str:
@@ -104,7 +105,7 @@ class Cluster:
 
     def save(self) -> None:
         data = {"image": self.image, "images": self.images, "volumes_file": self.volumes_file,
-                "lease": self.lease, "started": self.started,
+                "lease": self.lease, "io_timeout": self.io_timeout, "started": self.started,
                 "network": asdict(self.network) if self.network else None,
                 "nodes": [asdict(node) for node in self.nodes]}
         temporary = self.state_path.with_suffix(".json.tmp")
@@ -126,7 +127,7 @@ class Cluster:
                 node.image = node.image or images[0]
             network = netns.Network(**data["network"]) if data.get("network") else None
             return cls(directory, images, nodes, data.get("lease"), data.get("started", ""),
-                       data.get("volumes_file"), network)
+                       data.get("volumes_file"), network, data.get("io_timeout"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:

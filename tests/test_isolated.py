@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,131 @@ def test_isolate_refuses_several_volumes(cluster_dir):
     up = run_script("up", directory, "-n", "2", "--isolate", "--volumes", "2")
     assert up.returncode == 2 and "one volume" in up.stderr
     assert leftovers(directory)["netns"] == []
+
+
+# -- partitions ---------------------------------------------------------------------------------
+
+
+def up_isolated(directory: Path, holders: set, *options: str) -> Path:
+    up = run_script("up", directory, "-n", "3", "--isolate", "--lease", "1", "--size", "256M",
+                    *options)
+    state = json.loads((directory / "cluster.json").read_text())
+    holders.update(node["holder"] for node in state["nodes"])
+    assert up.returncode == 0, up.stderr
+    return directory / "vol.img"
+
+
+def ring(image: Path) -> list[dict]:
+    from scripts.nodes import events_json
+
+    return events_json(image)
+
+
+def in_background(directory: Path, node: str, *command: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.fspath(SCRIPT), "exec", "--dir",
+                             os.fspath(directory), "--cwd", "/", node, "--", *command],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+WRITER = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+end, count = time.monotonic() + float(sys.argv[2]), 0
+while time.monotonic() < end:
+    os.pwrite(fd, count.to_bytes(8, "little") * 512, count * 4096)
+    os.fsync(fd)
+    count += 1
+    time.sleep(0.01)
+print(count)
+"""
+
+
+def test_a_cut_off_member_waits_is_evicted_and_rejoins_with_nothing_lost(cluster_dir):
+    directory, holders = cluster_dir
+    image = up_isolated(directory, holders)
+    path = os.fspath(directory / "node2" / "records")
+    writer = in_background(directory, "node2", sys.executable, "-c", WRITER, path, "6")
+    try:
+        assert wait_until(lambda: run_script("cut", directory, "node2").returncode == 0, 5)
+        assert wait_until(lambda: any(e["kind"] == "evict" and "node2" in e["msg"]
+                                      for e in ring(image)), 10, interval=0.5)
+        assert run_script("heal", directory, "node2").returncode == 0
+        out, err = writer.communicate(timeout=60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.communicate()
+    assert writer.returncode == 0, err  # it waited through the cut: not one error
+    count = int(out)
+    read = exec_in(directory, "node1", sys.executable, "-c",
+                   f"import os; print(os.path.getsize('{directory}/node1/records'))")
+    assert int(read.stdout) == count * 4096  # every acknowledged record, seen from node1
+    assert wait_until(lambda: "node2" in session(image), HEAL_WAIT, interval=0.5)
+
+
+def test_a_long_cut_fails_the_members_io_after_its_io_timeout(cluster_dir):
+    directory, holders = cluster_dir
+    image = up_isolated(directory, holders, "--io-timeout", "2")
+    assert exec_in(directory, "node2", "sh", "-c", "echo before > f").returncode == 0
+    assert run_script("cut", directory, "node2").returncode == 0
+    started = time.monotonic()
+    write = run_script("exec", directory, "--cwd", "/", "node2", "--", "sh", "-c",
+                       f"echo during >> {directory}/node2/f", timeout=60)
+    waited = time.monotonic() - started
+    assert write.returncode != 0 and "Input/output error" in write.stderr, write
+    assert 1.5 < waited < 20, waited
+    assert run_script("heal", directory, "node2").returncode == 0
+    assert wait_until(lambda: "node2" in session(image), HEAL_WAIT, interval=0.5)
+    after = exec_in(directory, "node2", "sh", "-c", "echo after >> f && cat f")
+    assert (after.returncode, after.stdout) == (0, "before\nafter\n"), after
+
+
+def test_a_coordinator_cut_off_from_both_members_steps_down(cluster_dir):
+    directory, holders = cluster_dir
+    image = up_isolated(directory, holders)
+    assert exec_in(directory, "node1", "sh", "-c", "echo kept > f && sync f").returncode == 0
+    epoch = status_json(image)["coordinator"]["epoch"]
+    assert run_script("cut", directory, "node1").returncode == 0
+    assert wait_until(lambda: (status_json(image).get("coordinator") or {}).get("name")
+                      in ("node2", "node3"), 20, interval=0.5), "no new coordinator"
+    assert status_json(image)["coordinator"]["epoch"] > epoch
+    steps = [e["msg"] for e in ring(image) if e["kind"] == "partition"]
+    assert steps and steps[0].startswith("node1 hears from too few of the other nodes")
+    written = exec_in(directory, "node3", "sh", "-c", "cat f && echo more >> f")
+    assert (written.returncode, written.stdout) == (0, "kept\n"), written
+    assert run_script("heal", directory, "node1").returncode == 0
+    assert wait_until(lambda: sorted(session(image)) == NAMES, HEAL_WAIT, interval=0.5)
+    read = exec_in(directory, "node1", "cat", "f")
+    assert (read.returncode, read.stdout) == (0, "kept\nmore\n"), read
+
+
+def test_vmload_through_ten_cuts_and_heals_of_a_member(cluster_dir):
+    directory, holders = cluster_dir
+    image = up_isolated(directory, holders)
+    state = directory / "vmstate"
+    vm = in_background(directory, "node2", sys.executable, "-m", "vmload", "run", "--mount",
+                       os.fspath(directory / "node2"), "--vm", "guest", "--state",
+                       os.fspath(state), "--json", "--size", "16M", "--seconds", "18",
+                       "--iodepth", "4", "--fsync-every", "16")
+    try:
+        time.sleep(1.0)
+        for _ in range(10):  # each cut outlasts node2's heartbeat: it has to rejoin
+            assert run_script("cut", directory, "node2").returncode == 0
+            time.sleep(0.7)
+            assert run_script("heal", directory, "node2").returncode == 0
+            time.sleep(0.7)
+        out, err = vm.communicate(timeout=90)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.communicate()
+    assert vm.returncode == 0, err
+    assert json.loads(out)["error"] is None
+    rejoins = [e for e in ring(image) if e["kind"] == "join" and e["msg"].startswith("node2")]
+    assert len(rejoins) >= 10, rejoins  # the first join, and one after most cuts
+    for node in ("node1", "node3"):
+        check = run_script("exec", directory, "--cwd", "/", node, "--", sys.executable, "-m",
+                           "vmload", "verify", "--mount", os.fspath(directory / node), "--vm",
+                           "guest", "--state", os.fspath(state), "--json", timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
