@@ -21,19 +21,19 @@ import trio
 from csvfs.balance import plan, read_cluster, role_counts
 from csvfs.cluster import messages
 from csvfs.cluster.election import read_lease
-from csvfs.cluster.errors import MetaError
+from csvfs.cluster.errors import MetaError, is_not_coordinator
 from csvfs.cluster.rpc_client import RpcClient
 from csvfs.cluster.transport import split_address
 from csvfs.cluster.wire import RpcError
 from csvfs.redirect import REDIRECT_OFF, REDIRECT_ON
-from csvfs.status import ASK_TIMEOUT, CoordinatorUnreachable, find_coordinator
+from csvfs.status import ASK_TIMEOUT, MOVE_WAIT, CoordinatorUnreachable, find_coordinator
 from csvfs.volume.errors import ExitCode, UserError
 from csvfs.volume.image import Volume, default_key_path
 
 CONTROL_TIMEOUT = ASK_TIMEOUT + 5.0  # the coordinator waits up to 5 s for the node
 
 
-MOVE_WAIT = 10.0  # seconds for the heir to take the lease
+HEIR_WAIT = 10.0  # seconds for the heir to take the lease
 
 
 class NoSuchNode(UserError):
@@ -85,7 +85,7 @@ class AlreadyThere(Exception):
 
 
 def _wait_for_owner(image: Path, heir: str):
-    deadline = time.monotonic() + MOVE_WAIT
+    deadline = time.monotonic() + HEIR_WAIT
     while True:
         volume = Volume.open(image)
         try:
@@ -96,27 +96,37 @@ def _wait_for_owner(image: Path, heir: str):
             return lease
         if time.monotonic() > deadline:
             raise CannotMove(f"{image}: {heir} did not take the coordinator role within "
-                             f"{MOVE_WAIT:g} s (csvfs events {image} may say why)")
+                             f"{HEIR_WAIT:g} s (csvfs events {image} may say why)")
         time.sleep(0.01)
 
 
 def _request(image: Path, key_path: Path, method: str, args: dict) -> dict:
-    """One request to the volume's coordinator; its errors as user errors."""
-    name, address, key = find_coordinator(image, key_path)
-    try:
-        return trio.run(_ask, address, key, method, args)
-    except MetaError as exc:
-        if exc.errno == errno.ENOENT:
-            raise NoSuchNode(f"{image}: {exc}") from None
-        if exc.errno == errno.EALREADY:
-            raise AlreadyThere(str(exc)) from None
-        if exc.errno == errno.EHOSTUNREACH:
-            raise CannotMove(f"{image}: {exc}") from None
-        raise CoordinatorUnreachable(f"coordinator {name} at {address}: {exc}") from None
-    except (RpcError, OSError, ValueError, trio.TooSlowError) as exc:
-        reason = str(exc) or f"no answer within {CONTROL_TIMEOUT:g} s"
-        raise CoordinatorUnreachable(f"coordinator {name} at {address} did not answer: "
-                                     f"{reason}") from None
+    """One request to the volume's coordinator; its errors as user errors. A coordinator
+    that has just handed the role on is asked again, as the new one."""
+    deadline = time.monotonic() + MOVE_WAIT
+    while True:
+        name, address, key = find_coordinator(image, key_path)
+        try:
+            return trio.run(_ask, address, key, method, args)
+        except MetaError as exc:
+            if not is_not_coordinator(exc) or time.monotonic() > deadline:
+                _refused(image, name, address, exc)
+        except (RpcError, OSError, ValueError, trio.TooSlowError) as exc:
+            reason = str(exc) or f"no answer within {CONTROL_TIMEOUT:g} s"
+            raise CoordinatorUnreachable(f"coordinator {name} at {address} did not answer: "
+                                         f"{reason}") from None
+        time.sleep(0.02)
+
+
+def _refused(image: Path, name: str, address: str, exc: MetaError) -> None:
+    """The coordinator's refusal, as the user error it is."""
+    if exc.errno == errno.ENOENT:
+        raise NoSuchNode(f"{image}: {exc}") from None
+    if exc.errno == errno.EALREADY:
+        raise AlreadyThere(str(exc)) from None
+    if exc.errno == errno.EHOSTUNREACH:
+        raise CannotMove(f"{image}: {exc}") from None
+    raise CoordinatorUnreachable(f"coordinator {name} at {address}: {exc}") from None
 
 
 def _describe(node: str, action: str, answer: dict) -> str:

@@ -18,7 +18,7 @@ import trio
 from coordinator.locks import F_RDLCK, F_WRLCK, OFFSET_MAX
 from csvfs.cluster import messages
 from csvfs.cluster.election import read_lease, read_slot, slot_alive
-from csvfs.cluster.errors import MetaError
+from csvfs.cluster.errors import MetaError, is_not_coordinator
 from csvfs.cluster.rpc_client import RpcClient
 from csvfs.cluster.transport import split_address
 from csvfs.cluster.wire import RpcError
@@ -27,6 +27,7 @@ from csvfs.volume.errors import ExitCode, UserError
 from csvfs.volume.image import Volume, read_key
 
 ASK_TIMEOUT = 3.0
+MOVE_WAIT = 2.0  # seconds status waits for the heir of a move to answer
 LOCK_TYPES = {F_RDLCK: "shared", F_WRLCK: "exclusive"}
 
 
@@ -35,7 +36,18 @@ class CoordinatorUnreachable(UserError):
 
 
 def gather(image: Path, key_path: Path) -> dict:
-    """Everything status shows, as one JSON-ready dict."""
+    """Everything status shows, as one JSON-ready dict. While the coordinator role is
+    moving (`csvfs move`, balancing), it asks again until the heir answers."""
+    deadline = time.monotonic() + MOVE_WAIT
+    while True:
+        report, moving = _gather_once(image, key_path)
+        if not moving or time.monotonic() > deadline:
+            return report
+        time.sleep(0.02)
+
+
+def _gather_once(image: Path, key_path: Path) -> tuple[dict, bool]:
+    """The report, and whether the role was moving meanwhile (ask again)."""
     volume = Volume.open(image)
     try:
         lease = read_lease(volume)
@@ -50,7 +62,7 @@ def gather(image: Path, key_path: Path) -> dict:
         }
         owner = next((n for n in nodes if n["coordinator"]), None)
         if owner is None:
-            return report
+            return report, lease.heir_slot >= 0 and lease.heir_until_ns > time.time_ns()
         key = read_key(key_path)
         volume.check_key(key)
     finally:
@@ -64,28 +76,34 @@ def gather(image: Path, key_path: Path) -> dict:
         reason = str(exc) or f"no answer within {ASK_TIMEOUT:g} s"
         report["error"] = f"coordinator {owner['name']} at {owner['address']} did not answer: " \
                           f"{reason}"
-        return report
+        return report, is_not_coordinator(exc)  # it handed the role on meanwhile
     _merge(report, answer)
-    return report
+    return report, False
 
 
 def find_coordinator(image: Path, key_path: Path) -> tuple[str, str, bytes]:
-    """(name, RPC address, cluster key) of the volume's live coordinator."""
-    volume = Volume.open(image)
-    try:
-        lease = read_lease(volume)
-        owner = None
-        live = lease.owner_slot >= 0 and lease.expiry_ns > time.time_ns()
-        if live and slot_alive(volume, lease.owner_slot):
-            owner = read_slot(volume, lease.owner_slot)
-        if not owner:
+    """(name, RPC address, cluster key) of the volume's live coordinator; while the role
+    is moving, the heir once it has taken it."""
+    deadline = time.monotonic() + MOVE_WAIT
+    while True:
+        volume = Volume.open(image)
+        try:
+            lease = read_lease(volume)
+            owner = None
+            live = lease.owner_slot >= 0 and lease.expiry_ns > time.time_ns()
+            if live and slot_alive(volume, lease.owner_slot):
+                owner = read_slot(volume, lease.owner_slot)
+            if owner:
+                key = read_key(key_path)
+                volume.check_key(key)
+                return owner.get("name", "?"), owner.get("address", ""), key
+        finally:
+            volume.close()
+        moving = lease.heir_slot >= 0 and lease.heir_until_ns > time.time_ns()
+        if not moving or time.monotonic() > deadline:
             raise CoordinatorUnreachable(f"{image}: no coordinator (no node has the volume "
                                          "mounted)")
-        key = read_key(key_path)
-        volume.check_key(key)
-    finally:
-        volume.close()
-    return owner.get("name", "?"), owner.get("address", ""), key
+        time.sleep(0.02)
 
 
 def _node(volume: Volume, slot: int, lease) -> dict | None:
