@@ -27,11 +27,10 @@ The rules:
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csvfs.cluster.election import read_lease, read_slot, slot_alive
+from csvfs.cluster.election import holder_alive, read_lease, read_slot, slot_alive
 from csvfs.volume import format as fmt
 from csvfs.volume.errors import UsageError, VolumeError
 from csvfs.volume.image import Volume
@@ -80,10 +79,7 @@ def read_volume(image: Path) -> VolumeRoles:
     volume = Volume.open(image)
     try:
         lease = read_lease(volume)
-        coordinator = None
-        live = lease.owner_slot >= 0 and lease.expiry_ns > time.time_ns()
-        if live and slot_alive(volume, lease.owner_slot):
-            coordinator = lease.owner_name
+        coordinator = lease.owner_name if holder_alive(volume, lease) else None
         roles = VolumeRoles(str(Path(image).resolve()), coordinator)
         for slot in range(fmt.MAX_NODES):
             if not slot_alive(volume, slot):

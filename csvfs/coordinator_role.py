@@ -43,7 +43,6 @@ from csvfs.datapath import GRANT_USE, DataPath
 from csvfs.locks import NodeLocks
 from csvfs.quiesce import FileGates
 from csvfs.redirect import ACTIONS
-from csvfs.volume import format as fmt
 from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ class CoordinatorRole:
         self._move_deadlines()
         self.gates.rejoined(await service.join(self.gates, self.gates.open_counts()))
         self.locks.registered(service.locks.join(self.name, self.locks.held()))
-        others = self._other_nodes_alive()
+        others = bool(self.election.other_nodes())
         # Grant no lock over one a member has not re-registered yet (coordinator/locks.py).
         service.locks.expect(self.other_node_names(),
                              trio.current_time() + 2 * self.lease_seconds)
@@ -127,17 +126,12 @@ class CoordinatorRole:
     async def revalidate(self) -> bool:
         return self.renew_now()
 
-    def _other_nodes_alive(self) -> bool:
-        return any(slot != self.election.slot and slot_alive(self.volume, slot)
-                   for slot in range(fmt.MAX_NODES))
-
     def other_node_names(self) -> list[str]:
         names = []
-        for slot in range(fmt.MAX_NODES):
-            if slot != self.election.slot and slot_alive(self.volume, slot):
-                record = read_slot(self.volume, slot)
-                if record and record.get("name"):
-                    names.append(record["name"])
+        for slot in self.election.other_nodes():
+            record = read_slot(self.volume, slot)
+            if record and record.get("name"):
+                names.append(record["name"])
         return names
 
     async def _reclaim_orphans_later(self, service: MetadataService) -> None:

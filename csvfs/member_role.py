@@ -86,7 +86,7 @@ class MemberRole:
         self.grant_seconds, self.epoch = reply["grant_seconds"], reply["epoch"]
         self.datapath.valid_until = started + GRANT_USE * self.grant_seconds
         self.client, self.coordinator_name = client, lease.owner_name
-        self.election.write_slot(mode=self.election.io_mode)
+        self.election.write_slot()
         if self.datapath.storage.redirected:  # the new coordinator has not heard of it
             self.datapath.storage.on_change()
         log.info("joined coordinator %s at %s (epoch %d)", lease.owner_name, client.address,
@@ -178,7 +178,7 @@ class MemberRole:
         self.datapath.valid_until = max(self.datapath.valid_until,
                                         started + GRANT_USE * self.grant_seconds)
         try:
-            self.election.write_slot(mode=self.election.io_mode)
+            self.election.write_slot()
         except OSError as exc:
             log.warning("cannot write this node's slot: %s", exc)
         return True

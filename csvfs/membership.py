@@ -25,7 +25,6 @@ import itertools
 import logging
 import math
 import secrets
-import time
 from pathlib import Path
 
 import trio
@@ -34,7 +33,7 @@ from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint
 from coordinator.service import ONCE_ONLY
 from csvfs import balance
-from csvfs.cluster.election import Election, Lease, read_lease, slot_alive
+from csvfs.cluster.election import Election, Lease, read_lease
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.messages import brief
 from csvfs.cluster.wire import RpcError
@@ -44,15 +43,15 @@ from csvfs.locks import NodeLocks
 from csvfs.member_role import MemberRole
 from csvfs.partition import STAY_OUT
 from csvfs.quiesce import FileGates
-from csvfs.volume import format as fmt
 from csvfs.volume.errors import VolumeError
 from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 
 
-class CoordinatorUnreachable(MetaError):
+class NoCoordinatorInTime(MetaError):
     """No coordinator for the I/O timeout: the request fails with EIO."""
+
 
 RETRY_PAUSE = 0.05
 IO_TIMEOUT = 60.0  # default of `csvfs mount --io-timeout`
@@ -116,7 +115,7 @@ class Membership:
         while not self.closing:
             try:
                 role = await self._settled_role()
-            except CoordinatorUnreachable as exc:
+            except NoCoordinatorInTime as exc:
                 raise OSError(errno.EIO, str(exc)) from None
             except MetaError:
                 return None
@@ -133,7 +132,7 @@ class Membership:
             with trio.move_on_at(self._lost_at + self.io_timeout):
                 await self._settled.wait()
                 continue
-            raise CoordinatorUnreachable(
+            raise NoCoordinatorInTime(
                 errno.EIO, f"no coordinator reachable for {self.io_timeout:g} s (--io-timeout)")
         return self.role
 
@@ -171,8 +170,7 @@ class Membership:
         if not self.cluster:
             return False
         lease = read_lease(self.volume)
-        moving = lease.heir_slot >= 0 and lease.heir_until_ns > time.time_ns()
-        if moving or (lease.owner_slot >= 0 and self.election.live_owner(lease)):
+        if lease.moving() or self.election.live_owner(lease):
             self._defer_until = None
             return False
         now = trio.current_time()
@@ -198,15 +196,11 @@ class Membership:
             if election.live_owner(lease) or election.waits_for_heir(lease):
                 return lease
             staying_out = trio.current_time() < self._stay_out_until
-            if (self.datapath.storage.lost or staying_out) and self._others_alive():
+            if (self.datapath.storage.lost or staying_out) and self.election.other_nodes():
                 return lease  # a node whose path failed, or that was cut off, leaves it
             recovered = self._recover()
             epoch = election.take(lease, recovered.last_epoch)
         return recovered, epoch, lease
-
-    def _others_alive(self) -> bool:
-        return any(slot != self.election.slot and slot_alive(self.volume, slot)
-                   for slot in range(fmt.MAX_NODES))
 
     def _recover(self) -> recovery.Recovered:
         image = self.volume.path

@@ -17,7 +17,7 @@ import trio
 
 from coordinator.locks import F_RDLCK, F_WRLCK, OFFSET_MAX
 from csvfs.cluster import messages
-from csvfs.cluster.election import read_lease, read_slot, slot_alive
+from csvfs.cluster.election import holder_alive, read_lease, read_slot, slot_alive
 from csvfs.cluster.errors import MetaError, is_not_coordinator
 from csvfs.cluster.rpc_client import RpcClient
 from csvfs.cluster.transport import split_address
@@ -62,7 +62,7 @@ def _gather_once(image: Path, key_path: Path) -> tuple[dict, bool]:
         }
         owner = next((n for n in nodes if n["coordinator"]), None)
         if owner is None:
-            return report, lease.heir_slot >= 0 and lease.heir_until_ns > time.time_ns()
+            return report, lease.moving()
         key = read_key(key_path)
         volume.check_key(key)
     finally:
@@ -89,18 +89,14 @@ def find_coordinator(image: Path, key_path: Path) -> tuple[str, str, bytes]:
         volume = Volume.open(image)
         try:
             lease = read_lease(volume)
-            owner = None
-            live = lease.owner_slot >= 0 and lease.expiry_ns > time.time_ns()
-            if live and slot_alive(volume, lease.owner_slot):
-                owner = read_slot(volume, lease.owner_slot)
+            owner = read_slot(volume, lease.owner_slot) if holder_alive(volume, lease) else None
             if owner:
                 key = read_key(key_path)
                 volume.check_key(key)
                 return owner.get("name", "?"), owner.get("address", ""), key
         finally:
             volume.close()
-        moving = lease.heir_slot >= 0 and lease.heir_until_ns > time.time_ns()
-        if not moving or time.monotonic() > deadline:
+        if not lease.moving() or time.monotonic() > deadline:
             raise CoordinatorUnreachable(f"{image}: no coordinator (no node has the volume "
                                          "mounted)")
         time.sleep(0.02)
@@ -111,7 +107,7 @@ def _node(volume: Volume, slot: int, lease) -> dict | None:
     if record is None:
         return None
     alive = slot_alive(volume, slot)
-    coordinator = alive and lease.owner_slot == slot and lease.expiry_ns > time.time_ns()
+    coordinator = alive and lease.owner_slot == slot and lease.unexpired()
     mode = record.get("mode", "?") if alive else "-"
     return {
         "slot": slot,

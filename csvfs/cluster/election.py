@@ -72,6 +72,14 @@ class Lease:
     heir_slot: int = -1
     heir_until_ns: int = 0
 
+    def unexpired(self) -> bool:
+        """Does a node hold it, within its time?"""
+        return self.owner_slot >= 0 and self.expiry_ns > time.time_ns()
+
+    def moving(self) -> bool:
+        """Is it free, but kept for the heir of a move for a while yet?"""
+        return self.heir_slot >= 0 and self.heir_until_ns > time.time_ns()
+
     @classmethod
     def empty(cls) -> Lease:
         return cls(-1, "", 0, 0, 0)
@@ -88,10 +96,16 @@ def read_lease(volume: Volume) -> Lease:
         return Lease.empty()
 
 
-def write_free_lease(volume: Volume, epoch: int = 0) -> None:
-    block = fmt.pack_block(fmt.LEASE_MAGIC, Lease(-1, "", 0, epoch, 0).__dict__,
-                           fmt.LEASE_RECORD_SIZE)
-    volume.write(volume.sb.lease.offset, block)
+def write_free_lease(volume: Volume, epoch: int = 0, heir_slot: int = -1,
+                     heir_until_ns: int = 0) -> None:
+    lease = Lease(-1, "", 0, epoch, 0, heir_slot, heir_until_ns)
+    volume.write(volume.sb.lease.offset,
+                 fmt.pack_block(fmt.LEASE_MAGIC, lease.__dict__, fmt.LEASE_RECORD_SIZE))
+
+
+def holder_alive(volume: Volume, lease: Lease) -> bool:
+    """Is the lease held, in time, by a node whose process lives?"""
+    return lease.unexpired() and slot_alive(volume, lease.owner_slot)
 
 
 def read_slot(volume: Volume, slot: int) -> dict | None:
@@ -135,19 +149,17 @@ class Election:
 
     def live_owner(self, lease: Lease) -> bool:
         """Is the lease held by a node that is still alive and within its lease?"""
-        if lease.owner_slot < 0 or lease.owner_slot == self.slot:
-            return False
-        if lease.expiry_ns <= time.time_ns():
-            return False
-        return slot_alive(self.volume, lease.owner_slot)
+        return lease.owner_slot != self.slot and holder_alive(self.volume, lease)
 
     def waits_for_heir(self, lease: Lease) -> bool:
         """Is the free lease kept for another live node, the heir of a move?"""
-        if lease.heir_slot < 0 or lease.heir_slot == self.slot:
-            return False
-        if lease.heir_until_ns <= time.time_ns():
-            return False
-        return slot_alive(self.volume, lease.heir_slot)
+        return (lease.moving() and lease.heir_slot != self.slot
+                and slot_alive(self.volume, lease.heir_slot))
+
+    def other_nodes(self) -> list[int]:
+        """The slots of the other live nodes."""
+        return [slot for slot in range(fmt.MAX_NODES)
+                if slot != self.slot and slot_alive(self.volume, slot)]
 
     def hand_over(self, heir_slot: int) -> bool:
         """Free our lease for `heir_slot` alone, for one lease period (a move); False if
@@ -157,10 +169,7 @@ class Election:
             if lease.owner_slot != self.slot or lease.epoch != self.epoch:
                 return False
             until = time.time_ns() + int(self.lease_seconds * 1e9)
-            block = fmt.pack_block(fmt.LEASE_MAGIC,
-                                   Lease(-1, "", 0, self.epoch, 0, heir_slot, until).__dict__,
-                                   fmt.LEASE_RECORD_SIZE)
-            self.volume.write(self.volume.sb.lease.offset, block)
+            write_free_lease(self.volume, self.epoch, heir_slot, until)
         self.volume.sync()
         return True
 
@@ -179,7 +188,7 @@ class Election:
             if lease.owner_slot != self.slot or lease.epoch != self.epoch:
                 return False
             self._write_lease()
-        self.write_slot(mode=self.io_mode)
+        self.write_slot()
         return True
 
     def release(self) -> None:
@@ -190,7 +199,7 @@ class Election:
                 write_free_lease(self.volume, self.epoch)
         self.volume.sync()
 
-    def write_slot(self, mode: str) -> None:
+    def write_slot(self, mode: str | None = None) -> None:
         """Publish this node in its slot: who, where, and its I/O mode; doubles as a
         heartbeat that status tools can read."""
         record = {
@@ -199,7 +208,7 @@ class Election:
             "pid": os.getpid(),
             "address": self.address,
             "heartbeat_ns": time.time_ns(),
-            "mode": mode,
+            "mode": mode or self.io_mode,
         }
         offset = fmt.node_slot_offset(self.volume.sb, self.slot)
         self.volume.write(offset, fmt.pack_block(fmt.NODE_MAGIC, record, fmt.NODE_SLOT_SIZE))
