@@ -126,15 +126,10 @@ class Allocation:
     def _write_at(self, inode: Inode, op: dict, offset: int, data: bytes) -> None:
         """Write data at the file's offset through its map plus what `op` adds (before
         the record commits: nobody sees the new size before the data is there)."""
-        self.commits.check_lease()
         granule = BLOCK if op["op"] == "bmap" else self.unit
         mapped = dict(inode.units)
         mapped.update(from_runs(op.get("add", [])))
-        base = self.commits.volume.sb.data.offset
-        view = memoryview(data)
-        for start, end, index in pieces(offset, offset + len(data), granule):
-            position = base + mapped[index] * granule + start % granule
-            self.commits.volume.write(position, view[start - offset : end - offset])
+        self.commits.write_data(mapped, granule, offset, data)
         self._data_unsynced = True
 
     async def sync_data(self) -> None:

@@ -34,7 +34,7 @@ from coordinator import recovery
 from coordinator.journal import Journal, JournalFull, LeaseLost
 from coordinator.model import Inode, MetadataState
 from csvfs.cluster.errors import MetaError, NotCoordinator
-from csvfs.volume.extents import to_runs
+from csvfs.volume.extents import pieces, to_runs
 from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,17 @@ class Commits:
         if inode.tracks_stripes(self.unit):  # the node notes which stripes it writes
             reply["stripes"] = True
         return reply
+
+    def write_data(self, units: dict[int, int], granule: int, offset: int, data) -> None:
+        """Write file data at `offset` through a map (file granule -> volume granule):
+        the coordinator's own writes of file data (appends, redirected writes). A
+        coordinator whose lease may have lapsed writes nothing."""
+        self.check_lease()
+        base = self.volume.sb.data.offset
+        view = memoryview(data)
+        for start, end, index in pieces(offset, offset + len(data), granule):
+            self.volume.write(base + units[index] * granule + start % granule,
+                              view[start - offset : end - offset])
 
     def unit_offset(self, volume_unit: int) -> int:
         return self.volume.sb.data.offset + volume_unit * self.unit

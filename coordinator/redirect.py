@@ -16,7 +16,7 @@ The whole sequence is told in csvfs/redirect.py. Here:
   clipped at the end of the file; resolved and read without yielding, so no
   change comes in between.
 - IO_SYNC: fdatasync of the image.
-- IO_MODE {mode, reason, since_ns}: a node's mode changed (or it joined this
+- IO_MODE {mode, reason, since_ns, path_lost}: a node's mode changed (or it joined this
   coordinator while Redirected). It is kept for `csvfs status` and, when it
   differs from what the node said before, written to the event ring.
 """
@@ -87,12 +87,14 @@ class Redirect:
             raise MetaError(errno.EIO, f"fdatasync of the image failed: {exc}") from None
         self._count(request.session, "syncs", 0)
 
-    async def op_io_mode(self, request: Request, mode: str, reason: str, since_ns: int) -> None:
+    async def op_io_mode(self, request: Request, mode: str, reason: str, since_ns: int,
+                         path_lost: bool = False) -> None:
         if mode not in MODES or len(reason) > MAX_REASON:
             raise MetaError(errno.EINVAL, f"bad I/O mode {mode!r}")
         node = request.session
         before = self.modes.get(node)
-        self.modes[node] = {"mode": mode, "reason": reason, "since_ns": since_ns}
+        self.modes[node] = {"mode": mode, "reason": reason, "since_ns": since_ns,
+                            "path_lost": path_lost}
         if before is not None and before["mode"] == mode and before["reason"] == reason:
             return
         if before is None and mode == "direct":
@@ -125,14 +127,9 @@ class Redirect:
                                                           (end - 1) // granule + 1))
 
     def _write(self, inode, offset: int, data: bytes) -> None:
-        self.commits.check_lease()
-        view = memoryview(data)
-        volume = self.commits.volume
         try:
-            for start, end, _index in pieces(offset, offset + len(data),
-                                             inode.granule(self.commits.unit)):
-                volume.write(self.commits.position(inode, start), view[start - offset:
-                                                                       end - offset])
+            self.commits.write_data(inode.units, inode.granule(self.commits.unit), offset,
+                                    data)
         except OSError as exc:
             raise MetaError(errno.EIO, f"redirected write failed: {exc}") from None
 

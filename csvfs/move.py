@@ -34,7 +34,6 @@ import trio
 
 from csvfs import balance
 from csvfs.cluster.errors import MetaError, NotCoordinator
-from csvfs.redirect import REDIRECTED, USER_REQUEST
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +82,7 @@ def choose_heir(role, wanted: str) -> tuple[str, int]:
 def _path_lost(service, node: str) -> bool:
     """Did the node report its path to the image lost (not redirected on request)?"""
     mode = service.redirect.modes.get(node) if service else None
-    return bool(mode) and mode["mode"] == REDIRECTED and not mode["reason"].startswith(
-        USER_REQUEST)
+    return bool(mode) and mode.get("path_lost", False)
 
 
 async def keep_balance(role, service) -> None:

@@ -35,6 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 
 log = logging.getLogger(__name__)
 
@@ -61,34 +62,27 @@ class StoragePath:
     def __init__(self, fd: int):
         self.fd = fd
         self.mode = DIRECT
+        self.redirected = False  # mode == REDIRECTED: asked on every read and write
         self.reason = ""
         self.since_ns = time.time_ns()
         self.fault = False  # `csvfs fault ... storage-down`: every call fails with EIO
         self.by_user = False  # `csvfs redirect ... on`
         self.lost = ""  # why a call failed, while no probe has worked since
         self.on_change: Callable[[], None] = lambda: None  # the node reports the new mode
-
-    @property
-    def redirected(self) -> bool:
-        return self.mode == REDIRECTED
+        self._set_calls()
 
     # -- the calls -------------------------------------------------------------------------
 
-    def _check(self) -> None:
+    def _set_calls(self) -> None:
+        """pread(length, position), pwrite(data, position), fdatasync(): the system
+        calls themselves on the image, with no Python frame in the way of the data path,
+        or, while a fault is injected, calls that fail as a lost path does."""
         if self.fault:
-            raise OSError(errno.EIO, "storage path down (injected by csvfs fault)")
-
-    def pread(self, length: int, position: int) -> bytes:
-        self._check()
-        return os.pread(self.fd, length, position)
-
-    def pwrite(self, data, position: int) -> int:
-        self._check()
-        return os.pwrite(self.fd, data, position)
-
-    def fdatasync(self) -> None:
-        self._check()
-        os.fdatasync(self.fd)
+            self.pread = self.pwrite = self.fdatasync = _injected_failure
+        else:
+            self.pread = partial(os.pread, self.fd)
+            self.pwrite = partial(os.pwrite, self.fd)
+            self.fdatasync = partial(os.fdatasync, self.fd)
 
     def probe(self) -> bool:
         """Does the path work again? A read of the superblock's first sector."""
@@ -113,10 +107,9 @@ class StoragePath:
 
     def control(self, action: str) -> None:
         """`csvfs fault` and `csvfs redirect` (ACTIONS)."""
-        if action == STORAGE_DOWN:
-            self.fault = True  # takes effect at the next call, as a real failure would
-        elif action == STORAGE_UP:
-            self.fault = False
+        if action in (STORAGE_DOWN, STORAGE_UP):
+            self.fault = action == STORAGE_DOWN  # seen at the next call, as a real failure
+            self._set_calls()
         elif action in (REDIRECT_ON, REDIRECT_OFF):
             self.by_user = action == REDIRECT_ON
             self._settle(f"{USER_REQUEST}: csvfs redirect {'on' if self.by_user else 'off'}")
@@ -135,10 +128,18 @@ class StoragePath:
             return
         changed = mode != self.mode
         self.mode, self.reason = mode, reason
+        self.redirected = mode == REDIRECTED
         if changed:
             self.since_ns = time.time_ns()
             log.warning("I/O mode %s: %s", mode, reason)
         self.on_change()
 
     def state(self) -> dict:
-        return {"mode": self.mode, "reason": self.reason, "since_ns": self.since_ns}
+        """What the coordinator and `csvfs status` hear: `path_lost` says whether this
+        node could coordinate (a user's redirect leaves its path working)."""
+        return {"mode": self.mode, "reason": self.reason, "since_ns": self.since_ns,
+                "path_lost": bool(self.lost)}
+
+
+def _injected_failure(*_args) -> None:
+    raise OSError(errno.EIO, "storage path down (injected by csvfs fault)")
