@@ -196,8 +196,7 @@ class CoordinatorEndpoint:
 
     def __init__(self, service: MetadataService, nursery: trio.Nursery, grant_seconds: float,
                  slot_alive: Callable[[int], bool], status: Callable[[], dict],
-                 control: Callable[..., Awaitable[dict]],
-                 move: Callable[..., Awaitable[dict]] | None = None):
+                 control: Callable[..., Awaitable[dict]], move: Callable[..., Awaitable[dict]]):
         self.service = service
         self.nursery = nursery
         self.grant_seconds = grant_seconds
@@ -277,8 +276,6 @@ class CoordinatorEndpoint:
         return self.status()
 
     async def _move(self, peer: Peer, to: str = "") -> dict:
-        if self.move is None:
-            raise MetaError(errno.ENOSYS, "this coordinator cannot hand its role over")
         log.info("%s asks to move the coordinator role to %s", peer, to or "the best node")
         return await self.move(to)
 

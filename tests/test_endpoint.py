@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 
 import pytest
@@ -73,6 +74,27 @@ async def test_a_closed_session_drops_pushes_and_refuses_requests():
             await session.take_map(5, MAP, resume=True, forget=True, wait=True)
 
 
+@contextlib.asynccontextmanager
+async def an_endpoint(tmp_path):
+    """A coordinator's endpoint over a fresh volume, whose control and move handlers
+    must never be reached (the requests are malformed)."""
+    image = tmp_path / "vol.img"
+    make_volume(image, 64 * 2**20, 2**20)
+    volume = Volume.open(image, writable=True)
+    try:
+        service = MetadataService(volume, recovery.load(volume), epoch=1,
+                                  events=EventLog(volume, "t"))
+        async with trio.open_nursery() as nursery:
+            yield CoordinatorEndpoint(service, nursery, 3.0, lambda slot: True, dict,
+                                      never_called, never_called)
+    finally:
+        volume.close()
+
+
+async def never_called(*args):
+    raise AssertionError("a malformed request reached its handler")
+
+
 @pytest.mark.parametrize("args", [
     {"slot": 1, "opens": [[2]]},
     {"slot": 1, "opens": [["2", 1]]},
@@ -80,46 +102,24 @@ async def test_a_closed_session_drops_pushes_and_refuses_requests():
     {"slot": 1},
 ])
 async def test_a_malformed_registration_is_refused(tmp_path, args):
-    image = tmp_path / "vol.img"
-    make_volume(image, 64 * 2**20, 2**20)
-    volume = Volume.open(image, writable=True)
-    try:
-        service = MetadataService(volume, recovery.load(volume), epoch=1,
-                                  events=EventLog(volume, "t"))
-        async with trio.open_nursery() as nursery:
-            endpoint = CoordinatorEndpoint(service, nursery, 3.0, lambda slot: True, dict,
-                                           never_called)
-            with pytest.raises(MetaError) as caught:
-                await endpoint.handle(QuietPeer(), "register", args)
-            assert caught.value.errno == errno.EINVAL
-            assert endpoint.sessions == {} and service.sessions.by_name == {}
-    finally:
-        volume.close()
+    async with an_endpoint(tmp_path) as endpoint:
+        with pytest.raises(MetaError) as caught:
+            await endpoint.handle(QuietPeer(), "register", args)
+        assert caught.value.errno == errno.EINVAL
+        assert endpoint.sessions == {} and endpoint.service.sessions.by_name == {}
 
 
-async def never_called(node, action):
-    raise AssertionError("a malformed request reached its handler")
-
-
-@pytest.mark.parametrize("args", [
-    {},
-    {"node": "n1"},
-    {"node": 7, "action": "storage-down"},
-    {"node": "n1", "action": ["storage-down"]},
-    {"node": "n1", "action": "storage-down", "extra": 1},
+@pytest.mark.parametrize("method, args", [
+    ("control", {}),
+    ("control", {"node": "n1"}),
+    ("control", {"node": 7, "action": "storage-down"}),
+    ("control", {"node": "n1", "action": ["storage-down"]}),
+    ("control", {"node": "n1", "action": "storage-down", "extra": 1}),
+    ("move", {"to": 5}),
+    ("move", {"to": "n2", "why": "x"}),
 ])
-async def test_a_malformed_control_request_is_refused(tmp_path, args):
-    image = tmp_path / "vol.img"
-    make_volume(image, 64 * 2**20, 2**20)
-    volume = Volume.open(image, writable=True)
-    try:
-        service = MetadataService(volume, recovery.load(volume), epoch=1,
-                                  events=EventLog(volume, "t"))
-        async with trio.open_nursery() as nursery:
-            endpoint = CoordinatorEndpoint(service, nursery, 3.0, lambda slot: True, dict,
-                                           never_called)
-            with pytest.raises(MetaError) as caught:
-                await endpoint.handle(QuietPeer(), "control", args)
-            assert caught.value.errno == errno.EINVAL
-    finally:
-        volume.close()
+async def test_a_malformed_control_or_move_request_is_refused(tmp_path, method, args):
+    async with an_endpoint(tmp_path) as endpoint:
+        with pytest.raises(MetaError) as caught:
+            await endpoint.handle(QuietPeer(), method, args)
+        assert caught.value.errno == errno.EINVAL

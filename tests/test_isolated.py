@@ -4,6 +4,7 @@ leaving no namespace, link, process or mount behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -167,11 +168,19 @@ def ring(image: Path) -> list[dict]:
     return events_json(image)
 
 
-def in_background(directory: Path, node: str, *command: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, os.fspath(SCRIPT), "exec", "--dir",
-                             os.fspath(directory), "--cwd", "/", node, "--", *command],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+@contextlib.contextmanager
+def in_background(directory: Path, node: str, *command: str):
+    """CMD running inside a node's namespaces; killed at the end if still running."""
+    process = subprocess.Popen([sys.executable, os.fspath(SCRIPT), "exec", "--dir",
+                                os.fspath(directory), "--cwd", "/", node, "--", *command],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 WRITER = """
@@ -191,17 +200,13 @@ def test_a_cut_off_member_waits_is_evicted_and_rejoins_with_nothing_lost(cluster
     directory, holders = cluster_dir
     image = up_isolated(directory, holders)
     path = os.fspath(directory / "node2" / "records")
-    writer = in_background(directory, "node2", sys.executable, "-c", WRITER, path, "6")
-    try:
+    with in_background(directory, "node2", sys.executable, "-c", WRITER, path,
+                       "6") as writer:
         assert wait_until(lambda: run_script("cut", directory, "node2").returncode == 0, 5)
         assert wait_until(lambda: any(e["kind"] == "evict" and "node2" in e["msg"]
                                       for e in ring(image)), 10, interval=0.5)
         assert run_script("heal", directory, "node2").returncode == 0
         out, err = writer.communicate(timeout=60)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.communicate()
     assert writer.returncode == 0, err  # it waited through the cut: not one error
     count = int(out)
     read = exec_in(directory, "node1", sys.executable, "-c",
@@ -250,11 +255,10 @@ def test_vmload_through_ten_cuts_and_heals_of_a_member(cluster_dir):
     directory, holders = cluster_dir
     image = up_isolated(directory, holders)
     state = directory / "vmstate"
-    vm = in_background(directory, "node2", sys.executable, "-m", "vmload", "run", "--mount",
+    with in_background(directory, "node2", sys.executable, "-m", "vmload", "run", "--mount",
                        os.fspath(directory / "node2"), "--vm", "guest", "--state",
                        os.fspath(state), "--json", "--size", "16M", "--seconds", "18",
-                       "--iodepth", "4", "--fsync-every", "16")
-    try:
+                       "--iodepth", "4", "--fsync-every", "16") as vm:
         time.sleep(1.0)
         for _ in range(10):  # each cut outlasts node2's heartbeat: it has to rejoin
             assert run_script("cut", directory, "node2").returncode == 0
@@ -262,10 +266,6 @@ def test_vmload_through_ten_cuts_and_heals_of_a_member(cluster_dir):
             assert run_script("heal", directory, "node2").returncode == 0
             time.sleep(0.7)
         out, err = vm.communicate(timeout=90)
-    finally:
-        if vm.poll() is None:
-            vm.kill()
-            vm.communicate()
     assert vm.returncode == 0, err
     assert json.loads(out)["error"] is None
     rejoins = [e for e in ring(image) if e["kind"] == "join" and e["msg"].startswith("node2")]
