@@ -5,7 +5,7 @@ VOLUMES ?= 1
 ISOLATE ?=
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc qemu-utils restic borgbackup
 
-.PHONY: setup test bench lint clean cluster cluster-down demo-vms
+.PHONY: setup test test-device bench lint clean cluster cluster-down demo-vms
 
 setup:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -23,6 +23,17 @@ setup:
 test:
 	$(VENV)/bin/ruff check csvfs coordinator vmload scripts tests
 	$(PY) -m pytest -q
+
+# The multi-node tests again, each volume on a loop device that the nodes open with
+# O_DIRECT (tests/cluster.py ON_LOOP_DEVICES); `make test` runs a few of them so.
+DEVICE_TESTS := tests/test_cluster.py tests/test_failover.py tests/test_fencing.py \
+  tests/test_crash.py tests/test_peers.py tests/test_snapshots.py tests/test_small_blocks.py \
+  tests/test_vmload.py tests/test_move.py tests/test_redirect.py tests/test_shared_maps.py \
+  tests/test_locks.py tests/test_append.py tests/test_posix.py tests/test_small_files.py \
+  tests/test_smoke.py tests/test_release.py tests/test_backup.py tests/test_balance.py \
+  tests/test_backup_mount.py tests/test_change_tracking.py tests/test_restore_image.py
+test-device:
+	CSVFS_TEST_VOLUME=loop $(PY) -m pytest -q $(DEVICE_TESTS)
 
 bench:
 	$(PY) scripts/bench.py $(if $(BASELINE),--baseline $(BASELINE))

@@ -15,6 +15,7 @@ from csvfs.volume.errors import ExitCode, UsageError, UserError
 from csvfs.volume.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
+KEY_HELP = "cluster key file (default $CSVFS_KEY, else IMAGE.key)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,16 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     mkfs = sub.add_parser("mkfs", help="create a volume image", parents=[debug])
     mkfs.add_argument("image", type=Path)
-    mkfs.add_argument("--size", required=True, help="volume size, e.g. 64M, 10G, 1T")
+    mkfs.add_argument("--size", help="volume size, e.g. 64M, 10G, 1T (a block device: "
+                      "its own size)")
     mkfs.add_argument("--unit", default="1M", help="allocation unit, 64K to 4M (default 1M)")
-    mkfs.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    mkfs.add_argument("--key", type=Path, help=KEY_HELP)
     mkfs.add_argument("--force", action="store_true", help="overwrite an existing volume")
 
     mount = sub.add_parser("mount", help="mount a volume on this node", parents=[debug])
     mount.add_argument("image", type=Path)
     mount.add_argument("mountpoint", type=Path)
     mount.add_argument("--name", default="", help="node name (default HOST-PID)")
-    mount.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    mount.add_argument("--key", type=Path, help=KEY_HELP)
     mount.add_argument("--io-timeout", type=float, default=60.0, metavar="SECONDS",
                        help="how long applications wait while no coordinator is "
                        "reachable (a partition) before their I/O fails with EIO "
@@ -51,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--cluster", type=Path, metavar="FILE",
                        help="the cluster's volumes, one image per line: the coordinator "
                        "roles are balanced over them (csvfs/balance.py)")
+    mount.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=None,
+                       help="read and write the image with O_DIRECT, past this host's "
+                       "page cache, as nodes on several hosts sharing a device must "
+                       "(default: on for a block device, off for an image file)")
     mount.add_argument("--foreground", action="store_true", help="stay attached")
     mount.add_argument("--log", type=Path, help="append the node's log to this file")
     mount.add_argument("--lease", type=float, default=3.0,
@@ -75,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the coordinator, the nodes and open files",
                             parents=[debug])
     status.add_argument("image", type=Path)
-    status.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    status.add_argument("--key", type=Path, help=KEY_HELP)
     status.add_argument("--json", action="store_true", help="print JSON")
 
     fault = sub.add_parser("fault", help="make one node's path to the image fail, or "
                            "work again (for tests and drills)", parents=[debug])
     fault.add_argument("image", type=Path)
     fault.add_argument("--node", required=True, help="the node's name")
-    fault.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    fault.add_argument("--key", type=Path, help=KEY_HELP)
     fault.add_argument("action", choices=["storage-down", "storage-up"])
 
     redirect = sub.add_parser("redirect", help="send one node's data I/O through the "
@@ -90,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                               parents=[debug])
     redirect.add_argument("image", type=Path)
     redirect.add_argument("--node", required=True, help="the node's name")
-    redirect.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    redirect.add_argument("--key", type=Path, help=KEY_HELP)
     redirect.add_argument("action", choices=["on", "off"])
 
     move = sub.add_parser("move", help="hand the coordinator role to another node",
@@ -98,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument("image", type=Path)
     move.add_argument("--to", default="", metavar="NODE",
                       help="the node to take it (default: the best one by the balance rule)")
-    move.add_argument("--key", type=Path, help="cluster key file (default IMAGE.key)")
+    move.add_argument("--key", type=Path, help=KEY_HELP)
 
     balance = sub.add_parser("balance", help="even the coordinator roles out over the "
                              "volumes of a cluster, and print what moved", parents=[debug])
@@ -116,12 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_mkfs(args) -> int:
     from csvfs.mkfs import make_volume
+    from csvfs.volume.image import default_key_path, is_block_device
 
-    size, unit = parse_size(args.size), parse_size(args.unit)
-    sb = make_volume(args.image, size, unit, force=args.force, key_path=args.key)
-    key = args.key or f"{args.image}.key"
+    if args.size is None and not is_block_device(args.image):
+        raise UsageError("--size is required for an image file")
+    size = parse_size(args.size) if args.size else 0
+    unit = parse_size(args.unit)
+    key = args.key or default_key_path(args.image)
+    kept = " (the key that was there)" if key.exists() else ""
+    sb = make_volume(args.image, size, unit, force=args.force, key_path=key)
     print(f"created volume {sb.uuid} on {args.image}: {format_size(sb.size)}, "
-          f"{sb.data_units} units of {format_size(sb.unit_size)}; cluster key in {key}")
+          f"{sb.data_units} units of {format_size(sb.unit_size)}; cluster key in {key}{kept}")
     return ExitCode.OK
 
 
@@ -173,6 +184,7 @@ def cmd_mount(args) -> int:
     config = node.NodeConfig(
         cluster=cluster,
         io_timeout=args.io_timeout,
+        direct_io=args.direct_io,
         image=args.image.resolve(),
         mountpoint=args.mountpoint.resolve(),
         key_path=(args.key or default_key_path(args.image)).resolve(),

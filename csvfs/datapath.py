@@ -91,11 +91,13 @@ class OpenFile:
 
 class DataPath:
     def __init__(self, fd: int, data_offset: int, unit_size: int, meta: MetaCall,
-                 revalidate: Callable[[], Awaitable[float | None]] | None = None):
+                 revalidate: Callable[[], Awaitable[float | None]] | None = None,
+                 image_io: tuple = ()):
+        """image_io: (pread, pwrite) of an image opened with O_DIRECT (Volume)."""
         self.fd = fd
         # Every data pread, pwrite and fdatasync goes through it; when one fails, I/O
         # goes to the coordinator instead (csvfs/redirect.py tells the protocol).
-        self.storage = StoragePath(fd)
+        self.storage = StoragePath(fd, *image_io)
         self.base = data_offset
         self.unit = unit_size
         self.meta = meta

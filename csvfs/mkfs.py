@@ -13,9 +13,10 @@ from coordinator import recovery
 from coordinator.model import MetadataState
 from csvfs.cluster.election import write_free_lease
 from csvfs.cluster.events import EventLog
+from csvfs.volume import direct
 from csvfs.volume import format as fmt
 from csvfs.volume.errors import UsageError, VolumeError, VolumeExistsError
-from csvfs.volume.image import Volume, default_key_path
+from csvfs.volume.image import Volume, default_key_path, read_key
 from csvfs.volume.keyfile import write_secret
 
 log = logging.getLogger(__name__)
@@ -27,24 +28,35 @@ def make_volume(image: str | os.PathLike, size: int, unit_size: int = fmt.DEFAUL
     key_path = Path(key_path) if key_path else default_key_path(image)
     block_device = _refuse_to_clobber(image, force)
     if block_device:
-        size = _block_device_size(image)
-    key = secrets.token_bytes(32)
+        size = _block_device_size(image, size)
+    key = _cluster_key(key_path)
     try:
         sb = fmt.plan_layout(size, unit_size, fmt.key_id(key), time.time_ns())
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     fd = _create_image(image, size, block_device)
-    volume = Volume(image, fd, sb, used_copy=False)
+    # A block device is written past the page cache, as the nodes will read it.
+    volume = Volume(image, fd, sb, used_copy=False,
+                    sectors=direct.enable(fd) if block_device else None)
     try:
         if block_device:
             for region in (sb.lease, sb.events, sb.journal, sb.checkpoint_a, sb.checkpoint_b):
                 volume.zero(region.offset, region.length)
-        write_secret(key_path, key)
+        if not key_path.exists():
+            write_secret(key_path, key)
         _write_initial_metadata(volume)
         volume.write_superblocks()  # last: until now the image is not a volume
     finally:
         volume.close()
     return sb
+
+
+def _cluster_key(key_path: Path) -> bytes:
+    """The key already in key_path (the volumes of one cluster may share a key, and
+    overwriting it would lock out the volumes it opens), else a new one."""
+    if key_path.exists():
+        return read_key(key_path)
+    return secrets.token_bytes(32)
 
 
 def _write_initial_metadata(volume: Volume) -> None:
@@ -79,15 +91,27 @@ def _refuse_to_clobber(image: Path, force: bool) -> bool:
         )
     if stat.S_ISREG(mode) and os.stat(image).st_size == 0:
         return False
+    if stat.S_ISBLK(mode) and _starts_blank(image):
+        return True
     raise VolumeExistsError(f"{image} exists and is not empty; use --force to overwrite it")
 
 
-def _block_device_size(image: Path) -> int:
+def _starts_blank(device: Path) -> bool:
+    """A device whose first MiB is zeros holds no file system a mkfs could clobber."""
+    with open(device, "rb") as handle:
+        return not any(handle.read(1 << 20))
+
+
+def _block_device_size(image: Path, asked: int) -> int:
+    """A volume takes the whole device, which must hold at least the size asked for."""
     fd = os.open(image, os.O_RDONLY)
     try:
-        return os.lseek(fd, 0, os.SEEK_END)
+        size = os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
+    if asked > size:
+        raise UsageError(f"{image} holds only {size} bytes, less than the {asked} asked for")
+    return size
 
 
 def _create_image(image: Path, size: int, block_device: bool) -> int:

@@ -48,6 +48,7 @@ class NodeConfig:
     advertise_text: str = ""  # where other nodes reach it, if not there: HOST[:PORT]
     cluster: list[Path] = field(default_factory=list)  # its volumes (csvfs/balance.py)
     io_timeout: float = 60.0  # how long I/O waits for a coordinator, then EIO
+    direct_io: bool | None = None  # O_DIRECT; None: for a block device only
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -93,7 +94,8 @@ class Node:
 
     def open_volume(self) -> None:
         check_mountpoint(self.config.mountpoint)
-        self.volume = Volume.open(self.config.image, writable=True)
+        self.volume = Volume.open(self.config.image, writable=True,
+                                  direct_io=self.config.direct_io)
         self.key = read_key(self.config.key_path)
         self.volume.check_key(self.key)
         self.election = Election(self.volume, self.config.name, self.config.lease_seconds)
@@ -129,8 +131,9 @@ class Node:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve)
             nursery.start_soon(LoopWatchdog().run)
+            image_io = (self.volume.pread, self.volume.pwrite) if self.volume.direct else ()
             self.datapath = DataPath(self.volume.fd, sb.data.offset, sb.unit_size, self._meta,
-                                     self._revalidate)
+                                     self._revalidate, image_io)
             self.gates = FileGates(config.name, self.datapath, self._forget_in_kernel)
             mode_changed = trio.Event()
             self.datapath.storage.on_change = mode_changed.set

@@ -59,8 +59,12 @@ class StoragePath:
     """This node's path to the image: the data I/O calls, an injected fault, and the
     mode (Direct or Redirected) with its reason and since when."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, pread=None, pwrite=None):
+        """pread and pwrite: the image's own calls when it is open with O_DIRECT
+        (Volume.pread and Volume.pwrite); os.pread and os.pwrite on fd otherwise."""
         self.fd = fd
+        self._image_pread = pread or partial(os.pread, fd)
+        self._image_pwrite = pwrite or partial(os.pwrite, fd)
         self.mode = DIRECT
         self.redirected = False  # mode == REDIRECTED: asked on every read and write
         self.reason = ""
@@ -74,14 +78,15 @@ class StoragePath:
     # -- the calls -------------------------------------------------------------------------
 
     def _set_calls(self) -> None:
-        """pread(length, position), pwrite(data, position), fdatasync(): the system
-        calls themselves on the image, with no Python frame in the way of the data path,
-        or, while a fault is injected, calls that fail as a lost path does."""
+        """pread(length, position), pwrite(data, position), fdatasync(): the image's
+        own calls (the system calls themselves, with no Python frame in the way, unless
+        the image is open with O_DIRECT), or, while a fault is injected, calls that fail
+        as a lost path does."""
         if self.fault:
             self.pread = self.pwrite = self.fdatasync = _injected_failure
         else:
-            self.pread = partial(os.pread, self.fd)
-            self.pwrite = partial(os.pwrite, self.fd)
+            self.pread = self._image_pread
+            self.pwrite = self._image_pwrite
             self.fdatasync = partial(os.fdatasync, self.fd)
 
     def probe(self) -> bool:

@@ -28,7 +28,8 @@ coordinator, then B, a member, later C) and four more sections are measured:
 
 and then, each in a process of its own, the failover time (failoverbench.py), what
 applications see beyond the data path (appbench.py: small files, locks, appends),
-redirected I/O and coordinator moves (opsbench.py), and backups against cp, restic and
+redirected I/O and coordinator moves (opsbench.py), O_DIRECT on a loop device
+(devicebench.py), and backups against cp, restic and
 borg (backupbench.py).
 
 The code: bench_targets.py (the single-node targets, fio and metadata rounds),
@@ -194,6 +195,18 @@ def run_operations(args) -> str:
     return proc.stdout
 
 
+def run_device(args) -> str:
+    """scripts/devicebench.py (O_DIRECT against the page cache on a loop device)."""
+    log("measuring the O_DIRECT data path on a loop device ...")
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "devicebench.py"),
+                           "--dir", args.dir, *(["--quick"] if args.quick else [])],
+                          capture_output=True, text=True, timeout=1800, check=False)
+    if proc.returncode != 0:
+        return ("\n## The O_DIRECT data path on a loop device\n\n"
+                f"Not measured: {proc.stderr.strip()}\n")
+    return proc.stdout
+
+
 def run_backups(args) -> str:
     """scripts/backupbench.py (backups, snapshot pauses), in a process of its own."""
     log("measuring backups ...")
@@ -289,6 +302,7 @@ def main(argv=None) -> int:
         report += run_failover(args)
         report += run_applications(args)
         report += run_operations(args)
+        report += run_device(args)
         report += run_backups(args)
     RESULTS_FILE.write_text(report)
     print(report, end="")

@@ -6,10 +6,12 @@ stopping a node) is in scripts/nodes.py; this is the tests' own layer on top of 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from csvfs.volume.image import KEY_ENVIRONMENT
 from scripts.nodes import MountProcess, csvfs_command, csvfs_mount_command, status_json
 
 CSVFS = csvfs_command()
@@ -31,13 +33,46 @@ def status(image: Path) -> dict:
     return report
 
 
+# CSVFS_TEST_VOLUME=loop: the volumes the tests make are loop devices (over a sparse
+# file, with `losetup --direct-io=on`), which the nodes open with O_DIRECT, as they
+# would a LUN shared by several hosts; their key files are named by CSVFS_KEY.
+ON_LOOP_DEVICES = os.environ.get("CSVFS_TEST_VOLUME") == "loop"
+LOOP_DEVICES: list[tuple[str, str | None]] = []  # (device, CSVFS_KEY before it)
+
+
 def make_volume(directory: Path, size: str = "256M", unit: str | None = None) -> Path:
     image = directory / "vol.img"
-    args = ["mkfs", image, "--size", size]
-    if unit:
-        args += ["--unit", unit]
-    csvfs(*args)
+    unit_args = ["--unit", unit] if unit else []
+    if ON_LOOP_DEVICES:
+        return make_loop_volume(directory, size, unit_args)
+    csvfs("mkfs", image, "--size", size, *unit_args)
     return image
+
+
+def make_loop_volume(directory: Path, size: str, unit_args: list[str]) -> Path:
+    """A volume on a loop device over directory/vol.backing (see ON_LOOP_DEVICES);
+    detach_loop_devices() undoes it."""
+    backing = directory / "vol.backing"
+    # The volumes of one test share a key, as the volumes of one cluster may.
+    key = Path(os.environ[KEY_ENVIRONMENT]) if LOOP_DEVICES else directory / "vol.key"
+    subprocess.run(["truncate", "-s", size, backing], check=True)
+    device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", backing],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    LOOP_DEVICES.append((device, os.environ.get(KEY_ENVIRONMENT)))
+    os.environ[KEY_ENVIRONMENT] = os.fspath(key)  # for the nodes and every csvfs command
+    csvfs("mkfs", device, *unit_args)
+    return Path(device)
+
+
+def detach_loop_devices() -> None:
+    """Detach the tests' loop devices (after their nodes stopped) and restore CSVFS_KEY."""
+    while LOOP_DEVICES:
+        device, key_before = LOOP_DEVICES.pop()
+        subprocess.run(["losetup", "--detach", device], capture_output=True)
+        if key_before is None:
+            os.environ.pop(KEY_ENVIRONMENT, None)
+        else:
+            os.environ[KEY_ENVIRONMENT] = key_before
 
 
 class Node(MountProcess):

@@ -83,16 +83,17 @@ def volumes(tmp_path):
         directory = tmp_path / f"v{index}"
         directory.mkdir()
         images.append(make_volume(directory, size="64M"))
-    (tmp_path / "cluster").write_text("".join(f"v{i}/vol.img\n" for i in (1, 2, 3)))
+    (tmp_path / "cluster").write_text("".join(f"{image}\n" for image in images))
     return images
 
 
 def start(nodes, images, name: str) -> list[Node]:
-    """Node `name`: one mount process per volume of the cluster."""
+    """Node `name`: one mount process per volume of the cluster (tmp_path/cluster)."""
     started = []
-    for image in images:
-        node = Node(image, image.parent / f"mnt-{name}", name, "--cluster",
-                    str(image.parent.parent / "cluster"), "--lease", "1")
+    for index, image in enumerate(images, 1):
+        directory = nodes.tmp_path / f"v{index}"
+        node = Node(image, directory / f"mnt-{name}", name, "--cluster",
+                    str(nodes.tmp_path / "cluster"), "--lease", "1")
         nodes.started.append(node)
         started.append(node.start())
     return started
@@ -148,8 +149,8 @@ def test_balance_on_demand_prints_what_it_moved(tmp_path, nodes):
         directory.mkdir()
         images.append(make_volume(directory, size="64M"))
     for name in ("n1", "n2", "n3"):  # no --cluster: nothing balances by itself
-        for image in images:
-            node = Node(image, image.parent / f"mnt-{name}", name)
+        for index, image in enumerate(images, 1):
+            node = Node(image, tmp_path / f"v{index}" / f"mnt-{name}", name)
             nodes.started.append(node)
             node.start()
     assert roles(images) == [3]

@@ -157,6 +157,7 @@ def test_directories_cached_by_kernels_are_coherent(image, nodes, count):
                 time.sleep(0.01)
 
 
+@pytest.mark.also_on_a_loop_device
 @pytest.mark.parametrize("count", [2, 3])
 def test_sizes_and_data_are_coherent_on_open_files(image, nodes, count):
     cluster = start_cluster(nodes, image, count)

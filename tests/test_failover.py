@@ -65,6 +65,7 @@ def seconds_until_done(action) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.also_on_a_loop_device
 def test_coordinator_sigkill_under_load(tmp_path, image, nodes):
     victim, second, third = (nodes.start(image, name) for name in ("n1", "n2", "n3"))
     storms = [Storm(second, "on-n2", 11, tmp_path), Storm(third, "on-n3", 12, tmp_path)]

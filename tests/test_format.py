@@ -463,3 +463,24 @@ def test_format_size(value, text):
 @pytest.mark.parametrize("value", [0, 1, 512, K, 64 * K, 64 * M, 10 * G, T, 5 << 50])
 def test_format_then_parse(value):
     assert parse_size(format_size(value)) == value
+
+
+def test_mkfs_keeps_a_key_file_that_is_there(tmp_path):
+    """Volumes of one cluster may share a key: a second mkfs with the same --key uses
+    it, rather than overwrite the key the first volume needs."""
+    key_path = tmp_path / "cluster.key"
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    make_volume(first, 64 << 20, key_path=key_path)
+    key = read_key(key_path)
+    make_volume(second, 64 << 20, key_path=key_path)
+    assert read_key(key_path) == key
+    for image in (first, second):
+        volume = Volume.open(image)
+        try:
+            volume.check_key(key)
+        finally:
+            volume.close()
+    key_path.write_text("not hex")
+    with pytest.raises(KeyFileError, match="expected hex"):
+        make_volume(tmp_path / "third.img", 64 << 20, key_path=key_path)
+    assert not (tmp_path / "third.img").exists()

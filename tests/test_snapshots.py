@@ -66,7 +66,7 @@ async def take(cluster: Cluster, timeout: float = 60.0) -> int:
 
 async def view(cluster: Cluster, snap_id: int) -> SnapshotView:
     files = await cluster.service.backup_call("r", "snapshot_files", {"snapshot": snap_id})
-    return SnapshotView(files, cluster.volume.fd)
+    return SnapshotView(files, cluster.volume.read)
 
 
 async def read_at_point(cluster: Cluster, snap: SnapshotView, path: str) -> bytes:

@@ -22,7 +22,6 @@ of one; the rest are slices of that backup's chunks (csvfs/backup/manifest.py).
 from __future__ import annotations
 
 import logging
-import os
 import stat
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +38,7 @@ from csvfs.backup.requester import SNAPSHOT_TIMEOUT, Requester
 from csvfs.backup.snapshot_reader import SnapshotView, attributes
 from csvfs.volume.errors import ExitCode, UserError
 from csvfs.volume.extents import STRIPE
+from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +263,9 @@ async def run_backup(image: Path, key_path: Path | None, repo: Repository, kind:
                 clock.done("set the snapshot point")
                 files = await requester.files(point["id"])
                 clock.done("read the snapshot's namespace")
-                fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+                volume = Volume.open(image)
                 try:
-                    view = SnapshotView(files, fd)
+                    view = SnapshotView(files, volume.read)
                     with repo.chunk_batch():  # durable at its end, before the manifest
                         manifest = await _copy(repo, requester, view, kind, paths, point,
                                                full)
@@ -273,7 +273,7 @@ async def run_backup(image: Path, key_path: Path | None, repo: Repository, kind:
                         await trio.to_thread.run_sync(repo.place_staged)
                         clock.done("made the chunks durable")
                 finally:
-                    os.close(fd)
+                    volume.close()
                 manifest["source"]["image"] = str(image)
                 # Before the release: only a backup in the repository moves the files'
                 # change tracking on to this point.

@@ -14,8 +14,7 @@ Nothing here does RPC or FUSE: the caller passes the coordinator's replies in.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from coordinator.model import Inode
 from csvfs.volume.extents import STRIPE, stripe_runs
@@ -33,8 +32,10 @@ def attributes(inode: Inode) -> dict:
 class SnapshotView:
     """One snapshot's namespace and where each of its granules is on the image now."""
 
-    def __init__(self, files: dict, fd: int):
-        self.fd = fd
+    def __init__(self, files: dict, read_image: Callable[[int, int], bytes]):
+        """read_image(offset, length): the image's bytes, zeros past its end
+        (Volume.read, which bypasses the page cache where the nodes do)."""
+        self.read_image = read_image
         self.id = files["id"]
         self.t_ns = files["t_ns"]
         self.volume = files.get("volume", "")
@@ -112,7 +113,7 @@ class SnapshotView:
                 pieces.append(bytes(piece_end - position))
             else:
                 mapped = True
-                pieces.append(self._pread(piece_end - position, where + position % granule))
+                pieces.append(self.read_image(where + position % granule, piece_end - position))
             position = piece_end
         return b"".join(pieces) if mapped else None
 
@@ -151,10 +152,6 @@ class SnapshotView:
         if live is not None:
             live.add((_kind(inode), volume_granule))
         return self.base + volume_granule * self.granule(inode)
-
-    def _pread(self, length: int, position: int) -> bytes:
-        data = os.pread(self.fd, length, position)
-        return data + bytes(length - len(data))  # past the end of a short image
 
 
 def _kind(inode: Inode) -> str:

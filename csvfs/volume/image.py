@@ -12,10 +12,12 @@ import ctypes.util
 import logging
 import os
 import stat
+from functools import partial
 from pathlib import Path
 
+from csvfs.volume import direct
 from csvfs.volume import format as fmt
-from csvfs.volume.errors import KeyFileError, VolumeError
+from csvfs.volume.errors import KeyFileError, UsageError, VolumeError
 from csvfs.volume.keyfile import parse_hex, read_secret
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,25 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
+KEY_ENVIRONMENT = "CSVFS_KEY"
+
+
 def default_key_path(image: str | os.PathLike) -> Path:
+    """The cluster key file when --key is not given: $CSVFS_KEY, else IMAGE.key beside
+    an image file. A block device has no place beside it, so it needs one of the two."""
+    if os.environ.get(KEY_ENVIRONMENT):
+        return Path(os.environ[KEY_ENVIRONMENT])
+    if is_block_device(image):
+        raise UsageError(f"{image} is a block device: name its cluster key file with "
+                         f"--key (or {KEY_ENVIRONMENT})")
     return Path(f"{os.fspath(image)}.key")
+
+
+def is_block_device(path: str | os.PathLike) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def read_key(path: str | os.PathLike) -> bytes:
@@ -48,28 +67,42 @@ def _device_size(fd: int) -> int:
 
 
 class Volume:
-    """An open volume image with a validated superblock."""
+    """An open volume image with a validated superblock.
 
-    def __init__(self, path: Path, fd: int, sb: fmt.Superblock, used_copy: bool):
+    `pread` and `pwrite` are the image's I/O calls (os.pread and os.pwrite bound to
+    the image, or their O_DIRECT forms in csvfs/volume/direct.py); every read and write
+    of the image, metadata and file data alike, goes through them.
+    """
+
+    def __init__(self, path: Path, fd: int, sb: fmt.Superblock, used_copy: bool,
+                 sectors: direct.SectorIO | None = None):
         self.path = path
         self.fd = fd
         self.sb = sb
         self.used_copy = used_copy  # primary superblock was bad; the copy was used
+        self.direct = sectors is not None  # O_DIRECT: no page cache between us and it
+        self.pread, self.pwrite = _calls(fd, sectors)
 
     # -- opening ----------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, writable: bool = False) -> Volume:
+    def open(cls, path: str | os.PathLike, writable: bool = False,
+             direct_io: bool | None = None) -> Volume:
+        """direct_io: O_DIRECT or the page cache; None picks O_DIRECT for a block
+        device (which other hosts may share) and the page cache for an image file."""
         path = Path(path)
         fd = _open_image(path, writable)
         try:
-            sb, used_copy = _read_superblock(fd, path)
+            sectors = _sector_io(fd, path, direct_io)
+            if writable and sectors is not None:
+                _check_sector_fits_a_slot(sectors.sector, path)
+            sb, used_copy = _read_superblock(fd, path, _calls(fd, sectors)[0])
         except BaseException:
             os.close(fd)
             raise
         if used_copy:
             log.warning("%s: primary superblock is unusable; using the copy at the end", path)
-        return cls(path, fd, sb, used_copy)
+        return cls(path, fd, sb, used_copy, sectors)
 
     def check_key(self, key: bytes) -> None:
         if fmt.key_id(key) != self.sb.key_id:
@@ -83,13 +116,13 @@ class Volume:
     # -- raw I/O -----------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        data = self.pread(length, offset)
         return data + bytes(length - len(data))
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            written = os.pwrite(self.fd, view, offset)
+            written = self.pwrite(view, offset)
             view = view[written:]
             offset += written
 
@@ -134,11 +167,40 @@ def _open_image(path: Path, writable: bool) -> int:
         raise VolumeError(f"{path}: cannot open: {exc.strerror}") from None
 
 
-def _read_superblock(fd: int, path: Path) -> tuple[fmt.Superblock, bool]:
+def _calls(fd: int, sectors: direct.SectorIO | None):
+    """pread(length, offset) and pwrite(data, offset) on the image."""
+    if sectors is not None:
+        return sectors.pread, sectors.pwrite
+    return partial(os.pread, fd), partial(os.pwrite, fd)
+
+
+def _sector_io(fd: int, path: Path, direct_io: bool | None) -> direct.SectorIO | None:
+    if direct_io is None:
+        direct_io = stat.S_ISBLK(os.fstat(fd).st_mode)
+    if not direct_io:
+        return None
+    try:
+        return direct.enable(fd)
+    except direct.DirectIOUnsupported as exc:
+        raise VolumeError(f"{path}: O_DIRECT does not work here ({exc.strerror}); "
+                          "use the page cache (--no-direct-io)") from None
+
+
+def _check_sector_fits_a_slot(sector: int, path: Path) -> None:
+    """Each node writes its own slot of the lease region: with O_DIRECT, a sector
+    larger than a slot would make nodes read-modify-write each other's slots."""
+    if sector > fmt.NODE_SLOT_SIZE:
+        raise VolumeError(f"{path}: its logical sector is {sector} bytes; csvfs writes "
+                          f"it with O_DIRECT in {fmt.NODE_SLOT_SIZE}-byte sectors (use a "
+                          "device with 512-byte logical sectors, or --no-direct-io on "
+                          "one host)")
+
+
+def _read_superblock(fd: int, path: Path, pread) -> tuple[fmt.Superblock, bool]:
     actual = _device_size(fd)
     primary_error = None
     try:
-        sb = fmt.decode_superblock(os.pread(fd, fmt.SUPERBLOCK_SIZE, 0))
+        sb = fmt.decode_superblock(pread(fmt.SUPERBLOCK_SIZE, 0))
     except fmt.UnsupportedVersion as exc:
         raise VolumeError(f"{path}: unsupported csvfs {exc}") from None
     except fmt.FormatError as exc:
@@ -146,7 +208,7 @@ def _read_superblock(fd: int, path: Path) -> tuple[fmt.Superblock, bool]:
     else:
         _check_size(sb, actual, path)
         return sb, False
-    copy = _read_copy(fd, actual)
+    copy = _read_copy(pread, actual)
     if copy is None:
         if "bad magic" in str(primary_error) and actual >= fmt.SUPERBLOCK_SIZE:
             raise VolumeError(f"{path}: not a csvfs volume (no superblock found)")
@@ -157,11 +219,11 @@ def _read_superblock(fd: int, path: Path) -> tuple[fmt.Superblock, bool]:
     return copy, True
 
 
-def _read_copy(fd: int, actual: int) -> fmt.Superblock | None:
+def _read_copy(pread, actual: int) -> fmt.Superblock | None:
     if actual < 2 * fmt.SUPERBLOCK_SIZE:
         return None
     try:
-        raw = os.pread(fd, fmt.SUPERBLOCK_SIZE, actual - fmt.SUPERBLOCK_SIZE)
+        raw = pread(fmt.SUPERBLOCK_SIZE, actual - fmt.SUPERBLOCK_SIZE)
         copy = fmt.decode_superblock(raw)
     except fmt.FormatError:
         return None
