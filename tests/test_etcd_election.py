@@ -11,6 +11,10 @@ import time
 import pytest
 
 from coordinator.journal import raw_records
+from csvfs.cluster.elections import election_spec
+from csvfs.cluster.etcd_client import KeyValue, parse_endpoints
+from csvfs.cluster.etcd_election import coordinator_key, slot_key, state_of
+from csvfs.volume.errors import UsageError
 from csvfs.volume.image import Volume
 from scripts.etcd_cluster import EtcdCluster
 from tests.cluster import csvfs, status
@@ -97,16 +101,23 @@ def test_one_etcd_member_lost_and_then_the_quorum(etcd, image, nodes):
     etcd.pause(1)  # two of three: no quorum, so no metadata commit once the lease is
     time.sleep(lease)  # unconfirmed for GRANT_USE of it
     committed = journal_records(image)
-    done = threading.Event()
-    waiter = threading.Thread(target=lambda: (os.mkdir(second.path("during-loss")),
-                                              done.set()), daemon=True)
+    done, failed = threading.Event(), []
+
+    def make_directory():
+        try:
+            os.mkdir(second.path("during-loss"))
+            done.set()
+        except OSError as exc:
+            failed.append(exc)
+
+    waiter = threading.Thread(target=make_directory, daemon=True)
     waiter.start()  # the application waits, with no error
     time.sleep(2.0)
     assert not done.is_set(), "a metadata change was acknowledged without an etcd quorum"
     assert journal_records(image) == committed, "committed without an etcd quorum"
     etcd.resume(1)  # the quorum is back: the waiting request completes
     waiter.join(timeout=20)
-    assert done.is_set()
+    assert done.is_set() and not failed, failed
     expected = ["during-loss", *(f"one-down-{i}" for i in range(5))]
     assert sorted(os.listdir(first.path())) == expected
     assert sorted(os.listdir(second.path())) == expected
@@ -129,3 +140,30 @@ def test_bad_election_urls_and_unreachable_etcd(tmp_path, image):
     result = csvfs("status", image, "--election", unreachable, check=False)
     assert result.returncode == 18 and result.stderr.count("\n") == 1, result.stderr
     assert not os.path.ismount(mountpoint)
+
+
+def test_election_urls_are_parsed_or_refused():
+    assert parse_endpoints("etcd://127.0.0.1:2379,[::1]:2380,etcd-a:1") == \
+        [("127.0.0.1", 2379), ("::1", 2380), ("etcd-a", 1)]
+    for bad in ("127.0.0.1:2379", "etcd://", "etcd://host", "etcd://host:0",
+                "etcd://host:99999", "etcd://a:1,,b:2"):
+        with pytest.raises(ValueError):
+            parse_endpoints(bad)
+    assert election_spec("disk") == "" and election_spec("") == ""
+    with pytest.raises(UsageError):
+        election_spec("etcd://nohostport")
+
+
+def test_the_coordinator_key_reads_as_a_lease_with_the_revision_as_epoch():
+    uuid = "u"
+    owner = KeyValue(coordinator_key(uuid), {"owner_slot": 2, "owner_name": "b", "ttl": 3,
+                                             "address": "10.0.0.2:7000", "base": 0}, 41, 77)
+    freed = KeyValue(coordinator_key(uuid), {"owner_slot": -1, "heir_slot": 1, "base": 5,
+                                             "heir_until_ns": 1 << 62}, 50, 0)
+    slot = KeyValue(slot_key(uuid, 2), {"name": "b", "address": "10.0.0.2:7000"}, 40, 77)
+    state = state_of(uuid, [owner, slot])
+    assert (state.lease.owner_slot, state.lease.epoch, state.lease.etcd_lease) == (2, 41, 77)
+    assert state.lease.unexpired() and list(state.slots) == [2]
+    lease = state_of(uuid, [freed]).lease
+    assert lease.owner_slot == -1 and lease.epoch == 55 and lease.moving()
+    assert not lease.unexpired() and lease.etcd_lease == 0
