@@ -179,7 +179,7 @@ class CoordinatorRole:
     def _move_deadlines(self) -> None:
         """Commit and do direct I/O only well inside the lease, so that a stall
         cannot outlive it unnoticed."""
-        until = self.election.confirmed_at + self.lease_seconds * GRANT_USE
+        until = self.election.confirmed_at + self.election.lease_window * GRANT_USE
         self.service.lease_renewed(trio.current_time() + (until - time.monotonic()))
         self.datapath.valid_until = until
 

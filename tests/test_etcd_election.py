@@ -81,6 +81,17 @@ def test_hung_coordinator_is_replaced_within_its_lease(etcd, image, nodes):
     assert coordinator(image)[0] == "n2"
 
 
+def test_move_hands_the_role_over_through_etcd(etcd, image, nodes):
+    first, second = (nodes.start(image, name) for name in ("n1", "n2"))
+    epoch = coordinator(image)[1]
+    result = csvfs("move", image, "--to", "n2")
+    assert "moved from n1 to n2" in result.stdout, result.stdout
+    name, new_epoch = coordinator(image)
+    assert name == "n2" and new_epoch > epoch
+    os.mkdir(first.path("after-move"))
+    assert os.listdir(second.path()) == ["after-move"]
+
+
 def journal_records(image) -> int:
     volume = Volume.open(image)
     try:
@@ -90,7 +101,7 @@ def journal_records(image) -> int:
 
 
 def test_one_etcd_member_lost_and_then_the_quorum(etcd, image, nodes):
-    lease = 2.0  # a few etcd elections (0.5 s here): losing the etcd leader costs one
+    lease = 3.0  # TTL 2 s: a few etcd elections (0.5 s here); losing its leader costs one
     first, second = (nodes.start(image, name, "--lease", str(lease)) for name in ("n1", "n2"))
     etcd.kill(0)  # one member of three: everything goes on
     for index in range(5):

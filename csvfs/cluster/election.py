@@ -139,6 +139,7 @@ class Election:
         self.address = ""  # where this node's RPC server listens, published in its slot
         self.io_mode = "direct"  # published in the slot too (csvfs/redirect.py)
         self.confirmed_at = -math.inf  # time.monotonic() the last renewal began
+        self.lease_window = lease_seconds  # the lease surely lasts this long after that
 
     # -- what the roles ask, the same for every backend (csvfs/cluster/elections.py) ------
 

@@ -15,6 +15,7 @@ Both backends give a node's roles the same interface:
     owner_gone(lease)     joining the owner failed: prove it dead if it is
     renew()               may the coordinator go on committing? (False: fence)
     confirmed_at          time.monotonic() the lease was last known to run from
+    lease_window          for at least this long (the coordinator commits within 0.8 of it)
     hand_over(heir_slot), release(), leave(), write_slot(mode)
 
 and the command-line tools a `View` of who coordinates and which nodes live.

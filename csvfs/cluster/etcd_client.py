@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 import etcd3gw
+import requests
 from etcd3gw import exceptions as etcd_errors
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ SCHEME = "etcd://"
 REQUEST_TIMEOUT = 1.0  # seconds, per request and endpoint
 _ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 _UNANSWERED = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
-               etcd_errors.InternalServerError)
+               etcd_errors.InternalServerError, requests.RequestException,
+               ValueError)  # ValueError: a reply that is not JSON
 
 
 class EtcdUnavailable(OSError):
@@ -134,6 +136,11 @@ class Etcd:
         """Renew; the TTL left, or -1 when the lease is gone (expired or revoked)."""
         reply = self._post("/lease/keepalive", {"ID": lease})
         return int(reply.get("result", {}).get("TTL", -1))
+
+    def time_to_live(self, lease: int) -> int:
+        """Whole seconds the lease has left (rounded down); -1 when it is gone."""
+        reply = self._post("/kv/lease/timetolive", {"ID": lease})
+        return int(reply.get("TTL", -1))
 
     def revoke(self, lease: int) -> None:
         """Revoke a lease, deleting its keys; a lease that is gone already is no error."""

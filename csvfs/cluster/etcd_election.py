@@ -10,9 +10,11 @@ one they use. Keys, per volume (by its UUID):
                                 for the heir of a move
     /csvfs/<uuid>/slot/<NN>     a node: slot, name, pid, RPC address, I/O mode
 
-**Liveness.** Each node holds one etcd lease, with the coordinator lease as TTL
+**Liveness.** Each node holds one etcd lease, with a TTL of 0.8 coordinator lease
 (whole seconds, at least 1; etcd may raise it to its own minimum), and keeps it
-alive several times per lease. Its slot key, and the coordinator key while it
+alive four times per TTL. The TTL is shorter than the lease so that a hung
+coordinator is replaced within its lease even though etcd looks for expired
+leases only twice a second. Its slot key, and the coordinator key while it
 coordinates, are attached to that lease: the node is alive while its key exists.
 
 **Taking the role** is one transaction: put the coordinator key, attached to this
@@ -26,8 +28,9 @@ revision cannot exist, so no two nodes ever commit in one epoch.
 reads the keys (a linearizable read, which needs an etcd quorum). The role is
 confirmed when the coordinator key still carries our revision: the lease then
 lasts at least one TTL from the moment the renewal was *sent*. The coordinator
-commits (and does direct I/O) only until GRANT_USE of the coordinator lease
-after that moment (csvfs/coordinator_role.py); when it cannot confirm again in
+commits (and does direct I/O) only until GRANT_USE of `lease_window` (the TTL,
+or the coordinator lease if shorter) after that moment
+(csvfs/coordinator_role.py); when it cannot confirm again in
 time (etcd down, quorum lost), `renew()` fails and it fences itself, before
 etcd could have let the lease expire. When the key carries another revision,
 it fences at once. After a quorum returns, etcd restores every lease for a full
@@ -83,9 +86,12 @@ def slot_key(uuid: str, slot: int) -> str:
     return f"/csvfs/{uuid}/slot/{slot:02d}"
 
 
+TTL_OF_LEASE = 0.8
+
+
 def ttl_of(lease_seconds: float) -> int:
     """The etcd lease TTL for a coordinator lease: whole seconds, at least 1."""
-    return max(1, math.ceil(lease_seconds))
+    return max(1, math.floor(lease_seconds * TTL_OF_LEASE))
 
 
 @dataclass
@@ -156,6 +162,7 @@ class EtcdElection:
         self.name = name
         self.lease_seconds = lease_seconds
         self.ttl = ttl_of(lease_seconds)
+        self.lease_window = min(lease_seconds, self.ttl)  # the lease lasts this long at least
         self.slot = -1
         self.epoch = 0
         self.address = ""
@@ -232,8 +239,16 @@ class EtcdElection:
             return await trio.to_thread.run_sync(function, *args)
 
     async def fresh_lease(self) -> EtcdLease:
-        return lease_of(await self._call(self._etcd.get, coordinator_key(self.uuid)),
-                        time.time_ns())
+        """The coordinator key now; a held one with the time its owner's lease has left
+        (rounded down, so that a join to a hung owner gives up in time)."""
+        return await self._call(self._read_lease)
+
+    def _read_lease(self) -> EtcdLease:
+        lease = lease_of(self._etcd.get(coordinator_key(self.uuid)), time.time_ns())
+        if lease.etcd_lease and lease.owner_slot != self.slot:
+            left = self._etcd.time_to_live(lease.etcd_lease)
+            lease.expiry_ns = time.time_ns() + int(max(left, 0) * 1e9) if left >= 0 else 0
+        return lease
 
     async def try_take(self, may_take, recover):
         """Take the role if no live node holds it and `may_take(lease)`: returns
@@ -297,7 +312,7 @@ class EtcdElection:
         confirmation is too old (etcd unreachable, or no quorum)."""
         if not self.revision:
             return False
-        if time.monotonic() - self.confirmed_at >= CONFIRMED_USE * self.lease_seconds:
+        if time.monotonic() - self.confirmed_at >= CONFIRMED_USE * self.lease_window:
             raise EtcdUnavailable("the coordinator lease could not be confirmed through "
                                   "etcd in time")
         return True
@@ -338,14 +353,14 @@ class EtcdElection:
         times per lease, for as long as the node lives."""
         while True:
             await self.refresh()
-            await trio.sleep(self.lease_seconds / RENEWALS_PER_LEASE)
+            await trio.sleep(self.lease_window / RENEWALS_PER_LEASE)
 
     async def refresh(self) -> None:
         holding, started = self.revision, time.monotonic()
         record = self._record()
         try:
             kvs = await trio.to_thread.run_sync(self._renew_and_read, record)
-        except OSError as exc:
+        except (OSError, KeyError, ValueError) as exc:  # unconfirmed: the lease runs down
             log.warning("etcd: %s", exc)
             return
         self.state = state_of(self.uuid, kvs)
