@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 N ?= 3
 VOLUMES ?= 1
 ISOLATE ?=
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc qemu-utils restic borgbackup
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc qemu-utils restic borgbackup etcd-server
 
 .PHONY: setup test test-device bench lint clean cluster cluster-down demo-vms
 

@@ -30,8 +30,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csvfs.cluster.election import holder_alive, read_lease, read_slot, slot_alive
-from csvfs.volume import format as fmt
+from csvfs.cluster import elections
 from csvfs.volume.errors import UsageError, VolumeError
 from csvfs.volume.image import Volume
 
@@ -75,16 +74,14 @@ def read_cluster_file(path: Path) -> list[Path]:
     return images
 
 
-def read_volume(image: Path) -> VolumeRoles:
+def read_volume(image: Path, election: str = "") -> VolumeRoles:
     volume = Volume.open(image)
     try:
-        lease = read_lease(volume)
-        coordinator = lease.owner_name if holder_alive(volume, lease) else None
+        view = elections.view(election, volume)
+        coordinator = view.lease.owner_name if view.holder_alive() else None
         roles = VolumeRoles(str(Path(image).resolve()), coordinator)
-        for slot in range(fmt.MAX_NODES):
-            if not slot_alive(volume, slot):
-                continue
-            record = read_slot(volume, slot) or {}
+        for slot in sorted(view.alive):
+            record = view.records.get(slot) or {}
             name = record.get("name")
             if not name or record.get("mode") == "stopped":
                 continue
@@ -96,12 +93,12 @@ def read_volume(image: Path) -> VolumeRoles:
     return roles
 
 
-def read_cluster(images: list[Path]) -> list[VolumeRoles]:
+def read_cluster(images: list[Path], election: str = "") -> list[VolumeRoles]:
     """Every volume of the cluster that can be read; one that cannot counts as none."""
     volumes = []
     for image in images:
         try:
-            volumes.append(read_volume(image))
+            volumes.append(read_volume(image, election))
         except (OSError, VolumeError) as exc:
             log.info("cannot read %s for the balance: %s", image, exc)
     return volumes

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read and write the image with O_DIRECT, past this host's "
                        "page cache, as nodes on several hosts sharing a device must "
                        "(default: on for a block device, off for an image file)")
+    _election_option(mount)
     mount.add_argument("--foreground", action="store_true", help="stay attached")
     mount.add_argument("--log", type=Path, help="append the node's log to this file")
     mount.add_argument("--lease", type=float, default=3.0,
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("image", type=Path)
     status.add_argument("--key", type=Path, help=KEY_HELP)
     status.add_argument("--json", action="store_true", help="print JSON")
+    _election_option(status)
 
     fault = sub.add_parser("fault", help="make one node's path to the image fail, or "
                            "work again (for tests and drills)", parents=[debug])
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--node", required=True, help="the node's name")
     fault.add_argument("--key", type=Path, help=KEY_HELP)
     fault.add_argument("action", choices=["storage-down", "storage-up"])
+    _election_option(fault)
 
     redirect = sub.add_parser("redirect", help="send one node's data I/O through the "
                               "coordinator (on), or let it go direct again (off)",
@@ -98,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     redirect.add_argument("--node", required=True, help="the node's name")
     redirect.add_argument("--key", type=Path, help=KEY_HELP)
     redirect.add_argument("action", choices=["on", "off"])
+    _election_option(redirect)
 
     move = sub.add_parser("move", help="hand the coordinator role to another node",
                           parents=[debug])
@@ -105,12 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument("--to", default="", metavar="NODE",
                       help="the node to take it (default: the best one by the balance rule)")
     move.add_argument("--key", type=Path, help=KEY_HELP)
+    _election_option(move)
 
     balance = sub.add_parser("balance", help="even the coordinator roles out over the "
                              "volumes of a cluster, and print what moved", parents=[debug])
     balance.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     balance.add_argument("--key", type=Path,
                          help="cluster key file (default: each IMAGE.key)")
+    _election_option(balance)
 
     events = sub.add_parser("events", help="print the volume's event ring", parents=[debug])
     events.add_argument("image", type=Path)
@@ -118,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("-f", "--follow", action="store_true",
                         help="then print new events as they come, until interrupted")
     return parser
+
+
+def _election_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--election", metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                        help="elect the coordinator through etcd, not the volume's lease "
+                             "region (default: $CSVFS_ELECTION, else the lease region)")
+
+
+def _election(args) -> str:
+    from csvfs.cluster.elections import election_spec
+
+    return election_spec(args.election)
 
 
 def cmd_mkfs(args) -> int:
@@ -192,6 +210,7 @@ def cmd_mount(args) -> int:
         lease_seconds=args.lease,
         listen_text=args.listen,
         advertise_text=args.advertise or "",
+        election=_election(args),
     )
     node.mount(config, foreground=args.foreground)
     return ExitCode.OK
@@ -233,7 +252,8 @@ def cmd_status(args) -> int:
     from csvfs.status import run_status
     from csvfs.volume.image import default_key_path
 
-    return run_status(args.image, args.key or default_key_path(args.image), args.json)
+    return run_status(args.image, args.key or default_key_path(args.image), args.json,
+                      _election(args))
 
 
 def cmd_control(args) -> int:
@@ -242,20 +262,21 @@ def cmd_control(args) -> int:
 
     action = args.action if args.command == "fault" else f"redirect-{args.action}"
     return run_control(args.image, args.key or default_key_path(args.image), args.node,
-                       action)
+                       action, _election(args))
 
 
 def cmd_move(args) -> int:
     from csvfs.control import run_move
     from csvfs.volume.image import default_key_path
 
-    return run_move(args.image, args.key or default_key_path(args.image), args.to)
+    return run_move(args.image, args.key or default_key_path(args.image), args.to,
+                    _election(args))
 
 
 def cmd_balance(args) -> int:
     from csvfs.control import run_balance
 
-    return run_balance(args.images, args.key)
+    return run_balance(args.images, args.key, _election(args))
 
 
 def cmd_backup(args) -> int:

@@ -19,8 +19,7 @@ from pathlib import Path
 import trio
 
 from csvfs.balance import plan, read_cluster, role_counts
-from csvfs.cluster import messages
-from csvfs.cluster.election import read_lease
+from csvfs.cluster import elections, messages
 from csvfs.cluster.errors import MetaError, is_not_coordinator
 from csvfs.cluster.rpc_client import RpcClient
 from csvfs.cluster.transport import split_address
@@ -44,36 +43,37 @@ class CannotMove(UserError):
     exit_code = ExitCode.CANNOT_MOVE
 
 
-def run_control(image: Path, key_path: Path, node: str, action: str) -> int:
-    answer = _request(image, key_path, messages.CONTROL, {"node": node, "action": action})
+def run_control(image: Path, key_path: Path, node: str, action: str, election: str = "") -> int:
+    answer = _request(image, key_path, messages.CONTROL, {"node": node, "action": action},
+                      election)
     print(_describe(node, action, answer))
     return ExitCode.OK
 
 
-def run_move(image: Path, key_path: Path, heir: str) -> int:
+def run_move(image: Path, key_path: Path, heir: str, election: str = "") -> int:
     started = time.monotonic()
     try:
-        answer = _request(image, key_path, messages.MOVE, {"to": heir})
+        answer = _request(image, key_path, messages.MOVE, {"to": heir}, election)
     except AlreadyThere as exc:
         print(exc)
         return ExitCode.OK
-    owner = _wait_for_owner(image, answer["to"])
+    owner = _wait_for_owner(image, answer["to"], election)
     print(f"coordinator of {image} moved from {answer['from']} to {owner.owner_name} "
           f"(epoch {owner.epoch}) in {(time.monotonic() - started) * 1e3:.0f} ms")
     return ExitCode.OK
 
 
-def run_balance(images: list[Path], key_path: Path | None) -> int:
+def run_balance(images: list[Path], key_path: Path | None, election: str = "") -> int:
     """Make the moves that even the coordinator roles out over these volumes."""
-    volumes = read_cluster([image.resolve() for image in images])
+    volumes = read_cluster([image.resolve() for image in images], election)
     moves = plan(volumes)
     for move in moves:
         image = Path(move.image)
         key = key_path or default_key_path(image)
-        _request(image, key, messages.MOVE, {"to": move.target})
-        _wait_for_owner(image, move.target)
+        _request(image, key, messages.MOVE, {"to": move.target}, election)
+        _wait_for_owner(image, move.target, election)
         print(f"{image}: moved the coordinator role from {move.source} to {move.target}")
-    counts = role_counts(read_cluster([image.resolve() for image in images]))
+    counts = role_counts(read_cluster([image.resolve() for image in images], election))
     summary = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
     print(f"{'balanced' if moves else 'already balanced'}: coordinator roles per node: "
           f"{summary or 'none (no volume is mounted)'}")
@@ -84,12 +84,12 @@ class AlreadyThere(Exception):
     pass
 
 
-def _wait_for_owner(image: Path, heir: str):
+def _wait_for_owner(image: Path, heir: str, election: str = ""):
     deadline = time.monotonic() + HEIR_WAIT
     while True:
         volume = Volume.open(image)
         try:
-            lease = read_lease(volume)
+            lease = elections.view(election, volume).lease
         finally:
             volume.close()
         if lease.owner_name == heir and lease.expiry_ns > time.time_ns():
@@ -100,12 +100,13 @@ def _wait_for_owner(image: Path, heir: str):
         time.sleep(0.01)
 
 
-def _request(image: Path, key_path: Path, method: str, args: dict) -> dict:
+def _request(image: Path, key_path: Path, method: str, args: dict,
+             election: str = "") -> dict:
     """One request to the volume's coordinator; its errors as user errors. A coordinator
     that has just handed the role on is asked again, as the new one."""
     deadline = time.monotonic() + MOVE_WAIT
     while True:
-        name, address, key = find_coordinator(image, key_path)
+        name, address, key = find_coordinator(image, key_path, election)
         try:
             return trio.run(_ask, address, key, method, args)
         except MetaError as exc:

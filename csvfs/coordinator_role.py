@@ -27,7 +27,6 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import trio
@@ -36,7 +35,7 @@ from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint
 from coordinator.service import MetadataService
 from csvfs import move, partition
-from csvfs.cluster.election import Election, Lease, read_slot, slot_alive
+from csvfs.cluster.election import Lease
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.events import EventLog
 from csvfs.datapath import GRANT_USE, DataPath
@@ -55,7 +54,7 @@ class CoordinatorRole:
     kind = "coordinator"
     route = "in process"  # how this node's metadata requests reach the coordinator
 
-    def __init__(self, name: str, volume: Volume, election: Election, gates: FileGates,
+    def __init__(self, name: str, volume: Volume, election, gates: FileGates,
                  datapath: DataPath, lease_seconds: float, nursery: trio.Nursery,
                  on_lost: Callable[[CoordinatorRole, str], None], locks: NodeLocks,
                  cluster: list[Path] | None = None):
@@ -93,7 +92,7 @@ class CoordinatorRole:
                              trio.current_time() + 2 * self.lease_seconds)
         await service.start(reclaim_orphans=not others)
         self.endpoint = CoordinatorEndpoint(service, self.nursery, self.lease_seconds,
-                                            partial(slot_alive, self.volume), self.status,
+                                            self.election.slot_alive, self.status,
                                             self.control, self.move)
         log.info("coordinator of %s, epoch %d", self.volume.path, epoch)
         if others:
@@ -129,7 +128,7 @@ class CoordinatorRole:
     def other_node_names(self) -> list[str]:
         names = []
         for slot in self.election.other_nodes():
-            record = read_slot(self.volume, slot)
+            record = self.election.read_slot(slot)
             if record and record.get("name"):
                 names.append(record["name"])
         return names
@@ -180,9 +179,9 @@ class CoordinatorRole:
     def _move_deadlines(self) -> None:
         """Commit and do direct I/O only well inside the lease, so that a stall
         cannot outlive it unnoticed."""
-        margin = self.lease_seconds * GRANT_USE
-        self.service.lease_renewed(trio.current_time() + margin)
-        self.datapath.valid_until = time.monotonic() + margin
+        until = self.election.confirmed_at + self.election.lease_window * GRANT_USE
+        self.service.lease_renewed(trio.current_time() + (until - time.monotonic()))
+        self.datapath.valid_until = until
 
     def _stepped_down(self) -> None:
         """The service found the lease gone, or its journal failing: commit nothing more,
@@ -259,7 +258,7 @@ class CoordinatorRole:
             service.close()
             self.endpoint.close()
             self.events.emit("unmount", f"{self.name} unmounted cleanly")
-            self.election.release()
+            await self.election.release()
         except (OSError, MetaError) as exc:
             log.error("clean shutdown failed: %s (the next coordinator replays the journal)",
                       exc)

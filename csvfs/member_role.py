@@ -26,7 +26,7 @@ from collections.abc import Callable
 import trio
 
 from csvfs.cluster import messages
-from csvfs.cluster.election import Election, Lease, read_slot
+from csvfs.cluster.election import Lease
 from csvfs.cluster.errors import MetaError, NotCoordinator, is_not_coordinator
 from csvfs.cluster.rpc_client import RpcClient
 from csvfs.cluster.transport import split_address
@@ -48,7 +48,7 @@ class MemberRole:
     kind = "member"
     route = "over RPC"  # how this node's metadata requests reach the coordinator
 
-    def __init__(self, name: str, volume: Volume, election: Election, key: bytes,
+    def __init__(self, name: str, volume: Volume, election, key: bytes,
                  gates: FileGates, datapath: DataPath, nursery: trio.Nursery,
                  on_lost: Callable[[MemberRole, str], None], locks: NodeLocks):
         self.name = name
@@ -68,8 +68,7 @@ class MemberRole:
     async def join(self, lease: Lease) -> None:
         """Register with the lease's owner. Raises RpcError, MetaError, OSError,
         ValueError or trio.TooSlowError if it cannot."""
-        record = read_slot(self.volume, lease.owner_slot) or {}
-        host, port = split_address(record.get("address", ""))
+        host, port = split_address(self.election.owner_address(lease))
         timeout = max(0.1, min(JOIN_TIMEOUT, lease.expiry_ns / 1e9 - time.time()))
         inbox = Inbox({**self.gates.push_handlers(), **self.locks.push_handlers(),
                        messages.CONTROL: self._control},

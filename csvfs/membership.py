@@ -33,9 +33,10 @@ from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint
 from coordinator.service import ONCE_ONLY
 from csvfs import balance
-from csvfs.cluster.election import Election, Lease, read_lease
+from csvfs.cluster.election import Lease
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.messages import brief
+from csvfs.cluster.transport import RpcDisconnected
 from csvfs.cluster.wire import RpcError
 from csvfs.coordinator_role import CoordinatorRole
 from csvfs.datapath import DataPath
@@ -60,7 +61,7 @@ Role = CoordinatorRole | MemberRole
 
 
 class Membership:
-    def __init__(self, name: str, volume: Volume, election: Election, key: bytes,
+    def __init__(self, name: str, volume: Volume, election, key: bytes,
                  lease_seconds: float, gates: FileGates, datapath: DataPath,
                  nursery: trio.Nursery, locks: NodeLocks, cluster: list[Path] | None = None,
                  io_timeout: float = IO_TIMEOUT):
@@ -147,7 +148,7 @@ class Membership:
             if not first and await self._defer_takeover():
                 continue
             try:
-                outcome = self._try_take()
+                outcome = await self._try_take()
             except (VolumeError, OSError) as exc:
                 if first:
                     raise VolumeError(str(exc)) from None
@@ -169,13 +170,14 @@ class Membership:
         coordinates fewer of the cluster's volumes may take it (csvfs/balance.py)."""
         if not self.cluster:
             return False
-        lease = read_lease(self.volume)
+        lease = self.election.read_lease()
         if lease.moving() or self.election.live_owner(lease):
             self._defer_until = None
             return False
         now = trio.current_time()
         if self._defer_until is None:
-            volumes = await trio.to_thread.run_sync(balance.read_cluster, self.cluster)
+            volumes = await trio.to_thread.run_sync(balance.read_cluster, self.cluster,
+                                                    self.election.spec)
             delay = balance.takeover_delay(volumes, str(self.volume.path.resolve()), self.name)
             if delay <= 0:
                 return False
@@ -187,20 +189,15 @@ class Membership:
         await trio.sleep(HEIR_POLL)
         return True
 
-    def _try_take(self):
+    async def _try_take(self):
         """Take the lease if nobody live holds it: returns (recovered, epoch, old lease).
         Otherwise returns the live owner's lease."""
-        election = self.election
-        with election.lease_lock():
-            lease = read_lease(self.volume)
-            if election.live_owner(lease) or election.waits_for_heir(lease):
-                return lease
-            staying_out = trio.current_time() < self._stay_out_until
-            if (self.datapath.storage.lost or staying_out) and self.election.other_nodes():
-                return lease  # a node whose path failed, or that was cut off, leaves it
-            recovered = self._recover()
-            epoch = election.take(lease, recovered.last_epoch)
-        return recovered, epoch, lease
+        return await self.election.try_take(self._may_take, self._recover)
+
+    def _may_take(self, lease: Lease) -> bool:
+        """A node whose path failed, or that was cut off, leaves the role to others."""
+        staying_out = trio.current_time() < self._stay_out_until
+        return not ((self.datapath.storage.lost or staying_out) and self.election.other_nodes())
 
     def _recover(self) -> recovery.Recovered:
         image = self.volume.path
@@ -234,10 +231,18 @@ class Membership:
         except (RpcError, MetaError, OSError, ValueError, trio.TooSlowError) as exc:
             log.info("cannot join %s yet: %s", lease.owner_name or "?",
                      str(exc) or "no answer in time")
+            if isinstance(exc, RpcDisconnected):
+                await self._owner_gone(lease)
             await trio.sleep(RETRY_PAUSE)
             return False
         self._settle_on(role)
         return True
+
+    async def _owner_gone(self, lease: Lease) -> None:
+        try:
+            await self.election.owner_gone(lease)
+        except OSError as exc:
+            log.warning("cannot end the dead coordinator's lease: %s", exc)
 
     def _settle_on(self, role: Role) -> None:
         self.role = role
@@ -298,4 +303,5 @@ class Membership:
             self.election.write_slot(mode="stopped")
         except OSError:
             pass
+        await self.election.leave()
 

@@ -48,7 +48,7 @@ async def hand_over(role, heir: str, reason: str) -> dict:
     async with service.commits.lock:
         await service.commits.durable()
         await service.commits.checkpoint()
-        if not role.election.hand_over(slot):
+        if not await role.election.hand_over(slot):
             raise NotCoordinator("the coordinator lease is not ours any more")
         role.events.emit("move", f"coordinator role moves from {role.name} to {name} "
                          f"({reason})")
@@ -75,7 +75,8 @@ def choose_heir(role, wanted: str) -> tuple[str, int]:
     if not able:
         raise MetaError(errno.EHOSTUNREACH, "no other node with a working path to the "
                                             "image is in session")
-    best = balance.best_heir(balance.read_cluster(role.cluster), able) or able[0]
+    volumes = balance.read_cluster(role.cluster, role.election.spec)
+    best = balance.best_heir(volumes, able) or able[0]
     return best, sessions[best].slot
 
 
@@ -91,7 +92,8 @@ async def keep_balance(role, service) -> None:
     image = str(role.volume.path.resolve())
     while service is role.service and not service.fenced:
         await trio.sleep(balance.BALANCE_INTERVAL)
-        volumes = await trio.to_thread.run_sync(balance.read_cluster, role.cluster)
+        volumes = await trio.to_thread.run_sync(balance.read_cluster, role.cluster,
+                                                role.election.spec)
         moves = balance.plan(volumes)
         if not moves or moves[0].image != image or moves[0].source != role.name:
             continue

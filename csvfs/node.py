@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from csvfs import fuse_shim
-from csvfs.cluster.election import Election, read_slot, slot_alive
+from csvfs.cluster import elections
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.rpc_server import RpcServer
 from csvfs.cluster.transport import join_address, split_address, split_advertised
@@ -28,7 +28,6 @@ from csvfs.locks import NodeLocks
 from csvfs.membership import Membership
 from csvfs.quiesce import FileGates
 from csvfs.redirect import PROBE_INTERVAL
-from csvfs.volume import format as fmt
 from csvfs.volume.errors import MountpointError, UsageError, UserError, VolumeBusyError
 from csvfs.volume.image import Volume, read_key
 from csvfs.watchdog import LoopWatchdog
@@ -49,6 +48,7 @@ class NodeConfig:
     cluster: list[Path] = field(default_factory=list)  # its volumes (csvfs/balance.py)
     io_timeout: float = 60.0  # how long I/O waits for a coordinator, then EIO
     direct_io: bool | None = None  # O_DIRECT; None: for a block device only
+    election: str = ""  # "": the lease region; etcd://...: etcd (csvfs/cluster/elections.py)
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -82,7 +82,7 @@ class Node:
     def __init__(self, config: NodeConfig):
         self.config = config
         self.volume: Volume | None = None
-        self.election: Election | None = None
+        self.election = None  # csvfs/cluster/elections.py
         self.key = b""
         self.datapath: DataPath | None = None
         self.gates: FileGates | None = None
@@ -98,19 +98,19 @@ class Node:
                                   direct_io=self.config.direct_io)
         self.key = read_key(self.config.key_path)
         self.volume.check_key(self.key)
-        self.election = Election(self.volume, self.config.name, self.config.lease_seconds)
+        self.election = elections.make_election(self.config.election, self.volume,
+                                                self.config.name, self.config.lease_seconds)
         try:
-            self.election.claim_slot()
+            elections.claim_slot(self.election)
         except OSError as exc:
             raise VolumeBusyError(f"{self.config.image}: {exc}") from None
         self._check_name_free()
 
     def _check_name_free(self) -> None:
         """Node names identify sessions: two live nodes must not share one."""
-        for slot in range(fmt.MAX_NODES):
-            if slot == self.election.slot or not slot_alive(self.volume, slot):
+        for slot, record in self.election.live_records().items():
+            if slot == self.election.slot:
                 continue
-            record = read_slot(self.volume, slot)
             if record and record.get("name") == self.config.name:
                 raise VolumeBusyError(
                     f"{self.config.image} is already mounted by a node named "
@@ -130,6 +130,7 @@ class Node:
         sb = self.volume.sb
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve)
+            nursery.start_soon(self.election.run)
             nursery.start_soon(LoopWatchdog().run)
             image_io = (self.volume.pread, self.volume.pwrite) if self.volume.direct else ()
             self.datapath = DataPath(self.volume.fd, sb.data.offset, sb.unit_size, self._meta,

@@ -72,7 +72,7 @@ async def step_down(role, service) -> None:
             await service.commits.checkpoint()
             role.events.emit("partition", f"{role.name} hears from too few of the other "
                              f"nodes ({others}) and steps down", level="warning")
-            role.election.release()
+            await role.election.release()
             service.commits.fence("cut off from the other nodes")
     except (MetaError, OSError) as exc:  # its lease runs out instead
         log.warning("stepping down: %s", exc)

@@ -2,8 +2,10 @@
 
 The lease region names the coordinator and every node that ever took a slot
 (name, pid, RPC address, I/O mode, heartbeat); a slot is alive while its
-node holds the slot's liveness lock. The coordinator itself, asked over RPC
-with the cluster key, adds its sessions and its open-file table.
+node holds the slot's liveness lock. With `--election etcd://...`, etcd says the
+same (csvfs/cluster/elections.py): there a slot exists only while its node lives.
+The coordinator itself, asked over RPC with the cluster key, adds its sessions
+and its open-file table.
 """
 
 from __future__ import annotations
@@ -16,13 +18,11 @@ from pathlib import Path
 import trio
 
 from coordinator.locks import F_RDLCK, F_WRLCK, OFFSET_MAX
-from csvfs.cluster import messages
-from csvfs.cluster.election import holder_alive, read_lease, read_slot, slot_alive
+from csvfs.cluster import elections, messages
 from csvfs.cluster.errors import MetaError, is_not_coordinator
 from csvfs.cluster.rpc_client import RpcClient
 from csvfs.cluster.transport import split_address
 from csvfs.cluster.wire import RpcError
-from csvfs.volume import format as fmt
 from csvfs.volume.errors import ExitCode, UserError
 from csvfs.volume.image import Volume, read_key
 
@@ -35,24 +35,24 @@ class CoordinatorUnreachable(UserError):
     exit_code = ExitCode.UNREACHABLE
 
 
-def gather(image: Path, key_path: Path) -> dict:
+def gather(image: Path, key_path: Path, election: str = "") -> dict:
     """Everything status shows, as one JSON-ready dict. While the coordinator role is
     moving (`csvfs move`, balancing), it asks again until the heir answers."""
     deadline = time.monotonic() + MOVE_WAIT
     while True:
-        report, moving = _gather_once(image, key_path)
+        report, moving = _gather_once(image, key_path, election)
         if not moving or time.monotonic() > deadline:
             return report
         time.sleep(0.02)
 
 
-def _gather_once(image: Path, key_path: Path) -> tuple[dict, bool]:
+def _gather_once(image: Path, key_path: Path, election: str) -> tuple[dict, bool]:
     """The report, and whether the role was moving meanwhile (ask again)."""
     volume = Volume.open(image)
     try:
-        lease = read_lease(volume)
-        nodes = [_node(volume, slot, lease) for slot in range(fmt.MAX_NODES)]
-        nodes = [node for node in nodes if node is not None]
+        view = elections.view(election, volume)
+        lease = view.lease
+        nodes = [_node(view, slot) for slot in sorted(view.records)]
         report = {
             "volume": str(volume.sb.uuid),
             "image": str(image),
@@ -81,15 +81,15 @@ def _gather_once(image: Path, key_path: Path) -> tuple[dict, bool]:
     return report, False
 
 
-def find_coordinator(image: Path, key_path: Path) -> tuple[str, str, bytes]:
+def find_coordinator(image: Path, key_path: Path, election: str = "") -> tuple[str, str, bytes]:
     """(name, RPC address, cluster key) of the volume's live coordinator; while the role
     is moving, the heir once it has taken it."""
     deadline = time.monotonic() + MOVE_WAIT
     while True:
         volume = Volume.open(image)
         try:
-            lease = read_lease(volume)
-            owner = read_slot(volume, lease.owner_slot) if holder_alive(volume, lease) else None
+            view = elections.view(election, volume)
+            lease, owner = view.lease, view.owner()
             if owner:
                 key = read_key(key_path)
                 volume.check_key(key)
@@ -102,11 +102,9 @@ def find_coordinator(image: Path, key_path: Path) -> tuple[str, str, bytes]:
         time.sleep(0.02)
 
 
-def _node(volume: Volume, slot: int, lease) -> dict | None:
-    record = read_slot(volume, slot)
-    if record is None:
-        return None
-    alive = slot_alive(volume, slot)
+def _node(view: elections.View, slot: int) -> dict:
+    record, lease = view.records[slot], view.lease
+    alive = slot in view.alive
     coordinator = alive and lease.owner_slot == slot and lease.unexpired()
     mode = record.get("mode", "?") if alive else "-"
     return {
@@ -225,8 +223,8 @@ def _table(rows: list[list[str]]) -> list[str]:
             for row in rows]
 
 
-def run_status(image: Path, key_path: Path, as_json: bool) -> int:
-    report = gather(image, key_path)
+def run_status(image: Path, key_path: Path, as_json: bool, election: str = "") -> int:
+    report = gather(image, key_path, election)
     print(json.dumps(report, indent=2) if as_json else render(report))
     if "error" in report:
         raise CoordinatorUnreachable(report["error"])

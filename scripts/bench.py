@@ -26,11 +26,11 @@ coordinator, then B, a member, later C) and four more sections are measured:
                      B's paced 4 KiB writes to another file with A idle or truncating
   aggregate writes   fio seq write 1 MiB from 1, 2 and 3 nodes at once, one file each
 
-and then, each in a process of its own, the failover time (failoverbench.py), what
-applications see beyond the data path (appbench.py: small files, locks, appends),
-redirected I/O and coordinator moves (opsbench.py), O_DIRECT on a loop device
-(devicebench.py), and backups against cp, restic and
-borg (backupbench.py).
+and then, each in a process of its own, the failover time with the disk lease and with
+election through etcd (failoverbench.py), what applications see beyond the data path
+(appbench.py: small files, locks, appends), redirected I/O and coordinator moves
+(opsbench.py), O_DIRECT on a loop device (devicebench.py), and backups against cp,
+restic and borg (backupbench.py).
 
 The code: bench_targets.py (the single-node targets, fio and metadata rounds),
 bench_cluster.py (the cluster sections), bench_report.py (the tables).
@@ -162,7 +162,8 @@ def _commit_of(parser, revision: str) -> str:
 def run_failover(args) -> str:
     """scripts/failoverbench.py, in a process of its own (it has its own teardown)."""
     log("measuring failover ...")
-    rounds = ["--rounds", "2", "--hang-rounds", "1"] if args.quick else []
+    rounds = ["--rounds", "2", "--hang-rounds", "1", "--etcd-rounds", "1",
+              "--etcd-hang-rounds", "1"] if args.quick else []
     proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "failoverbench.py"),
                            "--csvfs", args.csvfs, "--dir", args.dir, *rounds],
                           capture_output=True, text=True, timeout=600, check=False)

@@ -2,8 +2,11 @@
 
 Each round mounts a fresh 3-node cluster, kills (SIGKILL) or stops (SIGSTOP) the
 coordinator, and times one mkdir on a surviving node from the signal to the
-moment it returns: the takeover as an application sees it. Run by `make bench`;
-alone: `python scripts/failoverbench.py [--rounds N] [--hang-rounds N]`.
+moment it returns: the takeover as an application sees it. The same again with
+the nodes elected through etcd (`--election etcd://...`, a local 3-member etcd
+cluster of scripts/etcd_cluster.py) instead of the volume's lease region. Run by
+`make bench`; alone: `python scripts/failoverbench.py [--rounds N]
+[--hang-rounds N] [--etcd-rounds N] [--etcd-hang-rounds N]`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-from nodes import MountProcess, NodeError  # scripts/nodes.py: this directory is on sys.path
+from etcd_cluster import EtcdCluster  # scripts/: this directory is on sys.path
+from nodes import MountProcess, NodeError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT = 20.0
@@ -28,10 +32,12 @@ OP_TIMEOUT = 30.0
 
 
 def start_node(csvfs: str, image: Path, directory: Path, name: str,
-               lease: float) -> MountProcess:
+               lease: float, election: str = "") -> MountProcess:
     log = directory / f"{name}.log"
+    extra = ["--election", election] if election else []
     node = MountProcess.csvfs_node(image, directory / f"{name}-mnt", name, log,
-                                   "--lease", str(lease), csvfs=[csvfs], new_session=True)
+                                   "--lease", str(lease), *extra, csvfs=[csvfs],
+                                   new_session=True)
     return node.start(MOUNT_TIMEOUT)  # a node that does not mount is stopped again
 
 
@@ -54,8 +60,8 @@ def finished_at(action) -> float | None:
 
 
 def one_round(csvfs: str, scratch: Path, index: int, how: signal.Signals,
-              lease: float) -> float | None:
-    directory = scratch / f"{how.name.lower()}-{index}"
+              lease: float, election: str = "") -> float | None:
+    directory = scratch / f"{how.name.lower()}-{index}{'-etcd' if election else ''}"
     directory.mkdir()
     image = directory / "vol.img"
     subprocess.run([csvfs, "mkfs", str(image), "--size", "256M"], check=True,
@@ -63,7 +69,7 @@ def one_round(csvfs: str, scratch: Path, index: int, how: signal.Signals,
     nodes: list[MountProcess] = []
     try:
         for name in ("n1", "n2", "n3"):
-            nodes.append(start_node(csvfs, image, directory, name, lease))
+            nodes.append(start_node(csvfs, image, directory, name, lease, election))
         victim, survivor = nodes[0], nodes[1]
         os.mkdir(survivor.mountpoint / "before")  # connected and registered
         started = time.monotonic()
@@ -90,6 +96,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="SIGKILL rounds (default 5)")
     parser.add_argument("--hang-rounds", type=int, default=3,
                         help="SIGSTOP rounds (default 3)")
+    parser.add_argument("--etcd-rounds", type=int, default=3,
+                        help="SIGKILL rounds with etcd election (default 3)")
+    parser.add_argument("--etcd-hang-rounds", type=int, default=2,
+                        help="SIGSTOP rounds with etcd election (default 2)")
     parser.add_argument("--lease", type=float, default=3.0, help="lease time (default 3)")
     parser.add_argument("--csvfs", default=str(PROJECT_ROOT / ".venv" / "bin" / "csvfs"))
     parser.add_argument("--dir", default="/var/tmp", help="scratch parent (default /var/tmp)")
@@ -100,7 +110,8 @@ def main(argv=None) -> int:
                   for i in range(args.rounds)]
         hung = [one_round(args.csvfs, scratch, i, signal.SIGSTOP, args.lease)
                 for i in range(args.hang_rounds)]
-    except (NodeError, subprocess.CalledProcessError) as exc:
+        etcd_killed, etcd_hung = with_etcd(args, scratch)
+    except (NodeError, subprocess.CalledProcessError, RuntimeError) as exc:
         print(f"failover bench failed: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -111,7 +122,23 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---|---|")
     print(summary("SIGKILL", killed, "< 1000"))
     print(summary("SIGSTOP (hung)", hung, f"< {args.lease * 1000:.0f} (the lease)"))
+    if etcd_killed or etcd_hung:
+        print(summary("SIGKILL, etcd election", etcd_killed, "< 1000"))
+        print(summary("SIGSTOP (hung), etcd election", etcd_hung,
+                      f"< {args.lease * 1000:.0f} (the lease)"))
     return 0
+
+
+def with_etcd(args, scratch: Path) -> tuple[list, list]:
+    """The rounds with election through a local 3-member etcd cluster, one for all."""
+    if not (args.etcd_rounds or args.etcd_hang_rounds):
+        return [], []
+    with EtcdCluster(scratch / "etcd", members=3) as etcd:
+        killed = [one_round(args.csvfs, scratch, i, signal.SIGKILL, args.lease, etcd.url)
+                  for i in range(args.etcd_rounds)]
+        hung = [one_round(args.csvfs, scratch, i, signal.SIGSTOP, args.lease, etcd.url)
+                for i in range(args.etcd_hang_rounds)]
+    return killed, hung
 
 
 if __name__ == "__main__":

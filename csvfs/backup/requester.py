@@ -20,13 +20,11 @@ from pathlib import Path
 
 import trio
 
-from csvfs.cluster import messages
-from csvfs.cluster.election import read_lease, read_slot, slot_alive
+from csvfs.cluster import elections, messages
 from csvfs.cluster.errors import MetaError, is_not_coordinator
 from csvfs.cluster.rpc_client import RpcClient
 from csvfs.cluster.transport import split_address
 from csvfs.cluster.wire import RpcError
-from csvfs.volume import format as fmt
 from csvfs.volume.errors import ExitCode, UserError
 from csvfs.volume.image import Volume, default_key_path, read_key
 
@@ -60,10 +58,11 @@ def find_coordinator(image: Path, key_path: Path | None) -> tuple[str, bytes, st
     try:
         key = read_key(key_path)
         volume.check_key(key)
-        lease = read_lease(volume)
-        record = read_slot(volume, lease.owner_slot) if lease.owner_slot >= 0 else None
-        alive = record is not None and slot_alive(volume, lease.owner_slot)
-        anyone = any(slot_alive(volume, slot) for slot in range(fmt.MAX_NODES))
+        view = elections.view(elections.election_spec(None), volume)  # $CSVFS_ELECTION
+        lease = view.lease
+        record = view.records.get(lease.owner_slot) if lease.owner_slot >= 0 else None
+        alive = record is not None and lease.owner_slot in view.alive
+        anyone = bool(view.alive)
         uuid = str(volume.sb.uuid)
     finally:
         volume.close()

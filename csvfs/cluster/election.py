@@ -5,6 +5,9 @@ the lease happen under a POSIX OFD lock on the lease bytes, which plays the
 part of VMFS's compare-and-write among processes. Each node also holds an
 OFD lock on its own node slot for as long as it lives: when another process
 can take that lock, the node is provably dead.
+
+`Election` is the embedded default; csvfs/cluster/etcd_election.py offers the
+same interface through etcd (csvfs/cluster/elections.py chooses).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import struct
 import time
@@ -134,6 +138,52 @@ class Election:
         self.epoch = 0
         self.address = ""  # where this node's RPC server listens, published in its slot
         self.io_mode = "direct"  # published in the slot too (csvfs/redirect.py)
+        self.confirmed_at = -math.inf  # time.monotonic() the last renewal began
+        self.lease_window = lease_seconds  # the lease surely lasts this long after that
+
+    # -- what the roles ask, the same for every backend (csvfs/cluster/elections.py) ------
+
+    def read_lease(self) -> Lease:
+        return read_lease(self.volume)
+
+    def read_slot(self, slot: int) -> dict | None:
+        return read_slot(self.volume, slot)
+
+    def slot_alive(self, slot: int) -> bool:
+        return slot_alive(self.volume, slot)
+
+    def live_records(self) -> dict[int, dict]:
+        """The records of the live nodes, this one included, by slot."""
+        records = {}
+        for slot in range(fmt.MAX_NODES):
+            if slot == self.slot or slot_alive(self.volume, slot):
+                records[slot] = read_slot(self.volume, slot) or {}
+        return records
+
+    def owner_address(self, lease: Lease) -> str:
+        return (read_slot(self.volume, lease.owner_slot) or {}).get("address", "")
+
+    async def try_take(self, may_take, recover):
+        """Take the lease if nobody live holds it and `may_take(lease)`: returns
+        (recovered, epoch, old lease), where `recover()` loaded the metadata under
+        the lease lock; otherwise the lease as it is."""
+        with self.lease_lock():
+            lease = read_lease(self.volume)
+            if self.live_owner(lease) or self.waits_for_heir(lease) or not may_take(lease):
+                return lease
+            recovered = recover()
+            epoch = self.take(lease, recovered.last_epoch)
+        return recovered, epoch, lease
+
+    async def owner_gone(self, lease: Lease) -> None:
+        """Joining the owner failed. Here a dead owner shows by itself: its slot's
+        liveness lock is free."""
+
+    async def run(self) -> None:
+        """Nothing runs in the background: the coordinator renews in its role."""
+
+    async def leave(self) -> None:
+        """A clean unmount: the slot's lock goes with the volume's descriptor."""
 
     def claim_slot(self) -> int:
         """Take the liveness lock of a free slot (a dead node's slot is free). Writes nothing."""
@@ -161,7 +211,7 @@ class Election:
         return [slot for slot in range(fmt.MAX_NODES)
                 if slot != self.slot and slot_alive(self.volume, slot)]
 
-    def hand_over(self, heir_slot: int) -> bool:
+    async def hand_over(self, heir_slot: int) -> bool:
         """Free our lease for `heir_slot` alone, for one lease period (a move); False if
         the lease is not ours any more."""
         with self.lease_lock():
@@ -176,6 +226,7 @@ class Election:
     def take(self, lease: Lease, min_epoch: int) -> int:
         """Become coordinator with a new epoch. Call under lease_lock()."""
         self.epoch = max(lease.epoch, min_epoch) + 1
+        self.confirmed_at = time.monotonic()
         self._write_lease()
         self.write_slot(mode="direct")
         self.volume.sync()
@@ -183,15 +234,17 @@ class Election:
 
     def renew(self) -> bool:
         """Extend our lease; False if someone else holds it now (we must stop committing)."""
+        started = time.monotonic()
         with self.lease_lock():
             lease = read_lease(self.volume)
             if lease.owner_slot != self.slot or lease.epoch != self.epoch:
                 return False
             self._write_lease()
+        self.confirmed_at = started
         self.write_slot()
         return True
 
-    def release(self) -> None:
+    async def release(self) -> None:
         """Give the lease up at a clean shutdown, keeping the epoch for the next owner."""
         with self.lease_lock():
             lease = read_lease(self.volume)

@@ -17,6 +17,7 @@ class ExitCode:
     UNREACHABLE = 15  # status: the lease names a live coordinator that did not answer
     NO_SUCH_NODE = 16  # fault, redirect, move: no node of that name is in session
     CANNOT_MOVE = 17  # move: no node can take the role (none other, or no working path)
+    ELECTION_UNAVAILABLE = 18  # --election etcd://...: no etcd endpoint answered
     FSCK_REPAIRED = 1  # fsck found problems and repaired them all
     FSCK_UNREPAIRED = 4  # fsck found problems it left in place
     REPO_MISSING = 20  # no backup repository at that path, or not a repository
@@ -49,6 +50,10 @@ class KeyFileError(UserError):
 
 class MountpointError(UserError):
     exit_code = ExitCode.BAD_MOUNTPOINT
+
+
+class ElectionUnavailable(UserError):
+    exit_code = ExitCode.ELECTION_UNAVAILABLE
 
 
 class VolumeBusyError(UserError):
