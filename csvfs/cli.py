@@ -138,6 +138,13 @@ def _election(args) -> str:
     return election_spec(args.election)
 
 
+def _disk_election_asked(args) -> bool:
+    from csvfs.cluster.elections import ENVIRONMENT
+
+    asked = args.election if args.election is not None else os.environ.get(ENVIRONMENT, "")
+    return asked.strip() == "disk"
+
+
 def cmd_mkfs(args) -> int:
     from csvfs.mkfs import make_volume
     from csvfs.volume.image import default_key_path, is_block_device
@@ -211,6 +218,7 @@ def cmd_mount(args) -> int:
         listen_text=args.listen,
         advertise_text=args.advertise or "",
         election=_election(args),
+        disk_election_asked=_disk_election_asked(args),
     )
     node.mount(config, foreground=args.foreground)
     return ExitCode.OK

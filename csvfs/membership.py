@@ -33,6 +33,7 @@ from coordinator import recovery
 from coordinator.endpoint import CoordinatorEndpoint
 from coordinator.service import ONCE_ONLY
 from csvfs import balance
+from csvfs.cluster import elections
 from csvfs.cluster.election import Lease
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.cluster.messages import brief
@@ -192,7 +193,11 @@ class Membership:
     async def _try_take(self):
         """Take the lease if nobody live holds it: returns (recovered, epoch, old lease).
         Otherwise returns the live owner's lease."""
-        return await self.election.try_take(self._may_take, self._recover)
+        outcome = await self.election.try_take(self._may_take, self._recover)
+        if not isinstance(outcome, Lease):
+            await trio.to_thread.run_sync(elections.record_election, self.election,
+                                          self.volume, outcome[1])
+        return outcome
 
     def _may_take(self, lease: Lease) -> bool:
         """A node whose path failed, or that was cut off, leaves the role to others."""

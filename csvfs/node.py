@@ -49,6 +49,7 @@ class NodeConfig:
     io_timeout: float = 60.0  # how long I/O waits for a coordinator, then EIO
     direct_io: bool | None = None  # O_DIRECT; None: for a block device only
     election: str = ""  # "": the lease region; etcd://...: etcd (csvfs/cluster/elections.py)
+    disk_election_asked: bool = False  # --election disk: the region, though etcd marked it
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -98,6 +99,8 @@ class Node:
                                   direct_io=self.config.direct_io)
         self.key = read_key(self.config.key_path)
         self.volume.check_key(self.key)
+        elections.check_same_election(self.config.election, self.volume,
+                                      self.config.disk_election_asked)
         self.election = elections.make_election(self.config.election, self.volume,
                                                 self.config.name, self.config.lease_seconds)
         try:

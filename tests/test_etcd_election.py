@@ -40,6 +40,7 @@ def coordinator(image) -> tuple[str, int]:
     return report["coordinator"]["name"], report["coordinator"]["epoch"]
 
 
+@pytest.mark.also_on_a_loop_device  # as on hosts sharing a LUN: O_DIRECT, etcd
 def test_election_status_and_takeover_after_sigkill(etcd, image, nodes):
     first, second, third = (nodes.start(image, name) for name in ("n1", "n2", "n3"))
     report = status(image)
@@ -178,3 +179,34 @@ def test_the_coordinator_key_reads_as_a_lease_with_the_revision_as_epoch():
     lease = state_of(uuid, [freed]).lease
     assert lease.owner_slot == -1 and lease.epoch == 55 and lease.moving()
     assert not lease.unexpired() and lease.etcd_lease == 0
+
+
+def test_every_node_of_a_volume_must_elect_the_same_way(etcd, image, nodes, tmp_path,
+                                                        monkeypatch):
+    """Nodes electing through etcd and through the lease region would each find a
+    coordinator of their own: the volume remembers how it elects, and a node that
+    would elect otherwise refuses to mount, in either direction."""
+    etcd_node = nodes.start(image, "n1")
+    (etcd_node.path("kept")).write_text("by n1")
+    mountpoint = tmp_path / "mnt-disk"
+    mountpoint.mkdir()
+    refused = csvfs("mount", image, mountpoint, "--name", "n2", "--election", "disk",
+                    check=False)  # explicitly the region, while n1 lives through etcd
+    assert refused.returncode == 13
+    assert refused.stderr.strip() == (f"csvfs: error: {image}: nodes elected through "
+                                      f"{etcd.url} still mount it; unmount them first")
+    monkeypatch.delenv("CSVFS_ELECTION")
+    refused = csvfs("mount", image, mountpoint, "--name", "n2", check=False)
+    assert refused.returncode == 13
+    assert refused.stderr.strip() == (
+        f"csvfs: error: {image} elects its coordinator through {etcd.url}: mount it with "
+        f"--election {etcd.url} (or --election disk once no node uses etcd)")
+    etcd_node.unmount()
+    disk_node = nodes.start(image, "n3", "--election", "disk")  # etcd's nodes are gone
+    assert (disk_node.path("kept")).read_text() == "by n1"
+    refused = csvfs("mount", image, mountpoint, "--name", "n4", "--election", etcd.url,
+                    check=False)
+    assert refused.returncode == 13
+    assert refused.stderr.strip() == (
+        f"csvfs: error: {image} has a coordinator elected through its lease region (n3): "
+        "every node of a volume must elect the same way")

@@ -75,6 +75,9 @@ class Lease:
     # until heir_until_ns; the others wait for it, then join it.
     heir_slot: int = -1
     heir_until_ns: int = 0
+    # Set while the volume elects through etcd (csvfs/cluster/elections.py): nodes that
+    # would elect through this region refuse to mount.
+    election: str = ""
 
     def unexpired(self) -> bool:
         """Does a node hold it, within its time?"""
@@ -101,8 +104,8 @@ def read_lease(volume: Volume) -> Lease:
 
 
 def write_free_lease(volume: Volume, epoch: int = 0, heir_slot: int = -1,
-                     heir_until_ns: int = 0) -> None:
-    lease = Lease(-1, "", 0, epoch, 0, heir_slot, heir_until_ns)
+                     heir_until_ns: int = 0, election: str = "") -> None:
+    lease = Lease(-1, "", 0, epoch, 0, heir_slot, heir_until_ns, election)
     volume.write(volume.sb.lease.offset,
                  fmt.pack_block(fmt.LEASE_MAGIC, lease.__dict__, fmt.LEASE_RECORD_SIZE))
 

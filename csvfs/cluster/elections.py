@@ -23,6 +23,7 @@ and the command-line tools a `View` of who coordinates and which nodes live.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -30,8 +31,10 @@ from csvfs.cluster import election as disk
 from csvfs.cluster.etcd_client import Etcd, EtcdUnavailable, parse_endpoints
 from csvfs.cluster.etcd_election import EtcdElection, read_state
 from csvfs.volume import format as fmt
-from csvfs.volume.errors import ElectionUnavailable, UsageError
+from csvfs.volume.errors import ElectionUnavailable, UsageError, VolumeBusyError
 from csvfs.volume.image import Volume
+
+log = logging.getLogger(__name__)
 
 ENVIRONMENT = "CSVFS_ELECTION"
 
@@ -54,6 +57,43 @@ def make_election(spec: str, volume: Volume, name: str, lease_seconds: float):
         election = EtcdElection(parse_endpoints(spec), volume.sb.uuid, name, lease_seconds)
     election.spec = spec  # what the balance reads the cluster's other volumes with
     return election
+
+
+def check_same_election(spec: str, volume: Volume, disk_asked: bool = False) -> None:
+    """Every node of a volume must elect the same way, or two could coordinate it at
+    once. An etcd coordinator marks the lease region with its URL (record_election);
+    a node that would elect through the region refuses a marked volume unless asked
+    for the region in so many words (`--election disk`, once no node uses etcd), and
+    an etcd node refuses a volume whose region has a lease in time."""
+    lease = disk.read_lease(volume)
+    if not spec and lease.election and not disk_asked:
+        raise VolumeBusyError(
+            f"{volume.path} elects its coordinator through {lease.election}: mount it with "
+            f"--election {lease.election} (or --election disk once no node uses etcd)")
+    if not spec and lease.election and _live_nodes(lease.election, volume):
+        raise VolumeBusyError(f"{volume.path}: nodes elected through {lease.election} "
+                              "still mount it; unmount them first")
+    if spec and lease.unexpired() and not lease.election:
+        raise VolumeBusyError(
+            f"{volume.path} has a coordinator elected through its lease region "
+            f"({lease.owner_name}): every node of a volume must elect the same way")
+
+
+def _live_nodes(spec: str, volume: Volume) -> bool:
+    """Do nodes live in the etcd election `spec` of this volume? An etcd that does not
+    answer cannot say; the user asked for the region, so it is taken as no."""
+    try:
+        return bool(view(spec, volume).records)
+    except ElectionUnavailable as exc:
+        log.warning("%s; taking it that no node elects through it any more", exc)
+        return False
+
+
+def record_election(election, volume: Volume, epoch: int) -> None:
+    """An etcd coordinator took the role: mark the lease region (check_same_election)."""
+    if election.spec:
+        disk.write_free_lease(volume, epoch, election=election.spec)
+        volume.sync()
 
 
 def claim_slot(election) -> None:

@@ -113,8 +113,9 @@ def lease_of(kv: KeyValue | None, now_ns: int) -> EtcdLease:
     base = int(value.get("base", 0))
     return EtcdLease(owner, str(value.get("owner_name", "")), int(value.get("owner_pid", 0)),
                      base + kv.mod_revision, expiry, int(value.get("heir_slot", -1)),
-                     int(value.get("heir_until_ns", 0)), kv.mod_revision,
-                     kv.lease if owner >= 0 else 0, str(value.get("address", "")), base)
+                     int(value.get("heir_until_ns", 0)), revision=kv.mod_revision,
+                     etcd_lease=kv.lease if owner >= 0 else 0,
+                     address=str(value.get("address", "")), base=base)
 
 
 @dataclass
