@@ -18,12 +18,29 @@ from pathlib import Path
 
 from coordinator import recovery
 from coordinator.model import ROOT_INO, MetadataState
+from csvfs.cluster import elections
 from csvfs.cluster.election import read_lease, slot_alive
 from csvfs.volume import format as fmt
-from csvfs.volume.errors import ExitCode, VolumeBusyError
+from csvfs.volume.errors import ElectionUnavailable, ExitCode, VolumeBusyError
 from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
+
+
+def _live_in_etcd(volume: Volume, repair: bool) -> bool:
+    """Do nodes that elect through etcd mount it (their slots are not on the volume)?
+    An etcd that does not answer cannot say: a repair then refuses."""
+    spec = read_lease(volume).election
+    if not spec:
+        return False
+    try:
+        return bool(elections.view(spec, volume).records)
+    except ElectionUnavailable as exc:
+        if repair:
+            raise VolumeBusyError(f"{volume.path}: cannot tell whether nodes mount it "
+                                  f"({exc})") from None
+        print(f"warning: cannot tell whether nodes mount {volume.path} ({exc})")
+        return False
 
 
 @dataclass
@@ -72,7 +89,7 @@ def _summarise(report: Report, repair: bool) -> int:
 
 def _refuse_live_volume(volume: Volume, repair: bool) -> None:
     live = [slot for slot in range(fmt.MAX_NODES) if slot_alive(volume, slot)]
-    if not live:
+    if not live and not _live_in_etcd(volume, repair):
         return
     if repair:
         raise VolumeBusyError(f"{volume.path} is mounted by a live node; unmount it first")

@@ -201,6 +201,8 @@ def test_every_node_of_a_volume_must_elect_the_same_way(etcd, image, nodes, tmp_
     assert refused.stderr.strip() == (
         f"csvfs: error: {image} elects its coordinator through {etcd.url}: mount it with "
         f"--election {etcd.url} (or --election disk once no node uses etcd)")
+    repair = csvfs("fsck", image, "--repair", check=False)  # its slot is in etcd only
+    assert repair.returncode == 13 and "is mounted by a live node" in repair.stderr
     etcd_node.unmount()
     disk_node = nodes.start(image, "n3", "--election", "disk")  # etcd's nodes are gone
     assert (disk_node.path("kept")).read_text() == "by n1"
