@@ -91,9 +91,8 @@ def start(nodes, images, name: str) -> list[Node]:
     """Node `name`: one mount process per volume of the cluster."""
     started = []
     for image in images:
-        node = Node(image, image.parent / f"mnt-{name}", name, "--cluster",
-                    str(image.parent.parent / "cluster"), "--lease", "1")
-        nodes.started.append(node)
+        node = nodes.node(image, name, "--cluster", str(image.parent.parent / "cluster"),
+                          "--lease", "1", mountpoint=image.parent / f"mnt-{name}")
         started.append(node.start())
     return started
 
@@ -149,9 +148,7 @@ def test_balance_on_demand_prints_what_it_moved(tmp_path, nodes):
         images.append(make_volume(directory, size="64M"))
     for name in ("n1", "n2", "n3"):  # no --cluster: nothing balances by itself
         for image in images:
-            node = Node(image, image.parent / f"mnt-{name}", name)
-            nodes.started.append(node)
-            node.start()
+            nodes.node(image, name, mountpoint=image.parent / f"mnt-{name}").start()
     assert roles(images) == [3]
     result = csvfs("balance", *images)
     lines = result.stdout.strip().splitlines()
