@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from scripts import netns
 from scripts.nodes import MountProcess, csvfs_command, csvfs_mount_command, status_json
 
@@ -45,6 +47,10 @@ def make_volume(directory: Path, size: str = "256M", unit: str | None = None) ->
     csvfs(*args)
     return image
 
+
+# On a test that takes the nodes fixture: it runs twice, as CSVFS_TEST_ISOLATE says and
+# isolated, so that the default suite exercises isolated nodes too (conftest.py).
+BOTH_WAYS = pytest.mark.parametrize("nodes", ["default", "isolated"], indirect=True)
 
 ISOLATE_TOOLS = ("ip", "nsenter", "unshare", "mount", "umount")
 
@@ -91,6 +97,7 @@ class Isolation:
         return self.network.host_address
 
     def open(self) -> Isolation:
+        self.directory.mkdir(parents=True, exist_ok=True)
         try:
             netns.create_bridge(self.network)
             netns.share_directory(self.directory)

@@ -9,14 +9,13 @@ LOOPBACK = "127.0.0.1"
 
 
 def isolating(request) -> bool:
-    """Whether this test's nodes run in namespaces of their own: as the test's
-    parameter of the nodes fixture says ("plain" or "isolated", see
-    tests/test_isolated_nodes.py), else as CSVFS_TEST_ISOLATE=1 says."""
-    mode = getattr(request, "param", None)
-    if mode is not None:
-        assert mode in ("plain", "isolated"), mode
-        return mode == "isolated"
-    return os.environ.get(ISOLATE_VARIABLE, "") == "1"
+    """Whether this test's nodes run in namespaces of their own: always if the test
+    gives the nodes fixture the parameter "isolated" (indirect parametrization, as in
+    tests/cluster.py BOTH_WAYS), else if CSVFS_TEST_ISOLATE=1."""
+    mode = getattr(request, "param", "default")
+    assert mode in ("default", "isolated"), mode
+    return mode == "isolated" or os.environ.get(ISOLATE_VARIABLE, "") == "1"
+
 
 
 @pytest.fixture

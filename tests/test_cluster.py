@@ -14,7 +14,7 @@ import time
 import pytest
 
 from scripts.nodes import events_json as events
-from tests.cluster import FdHolder, csvfs, make_volume, status
+from tests.cluster import BOTH_WAYS, FdHolder, csvfs, make_volume, status
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -87,6 +87,7 @@ def test_status_of_a_coordinator_that_does_not_answer(image, nodes):
 
 
 @pytest.mark.parametrize("count", [2, 3])
+@BOTH_WAYS
 def test_namespace_and_attributes_are_coherent(image, nodes, count):
     cluster = start_cluster(nodes, image, count)
     for step in range(count):
