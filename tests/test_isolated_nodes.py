@@ -77,10 +77,12 @@ def test_an_isolation_leaves_nothing_behind_even_after_its_node_was_killed(tmp_p
         node.kill(signal.SIGKILL, unmount=False)  # its dead mount stays, here and there
         assert is_mounted(node.mountpoint)
     finally:
-        isolation.close()
+        try:
+            isolation.close()  # all of it: node.stop() only closes its pipe now
+        finally:
+            node.stop()
     assert isolation.leftovers() == []
     assert not pid_alive(holder) and mounts_under(tmp_path) == []
-    node.stop()
 
 
 def test_a_holder_never_keeps_a_fuse_mount_of_the_host_alive(tmp_path, image):
@@ -89,17 +91,21 @@ def test_a_holder_never_keeps_a_fuse_mount_of_the_host_alive(tmp_path, image):
     connection alive once the host unmounts it, so its server exits at once."""
     plain = Node(image, tmp_path / "mnt-plain", "plain")  # on the host
     isolation = Isolation(tmp_path / "isolated")
+    other = None
     try:
         plain.start()
         isolation.open()  # another volume: b must not join plain
         other = Node(make_volume(isolation.directory, size="64M"),
-                     tmp_path / "isolated" / "mnt-b", "b", isolation=isolation).start()
+                     tmp_path / "isolated" / "mnt-b", "b", isolation=isolation)
+        other.start()
         assert os.fspath(plain.mountpoint) not in mounts_of(isolation.holders["b"])
         assert os.fspath(plain.mountpoint) not in mounts_of(other.pid)
         assert plain.unmount(timeout=10) == 0  # exits: no copy held its connection
         assert other.unmount(timeout=20) == 0
     finally:
         plain.stop()
+        if other is not None:
+            other.stop()
         isolation.close()
     assert isolation.leftovers() == []
 
