@@ -5,7 +5,7 @@ VOLUMES ?= 1
 ISOLATE ?=
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio attr gcc qemu-utils restic borgbackup etcd-server
 
-.PHONY: setup test test-device bench lint clean cluster cluster-down demo-vms
+.PHONY: setup test test-device test-isolated bench lint clean cluster cluster-down demo-vms
 
 setup:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -34,6 +34,16 @@ DEVICE_TESTS := tests/test_cluster.py tests/test_failover.py tests/test_fencing.
   tests/test_backup_mount.py tests/test_change_tracking.py tests/test_restore_image.py
 test-device:
 	CSVFS_TEST_VOLUME=loop $(PY) -m pytest -q $(DEVICE_TESTS)
+
+# The tests whose nodes are csvfs processes started by the nodes fixture: with
+# CSVFS_TEST_ISOLATE=1 each node runs in a network and a mount namespace of its own
+# (tests/cluster.py Isolation; needs root). `make test` runs a few of them both ways.
+ISOLATED_TESTS := $(addprefix tests/test_,$(addsuffix .py,append backup bad_input balance \
+	cluster crash debug_log failover fencing isolated_nodes locks move peers posix redirect \
+	release restore_image shared_maps small_files smoke vmload))
+
+test-isolated:
+	CSVFS_TEST_ISOLATE=1 $(PY) -m pytest -q $(ISOLATED_TESTS)
 
 bench:
 	$(PY) scripts/bench.py $(if $(BASELINE),--baseline $(BASELINE))

@@ -11,10 +11,18 @@ all of it by name alone:
 
 The bridge has an address so that the host (`csvfs status`) reaches the nodes' RPC.
 Each node also gets a holder: `sleep infinity` in its netns and in a mount namespace of
-its own. `ip netns exec` makes a new mount namespace on every call, so the holder is
-what keeps one alive; the node and every later command enter it with nsenter, and the
-node's FUSE mount is seen there only. The volume image stays a file on the host
-filesystem, which every namespace shares.
+its own, which keeps that namespace alive; the node and every later command enter it
+with nsenter, and the node's FUSE mount is seen there only. The volume image stays a
+file on the host filesystem, which every namespace shares.
+
+The tests' helper (tests/cluster.py) wants the nodes' mounts seen from the host too, as
+a container's volume is: share_directory() makes the test's directory a shared mount,
+and a holder started with shared=that directory keeps its copy of it a peer of the
+host's, so that a mount made below it in either namespace shows in the other (and an
+unmount too). Everything else in a holder's namespace is cut off from the host's
+propagation, and copies of FUSE mounts outside the shared directory are dropped: a
+copy of another process's FUSE mount kept in a namespace of ours would keep its
+connection alive after its owner unmounted it, and its server would never hear.
 
 Cutting a node sets the host end of its veth down: its packets are dropped both ways
 until it is healed. teardown() removes everything named with the tag and is idempotent.
@@ -24,14 +32,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 IP_TIMEOUT = 10.0
 HOLDER = ["sleep", "infinity"]
+# The holders this process started, by netns: teardown() reaps them (a script that
+# exits leaves its holders running, and a later `down` kills them by netns).
+_holders: dict[str, subprocess.Popen] = {}
 
 
 class NetnsError(Exception):
@@ -104,17 +117,82 @@ def add_node(network: Network, index: int) -> None:
     ip("-n", netns, "link", "set", "lo", "up")
 
 
-def start_holder(network: Network, index: int) -> int:
+# Run by a holder between `unshare --mount` and becoming sleep: argv[1] is the shared
+# directory ("" for none). Every shared mount outside it becomes a slave (it still hears
+# of the host's unmounts, but sends nothing back); then every FUSE mount outside it,
+# which is someone else's, is detached from this namespace only.
+HOLDER_SETUP = r"""
+import ctypes, os, re, sys
+MS_SLAVE, MNT_DETACH = 1 << 19, 2
+libc = ctypes.CDLL(None, use_errno=True)
+shared = sys.argv[1]
+def ours(path):
+    return bool(shared) and (path == shared or path.startswith(shared.rstrip("/") + "/"))
+mounts = []
+with open("/proc/self/mountinfo") as table:
+    for line in table:
+        fields, _, rest = line.partition(" - ")
+        fields = fields.split()
+        path = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+        kind = rest.split()[0]
+        mounts.append((path, kind, any(f.startswith("shared:") for f in fields[6:])))
+for path, _kind, is_shared in mounts:
+    if is_shared and not ours(path):
+        libc.mount(None, path.encode(), None, MS_SLAVE, None)
+for path, kind, _shared in reversed(mounts):
+    if (kind in ("fuse", "fuseblk") or kind.startswith("fuse.")) and not ours(path):
+        libc.umount2(path.encode(), MNT_DETACH)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def start_holder(network: Network, index: int, shared: str | os.PathLike | None = None) -> int:
     """The holder of node index's mount namespace (see the module docstring); its pid.
-    ip netns exec and unshare both exec, so the pid is that of sleep itself."""
-    command = ["ip", "netns", "exec", network.netns(index),
-               "unshare", "--mount", "--propagation", "private", *HOLDER]
+    With shared (a directory that share_directory() made a shared mount), mounts below
+    it are seen both in the namespace and on the host. nsenter, unshare and the setup
+    all exec, so the pid is that of sleep itself."""
+    where = os.fspath(Path(shared).resolve()) if shared is not None else ""
+    command = ["nsenter", f"--net=/run/netns/{network.netns(index)}", "--",
+               "unshare", "--mount", "--propagation", "unchanged" if where else "private",
+               "--", sys.executable, "-c", HOLDER_SETUP, where, *HOLDER]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     if not _wait_for_holder(process):
         process.kill()
+        process.wait()
         raise NetnsError(f"the namespace holder of {network.netns(index)} did not start")
+    _holders[network.netns(index)] = process
     return process.pid
+
+
+def share_directory(directory: str | os.PathLike) -> None:
+    """Make directory a shared mount of its own (a bind mount onto itself, in a peer
+    group of its own), for start_holder(shared=directory)."""
+    path = os.fspath(Path(directory).resolve())
+    for args in (["--bind", path, path], ["--make-private", path], ["--make-shared", path]):
+        _run(["mount", *args])
+
+
+def unshare_directory(directory: str | os.PathLike) -> None:
+    """Undo share_directory: detach the bind mount, with whatever is still mounted below
+    it (the dead mount of a node that was killed). Nothing if it is not there."""
+    path = os.fspath(Path(directory).resolve())
+    while path in _mountpoints():
+        _run(["umount", "--lazy", path])
+
+
+def _mountpoints() -> list[str]:
+    with open("/proc/self/mounts") as table:
+        return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[1])
+                for line in table if line.strip()]
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=IP_TIMEOUT,
+                            stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        complaint = result.stderr.strip().splitlines()[-1:] or [f"exit {result.returncode}"]
+        raise NetnsError(f"{' '.join(command)}: {complaint[0]}")
 
 
 def _wait_for_holder(process: subprocess.Popen, tries: int = 100) -> bool:
@@ -185,6 +263,10 @@ def teardown(network: Network) -> list[str]:
     removed = []
     for netns in owned_netns(network):
         kill_processes_in(netns)
+        holder = _holders.pop(netns, None)
+        if holder is not None:
+            holder.kill()
+            holder.wait(timeout=IP_TIMEOUT)
         ip("netns", "del", netns, check=False)
         removed.append(f"netns {netns}")
     for link in owned_links(network):  # the veth's other end goes with it

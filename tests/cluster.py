@@ -2,16 +2,23 @@
 
 What the scripts need too (mounts, /proc, csvfs status and events, starting and
 stopping a node) is in scripts/nodes.py; this is the tests' own layer on top of it.
+
+With an Isolation (CSVFS_TEST_ISOLATE=1, see conftest.py) every node runs in a network
+and a mount namespace of its own, made by scripts/netns.py.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from csvfs.volume.image import KEY_ENVIRONMENT
+from scripts import netns
 from scripts.nodes import MountProcess, csvfs_command, csvfs_mount_command, status_json
 
 CSVFS = csvfs_command()
@@ -75,18 +82,141 @@ def detach_loop_devices() -> None:
             os.environ[KEY_ENVIRONMENT] = key_before
 
 
+# On a test that takes the nodes fixture: it runs twice, as CSVFS_TEST_ISOLATE says and
+# isolated, so that the default suite exercises isolated nodes too (conftest.py).
+BOTH_WAYS = pytest.mark.parametrize("nodes", ["default", "isolated"], indirect=True)
+
+ISOLATE_TOOLS = ("ip", "nsenter", "unshare", "mount", "umount")
+
+
+def isolation_missing() -> str:
+    """Why nodes cannot be isolated here ("" if they can)."""
+    if os.geteuid() != 0:
+        return "isolated nodes need root (namespaces, links, a bridge and mounts)"
+    missing = [tool for tool in ISOLATE_TOOLS if shutil.which(tool) is None]
+    return f"isolated nodes need {', '.join(missing)}" if missing else ""
+
+
+class Isolation:
+    """The namespaces of one test's nodes, as containers on a bridge of their own.
+
+    Every node name gets, the first time a node of that name starts, a network
+    namespace with a veth on the test's bridge and its own address (scripts/netns.py:
+    10.X.Y.I; the host is 10.X.Y.254 on the bridge), and a holder of a mount namespace
+    of its own. Every later node of that name (a restart, or its mount of another
+    volume) runs in the same namespaces. A node listens for RPC on its own address
+    unless the test says --listen itself, so RPC between nodes crosses the veths and
+    the bridge; `csvfs status` and the like, run by the test on the host, reach the
+    coordinator through the bridge's address.
+
+    The test's directory is made a shared mount, and each holder's copy of it a peer
+    of it (netns.share_directory, start_holder(shared=...)): a node's FUSE mount, made
+    in its own mount namespace below that directory, shows at the same path on the
+    host, where the test reads and writes it with plain os calls and unmounts it with
+    fusermount3, as a container's volume is seen from its host.
+
+    close() removes all of it, whatever state the nodes are in.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory).resolve()
+        self.network = netns.Network.for_directory(self.directory)
+        self.holders: dict[str, int] = {}  # node name -> the holder of its namespaces
+        self.indices: dict[str, int] = {}  # node name -> I of its address 10.X.Y.I
+        self.shared = False
+
+    @property
+    def host_address(self) -> str:
+        """The test process's own address, as the nodes see it."""
+        return self.network.host_address
+
+    def open(self) -> Isolation:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            netns.create_bridge(self.network)
+            netns.share_directory(self.directory)
+            self.shared = True
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def address(self, name: str) -> str:
+        return self.network.address(self.index(name))
+
+    def index(self, name: str) -> int:
+        if name not in self.indices:
+            if len(self.indices) >= 253:
+                raise netns.NetnsError("more than 253 node names in one isolated test")
+            self.indices[name] = len(self.indices) + 1
+        return self.indices[name]
+
+    def holder(self, name: str) -> int:
+        """The holder of name's namespaces, made the first time it is asked for."""
+        if name not in self.holders:
+            index = self.index(name)
+            netns.add_node(self.network, index)
+            self.holders[name] = netns.start_holder(self.network, index,
+                                                    shared=self.directory)
+        return self.holders[name]
+
+    def command(self, name: str, command: list[str]) -> list[str]:
+        """command, run in name's namespaces, in the current directory."""
+        return netns.enter(self.holder(name), [os.fspath(arg) for arg in command],
+                           cwd=os.getcwd())
+
+    def cut(self, name: str) -> None:
+        """Drop every packet to and from name's namespace."""
+        netns.set_link(self.network, self.index(name), up=False)
+
+    def heal(self, name: str) -> None:
+        netns.set_link(self.network, self.index(name), up=True)
+
+    def close(self) -> None:
+        """Kill whatever still runs in the namespaces (holders, a node that would not
+        stop), remove them with their links and the bridge, and detach the shared
+        directory with anything left mounted below it."""
+        try:
+            netns.teardown(self.network)
+        finally:
+            self.holders.clear()
+            if self.shared:
+                netns.unshare_directory(self.directory)
+                self.shared = False
+
+    def leftovers(self) -> list[str]:
+        """What of this isolation still exists (nothing, once closed)."""
+        left = [*(f"netns {name}" for name in netns.owned_netns(self.network)),
+                *(f"link {name}" for name in netns.owned_links(self.network))]
+        with open("/proc/self/mounts") as mounts:
+            root = os.fspath(self.directory)
+            left += [f"mount {line.split()[1]}" for line in mounts
+                     if line.split()[1] == root or line.split()[1].startswith(root + "/")]
+        return left
+
+
 class Node(MountProcess):
     """One `csvfs mount --foreground` process with its own mountpoint and log
-    (scripts/nodes.py starts and stops it)."""
+    (scripts/nodes.py starts and stops it); with isolation, in the namespaces of its
+    name (Isolation)."""
 
     def __init__(self, image: Path, mountpoint: Path, name: str = "node1", *extra: str,
-                 env: dict | None = None):
+                 env: dict | None = None, isolation: Isolation | None = None):
         self.image = image
         self.name = name
         self.log = mountpoint.parent / f"{name}.log"
-        super().__init__(csvfs_mount_command(image, mountpoint, "--name", name,
-                                             "--log", self.log, *extra),
-                         mountpoint, label=f"node {name}", log=self.log, env=env)
+        self.isolation = isolation
+        if isolation is not None:  # first, so that a --listen of the test's own wins
+            extra = ("--listen", f"{isolation.address(name)}:0", *extra)
+        command = csvfs_mount_command(image, mountpoint, "--name", name, "--log", self.log,
+                                      *extra)
+        super().__init__(command, mountpoint, label=f"node {name}", log=self.log, env=env)
+        self.plain_command = self.command
+
+    def start(self, timeout: float = 20.0) -> Node:
+        if self.isolation is not None:  # the holder only now: a Node may never start
+            self.command = self.isolation.command(self.name, self.plain_command)
+        return super().start(timeout)
 
     def path(self, *parts: str) -> Path:
         return self.mountpoint.joinpath(*parts)

@@ -91,10 +91,9 @@ def start(nodes, images, name: str) -> list[Node]:
     """Node `name`: one mount process per volume of the cluster (tmp_path/cluster)."""
     started = []
     for index, image in enumerate(images, 1):
-        directory = nodes.tmp_path / f"v{index}"
-        node = Node(image, directory / f"mnt-{name}", name, "--cluster",
-                    str(nodes.tmp_path / "cluster"), "--lease", "1")
-        nodes.started.append(node)
+        mountpoint = nodes.tmp_path / f"v{index}" / f"mnt-{name}"
+        node = nodes.node(image, name, "--cluster", str(nodes.tmp_path / "cluster"),
+                          "--lease", "1", mountpoint=mountpoint)
         started.append(node.start())
     return started
 
@@ -150,9 +149,7 @@ def test_balance_on_demand_prints_what_it_moved(tmp_path, nodes):
         images.append(make_volume(directory, size="64M"))
     for name in ("n1", "n2", "n3"):  # no --cluster: nothing balances by itself
         for index, image in enumerate(images, 1):
-            node = Node(image, tmp_path / f"v{index}" / f"mnt-{name}", name)
-            nodes.started.append(node)
-            node.start()
+            nodes.node(image, name, mountpoint=tmp_path / f"v{index}" / f"mnt-{name}").start()
     assert roles(images) == [3]
     result = csvfs("balance", *images)
     lines = result.stdout.strip().splitlines()
