@@ -31,7 +31,8 @@ DEVICE_TESTS := tests/test_cluster.py tests/test_failover.py tests/test_fencing.
   tests/test_vmload.py tests/test_move.py tests/test_redirect.py tests/test_shared_maps.py \
   tests/test_locks.py tests/test_append.py tests/test_posix.py tests/test_small_files.py \
   tests/test_smoke.py tests/test_release.py tests/test_backup.py tests/test_balance.py \
-  tests/test_backup_mount.py tests/test_change_tracking.py tests/test_restore_image.py
+  tests/test_backup_mount.py tests/test_change_tracking.py tests/test_restore_image.py \
+  tests/test_etcd_election.py
 test-device:
 	CSVFS_TEST_VOLUME=loop $(PY) -m pytest -q $(DEVICE_TESTS)
 
@@ -40,7 +41,7 @@ test-device:
 # (tests/cluster.py Isolation; needs root). `make test` runs a few of them both ways.
 ISOLATED_TESTS := $(addprefix tests/test_,$(addsuffix .py,append backup bad_input balance \
 	cluster crash debug_log failover fencing isolated_nodes locks move peers posix redirect \
-	release restore_image shared_maps small_files smoke vmload))
+	release restore_image shared_maps small_files smoke vmload etcd_election))
 
 test-isolated:
 	CSVFS_TEST_ISOLATE=1 $(PY) -m pytest -q $(ISOLATED_TESTS)

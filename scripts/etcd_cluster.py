@@ -49,8 +49,13 @@ def free_ports(count: int) -> list[int]:
 
 
 class EtcdCluster:
-    def __init__(self, directory: Path, members: int = 3):
+    """client_host: the address clients use (the URL); other than loopback, every
+    member listens for clients on all addresses, so that nodes in network namespaces
+    reach it through a bridge that may not exist yet when it starts."""
+
+    def __init__(self, directory: Path, members: int = 3, client_host: str = "127.0.0.1"):
         self.directory = Path(directory)
+        self.client_host = client_host
         ports = free_ports(2 * members)
         self.client_ports = ports[:members]
         self.peer_ports = ports[members:]
@@ -58,7 +63,7 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        return [f"127.0.0.1:{port}" for port in self.client_ports]
+        return [f"{self.client_host}:{port}" for port in self.client_ports]
 
     @property
     def url(self) -> str:
@@ -66,11 +71,13 @@ class EtcdCluster:
 
     def _command(self, index: int) -> list[str]:
         peers = ",".join(f"m{i}=http://127.0.0.1:{port}" for i, port in enumerate(self.peer_ports))
-        client = f"http://127.0.0.1:{self.client_ports[index]}"
+        port = self.client_ports[index]
+        listen = f"http://{'127.0.0.1' if self.client_host == '127.0.0.1' else '0.0.0.0'}:{port}"
         peer = f"http://127.0.0.1:{self.peer_ports[index]}"
         return [etcd_binary(), "--name", f"m{index}",
                 "--data-dir", str(self.directory / f"m{index}"),
-                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-client-urls", listen,
+                "--advertise-client-urls", f"http://{self.client_host}:{port}",
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", peers, "--initial-cluster-state", "new",
                 "--initial-cluster-token", f"csvfs-{os.getpid()}-{self.client_ports[0]}",
@@ -106,7 +113,7 @@ class EtcdCluster:
 
     def healthy(self, index: int) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.endpoints[index]}/health",
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.client_ports[index]}/health",
                                         timeout=1) as reply:
                 return json.load(reply).get("health") == "true"
         except (OSError, ValueError):

@@ -85,6 +85,11 @@ def detach_loop_devices() -> None:
 # On a test that takes the nodes fixture: it runs twice, as CSVFS_TEST_ISOLATE says and
 # isolated, so that the default suite exercises isolated nodes too (conftest.py).
 BOTH_WAYS = pytest.mark.parametrize("nodes", ["default", "isolated"], indirect=True)
+# Twice: as the environment says, and as hosts sharing a LUN would run it: every node
+# in namespaces of its own, the volume on a loop device that they open with O_DIRECT.
+AS_ON_SEVERAL_HOSTS = pytest.mark.parametrize(
+    ("image", "nodes"), [("file", "default"), ("loop-device", "isolated")],
+    ids=["default", "isolated-on-a-loop-device"], indirect=True)
 
 ISOLATE_TOOLS = ("ip", "nsenter", "unshare", "mount", "umount")
 

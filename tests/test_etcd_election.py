@@ -17,6 +17,7 @@ from csvfs.cluster.etcd_election import coordinator_key, slot_key, state_of
 from csvfs.volume.errors import UsageError
 from csvfs.volume.image import Volume
 from scripts.etcd_cluster import EtcdCluster
+from scripts.netns import Network
 from tests.cluster import csvfs, status
 
 pytestmark = pytest.mark.timeout(90)
@@ -26,7 +27,11 @@ pytestmark = pytest.mark.timeout(90)
 def etcd(tmp_path, monkeypatch):
     """Three etcd members; the nodes and `csvfs status` use them through CSVFS_ELECTION.
     Every member is killed afterwards, whatever happened."""
-    cluster = EtcdCluster(tmp_path / "etcd", members=3)
+    # With CSVFS_TEST_ISOLATE=1 the nodes reach etcd through their bridge, at the
+    # host's address on it (tests/cluster.py Isolation makes the bridge of tmp_path).
+    isolated = os.environ.get("CSVFS_TEST_ISOLATE") == "1"
+    host = Network.for_directory(tmp_path).host_address if isolated else "127.0.0.1"
+    cluster = EtcdCluster(tmp_path / "etcd", members=3, client_host=host)
     try:
         cluster.start()
         monkeypatch.setenv("CSVFS_ELECTION", cluster.url)

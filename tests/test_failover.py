@@ -14,7 +14,7 @@ from coordinator.journal import raw_records
 from csvfs.volume.image import Volume
 from scripts.nodes import events_json
 from tests import storm
-from tests.cluster import BOTH_WAYS, FdHolder, csvfs, status
+from tests.cluster import AS_ON_SEVERAL_HOSTS, FdHolder, csvfs, status
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,8 +65,7 @@ def seconds_until_done(action) -> float:
     return time.monotonic() - started
 
 
-@pytest.mark.also_on_a_loop_device
-@BOTH_WAYS
+@AS_ON_SEVERAL_HOSTS
 def test_coordinator_sigkill_under_load(tmp_path, image, nodes):
     victim, second, third = (nodes.start(image, name) for name in ("n1", "n2", "n3"))
     storms = [Storm(second, "on-n2", 11, tmp_path), Storm(third, "on-n3", 12, tmp_path)]

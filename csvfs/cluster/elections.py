@@ -19,6 +19,9 @@ Both backends give a node's roles the same interface:
     hand_over(heir_slot), release(), leave(), write_slot(mode)
 
 and the command-line tools a `View` of who coordinates and which nodes live.
+
+The etcd modules are imported only where etcd is used: its client brings an HTTP
+stack that would add tens of milliseconds to every node's and tool's start.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ import os
 from dataclasses import dataclass
 
 from csvfs.cluster import election as disk
-from csvfs.cluster.etcd_client import Etcd, EtcdUnavailable, parse_endpoints
-from csvfs.cluster.etcd_election import EtcdElection, read_state
 from csvfs.volume import format as fmt
 from csvfs.volume.errors import ElectionUnavailable, UsageError, VolumeBusyError
 from csvfs.volume.image import Volume
@@ -43,6 +44,8 @@ def election_spec(text: str | None) -> str:
     """The --election value, or the environment's; checked. UsageError if malformed."""
     spec = (os.environ.get(ENVIRONMENT, "") if text is None else text).strip()
     if spec and spec != "disk":
+        from csvfs.cluster.etcd_client import parse_endpoints
+
         try:
             parse_endpoints(spec)
         except ValueError as exc:
@@ -54,6 +57,9 @@ def make_election(spec: str, volume: Volume, name: str, lease_seconds: float):
     if not spec:
         election = disk.Election(volume, name, lease_seconds)
     else:
+        from csvfs.cluster.etcd_client import parse_endpoints
+        from csvfs.cluster.etcd_election import EtcdElection
+
         election = EtcdElection(parse_endpoints(spec), volume.sb.uuid, name, lease_seconds)
     election.spec = spec  # what the balance reads the cluster's other volumes with
     return election
@@ -101,8 +107,13 @@ def claim_slot(election) -> None:
     when every slot is taken."""
     try:
         election.claim_slot()
-    except EtcdUnavailable as exc:
-        raise ElectionUnavailable(f"--election: {exc}") from None
+    except OSError as exc:
+        if election.spec:
+            from csvfs.cluster.etcd_client import EtcdUnavailable
+
+            if isinstance(exc, EtcdUnavailable):
+                raise ElectionUnavailable(f"--election: {exc}") from None
+        raise
 
 
 @dataclass
@@ -122,6 +133,9 @@ class View:
 def view(spec: str, volume: Volume) -> View:
     """What the election says of `volume` now. ElectionUnavailable if etcd is down."""
     if spec:
+        from csvfs.cluster.etcd_client import Etcd, parse_endpoints
+        from csvfs.cluster.etcd_election import read_state
+
         try:
             state = read_state(Etcd(parse_endpoints(spec)), volume.sb.uuid)
         except OSError as exc:
