@@ -172,40 +172,34 @@ def run_failover(args) -> str:
     return f"\n## Failover\n\n{proc.stdout}"
 
 
-def run_applications(args) -> str:
-    """scripts/appbench.py (small files, locks, appends), in a process of its own."""
-    log("measuring small files, locks and appends ...")
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "appbench.py"),
-                           "--csvfs", args.csvfs, "--dir", args.dir,
-                           *(["--quick"] if args.quick else [])],
-                          capture_output=True, text=True, timeout=1200, check=False)
+def _run_section(args, script: str, title: str, *options: str, timeout: float = 1200) -> str:
+    """scripts/SCRIPT in a process of its own (each has its own teardown): its report,
+    or the section's title with why it was not measured."""
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / script),
+                           "--dir", args.dir, *options, *(["--quick"] if args.quick else [])],
+                          capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
-        return f"\n## Small files, locks, appends\n\nNot measured: {proc.stderr.strip()}\n"
+        return f"\n## {title}\n\nNot measured: {proc.stderr.strip()}\n"
     return proc.stdout
+
+
+def run_applications(args) -> str:
+    """scripts/appbench.py (small files, locks, appends)."""
+    log("measuring small files, locks and appends ...")
+    return _run_section(args, "appbench.py", "Small files, locks, appends", "--csvfs", args.csvfs)
 
 
 def run_operations(args) -> str:
-    """scripts/opsbench.py (redirected I/O, coordinator moves), in a process of its own."""
+    """scripts/opsbench.py (redirected I/O, coordinator moves)."""
     log("measuring redirected I/O and coordinator moves ...")
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "opsbench.py"),
-                           "--dir", args.dir, *(["--quick"] if args.quick else [])],
-                          capture_output=True, text=True, timeout=1200, check=False)
-    if proc.returncode != 0:
-        return ("\n## Redirected I/O and coordinator moves\n\n"
-                f"Not measured: {proc.stderr.strip()}\n")
-    return proc.stdout
+    return _run_section(args, "opsbench.py", "Redirected I/O and coordinator moves")
 
 
 def run_device(args) -> str:
     """scripts/devicebench.py (O_DIRECT against the page cache on a loop device)."""
     log("measuring the O_DIRECT data path on a loop device ...")
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "devicebench.py"),
-                           "--dir", args.dir, *(["--quick"] if args.quick else [])],
-                          capture_output=True, text=True, timeout=1800, check=False)
-    if proc.returncode != 0:
-        return ("\n## The O_DIRECT data path on a loop device\n\n"
-                f"Not measured: {proc.stderr.strip()}\n")
-    return proc.stdout
+    return _run_section(args, "devicebench.py", "The O_DIRECT data path on a loop device",
+                        timeout=1800)
 
 
 def run_backups(args) -> str:
