@@ -93,7 +93,8 @@ class DataPath:
     def __init__(self, fd: int, data_offset: int, unit_size: int, meta: MetaCall,
                  revalidate: Callable[[], Awaitable[float | None]] | None = None,
                  image_io: tuple = ()):
-        """image_io: (pread, pwrite) of an image opened with O_DIRECT (Volume)."""
+        """image_io: the image's (pread, pwrite), Volume's (O_DIRECT or not); by
+        default os.pread and os.pwrite on fd."""
         self.fd = fd
         # Every data pread, pwrite and fdatasync goes through it; when one fails, I/O
         # goes to the coordinator instead (csvfs/redirect.py tells the protocol).

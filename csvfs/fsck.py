@@ -30,11 +30,8 @@ log = logging.getLogger(__name__)
 def _live_in_etcd(volume: Volume, repair: bool) -> bool:
     """Do nodes that elect through etcd mount it (their slots are not on the volume)?
     An etcd that does not answer cannot say: a repair then refuses."""
-    spec = read_lease(volume).election
-    if not spec:
-        return False
     try:
-        return bool(elections.view(spec, volume).records)
+        return elections.etcd_nodes_live(volume)
     except ElectionUnavailable as exc:
         if repair:
             raise VolumeBusyError(f"{volume.path}: cannot tell whether nodes mount it "

@@ -135,9 +135,8 @@ class Node:
             nursery.start_soon(server.serve)
             nursery.start_soon(self.election.run)
             nursery.start_soon(LoopWatchdog().run)
-            image_io = (self.volume.pread, self.volume.pwrite) if self.volume.direct else ()
             self.datapath = DataPath(self.volume.fd, sb.data.offset, sb.unit_size, self._meta,
-                                     self._revalidate, image_io)
+                                     self._revalidate, (self.volume.pread, self.volume.pwrite))
             self.gates = FileGates(config.name, self.datapath, self._forget_in_kernel)
             mode_changed = trio.Event()
             self.datapath.storage.on_change = mode_changed.set

@@ -60,8 +60,9 @@ class StoragePath:
     mode (Direct or Redirected) with its reason and since when."""
 
     def __init__(self, fd: int, pread=None, pwrite=None):
-        """pread and pwrite: the image's own calls when it is open with O_DIRECT
-        (Volume.pread and Volume.pwrite); os.pread and os.pwrite on fd otherwise."""
+        """pread and pwrite: the image's own calls (Volume.pread and Volume.pwrite,
+        which are O_DIRECT's where the image is open so); os.pread and os.pwrite on fd
+        by default."""
         self.fd = fd
         self._image_pread = pread or partial(os.pread, fd)
         self._image_pwrite = pwrite or partial(os.pwrite, fd)

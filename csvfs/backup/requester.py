@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from pathlib import Path
 
 import trio
@@ -59,15 +58,12 @@ def find_coordinator(image: Path, key_path: Path | None) -> tuple[str, bytes, st
         key = read_key(key_path)
         volume.check_key(key)
         view = elections.view(elections.election_spec(None), volume)  # $CSVFS_ELECTION
-        lease = view.lease
-        record = view.records.get(lease.owner_slot) if lease.owner_slot >= 0 else None
-        alive = record is not None and lease.owner_slot in view.alive
-        anyone = bool(view.alive)
         uuid = str(volume.sb.uuid)
     finally:
         volume.close()
-    if not alive or lease.expiry_ns < time.time_ns() or not record.get("address"):
-        if anyone:
+    record = view.owner()
+    if not record or not record.get("address"):
+        if view.alive:
             raise TakeoverUnderWay(f"{image}: the nodes that have the volume mounted have "
                                    f"no coordinator yet")
         raise NoCoordinator(f"{image}: no node has the volume mounted, so no coordinator "

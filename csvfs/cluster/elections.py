@@ -76,7 +76,7 @@ def check_same_election(spec: str, volume: Volume, disk_asked: bool = False) -> 
         raise VolumeBusyError(
             f"{volume.path} elects its coordinator through {lease.election}: mount it with "
             f"--election {lease.election} (or --election disk once no node uses etcd)")
-    if not spec and lease.election and _live_nodes(lease.election, volume):
+    if not spec and lease.election and _nodes_live_or_say(volume):
         raise VolumeBusyError(f"{volume.path}: nodes elected through {lease.election} "
                               "still mount it; unmount them first")
     if spec and lease.unexpired() and not lease.election:
@@ -85,11 +85,18 @@ def check_same_election(spec: str, volume: Volume, disk_asked: bool = False) -> 
             f"({lease.owner_name}): every node of a volume must elect the same way")
 
 
-def _live_nodes(spec: str, volume: Volume) -> bool:
-    """Do nodes live in the etcd election `spec` of this volume? An etcd that does not
-    answer cannot say; the user asked for the region, so it is taken as no."""
+def etcd_nodes_live(volume: Volume) -> bool:
+    """Do nodes live in the etcd election that marked this volume (none if unmarked)?
+    ElectionUnavailable if that etcd does not answer."""
+    spec = disk.read_lease(volume).election
+    return bool(spec) and bool(view(spec, volume).records)
+
+
+def _nodes_live_or_say(volume: Volume) -> bool:
+    """etcd_nodes_live; an etcd that does not answer cannot say, and the user asked
+    for the region, so that is taken as no."""
     try:
-        return bool(view(spec, volume).records)
+        return etcd_nodes_live(volume)
     except ElectionUnavailable as exc:
         log.warning("%s; taking it that no node elects through it any more", exc)
         return False
