@@ -36,6 +36,8 @@
  * request arrives, and the whole node (heartbeats, lease renewal, RPC)
  * freezes with it. So the device is made non-blocking, and "nothing to
  * read" is reported as EINTR, which pyfuse3 answers by waiting again.
+ * It is also where the data path's fast lane (_fast_path.c) answers the
+ * reads and writes that need nothing from Python, before libfuse sees them.
  */
 
 /* Same API level pyfuse3 is built with, so both see the same struct layout. */
@@ -52,6 +54,11 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/file.h>
+
+#include "_fast_path.h"
+
+/* Requests the fast lane may answer in one call, before trio runs again. */
+#define FAST_BATCH 64
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -246,7 +253,7 @@ static int make_nonblocking(struct fuse_session *se)
 EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
 {
     static receive_buf_fn real;
-    int res;
+    int res, served;
 
     if (real == NULL)
         real = (receive_buf_fn)real_symbol("fuse_session_receive_buf");
@@ -257,8 +264,17 @@ EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *bu
         if (res < 0)
             return res;
     }
-    res = real(se, buf);
-    return res == -EAGAIN ? -EINTR : res;
+    /* The fast lane answers plain reads and writes here (_fast_path.c);
+     * after a batch of them, trio gets the thread back for its other tasks. */
+    for (served = 0; served < FAST_BATCH; served++) {
+        res = real(se, buf);
+        if (res <= 0)
+            return res == -EAGAIN ? -EINTR : res;
+        if (buf->flags & FUSE_BUF_IS_FD ||
+            !csvfs_fast_serve(fuse_session_fd(se), buf->mem, res))
+            return res;
+    }
+    return -EINTR;
 }
 
 /* The kernel's protocol numbers (linux/fuse.h); libfuse 3.14 lacks the last. */

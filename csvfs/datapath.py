@@ -30,6 +30,14 @@ once a request passes the gate it completes without yielding; a pause
 therefore never has in-flight I/O to drain beyond the request that is
 already running. If I/O ever moves to worker threads, the gate must count
 in-flight requests instead.
+
+The fast lane (`lane`: the FUSE shim's, csvfs/fuse_shim.py FastLane) answers
+the plain reads and writes before they reach Python, on the same trio thread,
+from a mirror of this module's state that every change here keeps exact: a file
+is in the lane only while its gate is open (`OpenFile.mirror`), its writes only
+while no granule asks first and no stripes are noted, and the lane's deadline
+is `valid_until` while no hold, fence or redirection is on (`_push_deadline`).
+Whatever the lane does not answer comes here as before.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from csvfs.redirect import StoragePath
-from csvfs.volume.extents import UnitMap, from_runs, pieces, stripe_mask
+from csvfs.volume.extents import from_runs, pieces, stripe_mask
 
 log = logging.getLogger(__name__)
 
@@ -56,54 +64,116 @@ class OpenFile:
     """This node's view of one open inode, shared by all its handles: its map, and
     the gate that the quiesce protocol closes (csvfs/quiesce.py)."""
 
-    __slots__ = ("ino", "size", "units", "granule", "version", "refs", "paused", "resumed",
-                 "dirty_mtime", "gone", "ask", "stripes")
+    __slots__ = ("ino", "size", "units", "runs", "granule", "version", "refs", "paused",
+                 "resumed", "_dirty_mtime", "gone", "ask", "stripes", "lane")
 
-    def __init__(self, ino: int, size: int, units: UnitMap, version: int, granule: int):
+    def __init__(self, ino: int, size: int, runs: list, version: int, granule: int,
+                 lane: NoLane):
         self.ino = ino
         self.size = size
-        self.units = units  # file granule -> volume granule
+        self.runs = runs  # the map as it came: [file granule, volume granule, count]...
+        self.units = from_runs(runs)  # file granule -> volume granule
         self.granule = granule  # bytes per map entry: the unit, or BLOCK for a small file
         self.version = version
         self.refs = 0
         self.paused = False  # the gate is closed: I/O waits for `resumed`
         self.resumed = trio.Event()
-        self.dirty_mtime = 0  # time of the last local write not yet sent to the coordinator
+        self._dirty_mtime = 0
         self.gone = False  # the file vanished while this node was cut off: ESTALE
         self.ask: set[int] = set()  # file granules whose first write asks the coordinator
         self.stripes = False  # note the stripes each write touches (change tracking)
+        self.lane = lane
+
+    @property
+    def dirty_mtime(self) -> int:
+        """Time of the last local write not yet sent to the coordinator (0: none), the
+        lane's included."""
+        self._dirty_mtime = max(self._dirty_mtime, self.lane.take_mtime(self.ino))
+        return self._dirty_mtime
+
+    @dirty_mtime.setter
+    def dirty_mtime(self, value: int) -> None:
+        self.lane.take_mtime(self.ino)
+        self._dirty_mtime = value
+
+    def mirror(self) -> None:
+        """Show the fast lane this file as it is now: served there while the gate is
+        open, with writes there while none needs asking or noting."""
+        if self.paused or self.gone or self.refs <= 0:
+            self.leave_lane()
+        else:
+            self.lane.file(self.ino, self.size, self.granule,
+                           not self.ask and not self.stripes, self.runs)
+
+    def leave_lane(self) -> None:
+        self._dirty_mtime = max(self._dirty_mtime, self.lane.drop_file(self.ino))
 
     def close_gate(self) -> None:
         if not self.paused:
             self.paused = True
             self.resumed = trio.Event()
+            self.leave_lane()
 
     def open_gate(self) -> None:
         if self.paused:
             self.paused = False
             self.resumed.set()
+            self.mirror()
 
     def close_for_good(self) -> None:
         """Shut down, or gone: whoever waits at the gate wakes to find out why."""
         self.paused = True
         self.resumed.set()
+        self.leave_lane()
+
+
+class NoLane:
+    """No fast lane (in-process use, or no FUSE shim): every request comes to Python.
+    csvfs/fuse_shim.py FastLane has the same calls."""
+
+    def stop(self) -> None:
+        pass
+
+    def deadline(self, valid_until: float | None) -> None:
+        pass
+
+    def file(self, ino: int, size: int, granule: int, writable: bool, runs: list) -> None:
+        pass
+
+    def drop_file(self, ino: int) -> int:
+        return 0
+
+    def take_mtime(self, ino: int) -> int:
+        return 0
+
+    def handle(self, fh: int, ino: int, writes: bool) -> None:
+        pass
+
+    def drop_handle(self, fh: int) -> None:
+        pass
+
+    def counts(self) -> tuple[int, int, int]:
+        return 0, 0, 0
 
 
 class DataPath:
     def __init__(self, fd: int, data_offset: int, unit_size: int, meta: MetaCall,
                  revalidate: Callable[[], Awaitable[float | None]] | None = None,
-                 image_io: tuple = ()):
+                 image_io: tuple = (), lane: NoLane | None = None):
         """image_io: the image's (pread, pwrite), Volume's (O_DIRECT or not); by
-        default os.pread and os.pwrite on fd."""
+        default os.pread and os.pwrite on fd. lane: the FUSE shim's fast lane."""
         self.fd = fd
+        self.lane = lane or NoLane()
         # Every data pread, pwrite and fdatasync goes through it; when one fails, I/O
         # goes to the coordinator instead (csvfs/redirect.py tells the protocol).
         self.storage = StoragePath(fd, *image_io)
+        self.storage.on_path_change = self._push_deadline
         self.base = data_offset
         self.unit = unit_size
         self.meta = meta
         self.files: dict[int, OpenFile] = {}
         self.fenced = False  # shut down: no I/O at all any more
+        self.holding = False  # the snapshot hold: no I/O at all while a point is set
         # Direct I/O is allowed until this time.monotonic() deadline, which the node moves
         # on while its session is valid: the coordinator lease on the coordinator, the
         # coordinator's grant elsewhere. Past it, the slow path awaits `revalidate`
@@ -112,12 +182,25 @@ class DataPath:
         # when the node is shutting down.
         self.valid_until = math.inf
         self.revalidate = revalidate or _always_valid
-        # The snapshot hold: no I/O at all while a snapshot point is set.
-        self.holding = False
         self.hold_over = trio.Event()
         self.snapshot_version = 0  # maps older than this ask first everywhere
         # ino -> file unit -> mask of the stripes written there since the last report
         self.written: dict[int, dict[int, int]] = {}
+
+    @property
+    def valid_until(self) -> float:
+        return self._valid_until
+
+    @valid_until.setter
+    def valid_until(self, deadline: float) -> None:
+        self._valid_until = deadline
+        self._push_deadline()
+
+    def _push_deadline(self) -> None:
+        """The lane serves until valid_until, unless I/O must stop or go elsewhere."""
+        stopped = (self.holding or self.fenced or self.storage.redirected
+                   or self.storage.fault)
+        self.lane.deadline(None if stopped else self._valid_until)
 
     # -- open files ------------------------------------------------------------------
 
@@ -128,13 +211,14 @@ class DataPath:
         self._check_fenced()
         handle = self.files.get(ino)
         if handle is None:
-            handle = self.files[ino] = OpenFile(ino, size, from_runs(runs), version,
-                                                granule or self.unit)
+            handle = self.files[ino] = OpenFile(ino, size, runs, version,
+                                                granule or self.unit, self.lane)
             self._set_asks(handle, ask)
             handle.stripes = stripes
         else:
             self.update_map(ino, size, runs, version, granule, ask, stripes)
         handle.refs += 1
+        handle.mirror()
         return handle
 
     def closed(self, handle: OpenFile) -> bool:
@@ -142,6 +226,7 @@ class DataPath:
         handle.refs -= 1
         if handle.refs > 0:
             return False
+        handle.leave_lane()
         self.files.pop(handle.ino, None)
         return True
 
@@ -166,11 +251,13 @@ class DataPath:
     def _set_map(self, handle: OpenFile, size: int, runs: list, version: int,
                  granule: int | None, ask: list | None, stripes: bool) -> None:
         handle.size = size
+        handle.runs = runs
         handle.units = from_runs(runs)
         handle.granule = granule or self.unit
         handle.version = version
         handle.stripes = stripes
         self._set_asks(handle, ask)
+        handle.mirror()
 
     def _set_asks(self, handle: OpenFile, ask: list | None) -> None:
         """The granules to ask first about: as the map says, or every one if the map is
@@ -187,6 +274,7 @@ class DataPath:
         if not self.holding:
             self.holding = True
             self.hold_over = trio.Event()
+            self._push_deadline()
 
     def end_hold(self, version: int) -> None:
         """The snapshot point `version` is set: every map older than it asks first."""
@@ -195,8 +283,10 @@ class DataPath:
             for handle in self.files.values():
                 if handle.version < version:
                     handle.ask = set(handle.units)
+                    handle.mirror()
         self.holding = False
         self.hold_over.set()
+        self._push_deadline()
 
     def stripe_report(self) -> list:
         """[[ino, [[file unit, stripes mask]...]]...]: what this node wrote since its
@@ -275,6 +365,7 @@ class DataPath:
     def fence(self) -> None:
         """Cut this node off: close every gate for good and fail what waits."""
         self.fenced = True
+        self._push_deadline()
         for handle in self.files.values():
             handle.close_for_good()
 

@@ -385,6 +385,8 @@ class CsvfsOperations(pyfuse3.Operations):
                 self._setid_killers[fh] = setid_killer
             if flags & os.O_APPEND:
                 self._appending.add(fh)
+            # The fast lane takes its writes once they need nothing from Python.
+            self.data.lane.handle(fh, ino, setid_killer is None and not flags & os.O_APPEND)
         return fh
 
     @staticmethod
@@ -456,6 +458,7 @@ class CsvfsOperations(pyfuse3.Operations):
         try:
             if self._setid_killers and fh in self._setid_killers:  # first write only
                 await self.meta("kill_setid", ino=handle.ino, groups=self._setid_killers.pop(fh))
+                self.data.lane.handle(fh, handle.ino, fh not in self._appending)
             if self._appending and fh in self._appending:
                 return await self._append(handle, buf)
             if self.data.write_direct(handle, off, buf):
@@ -498,6 +501,7 @@ class CsvfsOperations(pyfuse3.Operations):
         if self.locks is not None:  # the OFD and flock locks of this open file go
             await self.locks.released(fh)
         handle = self._handles.pop(fh, None)
+        self.data.lane.drop_handle(fh)
         self._files.pop(fh, None)
         self._setid_killers.pop(fh, None)
         self._appending.discard(fh)

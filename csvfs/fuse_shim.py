@@ -12,7 +12,8 @@
 - ``fuse_session_receive_buf``, to read /dev/fuse without blocking. pyfuse3
   reads it holding the GIL once trio saw it readable, and a request withdrawn
   in between (its caller was killed) would otherwise freeze the whole node
-  until the next request came. See the C file.
+  until the next request came. See the C file. It is also where the fast lane
+  (``_fast_path.c``, `FastLane`) answers the plain reads and writes in C.
 
 Usage::
 
@@ -45,7 +46,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
-_SOURCE = _HERE / "_fuse_shim.c"
+_SOURCES = (_HERE / "_fuse_shim.c", _HERE / "_fast_path.c")
 SHIM_NAME = "_fuse_shim.so"
 
 AsyncHandler = Callable[..., Awaitable[object]]
@@ -96,7 +97,7 @@ def build(dest_dir: str | os.PathLike[str] | None = None) -> Path:
         os.environ.get("CC", "cc"),
         "-shared", "-fPIC", "-O2", "-Wall", "-fvisibility=hidden",
         *_pkg_config("--cflags"),
-        "-o", str(out), str(_SOURCE),
+        "-o", str(out), *map(str, _SOURCES),
         # Link libfuse3 so the real fuse_session_new is in the shim's own
         # dependency list, whichever scope dlsym(RTLD_NEXT) searches.
         *_pkg_config("--libs"),
@@ -145,7 +146,26 @@ def _open(so: Path) -> ctypes.CDLL | None:
     lib.csvfs_fallocate_interposed.restype = ctypes.c_int
     lib.csvfs_mmap_allowed.argtypes = []
     lib.csvfs_mmap_allowed.restype = ctypes.c_int
+    _declare_lane(lib)
     return lib
+
+
+def _declare_lane(lib: ctypes.CDLL) -> None:
+    """The C signatures of the fast lane (_fast_path.c)."""
+    for name, restype, argtypes in (
+        ("csvfs_fast_start", _int, [_int, _i64, _i64]),
+        ("csvfs_fast_stop", None, []),
+        ("csvfs_fast_deadline", None, [_i64]),
+        ("csvfs_fast_counts", None, [ctypes.POINTER(_u64)]),
+        ("csvfs_fast_handle", _int, [_u64, _u64, _int]),
+        ("csvfs_fast_drop_handle", None, [_u64]),
+        ("csvfs_fast_file", _int, [_u64, _i64, _i64, _int, ctypes.POINTER(_i64),
+                                   ctypes.c_size_t]),
+        ("csvfs_fast_take_mtime", _i64, [_u64]),
+        ("csvfs_fast_drop_file", _i64, [_u64]),
+    ):
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
 
 
 def active() -> bool:
@@ -161,6 +181,67 @@ def locks_active() -> bool:
 def mmap_allowed() -> bool:
     """True once the kernel took FUSE_DIRECT_IO_ALLOW_MMAP from the INIT reply."""
     return _lib is not None and bool(_lib.csvfs_mmap_allowed())
+
+
+class FastLane:
+    """The shim's fast lane (_fast_path.c): the reads and writes it answers in C, from
+    tables that csvfs/datapath.py keeps exact through these calls. All of them run on
+    the trio thread, which is also where the lane runs, so none races a request."""
+
+    INT64_MAX = 2**63 - 1
+
+    def __init__(self, fd: int, data_offset: int, sector: int):
+        """sector: 0 for an image read through the page cache, else O_DIRECT's."""
+        assert _lib is not None
+        if _lib.csvfs_fast_start(fd, data_offset, sector) != 0:
+            raise MemoryError("cannot allocate the fast lane's buffer")
+        self._lib = _lib
+
+    def stop(self) -> None:
+        """No request goes to the lane any more (before the image is closed)."""
+        self._lib.csvfs_fast_stop()
+
+    def deadline(self, valid_until: float | None) -> None:
+        """Serve until this time.monotonic(); None serves nothing."""
+        if valid_until is None or valid_until <= 0:
+            ns = 0
+        else:
+            ns = self.INT64_MAX if valid_until == float("inf") else int(valid_until * 1e9)
+        self._lib.csvfs_fast_deadline(ns)
+
+    def file(self, ino: int, size: int, granule: int, writable: bool, runs: list) -> None:
+        """Serve ino with this map; writes only if `writable`."""
+        flat = [number for run in sorted(runs) for number in run]
+        array = (_i64 * len(flat))(*flat)
+        if self._lib.csvfs_fast_file(ino, size, granule, int(writable), array, len(runs)):
+            raise MemoryError("cannot allocate the fast lane's map")
+
+    def drop_file(self, ino: int) -> int:
+        """Python serves ino from now on; the time of the lane's last write to it."""
+        return self._lib.csvfs_fast_drop_file(ino)
+
+    def take_mtime(self, ino: int) -> int:
+        """The time of the lane's last write to ino since the last take, or 0."""
+        return self._lib.csvfs_fast_take_mtime(ino)
+
+    def handle(self, fh: int, ino: int, writes: bool) -> None:
+        """Requests on fh are for ino; its writes may go to the lane if `writes`."""
+        if self._lib.csvfs_fast_handle(fh, ino, int(writes)):
+            raise MemoryError("cannot allocate a fast lane handle")
+
+    def drop_handle(self, fh: int) -> None:
+        self._lib.csvfs_fast_drop_handle(fh)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(reads, writes) the lane answered, and the reads and writes it handed on."""
+        out = (_u64 * 3)()
+        self._lib.csvfs_fast_counts(out)
+        return out[0], out[1], out[2]
+
+
+def fast_lane(fd: int, data_offset: int, sector: int) -> FastLane | None:
+    """The fast lane, or None without the shim."""
+    return FastLane(fd, data_offset, sector) if _lib is not None else None
 
 
 def set_handler(op: str, async_handler: AsyncHandler | None) -> bool:

@@ -74,6 +74,8 @@ class StoragePath:
         self.by_user = False  # `csvfs redirect ... on`
         self.lost = ""  # why a call failed, while no probe has worked since
         self.on_change: Callable[[], None] = lambda: None  # the node reports the new mode
+        # The data path stops its fast lane while calls fail or I/O is redirected.
+        self.on_path_change: Callable[[], None] = lambda: None
         self._set_calls()
 
     # -- the calls -------------------------------------------------------------------------
@@ -89,6 +91,7 @@ class StoragePath:
             self.pread = self._image_pread
             self.pwrite = self._image_pwrite
             self.fdatasync = partial(os.fdatasync, self.fd)
+        self.on_path_change()
 
     def probe(self) -> bool:
         """Does the path work again? A read of the superblock's first sector."""
@@ -135,6 +138,7 @@ class StoragePath:
         changed = mode != self.mode
         self.mode, self.reason = mode, reason
         self.redirected = mode == REDIRECTED
+        self.on_path_change()
         if changed:
             self.since_ns = time.time_ns()
             log.warning("I/O mode %s: %s", mode, reason)

@@ -81,6 +81,7 @@ class Volume:
         self.sb = sb
         self.used_copy = used_copy  # primary superblock was bad; the copy was used
         self.direct = sectors is not None  # O_DIRECT: no page cache between us and it
+        self.sector = sectors.sector if sectors is not None else 0  # O_DIRECT's alignment
         self.pread, self.pwrite = _calls(fd, sectors)
 
     # -- opening ----------------------------------------------------------------
