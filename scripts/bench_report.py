@@ -21,11 +21,15 @@ from bench_targets import (
     BASELINE,
     PROJECT_ROOT,
     TARGETS,
+    VM_WORKLOADS,
     WORKLOADS,
     Result,
     Samples,
     Target,
+    Workload,
 )
+
+VM_COLUMNS = ("raw", "csvfs", BASELINE, "passthrough")  # the VM-style table's, in order
 
 # --- report -----------------------------------------------------------------------------
 
@@ -366,15 +370,19 @@ def cluster_report(args, samples: dict[tuple[str, str], Samples],
     )
 
 
-def describe_run(args, scratch_parent: str) -> str:
+def describe_machine() -> str:
     fio_version = subprocess.run(["fio", "--version"], capture_output=True, text=True,
                                  check=False).stdout.strip()
     commit = subprocess.run(["git", "-C", str(PROJECT_ROOT), "describe", "--always", "--dirty"],
                             capture_output=True, text=True, check=False).stdout.strip()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{when}, commit {commit or 'unknown'}, Linux {platform.release()}, "
+            f"{os.cpu_count()} CPUs, {fio_version}")
+
+
+def describe_run(args, scratch_parent: str) -> str:
     return (
-        f"{when}, commit {commit or 'unknown'}, Linux {platform.release()}, "
-        f"{os.cpu_count()} CPUs, {fio_version}\n\n"
+        f"{describe_machine()}\n\n"
         f"fio ioengine=psync direct=0 invalidate=0, one {args.size_mib} MiB file per target "
         f"written once up front, {args.runtime} s per job, median of {args.repeat} "
         f"(targets interleaved; ratios are medians of the per-round ratios), "
@@ -384,18 +392,77 @@ def describe_run(args, scratch_parent: str) -> str:
 
 
 def target_notes(targets: list[Target], samples: dict[tuple[str, str], Samples]) -> str:
-    notes = []
     chosen = {t.name for t in targets}
-    for name in TARGETS:
-        if name not in chosen:
-            notes.append(f"- {name}: not selected (--targets)")
+    notes = [f"- {name}: not selected (--targets)" for name in TARGETS if name not in chosen]
+    return "\n".join(notes + failure_notes(targets, samples, WORKLOADS))
+
+
+def failure_notes(targets: list[Target], samples: dict[tuple[str, str], Samples],
+                  workloads: tuple[Workload, ...]) -> list[str]:
+    """Why cells are n/a: a target's own error, and each failed workload's error (once
+    for a target whose workloads all failed with the same one)."""
+    notes = []
     for target in targets:
         if target.error:
             notes.append(f"- {target.name}: {target.error}")
-        for workload in WORKLOADS:
+        errors = {}
+        for workload in workloads:
             cell = samples.get((target.name, workload.name))
             if cell and cell.error:
-                notes.append(f"- {target.name}, {workload.name}: {cell.error}")
-    return "\n".join(notes)
+                errors[workload.name] = cell.error
+        if len(errors) == len(workloads) > 1 and len(set(errors.values())) == 1:
+            notes.append(f"- {target.name}, every workload: {next(iter(errors.values()))}")
+        else:
+            notes += [f"- {target.name}, {name}: {error}" for name, error in errors.items()]
+    return notes
+
+
+# --- the VM-style table -----------------------------------------------------------------
+
+
+def vm_section(args, targets: list[Target], samples: dict[tuple[str, str], Samples]) -> str:
+    """The VM-style fio table with what it measures and why a cell is n/a."""
+    measured = [t for name in VM_COLUMNS for t in targets if t.name == name]
+    notes = failure_notes(measured, samples, VM_WORKLOADS)
+    files = ("the same file per target as above" if args.only is None else
+             f"one {args.size_mib} MiB file per target written once up front, scratch in "
+             f"{args.dir}")
+    return (
+        "\n## VM-style I/O\n\n"
+        "fio the way qemu drives a disk with cache=none,aio=native: ioengine=libaio "
+        f"direct=1, QD is the iodepth; {files}, {args.runtime} s per job, median of "
+        f"{args.repeat} (targets interleaved; ratios are medians of the per-round ratios). "
+        "The 4 KiB rows are in IOPS, the 1 MiB row in MiB/s."
+        + ("" if args.baseline is None else
+           f" baseline is csvfs at {args.baseline_commit} (`--baseline {args.baseline}`); "
+           "csvfs/baseline above 1: faster now.")
+        + f"\n\n{build_vm_io_table([t.name for t in measured], samples)}\n"
+        + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    )
+
+
+def build_vm_io_table(names: list[str], samples: dict[tuple[str, str], Samples]) -> str:
+    """One column per target in names, then each one's ratio to raw and, with both,
+    csvfs's to the baseline."""
+    pairs = [(name, "raw") for name in names if name != "raw" and "raw" in names]
+    if "csvfs" in names and BASELINE in names:
+        pairs.append(("csvfs", BASELINE))
+    headers = names + [f"{a}/{b}" if b == "raw" else f"**{a}/{b}**" for a, b in pairs]
+    rows = ["| workload | " + " | ".join(headers) + " |",
+            "|---|" + "---:|" * len(headers)]
+    for workload in VM_WORKLOADS:
+        cell = {name: samples.get((name, workload.name)) for name in names}
+        values = [format_rate(cell[name].median() if cell[name] else None, workload.show_iops)
+                  for name in names]
+        ratios = [format_ratio(paired_ratio(cell[a], cell[b])) for a, b in pairs]
+        unit = "IOPS" if workload.show_iops else "MiB/s"
+        rows.append(f"| {workload.name}, {unit} | " + " | ".join(values + ratios) + " |")
+    return "\n".join(rows)
+
+
+def format_rate(result: Result | None, in_iops: bool) -> str:
+    if result is None:
+        return "n/a"
+    return f"{result.iops:.0f}" if in_iops else f"{result.mib_s:.1f}"
 
 

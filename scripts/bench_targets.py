@@ -35,6 +35,27 @@ MOUNT_TIMEOUT = 30.0  # seconds for a mount to appear
 COMMAND_TIMEOUT = 120.0  # seconds for csvfs mkfs/mount to return
 LAYOUT_TIMEOUT = 600.0  # seconds to write the test file once
 STOP_TIMEOUT = 15.0  # seconds for a writer that closed its output to exit
+PROBE_TIMEOUT = 60.0  # seconds for one O_DIRECT read of a test file
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How fio issues the I/O of a job."""
+    ioengine: str = "psync"  # fio --ioengine
+    iodepth: int = 1  # fio --iodepth: I/Os in flight (psync has one at a time)
+    direct: bool = False  # fio --direct: O_DIRECT, around the page cache
+
+    def options(self) -> list[str]:
+        return [f"--ioengine={self.ioengine}", f"--iodepth={self.iodepth}",
+                f"--direct={int(self.direct)}"]
+
+
+BUFFERED = Engine()  # one pread/pwrite at a time through the page cache
+
+
+def vm_engine(iodepth: int) -> Engine:
+    """What a qemu disk with cache=none,aio=native does: native AIO on O_DIRECT."""
+    return Engine("libaio", iodepth, direct=True)
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,7 @@ class Workload:
     rw: str  # fio --rw
     bs: str  # fio --bs
     show_iops: bool
+    engine: Engine = BUFFERED
 
 
 WORKLOADS = (
@@ -50,6 +72,13 @@ WORKLOADS = (
     Workload("seq read 1 MiB", "read", "1M", False),
     Workload("rand write 4 KiB", "randwrite", "4k", True),
     Workload("rand read 4 KiB", "randread", "4k", True),
+)
+VM_WORKLOADS = (  # the VM-style table (--only vm); names differ from the ones above
+    Workload("rand read 4 KiB QD16", "randread", "4k", True, vm_engine(16)),
+    Workload("rand write 4 KiB QD16", "randwrite", "4k", True, vm_engine(16)),
+    Workload("rand read 4 KiB QD1", "randread", "4k", True, vm_engine(1)),
+    Workload("rand write 4 KiB QD1", "randwrite", "4k", True, vm_engine(1)),
+    Workload("seq write 1 MiB QD4", "write", "1M", False, vm_engine(4)),
 )
 
 
@@ -221,17 +250,17 @@ SETUP = {"raw": setup_raw, "passthrough": setup_passthrough, "csvfs": setup_csvf
 
 
 def run_fio(path: Path, rw: str, bs: str, size_mib: int, runtime: int | None,
-            timeout: float) -> Result:
+            timeout: float, engine: Engine = BUFFERED) -> Result:
     """Run one fio job on *path*, time-based unless *runtime* is None; return its numbers."""
-    return run_fio_jobs([path], rw, bs, size_mib, runtime, timeout)[0]
+    return run_fio_jobs([path], rw, bs, size_mib, runtime, timeout, engine)[0]
 
 
 def run_fio_jobs(paths: list[Path], rw: str, bs: str, size_mib: int, runtime: int | None,
-                 timeout: float) -> list[Result]:
+                 timeout: float, engine: Engine = BUFFERED) -> list[Result]:
     """Run one fio job per path, all started together by one fio; their numbers in order."""
     command = [
-        "fio", f"--rw={rw}", f"--bs={bs}", f"--size={size_mib}M", "--ioengine=psync",
-        "--direct=0", "--invalidate=0", "--fallocate=none", "--output-format=json",
+        "fio", f"--rw={rw}", f"--bs={bs}", f"--size={size_mib}M", *engine.options(),
+        "--invalidate=0", "--fallocate=none", "--output-format=json",
     ]
     if runtime is None:
         command.append("--end_fsync=1")
@@ -293,11 +322,15 @@ def round_order(items: list, round_no: int) -> list:
     return order
 
 
-def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
-    samples = {(t.name, w.name): Samples() for t in targets for w in WORKLOADS}
+def run_rounds(targets: list[Target], args, workloads: tuple[Workload, ...] = WORKLOADS
+               ) -> dict[tuple[str, str], Samples]:
+    """Each workload on each target in --repeat rounds, the targets in round_order; the
+    samples by (target, workload) name. A job that fails leaves its cell with the error,
+    a job that hangs leaves its target with one."""
+    samples = {(t.name, w.name): Samples() for t in targets for w in workloads}
     for round_no in range(args.repeat):
         order = round_order(targets, round_no)
-        for workload in WORKLOADS:
+        for workload in workloads:
             for target in order:
                 cell = samples[(target.name, workload.name)]
                 if target.error or cell.error:
@@ -306,7 +339,7 @@ def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
                 try:
                     cpu_before = cpu_seconds(*target.pids)
                     result = run_fio(target.file, workload.rw, workload.bs, args.size_mib,
-                                     args.runtime, args.runtime + 60)
+                                     args.runtime, args.runtime + 60, workload.engine)
                     if target.pids:
                         result = replace(result, cpu_s=cpu_seconds(*target.pids) - cpu_before)
                 except subprocess.TimeoutExpired:
@@ -318,9 +351,40 @@ def run_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
                     log(f"{target.name}: {workload.name}: {exc}")
                     continue
                 cell.results.append(result)
-                log(f"[{round_no + 1}/{args.repeat}] {workload.name:<17} {target.name:<12}"
+                log(f"[{round_no + 1}/{args.repeat}] {workload.name:<21} {target.name:<12}"
                     f"{result.mib_s:9.1f} MiB/s {result.iops:10.0f} IOPS")
     return samples
+
+
+def run_vm_rounds(targets: list[Target], args) -> dict[tuple[str, str], Samples]:
+    """run_rounds with VM_WORKLOADS on the single-node targets; on one that does not take
+    O_DIRECT, every cell holds why instead."""
+    samples, direct = {}, []
+    for target in (t for t in targets if t.name in SINGLE_NODE):
+        error = None if target.error else direct_io_error(target.file)
+        if error is None:
+            direct.append(target)
+            continue
+        log(f"{target.name}: {error}")
+        samples.update({(target.name, w.name): Samples(error=error) for w in VM_WORKLOADS})
+    return {**samples, **run_rounds(direct, args, VM_WORKLOADS)}
+
+
+def direct_io_error(path: Path) -> str | None:
+    """Why a 4 KiB O_DIRECT read of path fails, or None when it works: a FUSE filesystem
+    may refuse O_DIRECT, or pass it on to a file it then reads into unaligned buffers.
+    dd aligns its buffer, and, as a child, can be killed if the mount hangs."""
+    try:
+        proc = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=4k", "count=1",
+                               "iflag=direct", "status=none"], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return f"a 4 KiB O_DIRECT read did not return within {PROBE_TIMEOUT:.0f} s"
+    if proc.returncode == 0:
+        return None
+    reason = proc.stderr.strip().rsplit(": ", 1)[-1] or f"dd exited with {proc.returncode}"
+    return f"a 4 KiB O_DIRECT read fails ({reason})"
 
 
 def run_metadata(targets: list[Target], args) -> dict[str, dict[str, list[float]]]:
