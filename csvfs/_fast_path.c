@@ -21,29 +21,50 @@
  *     while a snapshot hold is on, the node is fenced or its I/O redirected.
  *
  * Anything else (a file or handle not here, a hole to write, a write past
- * the size, an unaligned O_DIRECT request, a failed pread or pwrite) goes to
- * Python unchanged, which then does exactly what it did before: the lane is
- * only ever a shortcut. A failed call is done again by Python, which sees
- * the error itself and switches the node to redirected I/O.
+ * the size, an unaligned O_DIRECT request, no free slot) goes to Python
+ * unchanged, which then does exactly what it did before: the lane is only
+ * ever a shortcut.
  *
- * Why the gate stays exact: the lane runs on pyfuse3's trio thread, inside
- * fuse_session_receive_buf, and Python changes the tables on that thread
- * too. When Python closes a gate (a pause, a hold, a fence) it removes the
- * file or zeroes the deadline in the same step, and no request is in the
- * lane at that moment, so none can pass afterwards.
+ * Requests in flight at once: the trio thread takes requests from /dev/fuse
+ * (csvfs_fast_receive, inside pyfuse3's call of fuse_session_receive_buf),
+ * plans each against the tables (which pieces of the image it touches) and
+ * queues it for a worker thread, which does the pread or pwrite and answers
+ * the kernel itself. The trio thread goes on taking requests while there are
+ * any, up to FAST_BATCH, and waits for its workers before it returns to
+ * Python, with a request for libfuse or with nothing.
+ *
+ * Why the gate stays exact: Python runs only when no job of the lane is in
+ * flight, and it changes the tables on the trio thread, where the lane plans.
+ * When Python closes a gate (a pause, a hold, a fence) it removes the file or
+ * zeroes the deadline in the same step, so no request planned afterwards
+ * passes, and none planned before is still running.
+ *
+ * A pread or pwrite that fails in a worker is returned to Python
+ * (csvfs_fast_take_returned; fuse_shim.FastLane.serve_returned), which does
+ * the request again through its own handlers, sees the failure itself and
+ * sends the node to redirected I/O. With no workers, the trio thread does
+ * each request in turn, and a failed one goes to libfuse as it came.
  */
 
+#define FUSE_USE_VERSION 32
 #define _GNU_SOURCE
 
 #include <errno.h>
+#include <fuse_lowlevel.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "_fast_path.h"
+
+/* Requests the lane takes in one call, before trio runs again. */
+#define FAST_BATCH 64
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -105,8 +126,10 @@ static int image_fd = -1;
 static int64_t data_base;
 static int64_t sector; /* 0: the page cache; else O_DIRECT's alignment */
 static int64_t deadline_ns;
-static char *lane_buffer; /* page-aligned, LANE_MAX bytes */
-static uint64_t counts[3]; /* reads, writes served; requests handed over */
+/* Reads and writes answered; requests handed to Python, and of those, how
+ * many after a failed pread or pwrite. */
+static uint64_t counts[4];
+static int injected_fault; /* `csvfs fault ... storage-down`: every call fails */
 
 static size_t bucket(uint64_t key)
 {
@@ -189,6 +212,8 @@ static int read_piece(const struct file *file, int64_t position, char *at, int64
     ssize_t done;
 
     (void)file;
+    if (__atomic_load_n(&injected_fault, __ATOMIC_RELAXED))
+        return 0;
     if (position < 0) { /* a hole reads as zeros */
         memset(at, 0, length);
         return 1;
@@ -202,21 +227,17 @@ static int read_piece(const struct file *file, int64_t position, char *at, int64
     return 1;
 }
 
-static int check_piece(const struct file *file, int64_t position, char *at, int64_t length)
-{
-    (void)file, (void)at;
-    return position >= 0 && aligned(position, length);
-}
-
 static int write_piece(const struct file *file, int64_t position, char *at, int64_t length)
 {
     (void)file;
+    if (__atomic_load_n(&injected_fault, __ATOMIC_RELAXED))
+        return 0;
     return pwrite(image_fd, at, length, position) == length;
 }
 
-static void reply(int fd, uint64_t unique, const void *data, size_t length)
+static void reply(int fd, uint64_t unique, int error, const void *data, size_t length)
 {
-    struct out_header out = {sizeof(out) + length, 0, unique};
+    struct out_header out = {sizeof(out) + length, -error, unique};
     struct iovec parts[2] = {{&out, sizeof(out)}, {(void *)data, length}};
 
     /* A failed reply (ENOENT: the request was interrupted meanwhile) is the
@@ -224,55 +245,203 @@ static void reply(int fd, uint64_t unique, const void *data, size_t length)
     (void)!writev(fd, parts, length ? 2 : 1);
 }
 
-static int serve_read(int fd, const struct in_header *in, const struct io_in *arg,
-                      const struct file *file)
+static void count(int which)
 {
-    int64_t offset = (int64_t)arg->offset, end = offset + arg->size;
+    __atomic_add_fetch(&counts[which], 1, __ATOMIC_RELAXED);
+}
 
-    if (end > file->size)
-        end = file->size;
-    if (end < offset)
-        end = offset;
-    if (!walk(file, offset, end, lane_buffer, read_piece))
+/* -- requests in flight: jobs for the worker threads ---------------------- */
+
+#define SLOTS 32
+#define MAX_PIECES (LANE_MAX / 4096 + 1)
+
+struct piece {
+    int64_t position, length; /* position -1: a hole, read as zeros */
+};
+
+struct job {
+    uint64_t unique, fh;
+    int64_t offset;
+    uint32_t opcode, size; /* size: asked for; length: a read's, clipped at EOF */
+    int64_t length;
+    struct file *file;
+    int npieces;
+    struct piece pieces[MAX_PIECES];
+    char *buffer; /* LANE_MAX, page-aligned, allocated at first use */
+};
+
+static struct job jobs[SLOTS];
+static int free_slots[SLOTS], nfree;
+static int queued[SLOTS], queue_head, queue_length;
+static int returned[SLOTS], nreturned; /* failed jobs, for Python to do again */
+static int in_flight;
+static int fuse_fd = -1;
+static int done_fd = -1;     /* eventfd: a job finished (the trio thread may wait on it) */
+static int returned_fd = -1; /* eventfd: a job was returned (a Python task waits on it) */
+static int nworkers, stopping;
+static pthread_t workers[16];
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t work_ready = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t all_done = PTHREAD_COND_INITIALIZER;
+
+static void signal_fd(int fd)
+{
+    uint64_t one = 1;
+
+    (void)!write(fd, &one, sizeof(one));
+}
+
+static struct job *planned; /* the job plan() fills, on the trio thread */
+
+static int add_piece(const struct file *file, int64_t position, char *at, int64_t length)
+{
+    struct job *job = planned;
+
+    (void)file, (void)at;
+    if (position >= 0 && !aligned(position, length))
         return 0;
-    reply(fd, in->unique, lane_buffer, end - offset);
-    counts[0]++;
+    job->pieces[job->npieces].position = position;
+    job->pieces[job->npieces].length = length;
+    job->npieces++;
     return 1;
 }
 
-static int serve_write(int fd, const struct in_header *in, const struct io_in *arg,
-                       struct file *file)
+/* Which pieces the job has, or 0 if the lane cannot do it whole. */
+static int plan(struct job *job, const struct io_in *arg, struct file *file)
 {
-    int64_t offset = (int64_t)arg->offset, end = offset + arg->size;
-    char *data = (char *)(arg + 1);
-    struct write_out out = {arg->size, 0};
+    int64_t end = (int64_t)arg->offset + arg->size;
 
-    if (!file->writable || end > file->size)
+    job->npieces = 0;
+    if (job->opcode == OP_READ) {
+        end = end > file->size ? file->size : end;
+        end = end < (int64_t)arg->offset ? (int64_t)arg->offset : end;
+    } else if (!file->writable || end > file->size) {
         return 0;
-    if (in->len < sizeof(*in) + sizeof(*arg) + arg->size)
-        return 0;
-    /* Every piece first: a write goes here whole or not at all. */
-    if (!walk(file, offset, end, data, check_piece))
-        return 0;
-    if (sector != 0) { /* O_DIRECT wants an aligned buffer */
-        memcpy(lane_buffer, data, arg->size);
-        data = lane_buffer;
     }
-    if (!walk(file, offset, end, data, write_piece))
-        return 0; /* Python writes it all again, and sees the error itself */
-    file->dirty_mtime_ns = now_ns(CLOCK_REALTIME);
-    reply(fd, in->unique, &out, sizeof(out));
-    counts[1]++;
+    job->length = end - (int64_t)arg->offset;
+    planned = job;
+    if (!walk(file, arg->offset, end, NULL, add_piece))
+        return 0;
+    if (job->opcode == OP_WRITE)
+        for (int i = 0; i < job->npieces; i++)
+            if (job->pieces[i].position < 0)
+                return 0;
     return 1;
 }
 
-int csvfs_fast_serve(int fd, const void *request, size_t length)
+static int do_job(struct job *job)
+{
+    char *at = job->buffer;
+
+    for (int i = 0; i < job->npieces; i++) {
+        struct piece *piece = &job->pieces[i];
+        int ok = job->opcode == OP_READ
+                     ? read_piece(job->file, piece->position, at, piece->length)
+                     : write_piece(job->file, piece->position, at, piece->length);
+
+        if (!ok)
+            return 0;
+        at += piece->length;
+    }
+    if (job->opcode == OP_READ) {
+        reply(fuse_fd, job->unique, 0, job->buffer, job->length);
+    } else {
+        struct write_out out = {job->size, 0};
+
+        __atomic_store_n(&job->file->dirty_mtime_ns, now_ns(CLOCK_REALTIME), __ATOMIC_RELAXED);
+        reply(fuse_fd, job->unique, 0, &out, sizeof(out));
+    }
+    count(job->opcode == OP_READ ? 0 : 1);
+    return 1;
+}
+
+static void finish(struct job *job, int done)
+{
+    int slot = job - jobs;
+
+    pthread_mutex_lock(&lock);
+    if (done) {
+        free_slots[nfree++] = slot;
+    } else {
+        returned[nreturned++] = slot;
+        count(2);
+        count(3);
+    }
+    if (--in_flight == 0)
+        pthread_cond_broadcast(&all_done);
+    pthread_mutex_unlock(&lock);
+    signal_fd(done_fd); /* the trio thread may be waiting for the last one */
+    if (!done)
+        signal_fd(returned_fd);
+}
+
+static void *work(void *unused)
+{
+    (void)unused;
+    for (;;) {
+        struct job *job;
+
+        pthread_mutex_lock(&lock);
+        while (queue_length == 0 && !stopping)
+            pthread_cond_wait(&work_ready, &lock);
+        if (queue_length == 0) {
+            pthread_mutex_unlock(&lock);
+            return NULL;
+        }
+        job = &jobs[queued[queue_head]];
+        queue_head = (queue_head + 1) % SLOTS;
+        queue_length--;
+        pthread_mutex_unlock(&lock);
+        finish(job, do_job(job));
+    }
+}
+
+static struct job *take_slot(void)
+{
+    struct job *job = NULL;
+
+    pthread_mutex_lock(&lock);
+    if (nfree > 0)
+        job = &jobs[free_slots[--nfree]];
+    pthread_mutex_unlock(&lock);
+    if (job != NULL && job->buffer == NULL &&
+        posix_memalign((void **)&job->buffer, 4096, LANE_MAX) != 0)
+        job->buffer = NULL;
+    if (job != NULL && job->buffer == NULL) {
+        pthread_mutex_lock(&lock);
+        free_slots[nfree++] = job - jobs;
+        pthread_mutex_unlock(&lock);
+        return NULL;
+    }
+    return job;
+}
+
+static void put_back(struct job *job)
+{
+    pthread_mutex_lock(&lock);
+    free_slots[nfree++] = job - jobs;
+    pthread_mutex_unlock(&lock);
+}
+
+static void submit(struct job *job)
+{
+    pthread_mutex_lock(&lock);
+    in_flight++;
+    queued[(queue_head + queue_length) % SLOTS] = job - jobs;
+    queue_length++;
+    pthread_cond_signal(&work_ready);
+    pthread_mutex_unlock(&lock);
+}
+
+/* Take one request into the lane: 1 if it is the lane's now (answered, or
+ * with a worker), 0 to hand it to libfuse. */
+static int take(int fd, const void *request, size_t length)
 {
     const struct in_header *in = request;
     const struct io_in *arg = (const struct io_in *)(in + 1);
     struct handle *handle;
     struct file *file;
-    int served = 0;
+    struct job *job;
 
     if (image_fd < 0 || length < sizeof(*in) + sizeof(*arg))
         return 0;
@@ -282,24 +451,122 @@ int csvfs_fast_serve(int fd, const void *request, size_t length)
         goto handed_over;
     handle = find_handle(arg->fh);
     file = handle != NULL ? find_file(handle->ino) : NULL;
-    if (file == NULL)
+    if (file == NULL || (in->opcode == OP_WRITE && !handle->writes))
         goto handed_over;
-    if (in->opcode == OP_READ)
-        served = serve_read(fd, in, arg, file);
-    else if (handle->writes)
-        served = serve_write(fd, in, arg, file);
+    if (in->opcode == OP_WRITE && in->len < sizeof(*in) + sizeof(*arg) + arg->size)
+        goto handed_over;
+    job = take_slot();
+    if (job == NULL)
+        goto handed_over;
+    job->opcode = in->opcode;
+    if (!plan(job, arg, file)) {
+        put_back(job);
+        goto handed_over;
+    }
+    job->unique = in->unique;
+    job->fh = arg->fh;
+    job->offset = arg->offset;
+    job->size = arg->size;
+    job->file = file;
+    if (in->opcode == OP_WRITE)
+        memcpy(job->buffer, arg + 1, arg->size);
+    fuse_fd = fd;
+    if (nworkers > 0) {
+        submit(job);
+        return 1;
+    }
+    if (do_job(job)) {
+        put_back(job);
+        return 1;
+    }
+    put_back(job); /* Python does it again, and sees the error itself */
+    count(3);
 handed_over:
-    if (!served)
-        counts[2]++;
-    return served;
+    count(2);
+    return 0;
+}
+
+/* Until no job is in flight. */
+static void drain(void)
+{
+    pthread_mutex_lock(&lock);
+    while (in_flight > 0)
+        pthread_cond_wait(&all_done, &lock);
+    pthread_mutex_unlock(&lock);
+}
+
+static int jobs_in_flight(void)
+{
+    int n;
+
+    pthread_mutex_lock(&lock);
+    n = in_flight;
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+/* Until /dev/fuse has a request or a job finished. */
+static void wait_for_more(int fd)
+{
+    struct pollfd fds[2] = {{fd, POLLIN, 0}, {done_fd, POLLIN, 0}};
+    uint64_t counter;
+
+    if (poll(fds, 2, -1) > 0 && fds[1].revents & POLLIN)
+        (void)!read(done_fd, &counter, sizeof(counter));
+}
+
+int csvfs_fast_receive(struct fuse_session *se, struct fuse_buf *buf, receive_fn receive)
+{
+    int fd = fuse_session_fd(se);
+    int taken = 0, res;
+
+    for (;;) {
+        if (taken < FAST_BATCH) {
+            res = receive(se, buf);
+            if (res > 0 && !(buf->flags & FUSE_BUF_IS_FD) && take(fd, buf->mem, res)) {
+                taken++;
+                continue;
+            }
+            if (res != -EAGAIN) {
+                drain(); /* Python never runs while the lane has a job in flight */
+                return res;
+            }
+        }
+        if (jobs_in_flight() == 0 || taken >= FAST_BATCH) {
+            drain();
+            return -EINTR; /* nothing more now: trio waits for /dev/fuse again */
+        }
+        wait_for_more(fd);
+    }
 }
 
 /* -- what Python calls (csvfs/fuse_shim.py FastPath) ---------------------- */
 
-EXPORT int csvfs_fast_start(int fd, int64_t base, int64_t sector_size)
+static int make_eventfds(void)
 {
-    if (lane_buffer == NULL && posix_memalign((void **)&lane_buffer, 4096, LANE_MAX) != 0)
-        return -ENOMEM;
+    if (done_fd < 0)
+        done_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (returned_fd < 0)
+        returned_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    return done_fd >= 0 && returned_fd >= 0 ? 0 : -errno;
+}
+
+/* Serve from the image open at fd, its data area at base; sector_size 0 for
+ * the page cache, else O_DIRECT's; with `threads` workers (0: each request
+ * on the trio thread, in turn). */
+EXPORT int csvfs_fast_start(int fd, int64_t base, int64_t sector_size, int threads)
+{
+    int res = make_eventfds();
+
+    if (res < 0)
+        return res;
+    nfree = 0;
+    for (int slot = SLOTS - 1; slot >= 0; slot--)
+        free_slots[nfree++] = slot;
+    stopping = 0;
+    for (nworkers = 0; nworkers < threads && nworkers < 16; nworkers++)
+        if (pthread_create(&workers[nworkers], NULL, work, NULL) != 0)
+            break;
     data_base = base;
     sector = sector_size;
     deadline_ns = 0;
@@ -307,9 +574,69 @@ EXPORT int csvfs_fast_start(int fd, int64_t base, int64_t sector_size)
     return 0;
 }
 
+/* No request goes to the lane any more; the workers are gone. */
 EXPORT void csvfs_fast_stop(void)
 {
     image_fd = -1;
+    drain();
+    pthread_mutex_lock(&lock);
+    stopping = 1;
+    pthread_cond_broadcast(&work_ready);
+    pthread_mutex_unlock(&lock);
+    for (int i = 0; i < nworkers; i++)
+        pthread_join(workers[i], NULL);
+    nworkers = 0;
+}
+
+/* The eventfd that says a job came back for Python to do (see below). */
+EXPORT int csvfs_fast_returned_fd(void)
+{
+    return returned_fd;
+}
+
+/* A job whose pread or pwrite failed in a worker: its slot, or -1 if none,
+ * and the request (the data of a write, in *data). Python does it again
+ * and answers with csvfs_fast_reply. */
+EXPORT int csvfs_fast_take_returned(uint32_t *opcode, uint64_t *fh, int64_t *offset,
+                                    uint32_t *size, const char **data)
+{
+    struct job *job;
+    int slot = -1;
+
+    pthread_mutex_lock(&lock);
+    if (nreturned > 0)
+        slot = returned[--nreturned];
+    pthread_mutex_unlock(&lock);
+    if (slot < 0)
+        return -1;
+    job = &jobs[slot];
+    *opcode = job->opcode;
+    *fh = job->fh;
+    *offset = job->offset;
+    *size = job->size;
+    *data = job->buffer;
+    return slot;
+}
+
+/* Python's answer to a returned job: an errno, or the data (a read's), or
+ * the size written (a write's); the slot is free again. */
+EXPORT void csvfs_fast_reply(int slot, int error, const char *data, size_t length)
+{
+    struct job *job = &jobs[slot];
+    struct write_out out = {(uint32_t)length, 0};
+
+    if (error)
+        reply(fuse_fd, job->unique, error, NULL, 0);
+    else if (job->opcode == OP_READ)
+        reply(fuse_fd, job->unique, 0, data, length);
+    else
+        reply(fuse_fd, job->unique, 0, &out, sizeof(out));
+    put_back(job);
+}
+
+EXPORT void csvfs_fast_fault(int on)
+{
+    __atomic_store_n(&injected_fault, on, __ATOMIC_RELAXED);
 }
 
 EXPORT void csvfs_fast_deadline(int64_t monotonic_ns)
@@ -317,7 +644,7 @@ EXPORT void csvfs_fast_deadline(int64_t monotonic_ns)
     deadline_ns = monotonic_ns;
 }
 
-EXPORT void csvfs_fast_counts(uint64_t out[3])
+EXPORT void csvfs_fast_counts(uint64_t out[4])
 {
     memcpy(out, counts, sizeof(counts));
 }

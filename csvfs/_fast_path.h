@@ -2,10 +2,12 @@
 #ifndef CSVFS_FAST_PATH_H
 #define CSVFS_FAST_PATH_H
 
-#include <stddef.h>
+typedef int (*receive_fn)(struct fuse_session *, struct fuse_buf *);
 
-/* Answer one request from /dev/fuse (fd) if it is a read or write the lane
- * can serve whole: 1 if it did (the reply is sent), 0 to hand it to libfuse. */
-int csvfs_fast_serve(int fd, const void *request, size_t length);
+/* fuse_session_receive_buf with the lane in front: reads requests with
+ * `receive` and keeps the reads and writes the lane can do whole, until one
+ * it cannot (returned, for libfuse) or none is left (-EINTR). No job of the
+ * lane is in flight when it returns. */
+int csvfs_fast_receive(struct fuse_session *se, struct fuse_buf *buf, receive_fn receive);
 
 #endif

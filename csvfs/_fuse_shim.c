@@ -57,9 +57,6 @@
 
 #include "_fast_path.h"
 
-/* Requests the fast lane may answer in one call, before trio runs again. */
-#define FAST_BATCH 64
-
 #define EXPORT __attribute__((visibility("default")))
 
 typedef void (*csvfs_fallocate_cb)(fuse_req_t req, uint64_t ino, int mode,
@@ -253,7 +250,7 @@ static int make_nonblocking(struct fuse_session *se)
 EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
 {
     static receive_buf_fn real;
-    int res, served;
+    int res;
 
     if (real == NULL)
         real = (receive_buf_fn)real_symbol("fuse_session_receive_buf");
@@ -264,17 +261,9 @@ EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *bu
         if (res < 0)
             return res;
     }
-    /* The fast lane answers plain reads and writes here (_fast_path.c);
-     * after a batch of them, trio gets the thread back for its other tasks. */
-    for (served = 0; served < FAST_BATCH; served++) {
-        res = real(se, buf);
-        if (res <= 0)
-            return res == -EAGAIN ? -EINTR : res;
-        if (buf->flags & FUSE_BUF_IS_FD ||
-            !csvfs_fast_serve(fuse_session_fd(se), buf->mem, res))
-            return res;
-    }
-    return -EINTR;
+    /* The fast lane takes the plain reads and writes here (_fast_path.c). */
+    res = csvfs_fast_receive(se, buf, real);
+    return res == -EAGAIN ? -EINTR : res;
 }
 
 /* The kernel's protocol numbers (linux/fuse.h); libfuse 3.14 lacks the last. */

@@ -137,6 +137,9 @@ class NoLane:
     def deadline(self, valid_until: float | None) -> None:
         pass
 
+    def fault(self, on: bool) -> None:
+        pass
+
     def file(self, ino: int, size: int, granule: int, writable: bool, runs: list) -> None:
         pass
 
@@ -152,8 +155,8 @@ class NoLane:
     def drop_handle(self, fh: int) -> None:
         pass
 
-    def counts(self) -> tuple[int, int, int]:
-        return 0, 0, 0
+    def counts(self) -> tuple[int, int, int, int]:
+        return 0, 0, 0, 0
 
 
 class DataPath:
@@ -197,9 +200,10 @@ class DataPath:
         self._push_deadline()
 
     def _push_deadline(self) -> None:
-        """The lane serves until valid_until, unless I/O must stop or go elsewhere."""
-        stopped = (self.holding or self.fenced or self.storage.redirected
-                   or self.storage.fault)
+        """The lane serves until valid_until, unless I/O must stop or go elsewhere; an
+        injected fault fails its calls as it fails ours."""
+        stopped = self.holding or self.fenced or self.storage.redirected
+        self.lane.fault(self.storage.fault)
         self.lane.deadline(None if stopped else self._valid_until)
 
     # -- open files ------------------------------------------------------------------

@@ -33,6 +33,7 @@ stall the mount.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import logging
@@ -153,9 +154,15 @@ def _open(so: Path) -> ctypes.CDLL | None:
 def _declare_lane(lib: ctypes.CDLL) -> None:
     """The C signatures of the fast lane (_fast_path.c)."""
     for name, restype, argtypes in (
-        ("csvfs_fast_start", _int, [_int, _i64, _i64]),
+        ("csvfs_fast_start", _int, [_int, _i64, _i64, _int]),
+        ("csvfs_fast_returned_fd", _int, []),
+        ("csvfs_fast_take_returned", _int, [ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(_u64),
+                                            ctypes.POINTER(_i64), ctypes.POINTER(ctypes.c_uint32),
+                                            ctypes.POINTER(ctypes.c_void_p)]),
+        ("csvfs_fast_reply", None, [_int, _int, ctypes.c_char_p, ctypes.c_size_t]),
         ("csvfs_fast_stop", None, []),
         ("csvfs_fast_deadline", None, [_i64]),
+        ("csvfs_fast_fault", None, [_int]),
         ("csvfs_fast_counts", None, [ctypes.POINTER(_u64)]),
         ("csvfs_fast_handle", _int, [_u64, _u64, _int]),
         ("csvfs_fast_drop_handle", None, [_u64]),
@@ -184,18 +191,64 @@ def mmap_allowed() -> bool:
 
 
 class FastLane:
-    """The shim's fast lane (_fast_path.c): the reads and writes it answers in C, from
-    tables that csvfs/datapath.py keeps exact through these calls. All of them run on
-    the trio thread, which is also where the lane runs, so none races a request."""
+    """The shim's fast lane (_fast_path.c): the reads and writes it does in C, from
+    tables that csvfs/datapath.py keeps exact through these calls. The lane takes
+    requests on the trio thread, inside pyfuse3's read of /dev/fuse, and its worker
+    threads do them; it returns to trio only once none is in flight, so no table
+    changes under a request."""
 
     INT64_MAX = 2**63 - 1
+    READ, WRITE = 15, 16  # FUSE opcodes
 
-    def __init__(self, fd: int, data_offset: int, sector: int):
-        """sector: 0 for an image read through the page cache, else O_DIRECT's."""
+    def __init__(self, fd: int, data_offset: int, sector: int, threads: int):
+        """sector: 0 for an image read through the page cache, else O_DIRECT's;
+        threads: how many requests may be in flight at once (0: one at a time, on the
+        trio thread)."""
         assert _lib is not None
-        if _lib.csvfs_fast_start(fd, data_offset, sector) != 0:
-            raise MemoryError("cannot allocate the fast lane's buffer")
+        if _lib.csvfs_fast_start(fd, data_offset, sector, threads) != 0:
+            raise OSError("cannot start the fast lane")
         self._lib = _lib
+        self.returned_fd = _lib.csvfs_fast_returned_fd()
+
+    async def serve_returned(self, read, write) -> None:
+        """Do again, through the Python handlers read(fh, offset, size) and
+        write(fh, offset, data), each request that failed in the lane: they see the
+        failure themselves (and send the node to redirected I/O)."""
+        import pyfuse3
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(self.returned_fd)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.returned_fd, 8)
+                while (job := self._take_returned()) is not None:
+                    nursery.start_soon(self._redo, pyfuse3.FUSEError, read, write, *job)
+
+    def _take_returned(self) -> tuple | None:
+        opcode, size = ctypes.c_uint32(), ctypes.c_uint32()
+        fh, offset, data = _u64(), _i64(), ctypes.c_void_p()
+        slot = self._lib.csvfs_fast_take_returned(ctypes.byref(opcode), ctypes.byref(fh),
+                                                  ctypes.byref(offset), ctypes.byref(size),
+                                                  ctypes.byref(data))
+        if slot < 0:
+            return None
+        payload = ctypes.string_at(data, size.value) if opcode.value == self.WRITE else None
+        return slot, opcode.value, fh.value, offset.value, size.value, payload
+
+    async def _redo(self, fuse_error, read, write, slot, opcode, fh, offset, size, payload):
+        try:
+            if opcode == self.READ:
+                answer = bytes(await read(fh, offset, size))
+                self._lib.csvfs_fast_reply(slot, 0, answer, len(answer))
+            else:
+                written = await write(fh, offset, payload)
+                self._lib.csvfs_fast_reply(slot, 0, None, written)
+        except fuse_error as exc:
+            self._lib.csvfs_fast_reply(slot, exc.errno, None, 0)
+        except BaseException:
+            self._lib.csvfs_fast_reply(slot, errno.EIO, None, 0)
+            raise
 
     def stop(self) -> None:
         """No request goes to the lane any more (before the image is closed)."""
@@ -208,6 +261,10 @@ class FastLane:
         else:
             ns = self.INT64_MAX if valid_until == float("inf") else int(valid_until * 1e9)
         self._lib.csvfs_fast_deadline(ns)
+
+    def fault(self, on: bool) -> None:
+        """`csvfs fault ... storage-down`: the lane's calls fail, as the node's do."""
+        self._lib.csvfs_fast_fault(int(on))
 
     def file(self, ino: int, size: int, granule: int, writable: bool, runs: list) -> None:
         """Serve ino with this map; writes only if `writable`."""
@@ -232,16 +289,17 @@ class FastLane:
     def drop_handle(self, fh: int) -> None:
         self._lib.csvfs_fast_drop_handle(fh)
 
-    def counts(self) -> tuple[int, int, int]:
-        """(reads, writes) the lane answered, and the reads and writes it handed on."""
-        out = (_u64 * 3)()
+    def counts(self) -> tuple[int, int, int, int]:
+        """The reads and the writes the lane answered, the requests it handed to Python,
+        and how many of those after a failed pread or pwrite."""
+        out = (_u64 * 4)()
         self._lib.csvfs_fast_counts(out)
-        return out[0], out[1], out[2]
+        return tuple(out)
 
 
-def fast_lane(fd: int, data_offset: int, sector: int) -> FastLane | None:
+def fast_lane(fd: int, data_offset: int, sector: int, threads: int) -> FastLane | None:
     """The fast lane, or None without the shim."""
-    return FastLane(fd, data_offset, sector) if _lib is not None else None
+    return FastLane(fd, data_offset, sector, threads) if _lib is not None else None
 
 
 def set_handler(op: str, async_handler: AsyncHandler | None) -> bool:

@@ -36,6 +36,9 @@ from csvfs.writers import Writers
 log = logging.getLogger(__name__)
 
 
+DEFAULT_IO_THREADS = 4  # with O_DIRECT (--io-threads)
+
+
 @dataclass
 class NodeConfig:
     image: Path
@@ -48,6 +51,7 @@ class NodeConfig:
     cluster: list[Path] = field(default_factory=list)  # its volumes (csvfs/balance.py)
     io_timeout: float = 60.0  # how long I/O waits for a coordinator, then EIO
     direct_io: bool | None = None  # O_DIRECT; None: for a block device only
+    io_threads: int | None = None  # the fast lane's workers; None: by direct_io
     election: str = ""  # "": the lease region; etcd://...: etcd (csvfs/cluster/elections.py)
     disk_election_asked: bool = False  # --election disk: the region, though etcd marked it
 
@@ -86,6 +90,7 @@ class Node:
         self.election = None  # csvfs/cluster/elections.py
         self.key = b""
         self.datapath: DataPath | None = None
+        self.lane: fuse_shim.FastLane | None = None
         self.gates: FileGates | None = None
         self.locks: NodeLocks | None = None
         self.membership: Membership | None = None
@@ -135,10 +140,11 @@ class Node:
             nursery.start_soon(server.serve)
             nursery.start_soon(self.election.run)
             nursery.start_soon(LoopWatchdog().run)
-            lane = fuse_shim.fast_lane(self.volume.fd, sb.data.offset, self.volume.sector)
+            self.lane = fuse_shim.fast_lane(self.volume.fd, sb.data.offset, self.volume.sector,
+                                            self._lane_threads())
             self.datapath = DataPath(self.volume.fd, sb.data.offset, sb.unit_size, self._meta,
                                      self._revalidate, (self.volume.pread, self.volume.pwrite),
-                                     lane)
+                                     self.lane)
             self.gates = FileGates(config.name, self.datapath, self._forget_in_kernel)
             mode_changed = trio.Event()
             self.datapath.storage.on_change = mode_changed.set
@@ -239,6 +245,9 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_on_signal)
+                if self.lane is not None:
+                    nursery.start_soon(self.lane.serve_returned, operations.read,
+                                       operations.write)
                 ready()
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
@@ -260,12 +269,20 @@ class Node:
                 pyfuse3.terminate()
                 return
 
+    def _lane_threads(self) -> int:
+        """Workers pay off where a request waits for a device (O_DIRECT); through the
+        page cache, handing a request to a thread costs more than doing it
+        (scripts/bench.py --only vm measures both)."""
+        if self.config.io_threads is not None:
+            return self.config.io_threads
+        return DEFAULT_IO_THREADS if self.volume.direct else 0
+
     def close(self) -> None:
         if self.datapath is not None and self.volume is not None and self.volume.fd >= 0:
             lane = self.datapath.lane
             lane.stop()  # before its image fd closes
-            log.info("fast lane: %d reads and %d writes answered, %d handed to Python",
-                     *lane.counts())
+            log.info("fast lane: %d reads and %d writes answered, %d handed to Python, "
+                     "%d of them after failing", *lane.counts())
         if self.volume is not None:
             self.volume.close()
 
