@@ -38,8 +38,9 @@ coordinator, then B, a member, later C) and four more sections are measured:
 and then, each in a process of its own, the failover time with the disk lease and with
 election through etcd (failoverbench.py), what applications see beyond the data path
 (appbench.py: small files, locks, appends), redirected I/O and coordinator moves
-(opsbench.py), O_DIRECT on a loop device (devicebench.py), and backups against cp,
-restic and borg (backupbench.py).
+(opsbench.py), O_DIRECT on a loop device (devicebench.py), how metadata latency,
+quiesce, takeover and the coordinator's CPU grow from 1 to 16 nodes (scalebench.py),
+and backups against cp, restic and borg (backupbench.py).
 
 The code: bench_targets.py (the single-node targets, fio and metadata rounds),
 bench_cluster.py (the cluster sections), bench_report.py (the tables).
@@ -221,6 +222,13 @@ def run_device(args) -> str:
                         timeout=1800)
 
 
+def run_scale(args) -> str:
+    """scripts/scalebench.py (1, 4, 8 and 16 nodes on one volume)."""
+    log("measuring how the costs grow with the number of nodes ...")
+    return _run_section(args, "scalebench.py", "Scale: cost against the number of nodes",
+                        "--csvfs", args.csvfs, timeout=1800)
+
+
 def run_backups(args) -> str:
     """scripts/backupbench.py (backups, snapshot pauses), in a process of its own."""
     log("measuring backups ...")
@@ -329,6 +337,7 @@ def main(argv=None) -> int:
         report += run_applications(args)
         report += run_operations(args)
         report += run_device(args)
+        report += run_scale(args)
         report += run_backups(args)
     RESULTS_FILE.write_text(report)
     print(report, end="")

@@ -19,7 +19,8 @@ EXTEND_STEP = 4096
 OPERATIONS = ("create", "extend", "truncate", "rename", "unlink")
 
 
-def _timed(action: Callable[[], object]) -> float:
+def timed(action: Callable[[], object]) -> float:
+    """How long action() took, in milliseconds."""
     started = time.perf_counter_ns()
     action()
     return (time.perf_counter_ns() - started) / 1e6
@@ -33,18 +34,18 @@ def measure(directory: Path, count: int) -> dict[str, list[float]]:
     names = [directory / f"meta-m{index}" for index in range(count)]
     samples: dict[str, list[float]] = {"create": []}
     for path in names:
-        samples["create"].append(_timed(
+        samples["create"].append(timed(
             lambda path=path: os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY,
                                                0o644))))
     samples.update(_extend_and_truncate(directory / "meta-grow", count))
     try:
         renamed = [path.with_name(path.name.replace("-m", "-r")) for path in names]
-        samples["rename"] = [_timed(lambda a=a, b=b: os.rename(a, b))
+        samples["rename"] = [timed(lambda a=a, b=b: os.rename(a, b))
                              for a, b in zip(names, renamed, strict=True)]
         names = renamed
     except OSError:
         pass  # the pass-through baseline may not implement rename
-    samples["unlink"] = [_timed(lambda path=path: os.unlink(path)) for path in names]
+    samples["unlink"] = [timed(lambda path=path: os.unlink(path)) for path in names]
     return samples
 
 
@@ -52,9 +53,9 @@ def _extend_and_truncate(path: Path, count: int) -> dict[str, list[float]]:
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
     block = b"\x5a" * EXTEND_STEP
     try:
-        extend = [_timed(lambda: os.write(fd, block)) for _ in range(count)]
+        extend = [timed(lambda: os.write(fd, block)) for _ in range(count)]
         sizes = range(EXTEND_STEP * (count - 1), -1, -EXTEND_STEP)
-        truncate = [_timed(lambda size=size: os.ftruncate(fd, size)) for size in sizes]
+        truncate = [timed(lambda size=size: os.ftruncate(fd, size)) for size in sizes]
     finally:
         os.close(fd)
         os.unlink(path)
@@ -89,7 +90,7 @@ def shrink_loop(path: Path, count: int, big: int, small: int,
         for _ in range(count):
             _refill(fd, small, big, chunk)
             started = time.monotonic_ns()
-            latencies.append(_timed(lambda: os.ftruncate(fd, small)))
+            latencies.append(timed(lambda: os.ftruncate(fd, small)))
             if windows is not None:
                 windows.append((started, time.monotonic_ns()))
         _refill(fd, small, big, chunk)
@@ -145,7 +146,7 @@ def paced_writes(fd: int, span: int, interval: float, stop: Callable[[], bool],
         offset = (index % blocks) * WRITE_BLOCK
         if starts is not None:
             starts.append(time.monotonic_ns())
-        latencies.append(_timed(lambda offset=offset: os.pwrite(fd, block, offset)))
+        latencies.append(timed(lambda offset=offset: os.pwrite(fd, block, offset)))
         index += 1
         next_at += interval
         delay = next_at - time.perf_counter()
