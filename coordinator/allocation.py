@@ -389,8 +389,9 @@ class Allocation:
         self.commits.check_lease()
         if length <= ZERO_INLINE_MAX:
             self.commits.volume.write(offset, bytes(length))
-            return
-        await trio.to_thread.run_sync(self.commits.volume.zero, offset, length)
+        else:
+            await trio.to_thread.run_sync(self.commits.volume.zero, offset, length)
+        self.commits.data_written()  # once written: a flush already under way missed it
 
     async def _zero_blocks(self, runs) -> None:
         """Zero the blocks a record adds. A unit split into blocks now is cleared whole,

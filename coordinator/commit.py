@@ -260,6 +260,13 @@ class Commits:
         for start, end, index in pieces(offset, offset + len(data), granule):
             self.volume.write(base + units[index] * granule + start % granule,
                               view[start - offset : end - offset])
+        self.data_written()
+
+    def data_written(self) -> None:
+        """The coordinator wrote file data that the next records depend on: their
+        commit makes the whole image durable, not only the records
+        (coordinator/journal.py)."""
+        self.journal.whole_image_sync = True
 
     def unit_offset(self, volume_unit: int) -> int:
         return self.volume.sb.data.offset + volume_unit * self.unit

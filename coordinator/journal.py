@@ -1,9 +1,16 @@
 """The metadata journal: group commit of checksummed records, and replay.
 
 Records are sector aligned and carry (epoch, seq, batch_first). A record
-commits when the fdatasync that follows its batch returns. Replay starts
+commits when the write of its batch is on stable storage. Replay starts
 after the newest valid checkpoint and accepts only the next sequence
 number, so a torn or stale record ends it.
+
+A batch is written with RWF_DSYNC, which syncs its own range and nothing else
+of the image, so a commit costs its own record and not a flush of every page
+the nodes wrote. Where a record depends on file data the coordinator wrote
+itself (an append, a redirected write, a snapshot's copies, zeros over a new
+block), `whole_image_sync` asks for the write and an fdatasync of the whole
+image instead, which makes that data durable before the record.
 
 A bad record followed by valid records of a *later* batch cannot be a torn
 write: later batches are only written after the earlier one was durable.
@@ -152,6 +159,7 @@ class Journal:
         self._flushing = False
         self._flushed = trio.Event()
         self.broken: BaseException | None = None
+        self.whole_image_sync = False  # the coordinator wrote data since the last flush
         # Asked right before every write: False once the coordinator may no longer
         # commit (its lease lapsed), so a stale coordinator never writes a record.
         self.may_write: Callable[[], bool] = lambda: True
@@ -201,8 +209,7 @@ class Journal:
         try:
             if not self.may_write():
                 raise LeaseLost("the coordinator lease has lapsed; not committing")
-            self.volume.write(self.region.offset + self.offset, batch)
-            await trio.to_thread.run_sync(os.fdatasync, self.volume.fd)
+            await self._write_batch(batch)
         except LeaseLost as exc:  # stepping down: the requests go to the next coordinator
             self.broken = exc
             log.warning("%s", exc)
@@ -216,6 +223,17 @@ class Journal:
             self._flushing = False
             self._flushed.set()
             self._flushed = trio.Event()
+
+    async def _write_batch(self, batch: bytes) -> None:
+        """On stable storage: the batch alone, or, after data the coordinator wrote,
+        the whole image. Either in a worker thread: the event loop goes on meanwhile."""
+        offset = self.region.offset + self.offset
+        if self.whole_image_sync:
+            self.whole_image_sync = False  # data written from now on waits for the next
+            self.volume.write(offset, batch)
+            await trio.to_thread.run_sync(os.fdatasync, self.volume.fd)
+        else:
+            await trio.to_thread.run_sync(self.volume.write_durable, offset, batch)
 
     def restart_after_checkpoint(self, gen: int) -> None:
         """A checkpoint now covers every record: start generation `gen` at the head."""

@@ -359,9 +359,9 @@ class Snapshots:
 
     async def _copy(self, kind: str, size: int, pairs: list[tuple[int, int]]) -> None:
         """Copy each granule to its copy, before the record that points there. The
-        record's commit makes them durable too: the journal is in the same image, and
-        its fdatasync flushes every page written to it before (a crash before that
-        leaves the copies simply free, and the write not done)."""
+        record's commit makes them durable too: Commits.data_written has it flush the
+        whole image, every page written to it before (a crash before that leaves the
+        copies simply free, and the write not done)."""
         self.commits.check_lease()
         volume = self.commits.volume
         base = volume.sb.data.offset
@@ -374,6 +374,7 @@ class Snapshots:
             await trio.to_thread.run_sync(copy)
         except OSError as exc:
             raise MetaError(errno.EIO, f"copy-on-write failed: {exc}") from None
+        self.commits.data_written()  # once written: a flush already under way missed them
         self.on_copied(kind, [target for _granule, target in pairs])
 
     def _drop_holders(self, kind: str, held: list[int]) -> int | None:

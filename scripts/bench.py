@@ -25,6 +25,8 @@ for the 1 MiB row), on raw, csvfs, the baseline and passthrough, each as a ratio
 
   scripts/bench.py --only vm --targets raw,csvfs --baseline REV
 
+and `--only meta` the metadata latencies alone, the same way.
+
 Unless --no-cluster is given, a second csvfs volume is mounted by several nodes (A, the
 coordinator, then B, a member, later C) and four more sections are measured:
 
@@ -139,10 +141,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-cluster", dest="cluster", action="store_false",
                         help="skip the cluster sections (member data path and metadata, "
                              "quiesce, aggregate writes)")
-    parser.add_argument("--only", choices=["vm"],
-                        help="run one table alone: vm, the VM-style I/O table (libaio, "
-                             "O_DIRECT) on the --targets and the --baseline; no other "
-                             "table, no cluster section")
+    parser.add_argument("--only", choices=["vm", "meta"],
+                        help="run one table alone on the --targets and the --baseline: "
+                             "vm, the VM-style I/O table (libaio, O_DIRECT), or meta, "
+                             "the metadata latencies; no other table, no cluster section")
     parser.add_argument("--quick", action="store_true",
                         help="a short smoke run: small defaults for everything not given")
     parser.add_argument("--baseline", metavar="REV",
@@ -262,6 +264,10 @@ def single_node_report(args, targets: list[Target], samples: dict[tuple[str, str
     vm)."""
     if args.only == "vm":
         return f"# csvfs benchmark\n\n{describe_machine()}\n{vm_section(args, targets, vm_samples)}"
+    if args.only == "meta":
+        return (f"# csvfs benchmark\n\n{describe_machine()}\n\n## Metadata latency\n\n"
+                f"{describe_metadata(args)}\n\n{build_latency_table(latencies)}\n"
+                f"{baseline_section(args, {}, latencies, meta_only=True)}")
     report = (f"# csvfs benchmark\n\n{describe_run(args, args.dir)}\n\n"
               f"{build_table(samples)}\n{vm_section(args, targets, vm_samples)}\n"
               f"## Metadata latency\n\n{describe_metadata(args)}\n\n"
@@ -305,8 +311,8 @@ def main(argv=None) -> int:
         cluster = setup_cluster(scratch, cleanup, args, targets) if args.cluster else None
         everything = args.only is None
         samples = run_rounds(targets, args) if everything else {}
-        vm_samples = run_vm_rounds(targets, args)
-        latencies = run_metadata(targets, args) if everything else {}
+        vm_samples = run_vm_rounds(targets, args) if args.only in (None, "vm") else {}
+        latencies = run_metadata(targets, args) if args.only in (None, "meta") else {}
         cluster_results = None
         if args.cluster:
             cluster_results = (run_cluster(cluster, args) if cluster is not None else

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 EXTEND_STEP = 4096
-OPERATIONS = ("create", "extend", "truncate", "rename", "unlink")
+# fdatasync: a 4 KiB overwrite and fdatasync, the price of making 4 KiB durable (on the
+# raw target, what an extend's journal commit is measured against)
+OPERATIONS = ("create", "extend", "truncate", "rename", "unlink", "fdatasync")
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -38,6 +40,7 @@ def measure(directory: Path, count: int) -> dict[str, list[float]]:
             lambda path=path: os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY,
                                                0o644))))
     samples.update(_extend_and_truncate(directory / "meta-grow", count))
+    samples["fdatasync"] = _write_and_sync(directory / "meta-sync", count)
     try:
         renamed = [path.with_name(path.name.replace("-m", "-r")) for path in names]
         samples["rename"] = [timed(lambda a=a, b=b: os.rename(a, b))
@@ -60,6 +63,17 @@ def _extend_and_truncate(path: Path, count: int) -> dict[str, list[float]]:
         os.close(fd)
         os.unlink(path)
     return {"extend": extend, "truncate": truncate}
+
+
+def _write_and_sync(path: Path, count: int) -> list[float]:
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    block = b"\x5a" * EXTEND_STEP
+    try:
+        os.write(fd, block)
+        return [timed(lambda: (os.pwrite(fd, block, 0), os.fdatasync(fd))) for _ in range(count)]
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:

@@ -117,14 +117,19 @@ async def test_journal_continues_after_replay(volume):
 
 
 async def test_group_commit(volume, monkeypatch):
-    syncs = []
-    real_fdatasync = os.fdatasync
+    syncs = []  # each batch is written with RWF_DSYNC, or written and fdatasync'ed
+    real_fdatasync, real_write_durable = os.fdatasync, volume.write_durable
 
     def counting_fdatasync(fd):
         syncs.append(fd)
         real_fdatasync(fd)
 
+    def counting_write_durable(offset, data):
+        syncs.append(offset)
+        real_write_durable(offset, data)
+
     monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    monkeypatch.setattr(volume, "write_durable", counting_write_durable)
     journal = Journal(volume, epoch=1, next_seq=1, offset=0)
     returned: dict[int, int] = {}
 
@@ -168,10 +173,10 @@ async def test_journal_full(volume):
 async def test_write_error_breaks_the_journal(volume, monkeypatch):
     journal = Journal(volume, epoch=1, next_seq=1, offset=0)
 
-    def failing(fd):
+    def failing(offset, data):  # the batch's durable write (RWF_DSYNC)
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(os, "fdatasync", failing)
+    monkeypatch.setattr(volume, "write_durable", failing)
     journal.append(_op(1))
     with pytest.raises(OSError, match="journal write failed"):
         await journal.wait_durable()
@@ -669,3 +674,23 @@ def test_remnant_of_a_torn_batch_with_a_higher_seq_is_not_corruption(volume):
     result = scan(volume, 0, 0)
     assert result.records == head + old[:1] + [rewritten]
     assert result.corrupt is None
+
+
+async def test_a_batch_syncs_the_whole_image_only_after_data_the_coordinator_wrote(
+        volume, monkeypatch):
+    """A batch alone is written with RWF_DSYNC; after data written by the coordinator
+    (whole_image_sync), the next batch is written and the whole image fdatasync'ed, so
+    that data is durable before the record that depends on it."""
+    calls = []
+    real_fdatasync, real_write_durable = os.fdatasync, volume.write_durable
+    monkeypatch.setattr(os, "fdatasync",
+                        lambda fd: (calls.append("fdatasync"), real_fdatasync(fd)))
+    monkeypatch.setattr(volume, "write_durable", lambda offset, data: (
+        calls.append("dsync"), real_write_durable(offset, data)))
+    journal = Journal(volume, epoch=1, next_seq=1, offset=0)
+    await journal.wait_durable(journal.append(_op(1)))
+    journal.whole_image_sync = True  # Commits.data_written
+    await journal.wait_durable(journal.append(_op(2)))
+    await journal.wait_durable(journal.append(_op(3)))
+    assert calls == ["dsync", "fdatasync", "dsync"]
+    assert [record.seq for record in scan(volume, 0, 0).records] == [1, 2, 3]

@@ -966,17 +966,19 @@ async def test_a_file_closed_while_its_node_was_cut_off_is_reclaimed_when_it_rej
 
 async def test_a_failing_journal_makes_the_coordinator_step_down(cluster, monkeypatch):
     """Not EIO to the nodes: they retry with the next coordinator."""
-    import os
 
     from csvfs.cluster.errors import NotCoordinator
 
     fenced = []
     cluster.service.commits._on_fenced = lambda: fenced.append(True)
 
-    def failing(fd):
+    volume = cluster.service.commits.volume
+
+    def failing(offset, data):  # the record reaches the image, but its sync fails
+        volume.write(offset, data)
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(os, "fdatasync", failing)
+    monkeypatch.setattr(volume, "write_durable", failing)
     with pytest.raises(NotCoordinator, match="stepped down"):
         await cluster.mknod(b"lost")
     assert cluster.service.fenced and fenced == [True]
@@ -984,6 +986,6 @@ async def test_a_failing_journal_makes_the_coordinator_step_down(cluster, monkey
     with pytest.raises(NotCoordinator):  # and takes no request any more
         await cluster.call("statfs")
     cluster.restart()  # the next coordinator serves again
-    # The record reached the image before its fdatasync failed, so it is replayed; a
+    # The record reached the image before its sync failed, so it is replayed; a
     # node's retry of that mknod gets the first answer (ONCE_ONLY in coordinator/service.py).
     assert (await cluster.call("lookup", parent=ROOT_INO, name=b"lost"))["ino"] > ROOT_INO

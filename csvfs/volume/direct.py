@@ -110,8 +110,9 @@ class SectorIO:
         finally:
             view.release()
 
-    def pwrite(self, data, offset: int) -> int:
-        """Write all of data at offset (reading the partial sectors at its ends first)."""
+    def pwrite(self, data, offset: int, flags: int = 0) -> int:
+        """Write all of data at offset (reading the partial sectors at its ends first);
+        flags as pwritev2's (os.RWF_DSYNC)."""
         length = len(data)
         start, end = self._span(offset, length)
         view = self._buffers.get(end - start)
@@ -121,7 +122,7 @@ class SectorIO:
             if offset + length != end and (end - start > self.sector or offset == start):
                 self._fill(view[-self.sector :], end - self.sector)
             view[offset - start : offset - start + length] = data
-            self._write_all(view, start)
+            self._write_all(view, start, flags)
         finally:
             view.release()
         return length
@@ -131,9 +132,9 @@ class SectorIO:
         got = os.preadv(self.fd, [view], position)
         view[got:] = bytes(len(view) - got)
 
-    def _write_all(self, view: memoryview, position: int) -> None:
+    def _write_all(self, view: memoryview, position: int, flags: int = 0) -> None:
         while view:
-            written = os.pwritev(self.fd, [view], position)
+            written = os.pwritev(self.fd, [view], position, flags)
             if written <= 0:
                 raise OSError(errno.EIO, "the device took no bytes of an O_DIRECT write")
             view, position = view[written:], position + written

@@ -83,6 +83,7 @@ class Volume:
         self.direct = sectors is not None  # O_DIRECT: no page cache between us and it
         self.sector = sectors.sector if sectors is not None else 0  # O_DIRECT's alignment
         self.pread, self.pwrite = _calls(fd, sectors)
+        self._sectors = sectors
 
     # -- opening ----------------------------------------------------------------
 
@@ -124,6 +125,19 @@ class Volume:
         view = memoryview(data)
         while view:
             written = self.pwrite(view, offset)
+            view = view[written:]
+            offset += written
+
+    def write_durable(self, offset: int, data: bytes) -> None:
+        """Write data and return once it is on stable storage, without flushing the
+        rest of the image: pwritev2 with RWF_DSYNC syncs this range only (the
+        metadata journal's commit)."""
+        if self._sectors is not None:
+            self._sectors.pwrite(data, offset, os.RWF_DSYNC)
+            return
+        view = memoryview(data)
+        while view:
+            written = os.pwritev(self.fd, [view], offset, os.RWF_DSYNC)
             view = view[written:]
             offset += written
 
