@@ -5,8 +5,10 @@ record. Other nodes' kernels cache the attributes of directories and the names
 that lead to them, so each change makes them drop what it made stale: at once,
 and waited for, where a path walk must see it (a directory renamed or
 removed); pushed without waiting for the times and link counts other changes
-move. A file's last name removed while a node holds it leaves an open-unlinked
-file, reclaimed at its last close (coordinator/open_files.py).
+move. Nodes that hold a directory's listing (coordinator/listings.py) give it
+back, waited for, before a change to its names is answered. A file's last name
+removed while a node holds it leaves an open-unlinked file, reclaimed at its last
+close (coordinator/open_files.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import stat
 
 from coordinator.attributes import Attributes
 from coordinator.commit import Commits, Request
+from coordinator.listings import Listings
 from coordinator.model import NAME_MAX, ROOT_INO, Inode
 from coordinator.open_files import OpenFiles
 from coordinator.quiesce import Sessions
@@ -30,8 +33,9 @@ RENAME_EXCHANGE = 2
 
 class Namespace:
     def __init__(self, commits: Commits, open_files: OpenFiles, sessions: Sessions,
-                 attributes: Attributes):
+                 attributes: Attributes, listings: Listings):
         self.commits = commits
+        self.listings = listings
         self.open_files = open_files
         self.holders = open_files.holders
         self.sessions = sessions
@@ -39,7 +43,11 @@ class Namespace:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def op_lookup(self, request: Request, parent: int, name: bytes) -> dict:
+    async def op_lookup(self, request: Request, parent: int, name: bytes,
+                        lease: bool = False) -> dict:
+        """The attributes of parent/name. No such name is ENOENT, or, if the node asks
+        for the `lease`, {"absent": True, "names": the directory's names or None}
+        (coordinator/listings.py)."""
         if len(name) > NAME_MAX:  # POSIX: too long a component is ENAMETOOLONG, not ENOENT
             raise MetaError(errno.ENAMETOOLONG)
         commits = self.commits
@@ -50,6 +58,8 @@ class Namespace:
         if name == b"..":
             return self.attributes.of(commits.inode(commits.state.parents[parent]))
         ino = names.get(name)
+        if ino is None and lease:
+            return {"absent": True, "names": self.listings.lend(parent, request.session, names)}
         if ino is None:
             raise MetaError(errno.ENOENT)
         return self.attributes.of(commits.inode(ino))
@@ -105,6 +115,7 @@ class Namespace:
             if opened:
                 self.holders.opened(request.session, ino)
         await commits.durable(seq)
+        await self.listings.take_back(request.session, [parent])
         await self.sessions.forget(request.session, wait=False, inos=[parent])
         return attrs
 
@@ -124,6 +135,7 @@ class Namespace:
             attrs = dict(self.attributes.of(inode),
                          parent_attrs=[self.attributes.of(commits.inode(parent))])
         await commits.durable(seq)
+        await self.listings.take_back(request.session, [parent])
         await self.sessions.forget(request.session, wait=False, inos=[parent])
         return attrs
 
@@ -142,6 +154,8 @@ class Namespace:
                                  request)
             reply = {"parent_attrs": [self.attributes.of(commits.inode(parent))]}
         await commits.durable(seq)
+        await self.listings.take_back(request.session, [parent, ino] if inode.is_dir
+                                      else [parent])
         if inode.is_dir:
             await self.sessions.forget(request.session, wait=True, inos=[parent],
                                        entries=[(parent, name)])
@@ -164,6 +178,7 @@ class Namespace:
             reply = {"parent_attrs": [self.attributes.of(commits.inode(ino))
                                       for ino in parents]}
         await commits.durable(seq)
+        await self.listings.take_back(request.session, parents)
         if names_a_directory:
             await self.sessions.forget(request.session, wait=True, inos=parents,
                                        entries=[(old_parent, old_name), (new_parent, new_name)])

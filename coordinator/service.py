@@ -41,6 +41,7 @@ from coordinator.attributes import Attributes
 from coordinator.commit import Commits, Request
 from coordinator.holders import Holders
 from coordinator.journal import Journal
+from coordinator.listings import Listings
 from coordinator.locks import Locks
 from coordinator.model import NAME_MAX, MetadataState
 from coordinator.namespace import Namespace
@@ -77,8 +78,9 @@ class MetadataService:
         self.attributes = Attributes(self.commits, self.sessions, self.allocation)
         self.open_files = OpenFiles(self.commits, self.holders, self.sessions, self.quiesce,
                                     self.attributes, events)
+        self.listings = Listings(self.sessions)
         self.namespace = Namespace(self.commits, self.open_files, self.sessions,
-                                   self.attributes)
+                                   self.attributes, self.listings)
         self.locks = Locks(self.sessions)
         self.redirect = Redirect(self.commits, self.snapshots, events)
         self._homes = _homes(self, self.namespace, self.attributes, self.open_files,

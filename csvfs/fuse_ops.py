@@ -21,10 +21,14 @@ import trio
 
 from csvfs.cluster.errors import MetaError
 from csvfs.datapath import DataPath, OpenFile, map_fields
+from csvfs.listings import Listings
 from csvfs.locks import NodeLocks
 from csvfs.quiesce import FileGates
 
 log = logging.getLogger(__name__)
+
+RENAME_EXCHANGE = 2  # renameat2(2): both names stay
+MAX_RELEASED_NOTED = 4096  # files let go of whose replies in flight are told apart
 
 # Other nodes change metadata behind this kernel's back, and a change must show on
 # every node the moment it returns. So the kernel caches no names of files and no
@@ -178,22 +182,48 @@ class CsvfsOperations(pyfuse3.Operations):
         # this node just changed need no round trip: own changes return the parent's
         # new attributes.
         self._dir_attrs: dict[int, tuple[dict, float]] = {}
+        # Directories whose names the coordinator lent this node (csvfs/listings.py).
+        self.listings = Listings(lambda: time.monotonic() <= datapath.valid_until)
         # Invalidations received so far. A reply that was in flight when one arrived may
         # predate it, so the kernel must not cache what that reply says.
         self._forgets = 0
+        # Files this node stopped holding: ino -> the count of releases when it did. A
+        # reply about one that was in flight then must not be cached either (nothing is
+        # pushed here for it any more); replies about other inodes may be.
+        self._releases = 0
+        self._released: dict[int, int] = {}
 
     def drop_stale(self, stale: dict) -> None:
-        """The coordinator says what other nodes changed: drop it (the node then tells
-        the kernel)."""
-        self._forgets += 1
+        """The coordinator says what other nodes changed, or this node let a file go:
+        drop it (the node then tells the kernel)."""
+        if not stale.get("released"):  # those count in _released instead
+            self._forgets += 1
         for ino in stale["inos"]:
             self._dir_attrs.pop(ino, None)
+        self.listings.drop(stale.get("dirs", ()))
+        if stale.get("all_dirs"):
+            self.listings.drop_all()
 
     async def _ask(self, method: str, **args):
         """meta(), and whether what comes back may be cached."""
-        mark = self._forgets
+        mark, releases = self._forgets, self._releases
         reply = await self.meta(method, **args)
-        return reply, self._forgets == mark
+        return reply, self._forgets == mark and not self._released_since(releases, reply)
+
+    def _released_since(self, releases: int, reply) -> bool:
+        """Was the inode the reply is about let go of since `releases`? (Directories,
+        as in parent_attrs, are never.)"""
+        if self._releases == releases or not isinstance(reply, dict):
+            return False
+        attrs = reply.get("attrs", reply)
+        return self._released.get(attrs.get("ino"), 0) > releases
+
+    def _note_released(self, ino: int) -> None:
+        if len(self._released) >= MAX_RELEASED_NOTED:  # forget them all, to be safe
+            self._released.clear()
+            self._forgets += 1
+        self._releases += 1
+        self._released[ino] = self._releases
 
     def _remember_dirs(self, reply, cacheable: bool) -> None:
         """Take the parents' attributes a namespace change returns."""
@@ -249,7 +279,17 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._entry(*await self._ask("lookup", parent=parent_inode, name=name))
+        """A name not in a listing this node holds needs no round trip; otherwise the
+        coordinator answers, and lends the listing if the name is not there."""
+        if self.listings.absent(parent_inode, name):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        reply, cacheable = await self._ask("lookup", parent=parent_inode, name=name,
+                                           lease=True)
+        if reply.get("absent"):
+            if cacheable:  # no invalidation crossed it: the listing is current
+                self.listings.take(parent_inode, reply["names"])
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._entry(reply, cacheable)
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -286,8 +326,9 @@ class CsvfsOperations(pyfuse3.Operations):
     # -- namespace --------------------------------------------------------------------
 
     async def _make(self, parent, name, mode, ctx, rdev=0, target=b""):
-        attrs, cacheable = await self._ask("mknod", parent=parent, name=name, mode=mode,
-                                           uid=ctx.uid, gid=ctx.gid, rdev=rdev, target=target)
+        attrs, cacheable = await self._made((parent, name), "mknod", parent=parent, name=name,
+                                            mode=mode, uid=ctx.uid, gid=ctx.gid, rdev=rdev,
+                                            target=target)
         self._remember_dirs(attrs, cacheable)
         return self._entry(attrs, cacheable)
 
@@ -309,26 +350,44 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        attrs, cacheable = await self._ask("link", ino=inode, parent=new_parent_inode,
-                                           name=new_name)
+        attrs, cacheable = await self._made((new_parent_inode, new_name), "link", ino=inode,
+                                            parent=new_parent_inode, name=new_name)
         self._remember_dirs(attrs, cacheable)
         return self._entry(attrs)
+
+    async def _made(self, made: tuple[int, bytes], method: str, **args):
+        """_ask for a change that makes the name `made` (parent, name): the listing this
+        node holds of the parent has it now. EEXIST means that listing was not
+        current: drop it."""
+        try:
+            reply = await self._ask(method, **args)
+        except MetaError as exc:
+            if exc.errno == errno.EEXIST:
+                self.listings.drop([made[0]])
+            raise
+        self.listings.added(*made)
+        return reply
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
         self._remember_dirs(*await self._ask("unlink", parent=parent_inode, name=name,
                                              is_dir=False))
+        self.listings.removed(parent_inode, name)
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
         self._remember_dirs(*await self._ask("unlink", parent=parent_inode, name=name,
                                              is_dir=True))
+        self.listings.removed(parent_inode, name)
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         self._remember_dirs(*await self._ask(
             "rename", old_parent=parent_inode_old, old_name=name_old,
             new_parent=parent_inode_new, new_name=name_new, flags=flags))
+        if not flags & RENAME_EXCHANGE:
+            self.listings.removed(parent_inode_old, name_old)
+        self.listings.added(parent_inode_new, name_new)
 
     # -- directories ------------------------------------------------------------------
 
@@ -411,8 +470,9 @@ class CsvfsOperations(pyfuse3.Operations):
         # A brand-new file has no units: a pause or map pushed before this reply is
         # processed has nothing stale to protect, so no gates.opening() is needed here.
         try:
-            reply, cacheable = await self._ask("create", parent=parent_inode, name=name,
-                                               mode=mode, uid=ctx.uid, gid=ctx.gid)
+            reply, cacheable = await self._made((parent_inode, name), "create",
+                                                parent=parent_inode, name=name, mode=mode,
+                                                uid=ctx.uid, gid=ctx.gid)
         except MetaError as exc:
             if exc.errno != errno.EEXIST or flags & os.O_EXCL:
                 raise
@@ -518,7 +578,7 @@ class CsvfsOperations(pyfuse3.Operations):
             if handle.file is not None and self.data.closed(handle.file):
                 # No more changes come to this node for it: the kernel must forget its
                 # attributes, and a reply on its way must not be cached either.
-                self._forgets += 1
+                self._note_released(handle.ino)
                 self.forget_later([handle.ino])
 
     async def fallocate(self, inode, mode, offset, length, fh):

@@ -268,7 +268,7 @@ class Membership:
                         role.coordinator_name, reason)
         self.datapath.valid_until = -math.inf
         # changes to open files will not be pushed here until the node is back
-        stale = {"inos": list(self.datapath.files), "entries": []}
+        stale = {"inos": list(self.datapath.files), "entries": [], "all_dirs": True}
         self.nursery.start_soon(self.gates.forget_in_kernel, stale)
         if self._settled.is_set():
             self._settled = trio.Event()

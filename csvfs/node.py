@@ -258,8 +258,8 @@ class Node:
 
     def _forget_later(self, inos: list[int]) -> None:
         """Drop kernel attributes soon, outside the FUSE handler that asks."""
-        self.membership.nursery.start_soon(self._forget_in_kernel, {"inos": inos,
-                                                                     "entries": []})
+        self.membership.nursery.start_soon(self._forget_in_kernel, {
+            "inos": inos, "entries": [], "released": True})
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -283,6 +283,9 @@ class Node:
             lane.stop()  # before its image fd closes
             log.info("fast lane: %d reads and %d writes answered, %d handed to Python, "
                      "%d of them after failing", *lane.counts())
+            if self.operations is not None:
+                log.info("directory listings: %d lookups answered here",
+                         self.operations.listings.answered)
         if self.volume is not None:
             self.volume.close()
 

@@ -1,0 +1,58 @@
+"""The directory listings the coordinator lent this node: it answers "no such name"
+there itself, so that the lookup the kernel makes before a create, mkdir or rename
+costs no round trip. coordinator/listings.py tells the whole sequence.
+
+A listing is good while this node's session is (`valid`), until the coordinator
+takes it back (an INVALIDATE naming the directory) or the session ends; this node's
+own changes keep it current. Only absence is answered from it: a name that is there
+is still looked up at the coordinator, which has its attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255  # a longer name is ENAMETOOLONG, which the coordinator says
+
+
+class Listings:
+    def __init__(self, valid: Callable[[], bool]):
+        self.valid = valid
+        self._names: dict[int, set[bytes]] = {}
+        self.answered = 0  # lookups answered here, for the log
+
+    def absent(self, parent: int, name: bytes) -> bool:
+        """True if the name is surely not in the directory (a lent listing says so)."""
+        names = self._names.get(parent)
+        if names is None or name in names or len(name) > NAME_MAX or not self.valid():
+            return False
+        self.answered += 1
+        return True
+
+    def take(self, parent: int, names: list[bytes] | None) -> None:
+        """A listing the coordinator lent (None: the directory is too large to lend)."""
+        if names is not None:
+            self._names[parent] = set(names)
+
+    def added(self, parent: int, name: bytes) -> None:
+        """This node's own change made the name."""
+        names = self._names.get(parent)
+        if names is not None:
+            names.add(name)
+
+    def removed(self, parent: int, name: bytes) -> None:
+        names = self._names.get(parent)
+        if names is not None:
+            names.discard(name)
+
+    def drop(self, directories: Iterable[int]) -> None:
+        """The coordinator took these back, or a directory went."""
+        for directory in directories:
+            self._names.pop(directory, None)
+
+    def drop_all(self) -> None:
+        """The session ended: the next coordinator lent nothing."""
+        self._names.clear()
