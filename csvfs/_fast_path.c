@@ -39,11 +39,14 @@
  * zeroes the deadline in the same step, so no request planned afterwards
  * passes, and none planned before is still running.
  *
- * A pread or pwrite that fails in a worker is returned to Python
+ * A request alone (nothing else came with it, nothing is in flight) is done
+ * on the trio thread at once: at queue depth 1 the hand-off to a worker
+ * would cost more than it saves. With no workers, every request is.
+ *
+ * A pread or pwrite that fails is returned to Python
  * (csvfs_fast_take_returned; fuse_shim.FastLane.serve_returned), which does
  * the request again through its own handlers, sees the failure itself and
- * sends the node to redirected I/O. With no workers, the trio thread does
- * each request in turn, and a failed one goes to libfuse as it came.
+ * sends the node to redirected I/O.
  */
 
 #define FUSE_USE_VERSION 32
@@ -433,9 +436,9 @@ static void submit(struct job *job)
     pthread_mutex_unlock(&lock);
 }
 
-/* Take one request into the lane: 1 if it is the lane's now (answered, or
- * with a worker), 0 to hand it to libfuse. */
-static int take(int fd, const void *request, size_t length)
+/* Take one request into the lane: its job, planned and ready to run, or
+ * NULL to hand it to libfuse. */
+static struct job *take(int fd, const void *request, size_t length)
 {
     const struct in_header *in = request;
     const struct io_in *arg = (const struct io_in *)(in + 1);
@@ -444,9 +447,9 @@ static int take(int fd, const void *request, size_t length)
     struct job *job;
 
     if (image_fd < 0 || length < sizeof(*in) + sizeof(*arg))
-        return 0;
+        return NULL;
     if (in->opcode != OP_READ && in->opcode != OP_WRITE)
-        return 0;
+        return NULL;
     if (arg->size > LANE_MAX || now_ns(CLOCK_MONOTONIC) >= deadline_ns)
         goto handed_over;
     handle = find_handle(arg->fh);
@@ -471,19 +474,27 @@ static int take(int fd, const void *request, size_t length)
     if (in->opcode == OP_WRITE)
         memcpy(job->buffer, arg + 1, arg->size);
     fuse_fd = fd;
-    if (nworkers > 0) {
-        submit(job);
-        return 1;
-    }
-    if (do_job(job)) {
-        put_back(job);
-        return 1;
-    }
-    put_back(job); /* Python does it again, and sees the error itself */
-    count(3);
+    return job;
 handed_over:
     count(2);
-    return 0;
+    return NULL;
+}
+
+static int jobs_in_flight(void);
+
+/* A worker does the job, or, with none, or when it is the only request there
+ * is (`alone`: a thread's hand-off would cost more than it saves), the trio
+ * thread does it now. */
+static void start(struct job *job, int alone)
+{
+    if (nworkers > 0 && !(alone && jobs_in_flight() == 0)) {
+        submit(job);
+        return;
+    }
+    pthread_mutex_lock(&lock);
+    in_flight++;
+    pthread_mutex_unlock(&lock);
+    finish(job, do_job(job));
 }
 
 /* Until no job is in flight. */
@@ -515,15 +526,22 @@ static void wait_for_more(int fd)
         (void)!read(done_fd, &counter, sizeof(counter));
 }
 
+/* Each job starts once the next request is read: then it is known whether
+ * another came with it (a worker takes it) or it is alone. */
 int csvfs_fast_receive(struct fuse_session *se, struct fuse_buf *buf, receive_fn receive)
 {
     int fd = fuse_session_fd(se);
-    int taken = 0, res;
+    int taken = 0, res = -EAGAIN;
+    struct job *held = NULL, *job;
 
     for (;;) {
         if (taken < FAST_BATCH) {
             res = receive(se, buf);
-            if (res > 0 && !(buf->flags & FUSE_BUF_IS_FD) && take(fd, buf->mem, res)) {
+            job = res > 0 && !(buf->flags & FUSE_BUF_IS_FD) ? take(fd, buf->mem, res) : NULL;
+            if (held != NULL)
+                start(held, job == NULL && res == -EAGAIN);
+            held = job;
+            if (job != NULL) {
                 taken++;
                 continue;
             }
@@ -531,6 +549,9 @@ int csvfs_fast_receive(struct fuse_session *se, struct fuse_buf *buf, receive_fn
                 drain(); /* Python never runs while the lane has a job in flight */
                 return res;
             }
+        } else if (held != NULL) {
+            start(held, 0);
+            held = NULL;
         }
         if (jobs_in_flight() == 0 || taken >= FAST_BATCH) {
             drain();

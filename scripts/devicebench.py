@@ -109,7 +109,7 @@ def run_vm(csvfs: list[str], directory: Path, rounds: int, size_mib: int,
     """IOPS of each VM-style 4 KiB workload on the raw device and on each lane."""
     targets = ["raw device", *(label for label, _ in LANES)]
     samples = {(target, w.name): [] for target in targets for w in VM_ROWS}
-    with LoopVolume(csvfs, directory, "2G") as volume, \
+    with LoopVolume(csvfs, directory / "vm", "2G") as volume, \
             LoopVolume(None, directory / "raw", f"{size_mib}M") as raw:
         run_fio(Path(raw.device), "write", "1M", size_mib, None, FIO_TIMEOUT)  # not holes
         laid_out = False
@@ -119,8 +119,8 @@ def run_vm(csvfs: list[str], directory: Path, rounds: int, size_mib: int,
                     results = vm_jobs(Path(raw.device), size_mib, runtime)
                 else:
                     threads = dict(LANES)[target]
-                    results = vm_on_mount(csvfs, volume, directory, threads, size_mib,
-                                          runtime, layout=not laid_out)
+                    results = vm_on_mount(csvfs, volume, directory / "vm", threads,
+                                          size_mib, runtime, layout=not laid_out)
                     laid_out = True
                 for name, iops in results.items():
                     samples[(target, name)].append(iops)

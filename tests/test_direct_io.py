@@ -218,7 +218,10 @@ def test_a_node_sees_file_data_another_host_wrote(tmp_path, nodes, direct_io):
     device = make_loop_volume(tmp_path, "64M", [])
     node = nodes.start(device, "n1", "--direct-io" if direct_io else "--no-direct-io")
     marker = b"csvfs-direct-io-marker-" + os.urandom(8).hex().encode()
-    node.path("file").write_bytes(marker + bytes(8192 - len(marker)))
+    with open(node.path("file"), "wb") as file:
+        file.write(marker + bytes(8192 - len(marker)))
+        file.flush()
+        os.fsync(file.fileno())  # on the shared device, where the other host looks
     fd = os.open(node.path("file"), os.O_RDONLY)
     try:
         assert os.pread(fd, len(marker), 0) == marker  # now in any cache on the way
