@@ -323,7 +323,7 @@ static int plan(struct job *job, const struct io_in *arg, struct file *file)
     }
     job->length = end - (int64_t)arg->offset;
     planned = job;
-    if (!walk(file, arg->offset, end, NULL, add_piece))
+    if (!walk(file, arg->offset, end, job->buffer, add_piece))
         return 0;
     if (job->opcode == OP_WRITE)
         for (int i = 0; i < job->npieces; i++)

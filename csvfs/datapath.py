@@ -25,19 +25,21 @@ the node reports them when it acknowledges the next hold, or says goodbye, so
 that an incremental backup reads those stripes and not whole units.
 
 The per-inode I/O gate is a flag and an event, closed and opened by the
-quiesce protocol (csvfs/quiesce.py). I/O runs inline in the trio thread, so
-once a request passes the gate it completes without yielding; a pause
-therefore never has in-flight I/O to drain beyond the request that is
-already running. If I/O ever moves to worker threads, the gate must count
-in-flight requests instead.
+quiesce protocol (csvfs/quiesce.py). This module's I/O runs inline in the trio
+thread, so once a request passes the gate it completes without yielding; a
+pause therefore never has in-flight I/O to drain beyond the request that is
+already running.
 
 The fast lane (`lane`: the FUSE shim's, csvfs/fuse_shim.py FastLane) answers
-the plain reads and writes before they reach Python, on the same trio thread,
-from a mirror of this module's state that every change here keeps exact: a file
-is in the lane only while its gate is open (`OpenFile.mirror`), its writes only
-while no granule asks first and no stripes are noted, and the lane's deadline
-is `valid_until` while no hold, fence or redirection is on (`_push_deadline`).
-Whatever the lane does not answer comes here as before.
+the plain reads and writes before they reach Python, from a mirror of this
+module's state that every change here keeps exact: a file is in the lane only
+while its gate is open (`OpenFile.mirror`), its writes only while no granule
+asks first and no stripes are noted, and the lane's deadline is `valid_until`
+while no hold, fence or redirection is on (`_push_deadline`). Its worker
+threads have requests in flight at once, but the lane hands the trio thread
+back only once none is in flight (csvfs/_fast_path.c), so when this code runs
+and changes the mirror, nothing of the lane's is in flight either: the gate
+stays exact. Whatever the lane does not answer comes here as before.
 """
 
 from __future__ import annotations

@@ -283,11 +283,12 @@ class CsvfsOperations(pyfuse3.Operations):
         coordinator answers, and lends the listing if the name is not there."""
         if self.listings.absent(parent_inode, name):
             raise pyfuse3.FUSEError(errno.ENOENT)
+        changes = self.listings.changes
         reply, cacheable = await self._ask("lookup", parent=parent_inode, name=name,
                                            lease=True)
         if reply.get("absent"):
             if cacheable:  # no invalidation crossed it: the listing is current
-                self.listings.take(parent_inode, reply["names"])
+                self.listings.take(parent_inode, reply["names"], changes)
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._entry(reply, cacheable)
 

@@ -6,6 +6,10 @@ A listing is good while this node's session is (`valid`), until the coordinator
 takes it back (an INVALIDATE naming the directory) or the session ends; this node's
 own changes keep it current. Only absence is answered from it: a name that is there
 is still looked up at the coordinator, which has its attributes.
+
+A listing is taken only if none of this node's own changes returned while it was
+on its way (`changes`): such a change may have been made after the coordinator
+read the names, and its own update may have run before the listing arrived.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class Listings:
         self.valid = valid
         self._names: dict[int, set[bytes]] = {}
         self.answered = 0  # lookups answered here, for the log
+        self.changes = 0  # this node's own changes to names so far
 
     def absent(self, parent: int, name: bytes) -> bool:
         """True if the name is surely not in the directory (a lent listing says so)."""
@@ -32,18 +37,21 @@ class Listings:
         self.answered += 1
         return True
 
-    def take(self, parent: int, names: list[bytes] | None) -> None:
-        """A listing the coordinator lent (None: the directory is too large to lend)."""
-        if names is not None:
+    def take(self, parent: int, names: list[bytes] | None, changes_before: int) -> None:
+        """A listing the coordinator lent (None: the directory is too large to lend),
+        asked for when `changes` was `changes_before`."""
+        if names is not None and changes_before == self.changes:
             self._names[parent] = set(names)
 
     def added(self, parent: int, name: bytes) -> None:
         """This node's own change made the name."""
+        self.changes += 1
         names = self._names.get(parent)
         if names is not None:
             names.add(name)
 
     def removed(self, parent: int, name: bytes) -> None:
+        self.changes += 1
         names = self._names.get(parent)
         if names is not None:
             names.discard(name)

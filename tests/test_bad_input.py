@@ -193,7 +193,8 @@ def test_bad_listen_and_lease_arguments(small_image, tmp_path, nodes):
     other.mkdir()
     for args in (["--listen", "nowhere"], ["--listen", "127.0.0.1:99999"], ["--lease", "0"],
                  ["--lease", "abc"], ["--advertise", "[::1"], ["--advertise", "host:0"],
-                 ["--listen", "127.0.0.1:0", "--advertise", "0.0.0.0"]):
+                 ["--listen", "127.0.0.1:0", "--advertise", "0.0.0.0"],
+                 ["--io-threads", "17"], ["--io-threads", "-1"], ["--io-threads", "many"]):
         assert_one_line_error(csvfs("mount", small_image, other, *args, check=False), USAGE)
     for wildcard in ("0.0.0.0:0", "[::]:0"):  # other nodes could not reach it
         result = csvfs("mount", small_image, other, "--listen", wildcard, check=False)

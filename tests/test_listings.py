@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from csvfs.listings import Listings
 from tests.cluster import csvfs
 
 pytestmark = pytest.mark.timeout(120)
@@ -105,3 +106,27 @@ def test_listings_do_not_outlive_the_coordinator_that_lent_them(image, nodes):
     for node in (second, third):
         node.unmount()
     assert csvfs("fsck", image, check=False).returncode == 0
+
+
+def test_a_listing_that_crossed_an_own_change_is_not_taken():
+    """Units of the node's side: a listing asked for before one of the node's own
+    changes returned may lack that change, so it is not taken; only absence is
+    answered from one, and only while the session is valid."""
+    valid = [True]
+    listings = Listings(lambda: valid[0])
+    asked = listings.changes
+    listings.added(7, b"mine")  # returned while the lookup was on its way
+    listings.take(7, [b"other"], asked)
+    assert not listings.absent(7, b"mine")  # not taken: the coordinator is asked
+    listings.take(7, [b"other"], listings.changes)
+    assert listings.absent(7, b"x") and not listings.absent(7, b"other")
+    listings.added(7, b"new")
+    assert not listings.absent(7, b"new")
+    listings.removed(7, b"other")
+    assert listings.absent(7, b"other")
+    assert not listings.absent(7, b"n" * 256)  # ENAMETOOLONG is the coordinator's
+    valid[0] = False
+    assert not listings.absent(7, b"x")
+    valid[0] = True
+    listings.drop([7])
+    assert not listings.absent(7, b"x")
