@@ -322,6 +322,10 @@ static int plan(struct job *job, const struct io_in *arg, struct file *file)
         return 0;
     }
     job->length = end - (int64_t)arg->offset;
+    /* O_DIRECT: whole sectors only, so that every piece (granules are whole
+     * sectors) lands at an aligned place of the buffer too. */
+    if (sector != 0 && ((int64_t)arg->offset % sector != 0 || job->length % sector != 0))
+        return 0;
     planned = job;
     if (!walk(file, arg->offset, end, job->buffer, add_piece))
         return 0;
