@@ -200,7 +200,7 @@ class CsvfsOperations(pyfuse3.Operations):
             self._forgets += 1
         for ino in stale["inos"]:
             self._dir_attrs.pop(ino, None)
-        self.listings.drop(stale.get("dirs", ()))
+        self.listings.taken_back(stale.get("dirs", ()))
         if stale.get("all_dirs"):
             self.listings.drop_all()
 
@@ -285,7 +285,7 @@ class CsvfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         changes = self.listings.changes
         reply, cacheable = await self._ask("lookup", parent=parent_inode, name=name,
-                                           lease=True)
+                                           lease=self.listings.wanted(parent_inode))
         if reply.get("absent"):
             if cacheable:  # no invalidation crossed it: the listing is current
                 self.listings.take(parent_inode, reply["names"], changes)

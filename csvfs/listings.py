@@ -10,16 +10,23 @@ is still looked up at the coordinator, which has its attributes.
 A listing is taken only if none of this node's own changes returned while it was
 on its way (`changes`): such a change may have been made after the coordinator
 read the names, and its own update may have run before the listing arrived.
+
+A directory whose listing was taken back is not asked for again for a while
+(`TAKEN_BACK_PAUSE`): another node is changing it, and lending it back and forth
+would cost every change there a round trip more.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255  # a longer name is ENAMETOOLONG, which the coordinator says
+TAKEN_BACK_PAUSE = 1.0  # seconds a directory taken back is not asked for again
+MAX_TAKEN_BACK = 1024  # directories remembered as taken back
 
 
 class Listings:
@@ -28,6 +35,7 @@ class Listings:
         self._names: dict[int, set[bytes]] = {}
         self.answered = 0  # lookups answered here, for the log
         self.changes = 0  # this node's own changes to names so far
+        self._taken_back: dict[int, float] = {}  # directory -> when (time.monotonic())
 
     def absent(self, parent: int, name: bytes) -> bool:
         """True if the name is surely not in the directory (a lent listing says so)."""
@@ -35,6 +43,16 @@ class Listings:
         if names is None or name in names or len(name) > NAME_MAX or not self.valid():
             return False
         self.answered += 1
+        return True
+
+    def wanted(self, parent: int) -> bool:
+        """Ask for this directory's listing? Not while another node is changing it."""
+        when = self._taken_back.get(parent)
+        if when is None:
+            return True
+        if time.monotonic() - when < TAKEN_BACK_PAUSE:
+            return False
+        del self._taken_back[parent]
         return True
 
     def take(self, parent: int, names: list[bytes] | None, changes_before: int) -> None:
@@ -57,9 +75,20 @@ class Listings:
             names.discard(name)
 
     def drop(self, directories: Iterable[int]) -> None:
-        """The coordinator took these back, or a directory went."""
+        """This node's listing was not current."""
         for directory in directories:
             self._names.pop(directory, None)
+
+    def taken_back(self, directories: Iterable[int]) -> None:
+        """The coordinator took these back: another node changes them."""
+        now = time.monotonic()
+        for directory in directories:
+            self._names.pop(directory, None)
+            self._taken_back[directory] = now
+        if len(self._taken_back) > MAX_TAKEN_BACK:  # the oldest go first
+            for directory in sorted(self._taken_back, key=self._taken_back.get)[
+                    :len(self._taken_back) - MAX_TAKEN_BACK]:
+                del self._taken_back[directory]
 
     def drop_all(self) -> None:
         """The session ended: the next coordinator lent nothing."""

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from csvfs.listings import Listings
+from csvfs import listings as listings_module
+from csvfs.listings import TAKEN_BACK_PAUSE, Listings
 from tests.cluster import csvfs
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,11 +52,15 @@ def test_a_member_creates_without_asking_for_the_name_and_sees_changes_at_once(
                                          coordinator.path("d", "moved"))), "moved"),
     ]
     for what, change, name in changes:
+        time.sleep(TAKEN_BACK_PAUSE)  # the last change took the listing back
+        assert not os.path.lexists(member.path("d", name)), what  # lends it again
         assert not os.path.lexists(member.path("d", name)), what  # the listing says so
         change()
         assert os.path.lexists(member.path("d", name)), f"{what}: not seen on the member"
     os.unlink(coordinator.path("d", "made"))
     assert not os.path.lexists(member.path("d", "made"))
+    time.sleep(TAKEN_BACK_PAUSE)
+    assert not os.path.lexists(member.path("d", "renamed"))  # the listing, lent again
     os.rename(coordinator.path("d", "moved"), coordinator.path("d", "renamed"))
     assert not os.path.lexists(member.path("d", "moved"))
     assert os.path.lexists(member.path("d", "renamed"))
@@ -130,3 +135,15 @@ def test_a_listing_that_crossed_an_own_change_is_not_taken():
     valid[0] = True
     listings.drop([7])
     assert not listings.absent(7, b"x")
+
+
+def test_a_directory_taken_back_is_not_asked_for_again_at_once(monkeypatch):
+    """Another node is changing it: lending it back and forth would cost each of its
+    changes one more round trip."""
+    listings = Listings(lambda: True)
+    listings.take(7, [b"a"], listings.changes)
+    listings.taken_back([7])
+    assert not listings.absent(7, b"x")  # dropped
+    assert not listings.wanted(7) and listings.wanted(8)
+    monkeypatch.setattr(listings_module, "TAKEN_BACK_PAUSE", 0.0)
+    assert listings.wanted(7)
