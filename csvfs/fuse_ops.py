@@ -19,16 +19,16 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from csvfs.callers import may_open, setid_killer
 from csvfs.cluster.errors import MetaError
 from csvfs.datapath import DataPath, OpenFile, map_fields
-from csvfs.listings import Listings
+from csvfs.kernel_cache import DIR_ATTR_TIMEOUT, KernelCache
 from csvfs.locks import NodeLocks
 from csvfs.quiesce import FileGates
 
 log = logging.getLogger(__name__)
 
 RENAME_EXCHANGE = 2  # renameat2(2): both names stay
-MAX_RELEASED_NOTED = 4096  # files let go of whose replies in flight are told apart
 
 # Other nodes change metadata behind this kernel's back, and a change must show on
 # every node the moment it returns. So the kernel caches no names of files and no
@@ -39,12 +39,10 @@ MAX_RELEASED_NOTED = 4096  # files let go of whose replies in flight are told ap
 # where it matters (a directory renamed or removed, or its mode, owner or times set).
 ENTRY_TIMEOUT = 0
 ATTR_TIMEOUT = 0
-DIR_ENTRY_TIMEOUT = 1.0
-DIR_ATTR_TIMEOUT = 1.0
+DIR_ENTRY_TIMEOUT = 1.0  # DIR_ATTR_TIMEOUT too (csvfs/kernel_cache.py)
 # Attributes of a file open on this node may be cached too: the coordinator makes
 # this node drop them (and waits for it) whenever another node changes them.
 OPEN_FILE_ATTR_TIMEOUT = 1.0
-CAP_FSETID = 4
 
 # pyfuse3 logs an error whenever the kernel refuses a reply. For a release that is no
 # error. The kernel sends RELEASE and RELEASEDIR in the background: the process that
@@ -98,38 +96,6 @@ def _invalidate_pages(ino: int) -> None:
         pass  # the kernel does not know the inode: nothing cached
 
 
-def _setid_killer(ctx) -> list[int] | None:
-    """The groups of a caller whose writes drop setuid/setgid; None if it has CAP_FSETID.
-
-    With direct_io the kernel leaves that to the filesystem (FUSE_WRITE_KILL_SUIDGID,
-    which libfuse does not pass on), and only open sees who the caller is.
-    """
-    try:
-        with open(f"/proc/{ctx.pid}/status") as status:
-            fields = dict(line.split(":", 1) for line in status if ":" in line)
-        capable = int(fields["CapEff"], 16) >> CAP_FSETID & 1
-        groups = [int(fields["Gid"].split()[3]), *map(int, fields["Groups"].split())]
-    except (OSError, KeyError, ValueError, IndexError):  # gone, or in another pid namespace
-        capable, groups = ctx.uid == 0, [ctx.gid]
-    return None if capable else groups
-
-
-def _may_open(attrs: dict, flags: int, ctx) -> bool:
-    """The permission check the kernel makes before opening an existing file."""
-    if ctx.uid == 0:
-        return True
-    wanted = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}.get(flags & os.O_ACCMODE, 6)
-    if flags & os.O_TRUNC:
-        wanted |= 2
-    if attrs["uid"] == ctx.uid:
-        granted = attrs["mode"] >> 6 & 7
-    elif attrs["gid"] in (_setid_killer(ctx) or [ctx.gid]):
-        granted = attrs["mode"] >> 3 & 7
-    else:
-        granted = attrs["mode"] & 7
-    return wanted & granted == wanted
-
-
 def _errors(handler):
     @functools.wraps(handler)
     async def guarded(*args, **kwargs):
@@ -177,64 +143,19 @@ class CsvfsOperations(pyfuse3.Operations):
         self._setid_killers: dict[int, list[int]] = {}  # fh -> groups, until its first write
         self._appending: set[int] = set()  # fh opened with O_APPEND
         self._next_fh = 1
-        # Directory attributes, kept like the kernel keeps them (same timeout, dropped by
-        # the same invalidations), so that the kernel's permission checks on a directory
-        # this node just changed need no round trip: own changes return the parent's
-        # new attributes.
-        self._dir_attrs: dict[int, tuple[dict, float]] = {}
-        # Directories whose names the coordinator lent this node (csvfs/listings.py).
-        self.listings = Listings(lambda: time.monotonic() <= datapath.valid_until)
-        # Invalidations received so far. A reply that was in flight when one arrived may
-        # predate it, so the kernel must not cache what that reply says.
-        self._forgets = 0
-        # Files this node stopped holding: ino -> the count of releases when it did. A
-        # reply about one that was in flight then must not be cached either (nothing is
-        # pushed here for it any more); replies about other inodes may be.
-        self._releases = 0
-        self._released: dict[int, int] = {}
+        self.cache = KernelCache(lambda: time.monotonic() <= datapath.valid_until)
+        self.listings = self.cache.listings
 
     def drop_stale(self, stale: dict) -> None:
         """The coordinator says what other nodes changed, or this node let a file go:
         drop it (the node then tells the kernel)."""
-        if not stale.get("released"):  # those count in _released instead
-            self._forgets += 1
-        for ino in stale["inos"]:
-            self._dir_attrs.pop(ino, None)
-        self.listings.taken_back(stale.get("dirs", ()))
-        if stale.get("all_dirs"):
-            self.listings.drop_all()
+        self.cache.dropped(stale)
 
     async def _ask(self, method: str, **args):
         """meta(), and whether what comes back may be cached."""
-        mark, releases = self._forgets, self._releases
+        mark = self.cache.mark()
         reply = await self.meta(method, **args)
-        return reply, self._forgets == mark and not self._released_since(releases, reply)
-
-    def _released_since(self, releases: int, reply) -> bool:
-        """Was the inode the reply is about let go of since `releases`? (Directories,
-        as in parent_attrs, are never.)"""
-        if self._releases == releases or not isinstance(reply, dict):
-            return False
-        attrs = reply.get("attrs", reply)
-        return self._released.get(attrs.get("ino"), 0) > releases
-
-    def _note_released(self, ino: int) -> None:
-        if len(self._released) >= MAX_RELEASED_NOTED:  # forget them all, to be safe
-            self._released.clear()
-            self._forgets += 1
-        self._releases += 1
-        self._released[ino] = self._releases
-
-    def _remember_dirs(self, reply, cacheable: bool) -> None:
-        """Take the parents' attributes a namespace change returns."""
-        for attrs in (reply or {}).get("parent_attrs", ()):
-            if cacheable:
-                self._remember_dir(attrs)
-            else:
-                self._dir_attrs.pop(attrs["ino"], None)
-
-    def _remember_dir(self, attrs: dict) -> None:
-        self._dir_attrs[attrs["ino"]] = (attrs, time.monotonic() + DIR_ATTR_TIMEOUT)
+        return reply, self.cache.cacheable(mark, reply)
 
     # -- attributes -------------------------------------------------------------------
 
@@ -245,7 +166,7 @@ class CsvfsOperations(pyfuse3.Operations):
         entry.generation = 0
         if stat.S_ISDIR(attrs["mode"]) and cacheable:
             entry.entry_timeout, entry.attr_timeout = DIR_ENTRY_TIMEOUT, DIR_ATTR_TIMEOUT
-            self._remember_dir(attrs)
+            self.cache.remember_dir(attrs)
         elif cacheable and attrs["ino"] in self.data.files:
             entry.entry_timeout, entry.attr_timeout = ENTRY_TIMEOUT, OPEN_FILE_ATTR_TIMEOUT
         else:
@@ -262,16 +183,16 @@ class CsvfsOperations(pyfuse3.Operations):
         entry.st_ctime_ns = attrs["ctime_ns"]
         entry.st_size = attrs["size"]
         handle = self.data.files.get(attrs["ino"])
-        if handle is not None:
-            # this node's writes, unless an explicit time set since supersedes them
-            if handle.dirty_mtime > max(entry.st_mtime_ns, attrs.get("mtime_set_ns", 0)):
-                entry.st_mtime_ns = entry.st_ctime_ns = handle.dirty_mtime
+        # this node's writes, unless an explicit time set since supersedes them
+        written = handle.dirty_mtime if handle is not None else 0
+        if written > max(entry.st_mtime_ns, attrs.get("mtime_set_ns", 0)):
+            entry.st_mtime_ns = entry.st_ctime_ns = written
         return entry
 
     @_errors
     async def getattr(self, inode, ctx=None):
-        cached = self._dir_attrs.get(inode)
-        if cached is not None and (left := cached[1] - time.monotonic()) > 0.01:
+        cached = self.cache.dir_attrs_left(inode)
+        if cached is not None and (left := cached[1]) > 0.01:
             entry = self._entry(cached[0])  # for no longer than the copy is good
             entry.entry_timeout, entry.attr_timeout = DIR_ENTRY_TIMEOUT, left
             return entry
@@ -330,7 +251,7 @@ class CsvfsOperations(pyfuse3.Operations):
         attrs, cacheable = await self._made((parent, name), "mknod", parent=parent, name=name,
                                             mode=mode, uid=ctx.uid, gid=ctx.gid, rdev=rdev,
                                             target=target)
-        self._remember_dirs(attrs, cacheable)
+        self.cache.remember_dirs(attrs, cacheable)
         return self._entry(attrs, cacheable)
 
     @_errors
@@ -353,7 +274,7 @@ class CsvfsOperations(pyfuse3.Operations):
     async def link(self, inode, new_parent_inode, new_name, ctx):
         attrs, cacheable = await self._made((new_parent_inode, new_name), "link", ino=inode,
                                             parent=new_parent_inode, name=new_name)
-        self._remember_dirs(attrs, cacheable)
+        self.cache.remember_dirs(attrs, cacheable)
         return self._entry(attrs)
 
     async def _made(self, made: tuple[int, bytes], method: str, **args):
@@ -371,19 +292,19 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
-        self._remember_dirs(*await self._ask("unlink", parent=parent_inode, name=name,
+        self.cache.remember_dirs(*await self._ask("unlink", parent=parent_inode, name=name,
                                              is_dir=False))
         self.listings.removed(parent_inode, name)
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
-        self._remember_dirs(*await self._ask("unlink", parent=parent_inode, name=name,
+        self.cache.remember_dirs(*await self._ask("unlink", parent=parent_inode, name=name,
                                              is_dir=True))
         self.listings.removed(parent_inode, name)
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self._remember_dirs(*await self._ask(
+        self.cache.remember_dirs(*await self._ask(
             "rename", old_parent=parent_inode_old, old_name=name_old,
             new_parent=parent_inode_new, new_name=name_new, flags=flags))
         if not flags & RENAME_EXCHANGE:
@@ -451,8 +372,8 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @staticmethod
     def _writer_setid_killer(flags: int, ctx) -> list[int] | None:
-        """_setid_killer for an open that may write or truncate, else None."""
-        return _setid_killer(ctx) if flags & (os.O_ACCMODE | os.O_TRUNC) else None
+        """setid_killer for an open that may write or truncate, else None."""
+        return setid_killer(ctx) if flags & (os.O_ACCMODE | os.O_TRUNC) else None
 
     @_errors
     async def open(self, inode, flags, ctx):
@@ -480,7 +401,7 @@ class CsvfsOperations(pyfuse3.Operations):
             # Another node made the name since the kernel looked: open(O_CREAT) without
             # O_EXCL opens what is there, as it would have on one node.
             return await self._open_existing(parent_inode, name, flags, ctx)
-        self._remember_dirs(reply, cacheable)
+        self.cache.remember_dirs(reply, cacheable)
         fh = self._new_handle(reply, self._writer_setid_killer(flags, ctx), flags)
         return (pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False),
                 self._entry(reply["attrs"], cacheable))
@@ -491,7 +412,7 @@ class CsvfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if not stat.S_ISREG(attrs["mode"]):
             raise pyfuse3.FUSEError(errno.EEXIST)
-        if not _may_open(attrs, flags, ctx):  # the kernel checked nothing: it was a create
+        if not may_open(attrs, flags, ctx):  # the kernel checked nothing: it was a create
             raise pyfuse3.FUSEError(errno.EACCES)
         info = await self.open(attrs["ino"], flags & ~os.O_CREAT, ctx)
         return info, self._entry(attrs, cacheable)
@@ -579,7 +500,7 @@ class CsvfsOperations(pyfuse3.Operations):
             if handle.file is not None and self.data.closed(handle.file):
                 # No more changes come to this node for it: the kernel must forget its
                 # attributes, and a reply on its way must not be cached either.
-                self._note_released(handle.ino)
+                self.cache.released(handle.ino)
                 self.forget_later([handle.ino])
 
     async def fallocate(self, inode, mode, offset, length, fh):

@@ -1185,7 +1185,7 @@ def test_the_permission_check_of_an_open_that_lost_a_create_race(mode, uid, gid,
                                                                   allowed):
     from types import SimpleNamespace
 
-    from csvfs.fuse_ops import _may_open
+    from csvfs.callers import may_open
     attrs = {"mode": 0o100000 | mode, "uid": 1000, "gid": 1000}
     ctx = SimpleNamespace(uid=uid, gid=gid, pid=0)
-    assert _may_open(attrs, flags, ctx) is (True if allowed is None else allowed)
+    assert may_open(attrs, flags, ctx) is (True if allowed is None else allowed)
