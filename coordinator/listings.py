@@ -19,8 +19,9 @@ csvfs/listings.py:
    change waits until its grant runs out, since it may answer from the listing until
    then.
 4. A node drops every listing when its session ends, and a listing whose reply
-   crossed an invalidation is not taken (the node's `_forgets` check). So holders
-   are this coordinator's memory only: a new coordinator starts with none.
+   crossed an invalidation, or one of the node's own changes, is not taken
+   (csvfs/kernel_cache.py, csvfs/listings.py). So holders are this coordinator's
+   memory only: a new coordinator starts with none.
 """
 
 from __future__ import annotations
