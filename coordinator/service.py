@@ -170,7 +170,13 @@ class MetadataService:
             "name_max": NAME_MAX,
         }
 
-    async def op_sync(self, request: Request) -> None:
+    async def op_sync(self, request: Request, ino: int | None = None,
+                      written_ns: int | None = None) -> None:
+        """A node's fsync: the time of its writes to `ino`, if given, is recorded first;
+        then the data the coordinator wrote (appends) and every record are durable."""
+        if ino is not None and written_ns:
+            await self.attributes.op_setattr(request, ino, {
+                "mtime_ns": written_ns, "ctime_ns": written_ns, "written": True})
         await self.allocation.sync_data()
         await self.commits.durable()
 

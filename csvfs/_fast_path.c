@@ -43,7 +43,16 @@
  * on the trio thread at once: at queue depth 1 the hand-off to a worker
  * would cost more than it saves. With no workers, every request is.
  *
- * A pread or pwrite that fails is returned to Python
+ * An fdatasync of a file in the lane that has nothing at the coordinator to
+ * make durable (no append or redirected write since its last fsync: every
+ * metadata change of the node was durable when it returned) is the image's
+ * fdatasync, and dropping what pages a shared map left in the kernel. A
+ * thread of its own, the syncer, does both and answers; one fdatasync covers
+ * every request queued when it starts. These jobs touch no table, so they do
+ * not count as in flight: the trio thread and Python go on meanwhile, as
+ * they did while pyfuse3's handler waited for its worker thread.
+ *
+ * A pread, pwrite or fdatasync that fails is returned to Python
  * (csvfs_fast_take_returned; fuse_shim.FastLane.serve_returned), which does
  * the request again through its own handlers, sees the failure itself and
  * sends the node to redirected I/O.
@@ -74,6 +83,8 @@
 /* The kernel's protocol (linux/fuse.h), under names of our own. */
 #define OP_READ 15
 #define OP_WRITE 16
+#define OP_FSYNC 20
+#define FSYNC_DATASYNC 1
 
 struct in_header {
     uint32_t len, opcode;
@@ -87,6 +98,11 @@ struct io_in { /* fuse_read_in and fuse_write_in have one layout */
     uint32_t size, io_flags;
     uint64_t lock_owner;
     uint32_t flags, padding;
+};
+
+struct fsync_in {
+    uint64_t fh;
+    uint32_t fsync_flags, padding;
 };
 
 struct out_header {
@@ -110,6 +126,7 @@ struct file {
     uint64_t ino;
     int64_t size, granule;
     int writable;
+    int sync_here; /* an fdatasync needs nothing of the coordinator */
     int64_t dirty_mtime_ns; /* the time of the last write served here */
     size_t nruns;
     struct run *runs; /* sorted by file_first */
@@ -130,8 +147,8 @@ static int64_t data_base;
 static int64_t sector; /* 0: the page cache; else O_DIRECT's alignment */
 static int64_t deadline_ns;
 /* Reads and writes answered; requests handed to Python, and of those, how
- * many after a failed pread or pwrite. */
-static uint64_t counts[4];
+ * many after a failed pread, pwrite or fdatasync; fdatasyncs answered. */
+static uint64_t counts[5];
 static int injected_fault; /* `csvfs fault ... storage-down`: every call fails */
 
 static size_t bucket(uint64_t key)
@@ -263,7 +280,7 @@ struct piece {
 };
 
 struct job {
-    uint64_t unique, fh;
+    uint64_t unique, fh, ino;
     int64_t offset;
     uint32_t opcode, size; /* size: asked for; length: a read's, clipped at EOF */
     int64_t length;
@@ -530,6 +547,87 @@ static void wait_for_more(int fd)
         (void)!read(done_fd, &counter, sizeof(counter));
 }
 
+/* -- fdatasyncs, on the syncer thread ------------------------------------ */
+
+static pthread_t syncer;
+static int syncer_running, sync_fd = -1;
+static int sync_queue[SLOTS], sync_length;
+static pthread_cond_t sync_ready = PTHREAD_COND_INITIALIZER;
+static struct fuse_session *session;
+
+/* Answer the fdatasyncs of one batch, or return them to Python. */
+static void finish_syncs(const int *batch, int n, int ok)
+{
+    for (int i = 0; i < n; i++) {
+        struct job *job = &jobs[batch[i]];
+
+        if (!ok) {
+            pthread_mutex_lock(&lock);
+            returned[nreturned++] = batch[i];
+            count(2);
+            count(3);
+            pthread_mutex_unlock(&lock);
+            signal_fd(returned_fd);
+            continue;
+        }
+        /* -ENOENT: the kernel has nothing cached of it */
+        (void)fuse_lowlevel_notify_inval_inode(session, job->ino, 0, 0);
+        reply(fuse_fd, job->unique, 0, NULL, 0);
+        count(4);
+        put_back(job);
+    }
+}
+
+static void *sync_work(void *unused)
+{
+    int batch[SLOTS], n;
+
+    (void)unused;
+    for (;;) {
+        pthread_mutex_lock(&lock);
+        while (sync_length == 0 && !stopping)
+            pthread_cond_wait(&sync_ready, &lock);
+        n = sync_length;
+        memcpy(batch, sync_queue, n * sizeof(*batch));
+        sync_length = 0;
+        pthread_mutex_unlock(&lock);
+        if (n == 0)
+            return NULL;
+        finish_syncs(batch, n, !__atomic_load_n(&injected_fault, __ATOMIC_RELAXED) &&
+                                   fdatasync(sync_fd) == 0);
+    }
+}
+
+/* An fdatasync the syncer can do: queued there (1), or left for libfuse (0). */
+static int take_sync(struct fuse_session *se, int fd, const void *request, size_t length)
+{
+    const struct in_header *in = request;
+    const struct fsync_in *arg = (const struct fsync_in *)(in + 1);
+    struct handle *handle;
+    struct file *file;
+    struct job *job;
+
+    if (!syncer_running || length < sizeof(*in) + sizeof(*arg) || in->opcode != OP_FSYNC ||
+        !(arg->fsync_flags & FSYNC_DATASYNC) || now_ns(CLOCK_MONOTONIC) >= deadline_ns)
+        return 0;
+    handle = find_handle(arg->fh);
+    file = handle != NULL ? find_file(handle->ino) : NULL;
+    if (file == NULL || !file->sync_here || (job = take_slot()) == NULL)
+        return 0;
+    job->opcode = OP_FSYNC;
+    job->unique = in->unique;
+    job->fh = arg->fh;
+    job->ino = file->ino;
+    job->offset = job->size = 0;
+    session = se;
+    fuse_fd = fd;
+    pthread_mutex_lock(&lock);
+    sync_queue[sync_length++] = job - jobs;
+    pthread_cond_signal(&sync_ready);
+    pthread_mutex_unlock(&lock);
+    return 1;
+}
+
 /* Each job starts once the next request is read: then it is known whether
  * another came with it (a worker takes it) or it is alone. */
 int csvfs_fast_receive(struct fuse_session *se, struct fuse_buf *buf, receive_fn receive)
@@ -541,6 +639,10 @@ int csvfs_fast_receive(struct fuse_session *se, struct fuse_buf *buf, receive_fn
     for (;;) {
         if (taken < FAST_BATCH) {
             res = receive(se, buf);
+            if (res > 0 && !(buf->flags & FUSE_BUF_IS_FD) && take_sync(se, fd, buf->mem, res)) {
+                taken++;
+                continue;
+            }
             job = res > 0 && !(buf->flags & FUSE_BUF_IS_FD) ? take(fd, buf->mem, res) : NULL;
             if (held != NULL)
                 start(held, job == NULL && res == -EAGAIN);
@@ -592,6 +694,8 @@ EXPORT int csvfs_fast_start(int fd, int64_t base, int64_t sector_size, int threa
     for (nworkers = 0; nworkers < threads && nworkers < 16; nworkers++)
         if (pthread_create(&workers[nworkers], NULL, work, NULL) != 0)
             break;
+    sync_fd = fd;
+    syncer_running = pthread_create(&syncer, NULL, sync_work, NULL) == 0;
     data_base = base;
     sector = sector_size;
     deadline_ns = 0;
@@ -607,10 +711,14 @@ EXPORT void csvfs_fast_stop(void)
     pthread_mutex_lock(&lock);
     stopping = 1;
     pthread_cond_broadcast(&work_ready);
+    pthread_cond_broadcast(&sync_ready);
     pthread_mutex_unlock(&lock);
     for (int i = 0; i < nworkers; i++)
         pthread_join(workers[i], NULL);
     nworkers = 0;
+    if (syncer_running)
+        pthread_join(syncer, NULL); /* after the syncs queued, which it answers */
+    syncer_running = 0;
 }
 
 /* The eventfd that says a job came back for Python to do (see below). */
@@ -652,6 +760,8 @@ EXPORT void csvfs_fast_reply(int slot, int error, const char *data, size_t lengt
 
     if (error)
         reply(fuse_fd, job->unique, error, NULL, 0);
+    else if (job->opcode == OP_FSYNC)
+        reply(fuse_fd, job->unique, 0, NULL, 0);
     else if (job->opcode == OP_READ)
         reply(fuse_fd, job->unique, 0, data, length);
     else
@@ -669,7 +779,7 @@ EXPORT void csvfs_fast_deadline(int64_t monotonic_ns)
     deadline_ns = monotonic_ns;
 }
 
-EXPORT void csvfs_fast_counts(uint64_t out[4])
+EXPORT void csvfs_fast_counts(uint64_t out[5])
 {
     memcpy(out, counts, sizeof(counts));
 }
@@ -708,7 +818,7 @@ EXPORT void csvfs_fast_drop_handle(uint64_t fh)
 /* Take a file's map, as flat triples (file_first, volume_first, count)
  * sorted by file_first; the dirty mtime carries over. */
 EXPORT int csvfs_fast_file(uint64_t ino, int64_t size, int64_t granule, int writable,
-                           const int64_t *triples, size_t nruns)
+                           int sync_here, const int64_t *triples, size_t nruns)
 {
     struct file *file = find_file(ino);
     struct run *runs = malloc((nruns ? nruns : 1) * sizeof(*runs));
@@ -732,6 +842,7 @@ EXPORT int csvfs_fast_file(uint64_t ino, int64_t size, int64_t granule, int writ
     file->size = size;
     file->granule = granule;
     file->writable = writable;
+    file->sync_here = sync_here;
     return 0;
 }
 

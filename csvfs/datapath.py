@@ -67,7 +67,8 @@ class OpenFile:
     the gate that the quiesce protocol closes (csvfs/quiesce.py)."""
 
     __slots__ = ("ino", "size", "units", "runs", "granule", "version", "refs", "paused",
-                 "resumed", "_dirty_mtime", "gone", "ask", "stripes", "lane")
+                 "resumed", "_dirty_mtime", "gone", "ask", "stripes", "lane",
+                 "_coordinator_wrote")
 
     def __init__(self, ino: int, size: int, runs: list, version: int, granule: int,
                  lane: NoLane):
@@ -85,6 +86,9 @@ class OpenFile:
         self.ask: set[int] = set()  # file granules whose first write asks the coordinator
         self.stripes = False  # note the stripes each write touches (change tracking)
         self.lane = lane
+        # The coordinator wrote data of ours (an append, a redirected write) since the
+        # last fsync: the next one must have the coordinator flush it too.
+        self._coordinator_wrote = False
 
     @property
     def dirty_mtime(self) -> int:
@@ -98,6 +102,18 @@ class OpenFile:
         self.lane.take_mtime(self.ino)
         self._dirty_mtime = value
 
+    @property
+    def coordinator_wrote(self) -> bool:
+        return self._coordinator_wrote
+
+    @coordinator_wrote.setter
+    def coordinator_wrote(self, value: bool) -> None:
+        """The lane does this file's fdatasyncs only while the coordinator has nothing
+        of it to flush."""
+        if value != self._coordinator_wrote:
+            self._coordinator_wrote = value
+            self.mirror()
+
     def mirror(self) -> None:
         """Show the fast lane this file as it is now: served there while the gate is
         open, with writes there while none needs asking or noting."""
@@ -105,7 +121,8 @@ class OpenFile:
             self.leave_lane()
         else:
             self.lane.file(self.ino, self.size, self.granule,
-                           not self.ask and not self.stripes, self.runs)
+                           not self.ask and not self.stripes, self.runs,
+                           sync_here=not self.coordinator_wrote)
 
     def leave_lane(self) -> None:
         self._dirty_mtime = max(self._dirty_mtime, self.lane.drop_file(self.ino))
@@ -142,7 +159,8 @@ class NoLane:
     def fault(self, on: bool) -> None:
         pass
 
-    def file(self, ino: int, size: int, granule: int, writable: bool, runs: list) -> None:
+    def file(self, ino: int, size: int, granule: int, writable: bool, runs: list,
+             sync_here: bool = True) -> None:
         pass
 
     def drop_file(self, ino: int) -> int:
@@ -157,8 +175,8 @@ class NoLane:
     def drop_handle(self, fh: int) -> None:
         pass
 
-    def counts(self) -> tuple[int, int, int, int]:
-        return 0, 0, 0, 0
+    def counts(self) -> tuple[int, int, int, int, int]:
+        return 0, 0, 0, 0, 0
 
 
 class DataPath:
@@ -437,6 +455,7 @@ class DataPath:
     async def _write_redirected(self, handle: OpenFile, offset: int, data: bytes) -> bool:
         """The coordinator writes for this node; False if its map of the file differs
         from ours (the reply's map is ours now, and the write starts over)."""
+        handle.coordinator_wrote = True
         reply = await self.meta("io_write", ino=handle.ino, offset=offset, data=bytes(data))
         if "runs" in reply:
             self._take_map(handle, reply)

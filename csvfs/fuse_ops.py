@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pyfuse3
 import trio
@@ -76,6 +76,23 @@ REFUSED_RELEASE_REPLIES = _RefusedReleaseReplies()  # for the pyfuse3 logger
 def _io_error(what: str, exc: OSError) -> pyfuse3.FUSEError:
     log.error("%s: I/O error on the image: %s", what, exc)
     return pyfuse3.FUSEError(exc.errno or errno.EIO)
+
+
+async def _at_once(*steps: Callable[[], Awaitable]) -> None:
+    """Run the steps concurrently; the first failure is raised as it is (no group)."""
+    failures: list[Exception] = []
+
+    async def run(step) -> None:
+        try:
+            await step()
+        except Exception as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for step in steps:
+            nursery.start_soon(run, step)
+    if failures:
+        raise failures[0]
 
 
 async def _drop_cached_pages(ino: int) -> None:
@@ -458,6 +475,7 @@ class CsvfsOperations(pyfuse3.Operations):
         """O_APPEND: the kernel's offset is its idea of the end, which another node may
         have moved; the coordinator writes at the real end (coordinator/allocation.py)."""
         handle.dirty_mtime = 0  # the append's own time is later than any write before it
+        handle.coordinator_wrote = True
         reply = await self.meta("append", ino=handle.ino, data=bytes(data))
         self.data.update_map(handle.ino, *map_fields(reply))
         return len(data)
@@ -470,13 +488,37 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def fsync(self, fh, datasync):
+        """The image's fdatasync, the coordinator's part (if any) and the page drop of a
+        shared map, all at once: an fsync waits for the slowest, not for their sum.
+
+        The coordinator has a part only if it holds something of ours not yet durable:
+        the time of our writes (fsync, not fdatasync: like ext4, fdatasync leaves the
+        mtime to the next fsync or close), or data it wrote for us (appends,
+        redirected writes). Every metadata change of ours was durable when it returned.
+        """
         handle = self._handles.get(fh)
-        if handle is not None:
-            await self._flush_mtime(handle.ino)
-        await self.data.sync()
-        await self.meta("sync")
-        if handle is not None:
-            await _drop_cached_pages(handle.ino)
+        if handle is None:
+            await _at_once(self.data.sync, functools.partial(self.meta, "sync"))
+            return
+        file = handle.file
+        written = 0
+        if not datasync and file is not None:
+            written, file.dirty_mtime = file.dirty_mtime, 0
+        steps = [self.data.sync, functools.partial(_drop_cached_pages, handle.ino)]
+        if written:
+            steps.append(functools.partial(self.meta, "sync", ino=handle.ino, written_ns=written))
+        elif file is None or file.coordinator_wrote:
+            steps.append(functools.partial(self.meta, "sync"))
+        wrote = file is not None and file.coordinator_wrote
+        if file is not None:
+            file.coordinator_wrote = False
+        try:
+            await _at_once(*steps)
+        except BaseException:
+            if file is not None:  # the next fsync tries again
+                file.coordinator_wrote |= wrote
+                file.dirty_mtime = max(file.dirty_mtime, written)
+            raise
 
     @_errors
     async def release(self, fh):

@@ -166,7 +166,7 @@ def _declare_lane(lib: ctypes.CDLL) -> None:
         ("csvfs_fast_counts", None, [ctypes.POINTER(_u64)]),
         ("csvfs_fast_handle", _int, [_u64, _u64, _int]),
         ("csvfs_fast_drop_handle", None, [_u64]),
-        ("csvfs_fast_file", _int, [_u64, _i64, _i64, _int, ctypes.POINTER(_i64),
+        ("csvfs_fast_file", _int, [_u64, _i64, _i64, _int, _int, ctypes.POINTER(_i64),
                                    ctypes.c_size_t]),
         ("csvfs_fast_take_mtime", _i64, [_u64]),
         ("csvfs_fast_drop_file", _i64, [_u64]),
@@ -191,14 +191,14 @@ def mmap_allowed() -> bool:
 
 
 class FastLane:
-    """The shim's fast lane (_fast_path.c): the reads and writes it does in C, from
-    tables that csvfs/datapath.py keeps exact through these calls. The lane takes
-    requests on the trio thread, inside pyfuse3's read of /dev/fuse, and its worker
-    threads do them; it returns to trio only once none is in flight, so no table
-    changes under a request."""
+    """The shim's fast lane (_fast_path.c): the reads, writes and fdatasyncs it does
+    in C, from tables that csvfs/datapath.py keeps exact through these calls. The lane
+    takes requests on the trio thread, inside pyfuse3's read of /dev/fuse, and its
+    worker threads do them; it returns to trio only once no read or write is in
+    flight, so no table changes under one."""
 
     INT64_MAX = 2**63 - 1
-    READ, WRITE = 15, 16  # FUSE opcodes
+    READ, WRITE, FSYNC = 15, 16, 20  # FUSE opcodes
 
     def __init__(self, fd: int, data_offset: int, sector: int, threads: int):
         """sector: 0 for an image read through the page cache, else O_DIRECT's;
@@ -210,10 +210,10 @@ class FastLane:
         self._lib = _lib
         self.returned_fd = _lib.csvfs_fast_returned_fd()
 
-    async def serve_returned(self, read, write) -> None:
-        """Do again, through the Python handlers read(fh, offset, size) and
-        write(fh, offset, data), each request that failed in the lane: they see the
-        failure themselves (and send the node to redirected I/O)."""
+    async def serve_returned(self, read, write, fsync) -> None:
+        """Do again, through the Python handlers read(fh, offset, size),
+        write(fh, offset, data) and fsync(fh, datasync), each request that failed in the
+        lane: they see the failure themselves (and send the node to redirected I/O)."""
         import pyfuse3
         import trio
 
@@ -223,7 +223,8 @@ class FastLane:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.returned_fd, 8)
                 while (job := self._take_returned()) is not None:
-                    nursery.start_soon(self._redo, pyfuse3.FUSEError, read, write, *job)
+                    nursery.start_soon(self._redo, pyfuse3.FUSEError,
+                                       (read, write, fsync), *job)
 
     def _take_returned(self) -> tuple | None:
         opcode, size = ctypes.c_uint32(), ctypes.c_uint32()
@@ -236,11 +237,15 @@ class FastLane:
         payload = ctypes.string_at(data, size.value) if opcode.value == self.WRITE else None
         return slot, opcode.value, fh.value, offset.value, size.value, payload
 
-    async def _redo(self, fuse_error, read, write, slot, opcode, fh, offset, size, payload):
+    async def _redo(self, fuse_error, handlers, slot, opcode, fh, offset, size, payload):
+        read, write, fsync = handlers
         try:
             if opcode == self.READ:
                 answer = bytes(await read(fh, offset, size))
                 self._lib.csvfs_fast_reply(slot, 0, answer, len(answer))
+            elif opcode == self.FSYNC:
+                await fsync(fh, True)
+                self._lib.csvfs_fast_reply(slot, 0, None, 0)
             else:
                 written = await write(fh, offset, payload)
                 self._lib.csvfs_fast_reply(slot, 0, None, written)
@@ -266,11 +271,14 @@ class FastLane:
         """`csvfs fault ... storage-down`: the lane's calls fail, as the node's do."""
         self._lib.csvfs_fast_fault(int(on))
 
-    def file(self, ino: int, size: int, granule: int, writable: bool, runs: list) -> None:
-        """Serve ino with this map; writes only if `writable`."""
+    def file(self, ino: int, size: int, granule: int, writable: bool, runs: list,
+             sync_here: bool = True) -> None:
+        """Serve ino with this map; writes only if `writable`; fdatasyncs if
+        `sync_here` (the coordinator holds nothing of it to make durable)."""
         flat = [number for run in sorted(runs) for number in run]
         array = (_i64 * len(flat))(*flat)
-        if self._lib.csvfs_fast_file(ino, size, granule, int(writable), array, len(runs)):
+        if self._lib.csvfs_fast_file(ino, size, granule, int(writable), int(sync_here),
+                                     array, len(runs)):
             raise MemoryError("cannot allocate the fast lane's map")
 
     def drop_file(self, ino: int) -> int:
@@ -289,10 +297,11 @@ class FastLane:
     def drop_handle(self, fh: int) -> None:
         self._lib.csvfs_fast_drop_handle(fh)
 
-    def counts(self) -> tuple[int, int, int, int]:
+    def counts(self) -> tuple[int, int, int, int, int]:
         """The reads and the writes the lane answered, the requests it handed to Python,
-        and how many of those after a failed pread or pwrite."""
-        out = (_u64 * 4)()
+        how many of those after a failed pread, pwrite or fdatasync, and the fdatasyncs
+        it answered."""
+        out = (_u64 * 5)()
         self._lib.csvfs_fast_counts(out)
         return tuple(out)
 

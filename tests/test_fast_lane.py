@@ -25,15 +25,17 @@ pytestmark = pytest.mark.timeout(120)
 
 M = 1 << 20
 LANE_COUNTS = re.compile(r"fast lane: (\d+) reads and (\d+) writes answered, "
-                         r"(\d+) handed to Python, (\d+) of them after failing")
+                         r"(\d+) handed to Python, (\d+) of them after failing; "
+                         r"(\d+) fdatasyncs answered")
 
 
 def lane_counts(node) -> dict[str, int]:
     """What the node's lane did, from the line it logs at unmount."""
     found = LANE_COUNTS.findall(node.log.read_text())
     assert found, "the node logged no fast lane counts"
-    reads, writes, handed, failed = map(int, found[-1])
-    return {"reads": reads, "writes": writes, "handed": handed, "failed": failed}
+    reads, writes, handed, failed, syncs = map(int, found[-1])
+    return {"reads": reads, "writes": writes, "handed": handed, "failed": failed,
+            "syncs": syncs}
 
 
 class Model:
@@ -158,3 +160,52 @@ def test_requests_that_fail_in_the_lane_are_done_again_through_the_coordinator(
     member.unmount()
     counts = lane_counts(member)
     assert counts["failed"] > 0, counts
+
+
+def test_fdatasync_is_the_lanes_unless_the_coordinator_holds_data_of_the_file(image, nodes):
+    """The lane's fdatasync is the image's: enough only while the coordinator has not
+    written data of the file (an append) since its last fsync."""
+    node = nodes.start(image, "n1")
+    block = os.urandom(64 << 10)
+    fd = os.open(node.path("plain"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for index in range(20):
+            os.pwrite(fd, block, index * len(block))
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    node.unmount()
+    counts = lane_counts(node)
+    assert counts["syncs"] >= 10 and counts["failed"] == 0, counts
+
+    node = nodes.start(image, "n1")
+    fd = os.open(node.path("log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"appended by the coordinator\n")
+        os.fdatasync(fd)  # so the coordinator must flush it: Python's, not the lane's
+    finally:
+        os.close(fd)
+    assert node.path("plain").read_bytes() == block * 20
+    node.unmount()
+    assert lane_counts(node)["syncs"] == 0
+
+
+def test_an_fdatasync_that_fails_in_the_lane_is_done_through_the_coordinator(
+        tmp_path, nodes):
+    image = make_volume(tmp_path, size="64M", unit="64K")
+    coordinator = nodes.start(image, "n1")
+    member = nodes.start(image, "n2")
+    data = os.urandom(M)
+    fd = os.open(member.path("disk"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        csvfs("fault", image, "--node", "n2", "storage-down")
+        os.fdatasync(fd)  # fails in the lane first: no error reaches the caller
+    finally:
+        os.close(fd)
+    state = next(n for n in status(image)["nodes"] if n["name"] == "n2")
+    assert state["io_mode"] == "redirected", state
+    assert coordinator.path("disk").read_bytes() == data
+    member.unmount()
+    counts = lane_counts(member)
+    assert counts["failed"] >= 1 and counts["syncs"] == 0, counts
