@@ -22,11 +22,16 @@ from csvfs.cluster.errors import MetaError
 def check_arguments(method: str, handler, args: dict) -> None:
     """Raise MetaError(EINVAL) unless the bound method `handler(<session>, **args)` fits
     its signature and every argument has the annotated type."""
-    signature, hints = _spec(handler.__func__)
-    try:
-        signature.bind(None, **args)
-    except TypeError as exc:
-        raise MetaError(errno.EINVAL, f"bad arguments for {method}: {exc}") from None
+    spec = _spec(handler.__func__)
+    unknown = args.keys() - spec.names
+    if unknown and not spec.any_keyword:
+        raise MetaError(errno.EINVAL, f"bad arguments for {method}: unexpected "
+                                      f"{', '.join(sorted(map(str, unknown)))}")
+    missing = spec.required - args.keys()
+    if missing:
+        raise MetaError(errno.EINVAL, f"bad arguments for {method}: missing "
+                                      f"{', '.join(sorted(missing))}")
+    hints = spec.hints
     for name, value in args.items():
         expected = hints.get(name)
         if expected is not None and not fits(value, expected):
@@ -34,14 +39,28 @@ def check_arguments(method: str, handler, args: dict) -> None:
                                           f"{_describe(expected)}, not {type(value).__name__}")
 
 
+class _Spec(typing.NamedTuple):
+    names: frozenset[str]  # what may be given by keyword
+    required: frozenset[str]  # what must be
+    any_keyword: bool  # a **kwargs takes the rest
+    hints: dict[str, Any]
+
+
 @functools.cache
-def _spec(function) -> tuple[inspect.Signature, dict[str, Any]]:
-    """The signature without self, and the resolved annotations, once per function
-    (keyed by the function, not the bound method, so no service is kept alive)."""
-    signature = inspect.signature(function)
+def _spec(function) -> _Spec:
+    """What a handler takes after self and the request, once per function (keyed by
+    the function, not the bound method, so no service is kept alive). Checking sets,
+    not binding a signature, keeps this cheap on every request."""
+    parameters = list(inspect.signature(function).parameters.values())[2:]
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     hints = typing.get_type_hints(function)
     hints.pop("return", None)
-    return signature.replace(parameters=list(signature.parameters.values())[1:]), hints
+    return _Spec(
+        names=frozenset(p.name for p in parameters if p.kind in keyword),
+        required=frozenset(p.name for p in parameters
+                           if p.kind in keyword and p.default is inspect.Parameter.empty),
+        any_keyword=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters),
+        hints=hints)
 
 
 def fits(value: Any, expected: Any) -> bool:

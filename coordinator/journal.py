@@ -26,12 +26,15 @@ from dataclasses import dataclass
 
 import trio
 
+from csvfs.cluster.blocking import BlockingCalls
 from csvfs.volume import format as fmt
 from csvfs.volume.image import Volume
 
 log = logging.getLogger(__name__)
 
 SCAN_CHUNK = 1 << 20
+# Batches are written one at a time, on a thread of their own (cheaper than to_thread's)
+_batch_writes = BlockingCalls("csvfs journal")
 
 
 class LeaseLost(OSError):
@@ -231,9 +234,9 @@ class Journal:
         if self.whole_image_sync:
             self.whole_image_sync = False  # data written from now on waits for the next
             self.volume.write(offset, batch)
-            await trio.to_thread.run_sync(os.fdatasync, self.volume.fd)
+            await _batch_writes.run(os.fdatasync, self.volume.fd)
         else:
-            await trio.to_thread.run_sync(self.volume.write_durable, offset, batch)
+            await _batch_writes.run(self.volume.write_durable, offset, batch)
 
     def restart_after_checkpoint(self, gen: int) -> None:
         """A checkpoint now covers every record: start generation `gen` at the head."""

@@ -13,8 +13,12 @@
  * FastPath, driven by csvfs/datapath.py):
  *
  *   - a file is here only while its gate is open, with its size, its map
- *     (runs of file granule -> volume granule) and whether a write may go
- *     straight to it (no granule a snapshot holds, no change tracking);
+ *     (runs of file granule -> volume granule), the granules whose first
+ *     write must ask the coordinator (a snapshot holds them, or change
+ *     tracking has not marked them yet: their writes are Python's), and
+ *     whether its writes
+ *     note the 64 KiB stripes they touch (change tracking: the lane keeps
+ *     those notes per granule until Python takes them, csvfs_fast_take_stripes);
  *   - a handle is here with whether its writes may come here (not O_APPEND,
  *     no set-id bits to clear first);
  *   - the deadline is the data path's valid_until (CLOCK_MONOTONIC), zero
@@ -116,10 +120,15 @@ struct write_out {
 };
 
 #define LANE_MAX (1u << 20) /* the largest request served here */
+#define STRIPE (64 << 10)   /* change tracking's grain (csvfs/volume/extents.py) */
 #define BUCKETS 4096
 
 struct run {
     int64_t file_first, volume_first, count;
+};
+
+struct ask_run {
+    int64_t first, count;
 };
 
 struct file {
@@ -127,9 +136,14 @@ struct file {
     int64_t size, granule;
     int writable;
     int sync_here; /* an fdatasync needs nothing of the coordinator */
+    int note_stripes;
+    uint64_t *stripes; /* per file granule: a mask of the stripes written */
+    size_t nstripes;
     int64_t dirty_mtime_ns; /* the time of the last write served here */
     size_t nruns;
     struct run *runs; /* sorted by file_first */
+    size_t nasks;
+    struct ask_run *asks; /* sorted by first */
     struct file *next;
 };
 
@@ -326,6 +340,58 @@ static int add_piece(const struct file *file, int64_t position, char *at, int64_
     return 1;
 }
 
+/* The stripes of one granule that [start, end) touches (inside that granule). */
+static uint64_t stripe_mask(const struct file *file, int64_t start, int64_t end)
+{
+    int64_t first = start % file->granule / STRIPE, last = (end - 1) % file->granule / STRIPE;
+
+    return (last >= 63 ? ~0ull : (1ull << (last + 1)) - 1) & ~((1ull << first) - 1);
+}
+
+/* Note the stripes a write to [offset, end) touches, before it is done: if it
+ * then fails, Python does it again and notes it too (a stripe noted but not
+ * changed only costs a backup a read). 0 if there is no memory to note it. */
+static int note_stripes(struct file *file, int64_t offset, int64_t end)
+{
+    size_t last = (size_t)((end - 1) / file->granule);
+
+    if (last >= file->nstripes) {
+        size_t grown = last + 1 > 2 * file->nstripes ? last + 1 : 2 * file->nstripes;
+        uint64_t *stripes = realloc(file->stripes, grown * sizeof(*stripes));
+
+        if (stripes == NULL)
+            return 0;
+        memset(stripes + file->nstripes, 0, (grown - file->nstripes) * sizeof(*stripes));
+        file->stripes = stripes;
+        file->nstripes = grown;
+    }
+    while (offset < end) {
+        int64_t piece_end = (offset / file->granule + 1) * file->granule;
+
+        if (piece_end > end)
+            piece_end = end;
+        file->stripes[offset / file->granule] |= stripe_mask(file, offset, piece_end);
+        offset = piece_end;
+    }
+    return 1;
+}
+
+/* Does a granule in [first, last] ask the coordinator first? */
+static int asks_first(const struct file *file, int64_t first, int64_t last)
+{
+    size_t low = 0, high = file->nasks;
+
+    while (low < high) { /* the first run that ends past `first` */
+        size_t middle = (low + high) / 2;
+
+        if (file->asks[middle].first + file->asks[middle].count <= first)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    return low < file->nasks && file->asks[low].first <= last;
+}
+
 /* Which pieces the job has, or 0 if the lane cannot do it whole. */
 static int plan(struct job *job, const struct io_in *arg, struct file *file)
 {
@@ -335,7 +401,8 @@ static int plan(struct job *job, const struct io_in *arg, struct file *file)
     if (job->opcode == OP_READ) {
         end = end > file->size ? file->size : end;
         end = end < (int64_t)arg->offset ? (int64_t)arg->offset : end;
-    } else if (!file->writable || end > file->size) {
+    } else if (!file->writable || end > file->size ||
+               asks_first(file, arg->offset / file->granule, (end - 1) / file->granule)) {
         return 0;
     }
     job->length = end - (int64_t)arg->offset;
@@ -346,10 +413,13 @@ static int plan(struct job *job, const struct io_in *arg, struct file *file)
     planned = job;
     if (!walk(file, arg->offset, end, job->buffer, add_piece))
         return 0;
-    if (job->opcode == OP_WRITE)
+    if (job->opcode == OP_WRITE) {
         for (int i = 0; i < job->npieces; i++)
             if (job->pieces[i].position < 0)
                 return 0;
+        if (file->note_stripes && !note_stripes(file, arg->offset, end))
+            return 0;
+    }
     return 1;
 }
 
@@ -818,18 +888,25 @@ EXPORT void csvfs_fast_drop_handle(uint64_t fh)
 /* Take a file's map, as flat triples (file_first, volume_first, count)
  * sorted by file_first; the dirty mtime carries over. */
 EXPORT int csvfs_fast_file(uint64_t ino, int64_t size, int64_t granule, int writable,
-                           int sync_here, const int64_t *triples, size_t nruns)
+                           int sync_here, int note_stripes, const int64_t *triples,
+                           size_t nruns, const int64_t *ask_pairs, size_t nasks)
 {
     struct file *file = find_file(ino);
     struct run *runs = malloc((nruns ? nruns : 1) * sizeof(*runs));
+    struct ask_run *asks = malloc((nasks ? nasks : 1) * sizeof(*asks));
 
-    if (runs == NULL)
+    if (runs == NULL || asks == NULL) {
+        free(runs);
+        free(asks);
         return -ENOMEM;
+    }
     memcpy(runs, triples, nruns * sizeof(*runs));
+    memcpy(asks, ask_pairs, nasks * sizeof(*asks));
     if (file == NULL) {
         file = calloc(1, sizeof(*file));
         if (file == NULL) {
             free(runs);
+            free(asks);
             return -ENOMEM;
         }
         file->ino = ino;
@@ -839,11 +916,34 @@ EXPORT int csvfs_fast_file(uint64_t ino, int64_t size, int64_t granule, int writ
     free(file->runs);
     file->runs = runs;
     file->nruns = nruns;
+    free(file->asks);
+    file->asks = asks;
+    file->nasks = nasks;
     file->size = size;
     file->granule = granule;
     file->writable = writable;
     file->sync_here = sync_here;
+    file->note_stripes = note_stripes;
     return 0;
+}
+
+/* The stripes noted since the last take, as pairs (file granule, mask) in
+ * `out`, up to `capacity` pairs: how many. Those are cleared; call again
+ * until fewer than `capacity` come. The notes survive a new map of the file
+ * but not its drop: take them first. */
+EXPORT size_t csvfs_fast_take_stripes(uint64_t ino, uint64_t *out, size_t capacity)
+{
+    struct file *file = find_file(ino);
+    size_t taken = 0;
+
+    for (size_t index = 0; file != NULL && index < file->nstripes && taken < capacity; index++)
+        if (file->stripes[index] != 0) {
+            out[2 * taken] = index;
+            out[2 * taken + 1] = file->stripes[index];
+            file->stripes[index] = 0;
+            taken++;
+        }
+    return taken;
 }
 
 /* The time of the last write served here, 0 if none since the last take. */
@@ -872,6 +972,8 @@ EXPORT int64_t csvfs_fast_drop_file(uint64_t ino)
 
         *link = gone->next;
         mtime = gone->dirty_mtime_ns;
+        free(gone->stripes);
+        free(gone->asks);
         free(gone->runs);
         free(gone);
     }

@@ -33,8 +33,9 @@ already running.
 The fast lane (`lane`: the FUSE shim's, csvfs/fuse_shim.py FastLane) answers
 the plain reads and writes before they reach Python, from a mirror of this
 module's state that every change here keeps exact: a file is in the lane only
-while its gate is open (`OpenFile.mirror`), its writes only while no granule
-asks first and no stripes are noted, and the lane's deadline is `valid_until`
+while its gate is open (`OpenFile.mirror`), its writes only to granules that
+need not ask first (`ask_runs`; it notes their stripes itself, and
+`collect_stripes` takes them into `written`), and the lane's deadline is `valid_until`
 while no hold, fence or redirection is on (`_push_deadline`). Its worker
 threads have requests in flight at once, but the lane hands the trio thread
 back only once none is in flight (csvfs/_fast_path.c), so when this code runs
@@ -52,10 +53,13 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from csvfs.cluster.blocking import BlockingCalls
 from csvfs.redirect import StoragePath
 from csvfs.volume.extents import from_runs, pieces, stripe_mask
 
 log = logging.getLogger(__name__)
+
+_syncs = BlockingCalls("csvfs fdatasync")  # the image's, for fsyncs the lane left to us
 
 GRANT_USE = 0.8  # fraction of a grant or lease inside which this node does direct I/O
 
@@ -67,11 +71,11 @@ class OpenFile:
     the gate that the quiesce protocol closes (csvfs/quiesce.py)."""
 
     __slots__ = ("ino", "size", "units", "runs", "granule", "version", "refs", "paused",
-                 "resumed", "_dirty_mtime", "gone", "ask", "stripes", "lane",
-                 "_coordinator_wrote")
+                 "resumed", "_dirty_mtime", "gone", "ask", "ask_runs", "stripes", "lane",
+                 "written", "_coordinator_wrote")
 
     def __init__(self, ino: int, size: int, runs: list, version: int, granule: int,
-                 lane: NoLane):
+                 lane: NoLane, written: dict[int, dict[int, int]]):
         self.ino = ino
         self.size = size
         self.runs = runs  # the map as it came: [file granule, volume granule, count]...
@@ -84,8 +88,10 @@ class OpenFile:
         self._dirty_mtime = 0
         self.gone = False  # the file vanished while this node was cut off: ESTALE
         self.ask: set[int] = set()  # file granules whose first write asks the coordinator
+        self.ask_runs: list = []  # the same as [first, count] runs, for the lane
         self.stripes = False  # note the stripes each write touches (change tracking)
         self.lane = lane
+        self.written = written  # the data path's: stripes written, per inode and unit
         # The coordinator wrote data of ours (an append, a redirected write) since the
         # last fsync: the next one must have the coordinator flush it too.
         self._coordinator_wrote = False
@@ -114,18 +120,37 @@ class OpenFile:
             self._coordinator_wrote = value
             self.mirror()
 
+    def ask_all(self) -> None:
+        """Every granule of the map asks first."""
+        self.ask = set(self.units)
+        self.ask_runs = [[first, count] for first, _volume, count in self.runs]
+
+    def ask_only(self, runs: list | None) -> None:
+        """The granules of these [first, count] runs ask first."""
+        self.ask_runs = [[first, count] for first, count in runs or ()]
+        self.ask = {first + step for first, count in self.ask_runs for step in range(count)}
+
     def mirror(self) -> None:
         """Show the fast lane this file as it is now: served there while the gate is
         open, with writes there while none needs asking or noting."""
         if self.paused or self.gone or self.refs <= 0:
             self.leave_lane()
         else:
-            self.lane.file(self.ino, self.size, self.granule,
-                           not self.ask and not self.stripes, self.runs,
-                           sync_here=not self.coordinator_wrote)
+            self.lane.file(self.ino, self.size, self.granule, True, self.runs,
+                           sync_here=not self.coordinator_wrote, note_stripes=self.stripes,
+                           asks=self.ask_runs)
 
     def leave_lane(self) -> None:
+        self.collect_stripes()
         self._dirty_mtime = max(self._dirty_mtime, self.lane.drop_file(self.ino))
+
+    def collect_stripes(self) -> None:
+        """Take the stripes the lane's writes noted into `written`."""
+        noted = self.lane.take_stripes(self.ino)
+        if noted:
+            units = self.written.setdefault(self.ino, {})
+            for unit, mask in noted:
+                units[unit] = units.get(unit, 0) | mask
 
     def close_gate(self) -> None:
         if not self.paused:
@@ -160,8 +185,12 @@ class NoLane:
         pass
 
     def file(self, ino: int, size: int, granule: int, writable: bool, runs: list,
-             sync_here: bool = True) -> None:
+             sync_here: bool = True, note_stripes: bool = False,
+             asks: list | None = None) -> None:
         pass
+
+    def take_stripes(self, ino: int) -> list[tuple[int, int]]:
+        return []
 
     def drop_file(self, ino: int) -> int:
         return 0
@@ -236,7 +265,7 @@ class DataPath:
         handle = self.files.get(ino)
         if handle is None:
             handle = self.files[ino] = OpenFile(ino, size, runs, version,
-                                                granule or self.unit, self.lane)
+                                                granule or self.unit, self.lane, self.written)
             self._set_asks(handle, ask)
             handle.stripes = stripes
         else:
@@ -287,9 +316,9 @@ class DataPath:
         """The granules to ask first about: as the map says, or every one if the map is
         older than the last snapshot point (it could not say)."""
         if handle.version < self.snapshot_version:
-            handle.ask = set(handle.units)
+            handle.ask_all()
         else:
-            handle.ask = {first + step for first, count in ask or () for step in range(count)}
+            handle.ask_only(ask)
 
     # -- the snapshot hold (csvfs/snapshot.py) ------------------------------------------------
 
@@ -306,7 +335,7 @@ class DataPath:
             self.snapshot_version = version
             for handle in self.files.values():
                 if handle.version < version:
-                    handle.ask = set(handle.units)
+                    handle.ask_all()
                     handle.mirror()
         self.holding = False
         self.hold_over.set()
@@ -315,11 +344,13 @@ class DataPath:
     def stripe_report(self) -> list:
         """[[ino, [[file unit, stripes mask]...]]...]: what this node wrote since its
         last report, in files whose maps say "stripes"."""
+        for handle in self.files.values():
+            handle.collect_stripes()
         return [[ino, list(units.items())] for ino, units in self.written.items() if units]
 
     def stripes_reported(self) -> None:
         """The coordinator recorded the last report (at a hold nothing was written since)."""
-        self.written = {}
+        self.written.clear()  # the open files share this dict
 
     # -- I/O ------------------------------------------------------------------------------
 
@@ -506,7 +537,7 @@ class DataPath:
         other request (and the lease renewal) would wait behind it."""
         if not self.storage.redirected:
             try:
-                await trio.to_thread.run_sync(self.storage.fdatasync)
+                await _syncs.run(self.storage.fdatasync)
                 return
             except OSError as exc:
                 self.storage.failed("fdatasync", exc)

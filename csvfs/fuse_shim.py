@@ -166,8 +166,10 @@ def _declare_lane(lib: ctypes.CDLL) -> None:
         ("csvfs_fast_counts", None, [ctypes.POINTER(_u64)]),
         ("csvfs_fast_handle", _int, [_u64, _u64, _int]),
         ("csvfs_fast_drop_handle", None, [_u64]),
-        ("csvfs_fast_file", _int, [_u64, _i64, _i64, _int, _int, ctypes.POINTER(_i64),
-                                   ctypes.c_size_t]),
+        ("csvfs_fast_file", _int, [_u64, _i64, _i64, _int, _int, _int, ctypes.POINTER(_i64),
+                                   ctypes.c_size_t, ctypes.POINTER(_i64), ctypes.c_size_t]),
+        ("csvfs_fast_take_stripes", ctypes.c_size_t, [_u64, ctypes.POINTER(_u64),
+                                                      ctypes.c_size_t]),
         ("csvfs_fast_take_mtime", _i64, [_u64]),
         ("csvfs_fast_drop_file", _i64, [_u64]),
     ):
@@ -199,6 +201,7 @@ class FastLane:
 
     INT64_MAX = 2**63 - 1
     READ, WRITE, FSYNC = 15, 16, 20  # FUSE opcodes
+    STRIPES_AT_ONCE = 4096
 
     def __init__(self, fd: int, data_offset: int, sector: int, threads: int):
         """sector: 0 for an image read through the page cache, else O_DIRECT's;
@@ -272,17 +275,36 @@ class FastLane:
         self._lib.csvfs_fast_fault(int(on))
 
     def file(self, ino: int, size: int, granule: int, writable: bool, runs: list,
-             sync_here: bool = True) -> None:
-        """Serve ino with this map; writes only if `writable`; fdatasyncs if
-        `sync_here` (the coordinator holds nothing of it to make durable)."""
+             sync_here: bool = True, note_stripes: bool = False,
+             asks: list | None = None) -> None:
+        """Serve ino with this map; writes only if `writable`, and not to the granules
+        of `asks` ([first, count] runs: their first write asks the coordinator), noting
+        the stripes they touch if `note_stripes`; fdatasyncs if `sync_here` (the
+        coordinator holds nothing of it to make durable)."""
         flat = [number for run in sorted(runs) for number in run]
         array = (_i64 * len(flat))(*flat)
+        asks = sorted(asks or ())
+        flat_asks = [number for run in asks for number in run]
+        ask_array = (_i64 * len(flat_asks))(*flat_asks)
         if self._lib.csvfs_fast_file(ino, size, granule, int(writable), int(sync_here),
-                                     array, len(runs)):
+                                     int(note_stripes), array, len(runs), ask_array,
+                                     len(asks)):
             raise MemoryError("cannot allocate the fast lane's map")
 
+    def take_stripes(self, ino: int) -> list[tuple[int, int]]:
+        """(file granule, stripes mask) of the lane's writes to ino since the last
+        take, which it forgets."""
+        taken: list[tuple[int, int]] = []
+        pairs = (_u64 * (2 * self.STRIPES_AT_ONCE))()
+        while True:
+            count = self._lib.csvfs_fast_take_stripes(ino, pairs, self.STRIPES_AT_ONCE)
+            taken.extend(zip(pairs[0 : 2 * count : 2], pairs[1 : 2 * count : 2], strict=True))
+            if count < self.STRIPES_AT_ONCE:
+                return taken
+
     def drop_file(self, ino: int) -> int:
-        """Python serves ino from now on; the time of the lane's last write to it."""
+        """Python serves ino from now on; the time of the lane's last write to it.
+        Take its stripes first: they go with it."""
         return self._lib.csvfs_fast_drop_file(ino)
 
     def take_mtime(self, ino: int) -> int:

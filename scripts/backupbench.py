@@ -15,6 +15,9 @@ written (a hole): 4 GiB by default, 256 MiB with --quick. Then it measures:
                 against the same writer without snapshots
   VM writes     random 4 KiB pwrites with an fsync every 64 (like vmload) on a second
                 disk, alone and while a full `csvfs backup vm` of that disk runs
+  tracked       fio random 4 KiB writes (libaio, O_DIRECT, QD16 and QD1) on B, on a disk
+                that was backed up (its writes note the stripes they touch, for the
+                next incremental) and on one that never was, rounds interleaved
 
 Run by `make bench`; alone: `python scripts/backupbench.py [--quick] [--only SECTION]`. Markdown on
 stdout, progress on stderr; every mount, node, helper process and temporary file is
@@ -396,6 +399,58 @@ def run_vm_writes(setup: Setup, args) -> str:
         "per-round ratios).\n")
 
 
+# -- 6: the writes of a disk with change tracking -------------------------------------------------
+
+TRACKED_JOBS = (("rand write 4 KiB QD16", 16), ("rand write 4 KiB QD1", 1))
+
+
+def run_tracked_writes(setup: Setup, args) -> str:
+    size = args.tracked_disk_size
+    log(f"tracked: writing two {size_text(size)} disks, backing one up ...")
+    disks = {"never backed up": "untracked.img", "backed up (tracked)": "tracked.img"}
+    for name in disks.values():
+        fill_random(setup.a / name, size, size)
+    repo = setup.scratch / "tracked-repo"
+    setup.tools.csvfs_init(repo)
+    setup.tools.csvfs_backup(repo, "/tracked.img")
+    iops: dict[tuple[str, str], list[float]] = {}
+    for round_no in range(args.tracked_rounds):
+        order = list(disks.items()) if round_no % 2 == 0 else list(disks.items())[::-1]
+        for job, depth in TRACKED_JOBS:
+            for condition, name in order:
+                iops.setdefault((condition, job), []).append(
+                    _fio_randwrite(setup.b / name, size, depth, args.tracked_seconds))
+        log(f"tracked, round {round_no + 1}/{args.tracked_rounds} done")
+    for name in disks.values():
+        remove(setup.a / name)
+    remove(repo)
+    remove(repo.with_name(repo.name + ".key"))
+    rows = ["| workload on B | never backed up | backed up (tracked) | tracked / untracked |",
+            "|---|---:|---:|---:|"]
+    for job, _depth in TRACKED_JOBS:
+        plain, tracked = (statistics.median(iops[(condition, job)]) for condition in disks)
+        rows.append(f"| {job} | {plain:,.0f} | {tracked:,.0f} | {tracked / plain:.2f} |")
+    return (
+        "\n### A VM disk's writes once it is backed up\n\n"
+        f"fio on B, the member: random 4 KiB writes (ioengine=libaio, direct=1) for "
+        f"{args.tracked_seconds} s per job on a {size_text(size)} disk full of data that a "
+        "`csvfs backup vm` took once (so its writes note the 64 KiB stripes they touch, "
+        "for the next incremental), and on one that was never backed up; "
+        f"{rounds(args.tracked_rounds)}, the disks' order alternating; medians, in IOPS.\n\n"
+        + "\n".join(rows) + "\n")
+
+
+def _fio_randwrite(path: Path, size: int, depth: int, seconds: int) -> float:
+    result = subprocess.run(
+        ["fio", "--name=tracked", f"--filename={path}", f"--size={size}", "--rw=randwrite",
+         "--bs=4k", "--ioengine=libaio", "--direct=1", f"--iodepth={depth}",
+         "--time_based", f"--runtime={seconds}", "--output-format=json"],
+        capture_output=True, text=True, timeout=seconds + 120, check=False)
+    if result.returncode != 0:
+        raise BenchError(f"fio on {path.name}: {result.stderr.strip()[-300:]}")
+    return json.loads(result.stdout)["jobs"][0]["write"]["iops"]
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -419,7 +474,8 @@ def parse_args(argv=None):
     args.vm_disk_size = (128 if quick else 1024) * MiB
     # room for the disk's data, the incremental's spots in the hole (each allocates a
     # unit), the VM disk and a preserved copy of each of its units
-    needed = args.disk_size // 2 + args.disk_size // 100 * 16 + 2 * args.vm_disk_size
+    needed = (args.disk_size // 2 + args.disk_size // 100 * 16 + 2 * args.vm_disk_size
+              + 3 * (64 if quick else 256) * MiB)  # the tracked section's two disks
     args.volume_size = f"{max(1, math.ceil(needed * 1.5 / GiB))}G"
     args.repeat = 1 if quick else 3
     args.incremental_fraction = 0.01
@@ -428,13 +484,17 @@ def parse_args(argv=None):
     args.pause_window = 3.0  # the first control's length, if it comes first
     args.vm_rounds = 1 if quick else 3
     args.vm_window = 3.0
+    args.tracked_disk_size = (64 if quick else 256) * MiB
+    args.tracked_rounds = 1 if quick else 3
+    args.tracked_seconds = 2 if quick else 4
     for tool in ("cp", "restic", "borg", "fusermount3"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} not found (run `make setup`)")
     return args
 
 
-SECTIONS = {"backups": run_backups, "pause": run_pause, "vm-writes": run_vm_writes}
+SECTIONS = {"backups": run_backups, "pause": run_pause, "vm-writes": run_vm_writes,
+            "tracked": run_tracked_writes}
 
 
 def main(argv=None) -> int:

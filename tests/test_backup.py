@@ -16,6 +16,7 @@ import pytest
 from csvfs.volume.errors import ExitCode
 from tests.cluster import csvfs, status
 from tests.stamp_writer import BLOCK, read_log, read_stamp, stamped
+from tests.test_fast_lane import lane_counts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -345,6 +346,30 @@ def test_stripes_written_without_asking_and_before_a_goodbye_are_read(tmp_path, 
     manifest = last_backup(repo)
     assert manifest["stats"]["read"] == 4 * STRIPE, manifest["stats"]
     restore_and_compare(tmp_path, repo, manifest, "/disk", n1.path("disk").read_bytes())
+
+
+def test_a_tracked_files_writes_stay_in_the_lane_and_the_incremental_reads_them(
+        tmp_path, image, nodes):
+    """After a backup a VM disk keeps its fast lane: the lane notes the stripes of its
+    writes itself, and the node reports them at the next hold with the file open."""
+    n1, n2 = start_cluster(nodes, image, 2)
+    repo = tmp_path / "repo"
+    backup("init", repo)
+    n1.path("disk").write_bytes(os.urandom(8 * M))
+    backup("vm", image, "--repo", repo, "/disk")
+    fd = os.open(n2.path("disk"), os.O_RDWR)
+    try:
+        os.pwrite(fd, os.urandom(4096), 2 * M)  # the first write since the point asks
+        for stripe in (3, 9, 15):  # and the map it brings lets the rest go to the lane
+            os.pwrite(fd, os.urandom(4096), 2 * M + stripe * STRIPE + 100)
+        backup("vm", image, "--repo", repo, "/disk")
+    finally:
+        os.close(fd)
+    manifest = last_backup(repo)
+    assert manifest["stats"]["read"] == 4 * STRIPE, manifest["stats"]
+    restore_and_compare(tmp_path, repo, manifest, "/disk", n1.path("disk").read_bytes())
+    n2.unmount()
+    assert lane_counts(n2)["writes"] >= 3
 
 
 def test_change_tracking_survives_a_node_kill_failover_and_unmount(tmp_path, image, nodes):

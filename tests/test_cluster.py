@@ -161,6 +161,40 @@ def test_directories_cached_by_kernels_are_coherent(image, nodes, count):
                 time.sleep(0.01)
 
 
+def test_fsync_carries_the_write_time_to_the_other_nodes(image, nodes):
+    """The time of a node's writes reaches the coordinator with an fsync (in the same
+    round trip as the coordinator's sync), or at the close; fdatasync, like ext4's,
+    leaves it to them."""
+    writer, other = nodes.start(image, "n1"), nodes.start(image, "n2")
+    writer.path("f").write_bytes(b"x" * 8192)
+    old = 10**18
+    os.utime(writer.path("f"), ns=(old, old))
+
+    def seen_by_other() -> int:
+        deadline = time.monotonic() + 5
+        while (mtime := os.stat(other.path("f")).st_mtime_ns) == old:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return mtime
+
+    fd = os.open(writer.path("f"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"y" * 4096, 0)
+        os.fdatasync(fd)
+        os.pwrite(fd, b"z" * 4096, 4096)
+        before = time.time_ns()
+        os.fsync(fd)
+        synced = seen_by_other()
+        assert old < synced <= before, synced
+        os.utime(writer.path("f"), ns=(old, old))
+        os.pwrite(fd, b"w" * 4096, 0)
+    finally:
+        os.close(fd)
+    assert seen_by_other() > old
+    assert other.path("f").read_bytes() == b"w" * 4096 + b"z" * 4096
+
+
 @pytest.mark.also_on_a_loop_device
 @pytest.mark.parametrize("count", [2, 3])
 def test_sizes_and_data_are_coherent_on_open_files(image, nodes, count):
