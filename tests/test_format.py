@@ -324,9 +324,7 @@ def test_volume_open(tmp_path):
 
 def test_volume_open_falls_back_to_the_copy(tmp_path):
     image, sb = _volume(tmp_path)
-    with open(image, "r+b") as handle:
-        handle.seek(30)
-        handle.write(b"\xee")
+    _flip_byte(image, 30)
     volume = Volume.open(image)
     try:
         assert volume.sb == sb and volume.used_copy
@@ -336,10 +334,8 @@ def test_volume_open_falls_back_to_the_copy(tmp_path):
 
 def test_volume_open_both_superblocks_bad(tmp_path):
     image, sb = _volume(tmp_path)
-    with open(image, "r+b") as handle:
-        for offset in (30, sb.copy_offset + 30):
-            handle.seek(offset)
-            handle.write(b"\xee")
+    for offset in (30, sb.copy_offset + 30):
+        _flip_byte(image, offset)
     with pytest.raises(VolumeError, match="corrupt"):
         Volume.open(image)
 
@@ -484,3 +480,12 @@ def test_mkfs_keeps_a_key_file_that_is_there(tmp_path):
     with pytest.raises(KeyFileError, match="expected hex"):
         make_volume(tmp_path / "third.img", 64 << 20, key_path=key_path)
     assert not (tmp_path / "third.img").exists()
+
+
+def _flip_byte(path, offset: int) -> None:
+    """Corrupt one byte for sure: writing a fixed value finds it there one time in 256."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        value = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([value ^ 0xFF]))

@@ -440,6 +440,11 @@ async def _workload(service: MetadataService, tag: str, count: int = 20) -> None
                                                "is_dir": False})
 
 
+def _flip_byte(volume: Volume, offset: int) -> None:
+    """Corrupt one byte for sure: writing a fixed value finds it there one time in 256."""
+    volume.write(offset, bytes([volume.read(offset, 1)[0] ^ 0xFF]))
+
+
 def _reload(image) -> recovery.Recovered:
     volume = Volume.open(image)
     try:
@@ -513,7 +518,7 @@ async def test_corrupt_checkpoint_byte_is_reported(image):
     await _workload(service, "a", count=5)
     await service.checkpoint_now()  # B
     await service.checkpoint_now()  # A, same seq
-    volume.write(volume.sb.checkpoint_a.offset + 100, b"\xff")
+    _flip_byte(volume, volume.sb.checkpoint_a.offset + 100)
     volume.close()
     recovered = _reload(image)
     assert recovered.checkpoint.slot == 1
@@ -635,7 +640,7 @@ async def test_lost_newest_checkpoint_after_the_journal_restarted_is_reported(im
     await _workload(service, "b", count=5)
     await service.checkpoint_now()  # A; the journal starts again at its head
     await _workload(service, "c", count=5)
-    volume.write(volume.sb.checkpoint_a.offset + 100, b"\xff")
+    _flip_byte(volume, volume.sb.checkpoint_a.offset + 100)
     volume.close()
     recovered = _reload(image)
     assert recovered.checkpoint.slot == 1 and recovered.checkpoint.seq == first_seq
@@ -653,7 +658,7 @@ async def test_both_checkpoints_lost_is_reported(image):
     await service.checkpoint_now()
     await _workload(service, "c", count=2)
     for region in volume.sb.checkpoint_slots():
-        volume.write(region.offset + 100, b"\xff")
+        _flip_byte(volume, region.offset + 100)
     volume.close()
     recovered = _reload(image)
     assert recovered.checkpoint is None and len(recovered.checkpoint_problems) == 2

@@ -31,6 +31,7 @@ class BlockingCalls:
         self._call: tuple[Callable[..., Any], tuple] | None = None
         self._outcome: tuple[bool, Any] | None = None
         self._done_fd = -1
+        self._pid = 0  # the process that started the thread (a fork has none)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -53,7 +54,8 @@ class BlockingCalls:
         raise value
 
     def _start(self) -> None:
-        if self._done_fd < 0:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
             self._done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             threading.Thread(target=self._serve, name=self.name, daemon=True).start()
 
