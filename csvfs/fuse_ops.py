@@ -14,11 +14,11 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import pyfuse3
-import trio
 
+from csvfs import syncs
 from csvfs.callers import may_open, setid_killer
 from csvfs.cluster.errors import MetaError
 from csvfs.datapath import DataPath, OpenFile, map_fields
@@ -76,41 +76,6 @@ REFUSED_RELEASE_REPLIES = _RefusedReleaseReplies()  # for the pyfuse3 logger
 def _io_error(what: str, exc: OSError) -> pyfuse3.FUSEError:
     log.error("%s: I/O error on the image: %s", what, exc)
     return pyfuse3.FUSEError(exc.errno or errno.EIO)
-
-
-async def _at_once(*steps: Callable[[], Awaitable]) -> None:
-    """Run the steps concurrently; the first failure is raised as it is (no group)."""
-    failures: list[Exception] = []
-
-    async def run(step) -> None:
-        try:
-            await step()
-        except Exception as exc:
-            failures.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        for step in steps:
-            nursery.start_soon(run, step)
-    if failures:
-        raise failures[0]
-
-
-async def _drop_cached_pages(ino: int) -> None:
-    """fsync and msync are where a shared map catches up with other nodes' writes.
-
-    Only shared maps have pages in the kernel (everything else is direct_io), and the
-    kernel wrote their dirty pages back before it asked for the fsync. A page dirtied
-    since is written back first, as a write to this very node: so the invalidation
-    runs in a worker thread, with the trio thread free to serve that write.
-    """
-    await trio.to_thread.run_sync(_invalidate_pages, ino)
-
-
-def _invalidate_pages(ino: int) -> None:
-    try:
-        pyfuse3.invalidate_inode(ino, attr_only=False)
-    except OSError:
-        pass  # the kernel does not know the inode: nothing cached
 
 
 def _errors(handler):
@@ -488,37 +453,11 @@ class CsvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def fsync(self, fh, datasync):
-        """The image's fdatasync, the coordinator's part (if any) and the page drop of a
-        shared map, all at once: an fsync waits for the slowest, not for their sum.
-
-        The coordinator has a part only if it holds something of ours not yet durable:
-        the time of our writes (fsync, not fdatasync: like ext4, fdatasync leaves the
-        mtime to the next fsync or close), or data it wrote for us (appends,
-        redirected writes). Every metadata change of ours was durable when it returned.
-        """
         handle = self._handles.get(fh)
         if handle is None:
-            await _at_once(self.data.sync, functools.partial(self.meta, "sync"))
-            return
-        file = handle.file
-        written = 0
-        if not datasync and file is not None:
-            written, file.dirty_mtime = file.dirty_mtime, 0
-        steps = [self.data.sync, functools.partial(_drop_cached_pages, handle.ino)]
-        if written:
-            steps.append(functools.partial(self.meta, "sync", ino=handle.ino, written_ns=written))
-        elif file is None or file.coordinator_wrote:
-            steps.append(functools.partial(self.meta, "sync"))
-        wrote = file is not None and file.coordinator_wrote
-        if file is not None:
-            file.coordinator_wrote = False
-        try:
-            await _at_once(*steps)
-        except BaseException:
-            if file is not None:  # the next fsync tries again
-                file.coordinator_wrote |= wrote
-                file.dirty_mtime = max(file.dirty_mtime, written)
-            raise
+            await syncs.fsync(self.data, self.meta, None, None, datasync)
+        else:
+            await syncs.fsync(self.data, self.meta, handle.ino, handle.file, datasync)
 
     @_errors
     async def release(self, fh):
