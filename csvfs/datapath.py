@@ -132,7 +132,7 @@ class OpenFile:
 
     def mirror(self) -> None:
         """Show the fast lane this file as it is now: served there while the gate is
-        open, with writes there while none needs asking or noting."""
+        open, with writes there except to the granules that ask first."""
         if self.paused or self.gone or self.refs <= 0:
             self.leave_lane()
         else:
