@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import trio
 
 from coordinator import recovery
-from coordinator.journal import Journal, JournalFull, LeaseLost
+from coordinator.journal import Journal, JournalFull, LeaseLost, unless_lapsed
 from coordinator.model import Inode, MetadataState
 from csvfs.cluster.errors import MetaError, NotCoordinator
 from csvfs.volume.extents import pieces, to_runs
@@ -70,6 +70,7 @@ class Commits:
         self.journal = Journal(volume, epoch, recovered.last_seq + 1,
                                recovered.replay.end_offset, recovered.journal_gen)
         self.journal.may_write = self.lease_held
+        self.journal.write_deadline = self.lease_deadline_monotonic
         self.lock = trio.Lock()
         self.fenced = False
         self.journal_failure: OSError | None = None  # why it fenced, if its path failed
@@ -168,7 +169,10 @@ class Commits:
         offset, blob = recovery.checkpoint_blob(self.volume, self.checkpoint_slot, self.epoch,
                                                 seq, self.state, gen)
         try:
-            await trio.to_thread.run_sync(recovery.write_blob, self.volume, offset, blob)
+            await trio.to_thread.run_sync(unless_lapsed, self.lease_deadline_monotonic(),
+                                          recovery.write_blob, self.volume, offset, blob)
+        except LeaseLost as exc:
+            raise NotCoordinator(str(exc)) from None
         except OSError as exc:
             raise MetaError(errno.EIO, f"checkpoint failed: {exc}") from None
         log.debug("checkpoint of record %d in slot %d", seq, self.checkpoint_slot)
@@ -182,6 +186,13 @@ class Commits:
             await self.checkpoint()
 
     # -- the lease ------------------------------------------------------------------------
+
+    def lease_deadline_monotonic(self) -> float:
+        """`lease_deadline` on time.monotonic()'s clock, which a worker thread can read
+        (trio's clock is the same monotonic time, shifted)."""
+        if self.lease_deadline == math.inf:
+            return math.inf
+        return time.monotonic() + (self.lease_deadline - trio.current_time())
 
     def lease_held(self) -> bool:
         """May we write a record now? After a stall, renew first: if nobody took the

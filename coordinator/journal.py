@@ -20,7 +20,9 @@ That is corruption, and replay reports it instead of silently stopping.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +37,16 @@ log = logging.getLogger(__name__)
 SCAN_CHUNK = 1 << 20
 # Batches are written one at a time, on a thread of their own (cheaper than to_thread's)
 _batch_writes = BlockingCalls("csvfs journal")
+
+
+def unless_lapsed(deadline: float, write: Callable, *args):
+    """write(*args) in a worker thread, unless the lease ran out (time.monotonic()
+    `deadline`) since the event loop checked it. A process stopped in between (SIGSTOP,
+    a long stall) wakes with the write still to do, after another node may have taken
+    over: checking here, in the thread that writes, leaves no room for that."""
+    if time.monotonic() >= deadline:
+        raise LeaseLost("the coordinator lease ran out before the write; not writing")
+    return write(*args)
 
 
 class LeaseLost(OSError):
@@ -166,6 +178,9 @@ class Journal:
         # Asked right before every write: False once the coordinator may no longer
         # commit (its lease lapsed), so a stale coordinator never writes a record.
         self.may_write: Callable[[], bool] = lambda: True
+        # time.monotonic() until which the lease allows a write, asked right after
+        # may_write(): the writing thread checks it again just before the write
+        self.write_deadline: Callable[[], float] = lambda: math.inf
 
     @property
     def used_fraction(self) -> float:
@@ -212,7 +227,7 @@ class Journal:
         try:
             if not self.may_write():
                 raise LeaseLost("the coordinator lease has lapsed; not committing")
-            await self._write_batch(batch)
+            await self._write_batch(batch, self.write_deadline())
         except LeaseLost as exc:  # stepping down: the requests go to the next coordinator
             self.broken = exc
             log.warning("%s", exc)
@@ -227,16 +242,21 @@ class Journal:
             self._flushed.set()
             self._flushed = trio.Event()
 
-    async def _write_batch(self, batch: bytes) -> None:
+    async def _write_batch(self, batch: bytes, deadline: float) -> None:
         """On stable storage: the batch alone, or, after data the coordinator wrote,
         the whole image. Either in a worker thread: the event loop goes on meanwhile."""
         offset = self.region.offset + self.offset
         if self.whole_image_sync:
             self.whole_image_sync = False  # data written from now on waits for the next
-            self.volume.write(offset, batch)
-            await _batch_writes.run(os.fdatasync, self.volume.fd)
+            await _batch_writes.run(unless_lapsed, deadline, self._write_and_sync, offset,
+                                    batch)
         else:
-            await _batch_writes.run(self.volume.write_durable, offset, batch)
+            await _batch_writes.run(unless_lapsed, deadline, self.volume.write_durable,
+                                    offset, batch)
+
+    def _write_and_sync(self, offset: int, batch: bytes) -> None:
+        self.volume.write(offset, batch)
+        os.fdatasync(self.volume.fd)
 
     def restart_after_checkpoint(self, gen: int) -> None:
         """A checkpoint now covers every record: start generation `gen` at the head."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import time
 
 import pytest
 import trio
 
 from coordinator import recovery
-from coordinator.journal import Journal, JournalCorrupt, JournalFull, scan
+from coordinator.journal import Journal, JournalCorrupt, JournalFull, LeaseLost, scan
 from coordinator.model import ROOT_INO, MetadataState
 from coordinator.service import MetadataService
 from csvfs.cluster.events import EventLog
@@ -183,6 +184,23 @@ async def test_write_error_breaks_the_journal(volume, monkeypatch):
     with pytest.raises(OSError, match="unusable"):
         journal.append(_op(2))
     assert journal.durable_seq == 0
+
+
+async def test_a_batch_whose_lease_ran_out_after_the_check_is_never_written(volume):
+    """A coordinator stopped (SIGSTOP) between the lease check and its thread's write
+    wakes after another node took over: the thread checks the lease again and writes
+    nothing; the journal refuses everything after, as a lost lease."""
+    journal = Journal(volume, epoch=1, next_seq=1, offset=0)
+    journal.append(_op(1))
+    await journal.wait_durable()
+    journal.write_deadline = lambda: time.monotonic() - 1  # ran out during the stop
+    journal.append(_op(2))
+    with pytest.raises(LeaseLost):
+        await journal.wait_durable()
+    assert journal.durable_seq == 1
+    assert [record.seq for record in scan(volume, 0, 0).records] == [1]
+    with pytest.raises(LeaseLost):
+        journal.append(_op(3))
 
 
 # -- torn and corrupt records -------------------------------------------------------------------
