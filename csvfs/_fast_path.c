@@ -134,7 +134,6 @@ struct ask_run {
 struct file {
     uint64_t ino;
     int64_t size, granule;
-    int writable;
     int sync_here; /* an fdatasync needs nothing of the coordinator */
     int note_stripes;
     uint64_t *stripes; /* per file granule: a mask of the stripes written */
@@ -401,7 +400,7 @@ static int plan(struct job *job, const struct io_in *arg, struct file *file)
     if (job->opcode == OP_READ) {
         end = end > file->size ? file->size : end;
         end = end < (int64_t)arg->offset ? (int64_t)arg->offset : end;
-    } else if (!file->writable || end > file->size ||
+    } else if (end > file->size ||
                asks_first(file, arg->offset / file->granule, (end - 1) / file->granule)) {
         return 0;
     }
@@ -449,18 +448,23 @@ static int do_job(struct job *job)
     return 1;
 }
 
+/* A job whose call failed goes back to Python (with the lock held). */
+static void hand_back_locked(int slot)
+{
+    returned[nreturned++] = slot;
+    count(2);
+    count(3);
+}
+
 static void finish(struct job *job, int done)
 {
     int slot = job - jobs;
 
     pthread_mutex_lock(&lock);
-    if (done) {
+    if (done)
         free_slots[nfree++] = slot;
-    } else {
-        returned[nreturned++] = slot;
-        count(2);
-        count(3);
-    }
+    else
+        hand_back_locked(slot);
     if (--in_flight == 0)
         pthread_cond_broadcast(&all_done);
     pthread_mutex_unlock(&lock);
@@ -633,9 +637,7 @@ static void finish_syncs(const int *batch, int n, int ok)
 
         if (!ok) {
             pthread_mutex_lock(&lock);
-            returned[nreturned++] = batch[i];
-            count(2);
-            count(3);
+            hand_back_locked(batch[i]);
             pthread_mutex_unlock(&lock);
             signal_fd(returned_fd);
             continue;
@@ -887,8 +889,7 @@ EXPORT void csvfs_fast_drop_handle(uint64_t fh)
 
 /* Take a file's map, as flat triples (file_first, volume_first, count)
  * sorted by file_first; the dirty mtime carries over. */
-EXPORT int csvfs_fast_file(uint64_t ino, int64_t size, int64_t granule, int writable,
-                           int sync_here, int note_stripes, const int64_t *triples,
+EXPORT int csvfs_fast_file(uint64_t ino, int64_t size, int64_t granule, int sync_here, int note_stripes, const int64_t *triples,
                            size_t nruns, const int64_t *ask_pairs, size_t nasks)
 {
     struct file *file = find_file(ino);
@@ -921,7 +922,6 @@ EXPORT int csvfs_fast_file(uint64_t ino, int64_t size, int64_t granule, int writ
     file->nasks = nasks;
     file->size = size;
     file->granule = granule;
-    file->writable = writable;
     file->sync_here = sync_here;
     file->note_stripes = note_stripes;
     return 0;

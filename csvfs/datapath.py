@@ -136,7 +136,7 @@ class OpenFile:
         if self.paused or self.gone or self.refs <= 0:
             self.leave_lane()
         else:
-            self.lane.file(self.ino, self.size, self.granule, True, self.runs,
+            self.lane.file(self.ino, self.size, self.granule, self.runs,
                            sync_here=not self.coordinator_wrote, note_stripes=self.stripes,
                            asks=self.ask_runs)
 
@@ -184,7 +184,7 @@ class NoLane:
     def fault(self, on: bool) -> None:
         pass
 
-    def file(self, ino: int, size: int, granule: int, writable: bool, runs: list,
+    def file(self, ino: int, size: int, granule: int, runs: list,
              sync_here: bool = True, note_stripes: bool = False,
              asks: list | None = None) -> None:
         pass

@@ -166,7 +166,7 @@ def _declare_lane(lib: ctypes.CDLL) -> None:
         ("csvfs_fast_counts", None, [ctypes.POINTER(_u64)]),
         ("csvfs_fast_handle", _int, [_u64, _u64, _int]),
         ("csvfs_fast_drop_handle", None, [_u64]),
-        ("csvfs_fast_file", _int, [_u64, _i64, _i64, _int, _int, _int, ctypes.POINTER(_i64),
+        ("csvfs_fast_file", _int, [_u64, _i64, _i64, _int, _int, ctypes.POINTER(_i64),
                                    ctypes.c_size_t, ctypes.POINTER(_i64), ctypes.c_size_t]),
         ("csvfs_fast_take_stripes", ctypes.c_size_t, [_u64, ctypes.POINTER(_u64),
                                                       ctypes.c_size_t]),
@@ -274,21 +274,20 @@ class FastLane:
         """`csvfs fault ... storage-down`: the lane's calls fail, as the node's do."""
         self._lib.csvfs_fast_fault(int(on))
 
-    def file(self, ino: int, size: int, granule: int, writable: bool, runs: list,
+    def file(self, ino: int, size: int, granule: int, runs: list,
              sync_here: bool = True, note_stripes: bool = False,
              asks: list | None = None) -> None:
-        """Serve ino with this map; writes only if `writable`, and not to the granules
-        of `asks` ([first, count] runs: their first write asks the coordinator), noting
-        the stripes they touch if `note_stripes`; fdatasyncs if `sync_here` (the
+        """Serve ino with this map: its writes too, except to the granules of `asks`
+        ([first, count] runs: their first write asks the coordinator), noting the
+        stripes they touch if `note_stripes`; fdatasyncs if `sync_here` (the
         coordinator holds nothing of it to make durable)."""
         flat = [number for run in sorted(runs) for number in run]
         array = (_i64 * len(flat))(*flat)
         asks = sorted(asks or ())
         flat_asks = [number for run in asks for number in run]
         ask_array = (_i64 * len(flat_asks))(*flat_asks)
-        if self._lib.csvfs_fast_file(ino, size, granule, int(writable), int(sync_here),
-                                     int(note_stripes), array, len(runs), ask_array,
-                                     len(asks)):
+        if self._lib.csvfs_fast_file(ino, size, granule, int(sync_here), int(note_stripes),
+                                     array, len(runs), ask_array, len(asks)):
             raise MemoryError("cannot allocate the fast lane's map")
 
     def take_stripes(self, ino: int) -> list[tuple[int, int]]:
