@@ -39,6 +39,10 @@ SCAN_CHUNK = 1 << 20
 _batch_writes = BlockingCalls("csvfs journal")
 
 
+class LeaseLost(OSError):
+    """The coordinator may no longer commit: another node may hold the lease."""
+
+
 def unless_lapsed(deadline: float, write: Callable, *args):
     """write(*args) in a worker thread, unless the lease ran out (time.monotonic()
     `deadline`) since the event loop checked it. A process stopped in between (SIGSTOP,
@@ -47,10 +51,6 @@ def unless_lapsed(deadline: float, write: Callable, *args):
     if time.monotonic() >= deadline:
         raise LeaseLost("the coordinator lease ran out before the write; not writing")
     return write(*args)
-
-
-class LeaseLost(OSError):
-    """The coordinator may no longer commit: another node may hold the lease."""
 
 
 class JournalFull(Exception):

@@ -454,10 +454,8 @@ class CsvfsOperations(pyfuse3.Operations):
     @_errors
     async def fsync(self, fh, datasync):
         handle = self._handles.get(fh)
-        if handle is None:
-            await syncs.fsync(self.data, self.meta, None, None, datasync)
-        else:
-            await syncs.fsync(self.data, self.meta, handle.ino, handle.file, datasync)
+        ino, file = (handle.ino, handle.file) if handle is not None else (None, None)
+        await syncs.fsync(self.data, self.meta, ino, file, datasync)
 
     @_errors
     async def release(self, fh):
